@@ -1,0 +1,32 @@
+# gruflow — every target creates/reuses .venv itself; nothing relies on packages installed by hand.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test test-unit bench clean
+
+venv: $(STAMP)
+
+# pip keeps what is already installed (torch is several GB): re-run only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade-strategy only-if-needed -e '.[test]'
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/gruflow demo
+
+test: venv
+	$(PY) -m pytest -q -ra
+
+test-unit: venv
+	$(PY) -m pytest -q -ra -m "not integration and not slow"
+
+bench: venv
+	mkdir -p out
+	$(VENV)/bin/gruflow bench train ../shared/data/yoochoose_rsc15_100k/yoochoose-clicks-100k_train_full.txt --format session-rec --json | tee out/bench-train.json
+	$(VENV)/bin/gruflow bench stream --json | tee out/bench-stream.json
+
+clean:
+	rm -rf $(VENV) var out .pytest_cache

@@ -1,0 +1,142 @@
+"""The GRU4Rec network: ``embed`` -> ``hidden_step`` -> ``score_items``, hidden state passed explicitly.
+
+Follows the structure of the official PyTorch implementation (hidasib/GRU4Rec_PyTorch_Official):
+constrained embedding (the output matrix ``Wy`` doubles as input embedding), a separate embedding, or
+one-hot input through a first GRU layer whose input weights are looked up sparsely. gruflow adds an
+event-type embedding (view/click/cart/purchase) to the item input; it starts at zero so click-only
+data trains exactly as without it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from model.events import N_EVENT_TYPES
+from model.params import GRU4RecParams
+
+
+def _init_uniform(t: torch.Tensor, fan_in: int, fan_out: int, gen: torch.Generator | None) -> None:
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    with torch.no_grad():
+        t.uniform_(-bound, bound, generator=gen)
+
+
+class GRUEmbedding(nn.Module):
+    """First GRU layer for one-hot input: input weights are rows looked up by item id."""
+
+    def __init__(self, n_items: int, dim_out: int) -> None:
+        super().__init__()
+        self.Wx0 = nn.Embedding(n_items, dim_out * 3, sparse=True)
+        self.Wrz0 = nn.Parameter(torch.empty(dim_out, dim_out * 2))
+        self.Wh0 = nn.Parameter(torch.empty(dim_out, dim_out))
+        self.Bh0 = nn.Parameter(torch.zeros(dim_out * 3))
+
+    def forward(self, X: torch.Tensor, H: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        Vx = self.Wx0(X) + self.Bh0
+        if extra is not None:
+            Vx = Vx + extra
+        Vrz = H @ self.Wrz0
+        vx_x, vx_r, vx_z = Vx.chunk(3, 1)
+        vh_r, vh_z = Vrz.chunk(2, 1)
+        r = torch.sigmoid(vx_r + vh_r)
+        z = torch.sigmoid(vx_z + vh_z)
+        h = torch.tanh((r * H) @ self.Wh0 + vx_x)
+        return (1.0 - z) * H + z * h
+
+
+class GRU4RecNet(nn.Module):
+    def __init__(self, n_items: int, params: GRU4RecParams) -> None:
+        super().__init__()
+        self.n_items = n_items
+        self.params = params
+        layers = list(params.layers)
+        self.layers = layers
+        self.start = 0
+        self.constrained = params.constrained_embedding
+        self.use_embedding = (not self.constrained) and params.embedding > 0
+        if self.constrained:
+            n_input = layers[-1]
+        elif self.use_embedding:
+            self.E = nn.Embedding(n_items, params.embedding, sparse=True)
+            n_input = params.embedding
+        else:
+            self.GE = GRUEmbedding(n_items, layers[0])
+            n_input = layers[0] * 3
+            self.start = 1
+        # event-type embedding, added to the input of the first recurrent step; zero-initialised
+        self.T = nn.Embedding(N_EVENT_TYPES, n_input) if params.event_types else None
+        self.DE = nn.Dropout(params.dropout_p_embed)
+        self.G = nn.ModuleList()
+        self.D = nn.ModuleList()
+        for i in range(self.start, len(layers)):
+            self.G.append(nn.GRUCell(layers[i - 1] if i > 0 else n_input, layers[i]))
+            self.D.append(nn.Dropout(params.dropout_p_hidden))
+        self.Wy = nn.Embedding(n_items, layers[-1], sparse=True)
+        self.By = nn.Embedding(n_items, 1, sparse=True)
+        self.reset_parameters()
+
+    @property
+    def state_size(self) -> int:
+        """Length of one session's flattened hidden state (all layers, concatenated)."""
+        return sum(self.layers)
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        gen = torch.Generator().manual_seed(self.params.seed if seed is None else seed)
+        for name, p in self.named_parameters():
+            if name.startswith("T."):
+                nn.init.zeros_(p)
+            elif name.startswith("By") or name.endswith("bias") or name.endswith("Bh0"):
+                nn.init.zeros_(p)
+            elif p.dim() == 2:
+                if name.startswith("G.") and ("weight_ih" in name or "weight_hh" in name):
+                    # GRUCell packs 3 gates: initialise each gate block on its own
+                    for block in p.data.chunk(3, 0):
+                        _init_uniform(block, block.shape[1], block.shape[0], gen)
+                else:
+                    _init_uniform(p, p.shape[0], p.shape[1], gen)
+
+    def init_hidden(self, batch: int) -> list[torch.Tensor]:
+        return [torch.zeros(batch, h) for h in self.layers]
+
+    def embed(self, X: torch.Tensor, H: list[torch.Tensor], event_types: torch.Tensor | None = None) -> torch.Tensor:
+        extra = self.T(event_types) if (self.T is not None and event_types is not None) else None
+        if self.constrained:
+            E = self.Wy(X)
+        elif self.use_embedding:
+            E = self.E(X)
+        else:
+            return self.GE(X, H[0], extra)
+        return E + extra if extra is not None else E
+
+    def hidden_step(self, X: torch.Tensor, H: list[torch.Tensor], training: bool = False) -> torch.Tensor:
+        """Advance every layer one step; ``H`` is updated in place (a list of [B, h] tensors)."""
+        for i in range(self.start, len(self.layers)):
+            X = self.G[i - self.start](X, H[i])
+            if training:
+                X = self.D[i - self.start](X)
+            H[i] = X
+        return X
+
+    def step(self, X: torch.Tensor, H: list[torch.Tensor], event_types: torch.Tensor | None = None,
+             training: bool = False) -> torch.Tensor:
+        """One event for each of B sessions: returns the top layer's output, H advanced in place."""
+        E = self.embed(X, H, event_types)
+        if training:
+            E = self.DE(E)
+        if self.start == 1:
+            H[0] = E
+            return self.hidden_step(E, H, training) if len(self.layers) > 1 else E
+        return self.hidden_step(E, H, training)
+
+    def score_items(self, Xh: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of the items ``Y`` (all items when None) for each row of ``Xh``."""
+        if Y is None:
+            return Xh @ self.Wy.weight.T + self.By.weight.T
+        return Xh @ self.Wy(Y).T + self.By(Y).T
+
+    def forward(self, X: torch.Tensor, H: list[torch.Tensor], Y: torch.Tensor | None,
+                event_types: torch.Tensor | None = None, training: bool = False) -> torch.Tensor:
+        return self.score_items(self.step(X, H, event_types, training), Y)

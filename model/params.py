@@ -1,0 +1,81 @@
+"""GRU4Rec hyperparameters under the official implementation's names."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class GRU4RecParams:
+    loss: Literal["cross-entropy", "bpr-max"] = "cross-entropy"
+    layers: tuple[int, ...] = (100,)
+    n_epochs: int = 5
+    batch_size: int = 48
+    n_sample: int = 2048
+    sample_alpha: float = 0.2
+    sample_cache_max_size: int = 10_000_000
+    bpreg: float = 0.0
+    logq: float = 1.0
+    elu_param: float = 0.0
+    constrained_embedding: bool = True
+    embedding: int = 0
+    dropout_p_embed: float = 0.0
+    dropout_p_hidden: float = 0.2
+    learning_rate: float = 0.07
+    momentum: float = 0.0
+    event_types: bool = True  # gruflow extension: add an event-type embedding to the item input
+    seed: int = 42
+
+    @classmethod
+    def parse(cls, text: str, base: "GRU4RecParams | None" = None) -> "GRU4RecParams":
+        """Parse ``"name=value,name=value"``; layers may be ``100`` or ``100/100``."""
+        base = base or cls()
+        if not text.strip():
+            return base
+        known = {f.name: f for f in fields(cls)}
+        changes: dict[str, Any] = {}
+        for part in text.split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise ValueError(f"parameter {part!r} is not name=value")
+            name, raw = (s.strip() for s in part.split("=", 1))
+            if name not in known:
+                raise ValueError(f"unknown parameter {name!r}; known: {', '.join(sorted(known))}")
+            current = getattr(base, name)
+            changes[name] = _coerce(name, raw, current)
+        return dataclasses.replace(base, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GRU4RecParams":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        if "layers" in values:
+            values["layers"] = tuple(int(x) for x in values["layers"])
+        return cls(**values)
+
+
+def _coerce(name: str, raw: str, current: Any) -> Any:
+    try:
+        if isinstance(current, bool):
+            if raw.lower() in ("true", "1", "yes"):
+                return True
+            if raw.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(raw)
+        if isinstance(current, tuple):
+            return tuple(int(x) for x in raw.replace("/", " ").replace(";", " ").split())
+        if isinstance(current, int):
+            return int(float(raw))
+        if isinstance(current, float):
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ValueError(f"parameter {name}={raw!r}: expected a {type(current).__name__}") from None

@@ -1,0 +1,138 @@
+"""One settings object for every gruflow process, read once from ``GRUFLOW_*`` environment variables.
+
+Every field maps to exactly one variable: ``GRUFLOW_`` + the field name in upper case
+(``top_k`` -> ``GRUFLOW_TOP_K``). docker-compose and k8s use exactly these names; a test checks it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Mapping, get_args, get_type_hints
+
+ENV_PREFIX = "GRUFLOW_"
+
+
+class Secret(str):
+    """A string that never shows its value in repr/str of the settings (passwords)."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self else "Secret('')"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- Kafka connection: empty bootstrap_servers means "start the embedded Apache Kafka broker"
+    bootstrap_servers: str = ""
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str = ""  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
+    sasl_username: str = ""
+    sasl_password: Secret = Secret("")
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+
+    # --- topics
+    topic_prefix: str = "gruflow."
+    partitions: int = 8
+    replication_factor: int = 1
+
+    # --- worker
+    app_id: str = "gruflow"
+    data_dir: Path = Path("var")
+    web_host: str = "0.0.0.0"
+    web_port: int = 6066
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    batch_max_events: int = 2000
+    batch_max_ms: float = 20.0
+    session_gap_s: float = 1800.0
+    top_k: int = 20
+    torch_threads: int = 1
+    model_path: str = ""  # checkpoint to serve when the models topic has none
+    max_message_bytes: int = 65536
+    max_id_bytes: int = 256
+    state_ttl_s: float = 0.0  # 0 = never evict idle users
+    log_level: str = "INFO"
+
+    # --- online learning (trainer)
+    finetune_interval_s: float = 60.0
+    finetune_every_events: int = 20000
+    buffer_max_events: int = 200000
+    buffer_max_age_s: float = 6 * 3600.0
+    reservoir_sessions: int = 2000
+    guardrail_tolerance: float = 0.02
+    new_item_min_count: int = 3
+    item_retire_after_s: float = 0.0  # 0 = never retire
+    models_keep: int = 5
+    trainer_torch_threads: int = 1
+
+    @property
+    def embedded(self) -> bool:
+        return not self.bootstrap_servers
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def env_names(cls) -> set[str]:
+        return {ENV_PREFIX + f.name.upper() for f in fields(cls)}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        environ = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in cls.env_names())
+        if unknown:
+            raise SettingsError(f"unknown setting(s): {', '.join(unknown)}; known: {sorted(cls.env_names())}")
+        for f in fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            if name in environ:
+                values[f.name] = _parse(name, environ[name], hints[f.name])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        checks = [
+            (self.partitions >= 1, "GRUFLOW_PARTITIONS must be >= 1"),
+            (self.top_k >= 1, "GRUFLOW_TOP_K must be >= 1"),
+            (self.batch_max_events >= 1, "GRUFLOW_BATCH_MAX_EVENTS must be >= 1"),
+            (self.batch_max_ms > 0, "GRUFLOW_BATCH_MAX_MS must be > 0"),
+            (self.torch_threads >= 1, "GRUFLOW_TORCH_THREADS must be >= 1"),
+            (0 < self.web_port < 65536, "GRUFLOW_WEB_PORT must be a TCP port"),
+            (self.session_gap_s > 0, "GRUFLOW_SESSION_GAP_S must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(message)
+
+
+def _parse(name: str, raw: str, hint: Any) -> Any:
+    try:
+        if hint is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if hint in (int, float, str, Path, Secret):
+            return hint(raw)
+        allowed = get_args(hint)
+        if allowed:
+            if raw not in allowed:
+                raise ValueError(f"{raw!r} is not one of {allowed}")
+            return raw
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r}: {exc}") from None
+    return raw
