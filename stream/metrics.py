@@ -79,10 +79,10 @@ class Metrics:
             prequential_events=Counter(p + "prequential_events", "Events checked against the recommendations"
                                        " published before them, by recommender", ["model"], registry=r),
             prequential_hits=Counter(p + "prequential_hits", "Events whose item was in the top-K published before"
-                                     " them", ["model", "k"], registry=r),
+                                     " them", ["model", "version", "k"], registry=r),
             prequential_reciprocal_rank=Counter(p + "prequential_reciprocal_rank", "Sum of 1/rank of the event's"
                                                 " item in the top-K published before it (0 when absent)",
-                                                ["model", "k"], registry=r),
+                                                ["model", "version", "k"], registry=r),
             ready=Gauge(p + "ready", "1 once state recovery is done and the worker serves", registry=r),
             finetune_rounds=Counter(p + "finetune_rounds", "Fine-tune rounds run by the trainer", registry=r),
             finetune_duration=Histogram(p + "finetune_duration_seconds", "Duration of a fine-tune round",
