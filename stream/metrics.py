@@ -77,7 +77,7 @@ class Metrics:
             model_refusals=Counter(p + "model_refusals", "Model versions refused (corrupt or incompatible)",
                                    ["reason"], registry=r),
             prequential_events=Counter(p + "prequential_events", "Events checked against the recommendations"
-                                       " published before them, by recommender", ["model"], registry=r),
+                                       " published before them, by recommender (gru|popularity) and model version", ["model", "version"], registry=r),
             prequential_hits=Counter(p + "prequential_hits", "Events whose item was in the top-K published before"
                                      " them", ["model", "version", "k"], registry=r),
             prequential_reciprocal_rank=Counter(p + "prequential_reciprocal_rank", "Sum of 1/rank of the event's"
