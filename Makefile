@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-unit bench clean
+.PHONY: venv tools demo test test-unit bench clean
 
 venv: $(STAMP)
 
@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(VENV)/bin/gruflow demo
 
-test: venv
+# promtool for the deploy tests (Debian's prometheus package, unpacked into .cache/tools; never fails)
+tools:
+	bash deploy/tools/install-promtool.sh .cache/tools
+
+test: venv tools
 	$(PY) -m pytest -q -ra
 
 test-unit: venv

@@ -31,6 +31,13 @@ class Recommender:
         pop = self.popularity if self.popularity is not None else np.zeros(len(self.vocab), dtype=np.float64)
         self._popular_rows = np.argsort(-pop, kind="stable").astype(np.int64)
         self._popular_scores = pop[self._popular_rows].astype(np.float32)
+        # retired items (online learning: unseen for long) keep their rows but are never recommended
+        retired = np.asarray(self.metadata.get("retired_rows", ()) or (), dtype=np.int64)
+        retired = retired[(retired >= 0) & (retired < len(pop))]
+        self._retired = torch.from_numpy(retired) if len(retired) else None
+        if len(retired):
+            keep = ~np.isin(self._popular_rows, retired)
+            self._popular_rows, self._popular_scores = self._popular_rows[keep], self._popular_scores[keep]
 
     @property
     def state_size(self) -> int:
@@ -63,6 +70,8 @@ class Recommender:
         k = min(k, self.n_items)
         top = self._unflatten(hidden)[-1]
         scores = self.net.score_items(top)
+        if self._retired is not None:
+            scores[:, self._retired] = -torch.inf
         if exclude is not None:
             for b, rows in enumerate(exclude):
                 if rows is not None and len(rows):

@@ -72,6 +72,12 @@ class Settings:
     models_keep: int = 5
     trainer_torch_threads: int = 1
 
+    # --- embedded broker: where the Apache Kafka jars are cached ("" = ~/.cache/gruflow/kafka-<version>)
+    kafka_cache_dir: str = ""
+
+    # --- worker group membership: how fast a killed worker's partitions move (>= the broker's 6 s minimum)
+    broker_session_timeout_s: float = 10.0
+
     @property
     def embedded(self) -> bool:
         return not self.bootstrap_servers

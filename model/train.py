@@ -1,0 +1,381 @@
+"""Training, faithful to the official GRU4Rec (hidasib/GRU4Rec_PyTorch_Official), but fast on a CPU.
+
+The maths is the reference's: session-parallel mini-batches over sessions in start-time order
+(finished slots refilled, their hidden state zeroed); targets of the other sessions in the mini-batch
+as negatives plus ``n_sample`` items shared by the mini-batch, drawn from popularity^``sample_alpha`` and
+precomputed in bulk; cross-entropy (with optional logQ correction) or BPR-max (with ``bpreg`` and
+``elu_param``); dropout as *drop* probability; no backpropagation through time (the hidden state is
+detached every step); Adagrad with optional momentum, applied sparsely to the item rows a step used;
+the loss summed over the mini-batch and divided by ``batch_size``.
+
+The engineering differs: autograd only runs through the small [B, hidden] recurrent part; the
+[B, B + n_sample] score matrix and its gradients w.r.t. the item rows are computed directly, and the
+sparse Adagrad coalesces duplicate rows itself. Nothing here touches global state (no global RNG,
+thread settings or module caches), so :func:`fit` can be called again and again on micro-batches to
+continue training served weights; each call starts a fresh optimizer state, like the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from model.batching import SessionIndex, index_sessions, session_parallel
+from model.losses import bpr_max, cross_entropy
+from model.network import GRU4RecNet
+from model.params import GRU4RecParams
+from model.vocab import Vocabulary
+
+ADAGRAD_EPS = 1e-6
+
+
+def item_rows_for(df: pd.DataFrame, item_rows: Vocabulary | Mapping[str, int]) -> np.ndarray:
+    """Row of each event's item (-1 when unknown), looking each distinct id up once."""
+    uniq, inverse = np.unique(df["ItemId"].to_numpy(dtype=object).astype(str), return_inverse=True)
+    if isinstance(item_rows, Vocabulary):
+        rows = item_rows.rows(list(uniq))
+    else:
+        rows = np.fromiter((int(item_rows.get(i, -1)) for i in uniq), dtype=np.int64, count=len(uniq))
+    return rows[inverse].astype(np.int64)
+
+
+def build_vocabulary(df: pd.DataFrame) -> Vocabulary:
+    """Items in order of first appearance in the (sorted) table, as the reference numbers them."""
+    return Vocabulary(pd.unique(df["ItemId"].astype(str)))
+
+
+def item_counts(rows: np.ndarray, n_items: int) -> np.ndarray:
+    """Events per row (float64), ignoring unknown (-1) rows."""
+    rows = rows[rows >= 0]
+    return np.bincount(rows, minlength=n_items).astype(np.float64)
+
+
+class NegativeSampler:
+    """``n_sample`` items per mini-batch from popularity^alpha, drawn in bulk (the reference's sample cache)."""
+
+    def __init__(self, counts: np.ndarray, n_sample: int, alpha: float, cache_size: int, generator: torch.Generator,
+                 expected_steps: int | None = None) -> None:
+        self.n_sample = n_sample
+        self.gen = generator
+        weights = np.power(counts, alpha, where=counts > 0, out=np.zeros_like(counts, dtype=np.float64))
+        total = weights.sum()
+        if n_sample > 0 and total <= 0:
+            raise ValueError("no item has positive popularity to sample negatives from")
+        cdf = np.cumsum(weights) / max(total, 1e-300)
+        cdf[-1] = 1.0
+        self.cdf = torch.from_numpy(cdf.astype(np.float32))
+        self.n_items = len(counts)
+        self.batches = max(1, cache_size // n_sample) if n_sample > 0 else 0
+        if expected_steps is not None and self.batches:
+            self.batches = max(1, min(self.batches, expected_steps))
+        self._cache = torch.empty(0, 0, dtype=torch.int64)
+        self._next = 0
+
+    def _refill(self) -> None:
+        u = torch.rand(self.batches * self.n_sample, generator=self.gen)
+        idx = torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.n_items - 1)
+        self._cache = idx.view(self.batches, self.n_sample)
+        self._next = 0
+
+    def next(self) -> torch.Tensor:
+        if self._next >= self._cache.shape[0]:
+            self._refill()
+        s = self._cache[self._next]
+        self._next += 1
+        return s
+
+
+class SparseAdagradM:
+    """The reference's IndexedAdagradM: acc += g^2; step = -lr * g / sqrt(acc + eps), with optional
+    momentum; per-item tables are updated only on the rows used (duplicates summed first)."""
+
+    def __init__(self, lr: float, momentum: float) -> None:
+        self.lr = lr
+        self.momentum = momentum
+        self.acc: dict[int, torch.Tensor] = {}
+        self.mom: dict[int, torch.Tensor] = {}
+
+    def _state(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = id(p)
+        if key not in self.acc:
+            self.acc[key] = torch.zeros_like(p)
+            if self.momentum > 0:
+                self.mom[key] = torch.zeros_like(p)
+        return self.acc[key], self.mom.get(key)
+
+    @torch.no_grad()
+    def dense(self, p: torch.Tensor, g: torch.Tensor) -> None:
+        acc, mom = self._state(p)
+        acc.addcmul_(g, g)
+        denom = (acc + ADAGRAD_EPS).sqrt_()
+        if mom is not None:
+            mom.mul_(self.momentum).addcdiv_(g, denom, value=-self.lr)
+            p.add_(mom)
+        else:
+            p.addcdiv_(g, denom, value=-self.lr)
+
+    @torch.no_grad()
+    def sparse(self, p: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> None:
+        acc, mom = self._state(p)
+        uniq, inverse = torch.unique(idx, return_inverse=True)
+        gs = torch.zeros(len(uniq), g.shape[1], dtype=g.dtype).index_add_(0, inverse, g)
+        a = acc.index_select(0, uniq).addcmul_(gs, gs)
+        acc.index_copy_(0, uniq, a)
+        step = gs.div_(a.add_(ADAGRAD_EPS).sqrt_()).mul_(-self.lr)
+        if mom is not None:
+            m = mom.index_select(0, uniq).mul_(self.momentum).add_(step)
+            mom.index_copy_(0, uniq, m)
+            step = m
+        p.index_add_(0, uniq, step)
+
+
+def fit(net: GRU4RecNet, data: pd.DataFrame, params: GRU4RecParams | None = None, *, n_epochs: int | None = None,
+        item_rows: Vocabulary | Mapping[str, int], progress: bool = True, sample_counts: np.ndarray | None = None,
+        seed: int | None = None) -> dict:
+    """Train ``net`` in place on the event table ``data`` (see :mod:`model.data`).
+
+    ``item_rows`` maps item ids to the network's rows; events of unknown items are dropped.
+    ``params`` defaults to ``net.params`` (the training hyperparameters may differ from the ones the
+    network was built with, e.g. a lower learning rate for online fine-tuning); ``n_epochs`` overrides
+    ``params.n_epochs``. Negatives are sampled from this data's item counts unless ``sample_counts``
+    (per row) is given. Returns a summary: per-epoch loss, events, seconds, events/s.
+    """
+    params = params or net.params
+    epochs = params.n_epochs if n_epochs is None else n_epochs
+    rows = item_rows_for(data, item_rows)
+    if len(rows) and rows.max() >= net.n_items:
+        raise ValueError(f"item_rows maps to row {int(rows.max())} but the network has {net.n_items} items; "
+                         "call net.expand_items() first")
+    index = index_sessions(data, rows)
+    counts = item_counts(index.items, net.n_items)
+    gen = torch.Generator().manual_seed(params.seed if seed is None else seed)
+    summary = {"epochs": epochs, "loss": [], "events": 0, "seconds": 0.0, "n_sessions": index.n_sessions,
+               "n_events": index.n_events, "n_items": net.n_items}
+    if index.n_predictions == 0 or epochs <= 0:
+        summary["events_per_s"] = 0.0
+        return summary
+    trainer = _Trainer(net, params, counts if sample_counts is None else np.asarray(sample_counts, np.float64),
+                       counts, gen, expected_steps=epochs * math.ceil(index.n_predictions / max(1, params.batch_size)))
+    t0 = time.perf_counter()
+    was_training = net.training
+    net.train()
+    try:
+        for epoch in range(epochs):
+            loss, events = trainer.epoch(index, progress, f"epoch {epoch + 1}/{epochs}")
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training diverged (loss is {loss}) in epoch {epoch + 1}; "
+                                         "try a lower learning_rate")
+            summary["loss"].append(loss)
+            summary["events"] += events
+    finally:
+        net.train(was_training)
+        net.eval()
+    summary["seconds"] = time.perf_counter() - t0
+    summary["events_per_s"] = summary["events"] / max(summary["seconds"], 1e-9)
+    return summary
+
+
+class _Trainer:
+    """Per-call training state: optimizer accumulators, negative sampler, logQ table."""
+
+    def __init__(self, net: GRU4RecNet, params: GRU4RecParams, sample_counts: np.ndarray, target_counts: np.ndarray,
+                 gen: torch.Generator, expected_steps: int) -> None:
+        if params.loss not in ("cross-entropy", "bpr-max"):
+            raise ValueError(f"unknown loss {params.loss!r}; use cross-entropy or bpr-max")
+        self.net = net
+        self.p = params
+        self.gen = gen
+        self.opt = SparseAdagradM(params.learning_rate, params.momentum)
+        self.sampler = NegativeSampler(sample_counts, params.n_sample, params.sample_alpha,
+                                       params.sample_cache_max_size, gen, expected_steps) if params.n_sample > 0 else None
+        self.logq = None
+        if params.logq > 0 and params.loss == "cross-entropy":
+            # the reference corrects targets by log(count) and samples by log(count^alpha)
+            with np.errstate(divide="ignore"):
+                lc = np.log(np.maximum(target_counts, 0.0))
+            self.log_counts = torch.from_numpy(lc.astype(np.float32))
+            sc = np.log(np.maximum(sample_counts, 1e-30)) * params.sample_alpha
+            self.log_counts_samples = torch.from_numpy(sc.astype(np.float32))
+            self.logq = params.logq
+        self.dense = net.dense_parameters()
+        self.table = net.input_table()
+        self.shared_input = net.constrained
+        self.manual = net.start == 0  # GRUCell layers: hand-written backward; one-hot GRU input: autograd
+
+    def epoch(self, index: SessionIndex, progress: bool, desc: str) -> tuple[float, int]:
+        from tqdm.auto import tqdm
+
+        net, p = self.net, self.p
+        items = torch.from_numpy(index.items)
+        types = torch.from_numpy(index.event_types)
+        H = [torch.zeros(min(p.batch_size, index.n_sessions), h) for h in net.layers]
+        loss_sum, n_events = 0.0, 0
+        min_active = 1 if p.n_sample > 0 else 2
+        bar = tqdm(total=index.n_predictions, desc=desc, unit="ev", disable=not progress, leave=False, mininterval=0.5)
+        try:
+            for chunk in session_parallel(index, p.batch_size, min_active):
+                if chunk.n_steps:
+                    pos = torch.from_numpy(chunk.input_positions())
+                    X_all, T_all, Y_all = items[pos], types[pos], items[pos + 1]
+                    for i in range(chunk.n_steps):
+                        loss_sum += self.step(X_all[i], T_all[i], Y_all[i], H)
+                    n = chunk.n_steps * len(chunk.start)
+                    n_events += n
+                    bar.update(n)
+                for h in H:
+                    h[torch.from_numpy(chunk.finished)] = 0.0
+                if not chunk.keep.all():
+                    keep = torch.from_numpy(chunk.keep)
+                    H = [h[keep] for h in H]
+        finally:
+            bar.close()
+        return loss_sum / max(n_events, 1) * p.batch_size, n_events
+
+    def step(self, X: torch.Tensor, T: torch.Tensor, Y: torch.Tensor, H: list[torch.Tensor]) -> float:
+        net, p, opt = self.net, self.p, self.opt
+        Wy, By = net.Wy.weight, net.By.weight
+        types = T if net.T is not None else None
+        rows = self.table.detach().index_select(0, X)
+        if self.manual:
+            out, cache = self._forward(rows, types, H)
+        else:
+            for param in self.dense:
+                param.grad = None
+            rows.requires_grad_()
+            with torch.enable_grad():
+                out = net.step_rows(rows, H, types, training=True, generator=self.gen)
+            for i in range(len(H)):
+                H[i] = H[i].detach()
+        Xh = out.detach()
+        if self.sampler is not None:
+            S = self.sampler.next()
+            Yall = torch.cat([Y, S])
+        else:
+            S, Yall = None, Y
+        with torch.no_grad():
+            O = Wy.detach().index_select(0, Yall)
+            b = By.detach().index_select(0, Yall).view(1, -1)
+            R = torch.addmm(b, Xh, O.T)
+            scale = 1.0 / p.batch_size
+            if p.loss == "cross-entropy":
+                logq = None
+                if self.logq is not None:
+                    lq = self.log_counts.index_select(0, Y)
+                    if S is not None:
+                        lq = torch.cat([lq, self.log_counts_samples.index_select(0, S)])
+                    logq = lq.mul_(self.logq)
+                loss, dR = cross_entropy(R, logq, scale)
+            else:
+                loss, dR = bpr_max(R, p.bpreg, p.elu_param, scale)
+            dXh = dR @ O
+            dO = dR.T @ Xh
+            db = dR.sum(0).view(-1, 1)
+        if self.manual:
+            d_rows = self._backward(dXh, cache)
+        else:
+            out.backward(dXh)
+            d_rows = rows.grad
+        with torch.no_grad():
+            if not self.manual:
+                for param in self.dense:
+                    if param.grad is not None:
+                        opt.dense(param, param.grad)
+            if self.shared_input:
+                opt.sparse(Wy, torch.cat([X, Yall]), torch.cat([d_rows, dO]))
+            else:
+                opt.sparse(self.table, X, d_rows)
+                opt.sparse(Wy, Yall, dO)
+            opt.sparse(By, Yall, db)
+        return loss
+
+    # --- hand-written forward/backward of the recurrent part (GRUCell layers), no autograd ----------
+    @torch.no_grad()
+    def _forward(self, x: torch.Tensor, types: torch.Tensor | None, H: list[torch.Tensor]):
+        net, p, gen = self.net, self.p, self.gen
+        if types is not None:
+            x = x + net.T.weight.index_select(0, types)
+        mask_e = _mask(x, p.dropout_p_embed, gen)
+        if mask_e is not None:
+            x = x * mask_e
+        layers = []
+        for i, cell in enumerate(net.G):
+            h = H[i]
+            hs = h.shape[1]
+            gi = torch.addmm(cell.bias_ih, x, cell.weight_ih.T)
+            gh = torch.addmm(cell.bias_hh, h, cell.weight_hh.T)
+            rz = torch.sigmoid(gi[:, :2 * hs] + gh[:, :2 * hs])
+            r, z = rz[:, :hs], rz[:, hs:]
+            ghn = gh[:, 2 * hs:]
+            n = torch.tanh(torch.addcmul(gi[:, 2 * hs:], r, ghn))
+            hn = torch.addcmul(n, z, h - n)
+            mask_h = _mask(hn, p.dropout_p_hidden, gen)
+            out = hn * mask_h if mask_h is not None else hn
+            layers.append((x, h, rz, ghn, n, mask_h))
+            H[i] = out
+            x = out
+        return x, (types, mask_e, layers)
+
+    @torch.no_grad()
+    def _backward(self, d_out: torch.Tensor, cache) -> torch.Tensor:
+        net, opt = self.net, self.opt
+        types, mask_e, layers = cache
+        grads = []
+        for i in range(len(layers) - 1, -1, -1):
+            cell = net.G[i]
+            x, h, rz, ghn, n, mask_h = layers[i]
+            hs = h.shape[1]
+            dh = d_out * mask_h if mask_h is not None else d_out
+            r, z = rz[:, :hs], rz[:, hs:]
+            dn_pre = (dh * (1.0 - z)) * (1.0 - n * n)
+            dz = dh * (h - n)
+            drz = torch.cat([dn_pre * ghn, dz], dim=1).mul_(rz * (1.0 - rz))
+            dgi = torch.cat([drz, dn_pre], dim=1)
+            dgh = torch.cat([drz, dn_pre * r], dim=1)
+            grads.append((cell.weight_ih, dgi.T @ x))
+            grads.append((cell.bias_ih, dgi.sum(0)))
+            grads.append((cell.weight_hh, dgh.T @ h))
+            grads.append((cell.bias_hh, dgh.sum(0)))
+            d_out = dgi @ cell.weight_ih
+        if mask_e is not None:
+            d_out = d_out * mask_e
+        if types is not None:
+            grads.append((net.T.weight, torch.zeros_like(net.T.weight).index_add_(0, types, d_out)))
+        for param, g in grads:
+            opt.dense(param, g)
+        return d_out
+
+
+def _mask(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor | None:
+    """Inverted-dropout multiplier with ``p`` the drop probability (None when p == 0)."""
+    if p <= 0.0:
+        return None
+    keep = 1.0 - p
+    return torch.empty_like(x).bernoulli_(keep, generator=gen).div_(keep)
+
+
+def train_model(data: pd.DataFrame, params: GRU4RecParams | None = None, progress: bool = True,
+                vocab: Vocabulary | None = None) -> tuple[GRU4RecNet, Vocabulary, np.ndarray]:
+    """Build a vocabulary from ``data`` (unless given), a fresh network, and train it.
+
+    Returns (net, vocab, popularity) with popularity = training events per row, as the Recommender
+    and the checkpoint expect."""
+    params = params or GRU4RecParams()
+    vocab = vocab or build_vocabulary(data)
+    if len(vocab) == 0:
+        raise ValueError("no events to train on")
+    net = GRU4RecNet(len(vocab), params)
+    fit(net, data, params, item_rows=vocab, progress=progress)
+    popularity = item_counts(item_rows_for(data, vocab), len(vocab))
+    net.eval()
+    return net, vocab, popularity
+
+
+def replace_params(params: GRU4RecParams, **changes) -> GRU4RecParams:
+    """``dataclasses.replace`` re-exported for callers that tweak training params (e.g. online lr)."""
+    return dataclasses.replace(params, **changes)

@@ -1,0 +1,358 @@
+"""The faust app of the worker: input topics, the RocksDB-backed "user-state" table, and the batch path.
+
+faust provides group membership, co-partitioned assignment of the input topics with the table's
+changelog, table recovery/standbys, offset commits and (exactly_once) transactions. The per-event
+stream machinery is replaced by ``BatchConsumer`` (see there), which hands ``Pipeline.handle`` one
+micro-batch at a time:
+
+    decode + validate (bad -> dlq)  ->  multi-get states per partition  ->  process_batch in a
+    worker thread (GRU waves + one top-K pass)  ->  send changelog + recommendations + dlq
+    (at-least-once: wait for delivery; exactly_once: into the partition's transaction)
+    ->  write RocksDB (one WriteBatch per partition)  ->  ack the offsets.
+
+A batch whose partitions were revoked while it was computed is dropped unacked; its new owner
+processes it again from the committed offsets.
+
+TTL (settings.state_ttl_s > 0) uses EVENT time: a user whose newest event is more than the TTL older
+than the newest event this worker has seen is evicted. A periodic scan lists candidates per
+partition; the next batch of that partition re-checks and deletes them, with a changelog tombstone
+sent like any other state change (so eviction is in the same transaction in exactly_once mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from model.events import EventType
+from state.codec import HEADER_SIZE, encode as encode_state
+from stream.batch_consumer import Batch, BatchConsumer, BatchTransport
+from stream.events import CLICKS, PURCHASES, Event, Limits, Rejected, decode_event
+from stream.metrics import Metrics
+from stream.model_holder import ModelHolder
+from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
+from stream.settings import Settings
+from stream.sinks import ConfluentSink, Outgoing, TransactionalSink, dlq_headers
+from stream.table_store import TableStore
+from stream.topics import STATE_TABLE_NAME, TopicNames
+
+log = logging.getLogger("gruflow.worker")
+_TYPE_NAMES = {int(t): t.name.lower() for t in EventType}
+_LAST_TS_AT = 13  # byte offset of last_ts_ms in a state record (see state.codec)
+
+
+def table_dir(settings: Settings) -> Any:
+    """Where this worker's RocksDB files live (delete it to force a rebuild from the changelog)."""
+    return settings.data_dir / settings.app_id
+
+
+@dataclass
+class Runtime:
+    """What the web endpoints and the worker process need to see of a running app."""
+
+    app: Any
+    pipeline: "Pipeline"
+    holder: ModelHolder
+    metrics: Metrics
+
+    def ready(self) -> tuple[bool, str]:
+        if self.holder.current is None:
+            return False, "no model loaded"
+        recovery = getattr(self.app.tables, "recovery", None)
+        if recovery is None or not recovery.completed.is_set():
+            return False, "table recovery not finished"
+        if recovery.in_recovery:
+            return False, "table recovery in progress (rebalance)"
+        return True, "ready"
+
+
+@dataclass
+class Pipeline:
+    app: Any
+    settings: Settings
+    names: TopicNames
+    store: TableStore
+    holder: ModelHolder
+    metrics: Metrics
+    sink: Any
+    exactly_once: bool
+    popularity: PopularityBaseline = field(default_factory=PopularityBaseline)
+    stream_time_ms: int = 0
+    evict_candidates: dict[int, set[bytes]] = field(default_factory=dict)
+    batches: int = 0
+    events: int = 0
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.cfg = ProcessorConfig(k=s.top_k, session_gap_ms=int(s.session_gap_s * 1000))
+        self.limits = Limits(s.max_message_bytes, s.max_id_bytes)
+        self.kinds = {self.names.clicks: CLICKS, self.names.purchases: PURCHASES}
+        # one compute thread: batches are sequential anyway, and torch's own threads do the maths
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-compute")
+        self.state_lock = asyncio.Lock()
+        m = self.metrics
+        self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
+                           for k in (CLICKS, PURCHASES) for t, n in _TYPE_NAMES.items()}
+
+    # --- the batch ---------------------------------------------------------------------------
+    async def handle(self, batch: Batch, generation: int) -> None:
+        async with self.state_lock:
+            await self._handle(batch, generation)
+
+    async def _handle(self, batch: Batch, generation: int) -> None:
+        consumer: BatchConsumer = self.app.consumer
+        now_ms = int(time.time() * 1000)
+        out = Outgoing()
+        events: list[Event] = []
+        dead: Counter[str] = Counter()
+        for tp, records in batch:
+            kind = self.kinds[tp.topic]
+            p = tp.partition
+            for r in records:
+                res = decode_event(r.value, r.key, kind, self.limits, topic=tp.topic, partition=p, offset=r.offset,
+                                   append_ts_ms=r.timestamp or 0, now_ms=now_ms)
+                if isinstance(res, Rejected):
+                    out.dlq[p].append((r.key, r.value, dlq_headers(res.reason, res.detail, tp.topic, p, r.offset,
+                                                                    r.timestamp)))
+                    dead[res.reason] += 1
+                else:
+                    events.append(res)
+
+        # states of the batch's users, one multi-get per partition
+        part_of: dict[bytes, int] = {}
+        for e in events:
+            part_of[e.key] = e.partition
+        by_part: dict[int, list[bytes]] = defaultdict(list)
+        for key, p in part_of.items():
+            by_part[p].append(key)
+        states = {}
+        for p, keys in by_part.items():
+            states.update(self.store.get_partition(p, keys))
+
+        model = self.holder.current
+        result = None
+        if events:
+            result = await asyncio.get_running_loop().run_in_executor(
+                self.executor, process_batch, model, events, states, self.cfg, self.popularity)
+        if self.app.consumer_generation_id != generation or self.app.should_stop:
+            log.info("rebalance during a batch of %d events: dropped unacked, it will be processed again",
+                     len(events))
+            return
+
+        local: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
+        if result is not None:
+            for i, (key, value) in enumerate(result.outputs):
+                out.recommendations[events[i].partition].append((key, value))
+            for key, st in result.states.items():
+                p = part_of[key]
+                raw = encode_state(st)
+                out.changelog[p].append((key, raw))
+                local[p].append((key, raw))
+            self.stream_time_ms = max(self.stream_time_ms, max(e.ts_ms for e in events))
+        evicted = self._evictions(batch, part_of, out, local)
+
+        offsets = [(tp, [r.offset for r in records]) for tp, records in batch]
+        if self.exactly_once:
+            async with consumer.commit_lock:
+                changelog_futs, _ = await self.sink.send(out)
+                for p, recs in local.items():
+                    self.store.write_partition(p, recs)
+                for tp, offs in offsets:
+                    consumer.ack_offsets(tp, offs)
+            published = time.time()
+            highest: dict[int, int] = {}
+            for p, fut in changelog_futs:
+                meta = await fut
+                highest[p] = max(highest.get(p, -1), meta.offset)
+            self.store.mark_changelog_offsets(highest, on_commit=True)
+        else:
+            delivered = await self.sink.send(out)
+            published = delivered.delivered_at
+            for p, recs in local.items():
+                self.store.write_partition(p, recs)
+            self.store.mark_changelog_offsets(delivered.changelog_offsets)
+            for tp, offs in offsets:
+                consumer.ack_offsets(tp, offs)
+        self._observe(events, result, dead, evicted, published)
+
+    def _evictions(self, batch: Batch, part_of: dict[bytes, int], out: Outgoing,
+                   local: dict[int, list[tuple[bytes, bytes | None]]]) -> int:
+        if not self.evict_candidates or self.settings.state_ttl_s <= 0:
+            return 0
+        cutoff = self.stream_time_ms - int(self.settings.state_ttl_s * 1000)
+        n = 0
+        for tp, _ in batch:
+            cands = self.evict_candidates.pop(tp.partition, None)
+            if not cands:
+                continue
+            keys = [k for k in cands if k not in part_of]  # touched in this batch: alive
+            for key, st in self.store.get_partition(tp.partition, keys).items():
+                if st.last_ts_ms < cutoff:
+                    out.changelog[tp.partition].append((key, None))
+                    local[tp.partition].append((key, None))
+                    n += 1
+        return n
+
+    def _observe(self, events: list[Event], result: Any, dead: Counter[str], evicted: int,
+                 published_s: float) -> None:
+        m = self.metrics
+        for reason, n in dead.items():
+            m.dlq.labels(reason=reason).inc(n)
+        if evicted:
+            m.state_evictions.inc(evicted)
+        self.batches += 1
+        if not events:
+            return
+        counts = Counter((e.source, e.event_type) for e in events)
+        for (source, etype), n in counts.items():
+            self._events_in[(CLICKS if source == 0 else PURCHASES, etype)].inc(n)
+        m.recommendations_out.inc(len(events))
+        m.batch_size.observe(len(events))
+        m.step_latency.observe(result.step_seconds)
+        if result.unknown_items:
+            m.unknown_items.inc(result.unknown_items)
+        for (model, version), pq in result.prequential.items():
+            if pq.events:
+                m.prequential_events.labels(model=model, version=version).inc(pq.events)
+                k = str(self.cfg.k)
+                m.prequential_hits.labels(model=model, version=version, k=k).inc(pq.hits)
+                m.prequential_reciprocal_rank.labels(model=model, version=version, k=k).inc(pq.reciprocal_rank)
+        observe_many(m.end_to_end_latency,
+                     published_s - np.fromiter((e.append_ts_ms for e in events), dtype=np.float64,
+                                               count=len(events)) / 1000.0)
+        self.events += len(events)
+
+    # --- periodic work ---------------------------------------------------------------------------
+    def active_partitions(self) -> list[int]:
+        try:
+            actives = self.app.assignor.assigned_actives()
+        except Exception:  # noqa: BLE001 - not assigned yet
+            return []
+        return sorted(tp.partition for tp in actives if tp.topic == self.names.changelog)
+
+    async def scan_for_evictions(self) -> None:
+        """List idle users per active partition (event time); the partition's next batch deletes them."""
+        ttl_ms = int(self.settings.state_ttl_s * 1000)
+        if ttl_ms <= 0 or not self.stream_time_ms:
+            return
+        cutoff = self.stream_time_ms - ttl_ms
+        for p in self.active_partitions():
+            cands: set[bytes] = set()
+            async with self.state_lock:
+                for i, (key, raw) in enumerate(self.store.iter_partition(p)):
+                    if len(raw) >= HEADER_SIZE and \
+                            int.from_bytes(raw[_LAST_TS_AT:_LAST_TS_AT + 6], "little", signed=True) < cutoff:
+                        cands.add(key)
+            if cands:
+                self.evict_candidates.setdefault(p, set()).update(cands)
+            await asyncio.sleep(0)
+
+    def update_gauges(self) -> None:
+        m = self.metrics
+        m.state_entries.set(self.store.entries(self.active_partitions()))
+        try:
+            m.rocksdb_bytes.set(self.store.disk_bytes())
+        except OSError:
+            pass
+        consumer = self.app.consumer
+        lag = 0
+        try:
+            for tp in consumer.assignment():
+                if tp.topic in self.kinds:
+                    hw = consumer.highwater(tp)
+                    pos = consumer._read_offset.get(tp)
+                    if hw is not None:
+                        lag += max(0, hw - (pos + 1 if pos is not None else 0))
+        except Exception:  # noqa: BLE001 - a gauge: skip this round while the consumer is rebalancing
+            return
+        m.consumer_lag.set(lag)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.sink.close()
+
+
+def observe_many(histogram: Any, values: np.ndarray) -> None:
+    """Histogram.observe for many values at once (one bucket pass in numpy instead of N Python calls)."""
+    if values.shape[0] == 0:
+        return
+    # prometheus_client keeps per-bucket (non-cumulative) counters and a sum
+    bounds = np.asarray(histogram._upper_bounds, dtype=np.float64)
+    idx = np.searchsorted(bounds, values, side="left")
+    counts = np.bincount(idx, minlength=bounds.shape[0])
+    for i, c in enumerate(counts.tolist()):
+        if c:
+            histogram._buckets[i].inc(c)
+    histogram._sum.inc(float(values.sum()))
+
+
+def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics) -> Runtime:
+    """The faust app with its table and batch path wired; start it with a faust Worker."""
+    import faust
+
+    from stream.kafka_config import faust_broker_kwargs
+
+    names = TopicNames.from_settings(settings)
+    datadir = table_dir(settings)
+    datadir.mkdir(parents=True, exist_ok=True)
+    exactly_once = settings.processing_guarantee == "exactly_once"
+    session_ms = int(settings.broker_session_timeout_s * 1000)
+    app = faust.App(
+        settings.app_id,
+        **faust_broker_kwargs(settings),
+        store="rocksdb://",
+        datadir=str(datadir),
+        web_enabled=False,  # stream/web.py serves /metrics, /livez, /readyz from process start
+        processing_guarantee=settings.processing_guarantee,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_allow_declare=False,  # stream.topics.ensure_topics creates every topic explicitly
+        topic_disable_leader=True,
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_heartbeat_interval=max(0.5, settings.broker_session_timeout_s / 5),
+        broker_rebalance_timeout=max(10.0, 3 * settings.broker_session_timeout_s),
+        broker_request_timeout=max(30.0, session_ms / 1000 + 5),
+        broker_max_poll_records=settings.batch_max_events,
+        consumer_auto_offset_reset="earliest",
+        stream_wait_empty=False,
+        producer_linger=0.002,
+    )
+    app.transport = BatchTransport(app.conf.broker_consumer, app)
+    for name in names.inputs:
+        app.topics.add(app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+                                 key_serializer="raw", value_serializer="raw"))
+    changelog = app.topic(names.changelog, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+                          key_serializer="raw", value_serializer="raw", compacting=True, deleting=False)
+    table = app.Table(STATE_TABLE_NAME, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+                      default=None, changelog_topic=changelog)
+    store = TableStore(table, settings.partitions)
+    if exactly_once:
+        sink: Any = TransactionalSink(app, names.clicks, names.recommendations, names.changelog, names.dlq)
+    else:
+        sink = ConfluentSink(settings, names.recommendations, names.changelog, names.dlq)
+    pipeline = Pipeline(app, settings, names, store, holder, metrics, sink, exactly_once)
+
+    consumer = app.consumer
+    assert isinstance(consumer, BatchConsumer)
+    consumer.batch_handler = pipeline.handle
+    consumer.batch_topics = frozenset(names.inputs)
+    consumer.batch_max_events = settings.batch_max_events
+    consumer.batch_max_s = settings.batch_max_ms / 1000.0
+
+    @app.timer(2.0)
+    async def _gauges() -> None:
+        pipeline.update_gauges()
+
+    if settings.state_ttl_s > 0:
+        @app.timer(max(1.0, min(60.0, settings.state_ttl_s / 10)))
+        async def _ttl_scan() -> None:
+            await pipeline.scan_for_evictions()
+
+    return Runtime(app, pipeline, holder, metrics)

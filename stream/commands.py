@@ -1,0 +1,99 @@
+"""CLI commands of the stream area: worker, replay, tail, demo, broker, and ``bench stream``.
+
+Every command reads its settings from GRUFLOW_* variables; ``--bootstrap`` overrides
+GRUFLOW_BOOTSTRAP_SERVERS. Imports stay inside the handlers so ``gruflow --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def _add_bootstrap(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--bootstrap", default=None, help="Kafka bootstrap servers (overrides GRUFLOW_BOOTSTRAP_SERVERS)")
+    return p
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    from stream.settings import Settings
+
+    return Settings.from_env(bootstrap_servers=getattr(args, "bootstrap", None), **overrides)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from stream.worker import run_worker
+
+    return run_worker(_settings(args))
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from stream.replay import run_replay
+
+    return run_replay(args)
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from stream.tail import run_tail
+
+    return run_tail(args)
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from stream.broker import run_forever
+
+    return run_forever(_settings(args), port=args.port, create_topics=not args.no_topics)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from stream.demo import run_demo
+
+    return run_demo(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from stream.bench import run_bench
+
+    return run_bench(args)
+
+
+def register(sub: Any, bench_sub: Any) -> None:
+    from stream.replay import add_replay_args
+    from stream.tail import add_tail_args
+
+    p = _add_bootstrap(sub.add_parser("worker", help="run a stream worker (needs a Kafka cluster)"))
+    p.set_defaults(func=_worker)
+
+    p = _add_bootstrap(sub.add_parser("replay", help="replay an event file into the input topics"))
+    add_replay_args(p)
+    p.set_defaults(func=_replay)
+
+    p = _add_bootstrap(sub.add_parser("tail", help="print recommendations as they arrive"))
+    add_tail_args(p)
+    p.set_defaults(func=_tail)
+
+    p = sub.add_parser("broker", help="run the embedded Apache Kafka broker until Ctrl-C")
+    p.add_argument("--port", type=int, default=None, help="listener port (default: a free one)")
+    p.add_argument("--no-topics", action="store_true", help="do not create gruflow's topics")
+    p.set_defaults(func=_broker)
+
+    p = sub.add_parser("demo", help="embedded broker + quick model + worker + replay, with a live summary")
+    p.add_argument("--data", default=None, help="event file to train on and replay (default: synthetic data)")
+    p.add_argument("--format", "-f", dest="format", default=None, help="format of --data (see `gruflow train`)")
+    p.add_argument("--events", type=int, default=60_000, help="events to replay (default 60,000)")
+    p.add_argument("--seconds", type=float, default=90.0,
+                   help="stop the replay after this long even if events remain (default 90)")
+    p.add_argument("--rate", type=float, default=None, help="cap on replayed events per second")
+    p.set_defaults(func=_demo)
+
+    p = bench_sub.add_parser("stream", help="end-to-end worker throughput and latency on the embedded broker")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
+    p.add_argument("--items", type=int, default=20_000, help="catalogue size (default 20,000)")
+    p.add_argument("--hidden", type=int, default=100, help="GRU hidden size (default 100)")
+    p.add_argument("--k", type=int, default=20, help="recommendations per event (default 20)")
+    p.add_argument("--events", type=int, default=200_000, help="events for the throughput run (default 200,000)")
+    p.add_argument("--rate", type=float, default=2000.0, help="offered rate of the latency run (default 2,000/s)")
+    p.add_argument("--latency-seconds", type=float, default=20.0, help="length of the latency run (default 20 s)")
+    p.add_argument("--partitions", type=int, default=8, help="partitions of the input topics (default 8)")
+    p.add_argument("--profile", default=None, help="write a py-spy flame graph of the worker to this SVG")
+    p.set_defaults(func=_bench)

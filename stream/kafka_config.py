@@ -1,0 +1,147 @@
+"""Client configurations built from Settings: the one place that maps GRUFLOW_* connection settings
+(bootstrap, SASL, SSL) onto confluent-kafka (librdkafka) and faust (aiokafka) clients, so every client
+of a process connects the same way.
+
+Producers use librdkafka's ``murmur2_random`` partitioner: the Java client's and aiokafka's
+(faust's) key hashing, so a keyed event lands on the partition whose table state faust holds.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from stream.settings import Settings, SettingsError
+
+# librdkafka defaults to CRC32; this is murmur2 for keyed messages (random for null keys), like faust.
+PARTITIONER = "murmur2_random"
+# model checkpoints travel through the models topic in chunks; the broker allows a bit more than this
+MODEL_CHUNK_BYTES = 8 * 1024 * 1024
+
+# confluent-kafka keys that really contain underscores (Python callbacks); any other keyword argument
+# to the builders below may spell dots as underscores: linger_ms=5 == **{"linger.ms": 5}.
+_PYTHON_KEYS = {"error_cb", "throttle_cb", "stats_cb", "oauth_cb", "on_delivery", "on_commit", "logger"}
+
+
+def _normalise(extra: dict[str, Any]) -> dict[str, Any]:
+    return {(k if k in _PYTHON_KEYS or "." in k else k.replace("_", ".")): v for k, v in extra.items()}
+
+
+def _sasl_mechanism(settings: Settings) -> str:
+    mechanism = (settings.sasl_mechanism or "PLAIN").upper()
+    if mechanism not in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+        raise SettingsError(
+            f"GRUFLOW_SASL_MECHANISM={settings.sasl_mechanism!r}: use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+        )
+    if not settings.sasl_username:
+        raise SettingsError(
+            f"GRUFLOW_SECURITY_PROTOCOL={settings.security_protocol} needs GRUFLOW_SASL_USERNAME and "
+            "GRUFLOW_SASL_PASSWORD"
+        )
+    return mechanism
+
+
+def _require_bootstrap(settings: Settings) -> str:
+    if not settings.bootstrap_servers:
+        raise SettingsError(
+            "no Kafka cluster configured: set GRUFLOW_BOOTSTRAP_SERVERS (or --bootstrap), or start the embedded "
+            "broker first (stream.broker.EmbeddedKafka / `gruflow broker`)"
+        )
+    return settings.bootstrap_servers
+
+
+def bootstrap_list(settings: Settings) -> list[str]:
+    """``host:port`` entries of the bootstrap setting (comma or semicolon separated, optional kafka://)."""
+    raw = _require_bootstrap(settings).replace(";", ",")
+    hosts = [h.strip() for h in raw.split(",") if h.strip()]
+    return [h.split("://", 1)[1] if "://" in h else h for h in hosts]
+
+
+def confluent_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    """Connection part of any confluent-kafka client (producer, consumer, admin), plus ``extra``."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": ",".join(bootstrap_list(settings)),
+        "security.protocol": settings.security_protocol,
+    }
+    if settings.security_protocol.startswith("SASL"):
+        config["sasl.mechanism"] = _sasl_mechanism(settings)
+        config["sasl.username"] = settings.sasl_username
+        config["sasl.password"] = str(settings.sasl_password)
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        if settings.ssl_cafile:
+            config["ssl.ca.location"] = settings.ssl_cafile
+        if settings.ssl_certfile:
+            config["ssl.certificate.location"] = settings.ssl_certfile
+        if settings.ssl_keyfile:
+            config["ssl.key.location"] = settings.ssl_keyfile
+    config.update(_normalise(extra))
+    return config
+
+
+def producer_config(settings: Settings, *, compression: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A batching, idempotent producer keyed like faust. ``compression``: None, "lz4", "zstd", ..."""
+    config = confluent_config(settings)
+    config.update({
+        "partitioner": PARTITIONER,
+        "linger.ms": 5,
+        "batch.num.messages": 10000,
+        "queue.buffering.max.messages": 500000,
+        "enable.idempotence": True,  # acks=all, no duplicates from internal retries
+        "message.max.bytes": MODEL_CHUNK_BYTES + 65536,
+    })
+    if compression:
+        config["compression.type"] = compression
+    config.update(_normalise(extra))
+    return config
+
+
+def consumer_config(settings: Settings, group_id: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A consumer; without ``group_id`` it reads without a group (assign(), no offset commits)."""
+    config = confluent_config(settings)
+    config.update({
+        "group.id": group_id or f"{settings.app_id}-reader",
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": group_id is not None,
+        "fetch.max.bytes": 64 * 1024 * 1024,
+        "max.partition.fetch.bytes": MODEL_CHUNK_BYTES + 65536,
+    })
+    config.update(_normalise(extra))
+    return config
+
+
+def admin_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    return confluent_config(settings, **extra)
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The SSL context faust/aiokafka use for SSL and SASL_SSL (None for plaintext protocols)."""
+    if settings.security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.ssl_cafile or None)
+    if settings.ssl_certfile:
+        context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
+    elif settings.ssl_keyfile:
+        raise SettingsError("GRUFLOW_SSL_KEYFILE is set without GRUFLOW_SSL_CERTFILE")
+    return context
+
+
+def faust_broker_url(settings: Settings) -> str:
+    return ";".join(f"kafka://{host}" for host in bootstrap_list(settings))
+
+
+def faust_broker_kwargs(settings: Settings) -> dict[str, Any]:
+    """``faust.App(**faust_broker_kwargs(settings))``: broker URL(s) and credentials."""
+    import faust
+
+    credentials: Any = None
+    context = ssl_context(settings)
+    if settings.security_protocol.startswith("SASL"):
+        credentials = faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=str(settings.sasl_password),
+            mechanism=_sasl_mechanism(settings),
+            ssl_context=context,
+        )
+    elif context is not None:
+        credentials = faust.SSLCredentials(context)
+    return {"broker": faust_broker_url(settings), "broker_credentials": credentials}

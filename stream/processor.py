@@ -1,0 +1,257 @@
+"""The micro-batch computation of the worker: pure (no Kafka, no faust), run off the event loop.
+
+Given a model, a batch of valid events (in offset order per partition) and the stored state of their
+users, it returns the new state of each touched user, one recommendation message per event and the
+counters the worker exports. Events of the same user are applied in order; the GRU advances in
+"waves" (wave j = the j-th event of every user in the batch), then ONE top-K pass scores every event.
+
+Rules (the worker's contract, see the issue):
+- a new session starts (hidden state dropped) when an event comes more than ``session_gap_ms`` (event
+  time) after the user's previous one; a stored hidden state of another size (a model with other
+  layers) is dropped the same way;
+- an item the model does not know is counted, moves the user's time on, and does not step the GRU;
+  a user without a hidden state in the current session is shown the model's popular items;
+- a re-delivered event (offset at or below the user's applied offset for its topic) is answered from
+  the current state but changes nothing (at-least-once redelivery keeps state exact);
+- prequential (test-then-train): before an event updates the state, its item is looked up in the
+  recommendations last published to that user. The same events are scored against a popularity
+  baseline counted on this worker's stream (its top-K as of the start of the batch).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from model.recommender import Recommender
+from state.codec import N_SOURCES, UserState
+from stream.events import Event
+
+_PAD = -2  # fills rec matrices; never equal to a row or to -1 (unknown item)
+_TOPK_CHUNK = 512  # rows scored at once: bounds the [chunk, n_items] score matrix
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    k: int = 20
+    session_gap_ms: int = 1_800_000
+
+
+@dataclass
+class Prequential:
+    events: int = 0
+    hits: int = 0
+    reciprocal_rank: float = 0.0
+
+
+@dataclass
+class BatchResult:
+    outputs: list[tuple[bytes, bytes]]  # (key, JSON value), one per event, in event order
+    states: dict[bytes, UserState]  # final state of every user in the batch
+    unknown_items: int = 0
+    duplicates: int = 0  # re-delivered events already applied: answered, state untouched
+    # (model, version) -> counts; model is "gru" or "popularity" (version "")
+    prequential: dict[tuple[str, str], Prequential] = field(default_factory=dict)
+    step_seconds: float = 0.0
+    published_ms: int = 0
+
+
+class PopularityBaseline:
+    """Running per-row counts of the items seen by this worker; the comparison for prequential metrics."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    def top(self, k: int) -> np.ndarray:
+        c = self.counts
+        if c.shape[0] == 0:
+            return np.zeros(0, dtype=np.int64)
+        k = min(k, c.shape[0])
+        part = np.argpartition(-c, k - 1)[:k]
+        order = np.lexsort((part, -c[part]))  # by count desc, then row asc: deterministic
+        top = part[order]
+        return top[c[top] > 0]
+
+    def update(self, rows: np.ndarray) -> None:
+        rows = rows[rows >= 0]
+        if rows.shape[0] == 0:
+            return
+        need = int(rows.max()) + 1
+        if need > self.counts.shape[0]:
+            grown = np.zeros(max(need, 2 * self.counts.shape[0]), dtype=np.int64)
+            grown[: self.counts.shape[0]] = self.counts
+            self.counts = grown
+        np.add.at(self.counts, rows, 1)
+
+
+def process_batch(model: Recommender, events: list[Event], states: dict[bytes, UserState], cfg: ProcessorConfig,
+                  popularity: PopularityBaseline | None = None) -> BatchResult:
+    """Apply ``events`` to ``states`` (not modified) and recommend after each event."""
+    t0 = time.perf_counter()
+    n = len(events)
+    k = cfg.k
+    if n == 0:
+        return BatchResult([], {})
+    size = model.state_size
+    rows = model.vocab.rows([e.item_id for e in events])
+    types = np.fromiter((e.event_type for e in events), dtype=np.int64, count=n)
+
+    # per-user working state: [hidden|None, last_ts, session_events, offsets]; prev_event[i] = the
+    # user's previous event in this batch; dup[i] = re-delivered event already applied (no state change)
+    work: dict[bytes, list] = {}
+    prev_event = np.full(n, -1, dtype=np.int64)
+    last_idx: dict[bytes, int] = {}
+    wave_of = np.zeros(n, dtype=np.int64)
+    for i, e in enumerate(events):
+        j = last_idx.get(e.key)
+        if j is not None:
+            prev_event[i] = j
+            wave_of[i] = wave_of[j] + 1
+        last_idx[e.key] = i
+
+    # walk waves: session gap, event count, GRU steps batched over the users of the wave
+    post_hidden = np.zeros((n, size), dtype=np.float32)
+    has_hidden = np.zeros(n, dtype=bool)
+    dup = np.zeros(n, dtype=bool)
+    n_waves = int(wave_of.max()) + 1
+    order = np.argsort(wave_of, kind="stable")
+    bounds = np.searchsorted(wave_of[order], np.arange(n_waves + 1))
+    for w in range(n_waves):
+        idx = order[bounds[w]:bounds[w + 1]]
+        step_i: list[int] = []
+        step_h: list[np.ndarray | None] = []
+        for i in idx.tolist():
+            e = events[i]
+            st = work.get(e.key)
+            if st is None:
+                old = states.get(e.key)
+                if old is None:
+                    st = [None, e.ts_ms, 0, [-1] * N_SOURCES]
+                else:
+                    h = old.hidden if old.hidden is not None and old.hidden.shape[0] == size else None
+                    st = [h, old.last_ts_ms, old.session_events, list(old.offsets)]
+                work[e.key] = st
+            if 0 <= e.offset <= st[3][e.source]:
+                dup[i] = True
+                if st[0] is not None:
+                    post_hidden[i] = st[0]
+                    has_hidden[i] = True
+                continue
+            if e.offset >= 0:
+                st[3][e.source] = e.offset
+            if e.ts_ms - st[1] > cfg.session_gap_ms:
+                st[0], st[2] = None, 0
+            st[1] = max(st[1], e.ts_ms)
+            st[2] += 1
+            if rows[i] >= 0:
+                step_i.append(i)
+                step_h.append(st[0])
+            elif st[0] is not None:
+                post_hidden[i] = st[0]
+                has_hidden[i] = True
+        if step_i:
+            H = np.zeros((len(step_i), size), dtype=np.float32)
+            for r, h in enumerate(step_h):
+                if h is not None:
+                    H[r] = h
+            si = np.asarray(step_i, dtype=np.int64)
+            H = model.step(H, rows[si], types[si])
+            post_hidden[si] = H
+            has_hidden[si] = True
+            for r, i in enumerate(step_i):
+                work[events[i].key][0] = H[r]
+
+    # one top-K pass for every event with a hidden state; popular items for the rest
+    kk = min(k, model.n_items)
+    rec_rows = np.empty((n, kk), dtype=np.int64)
+    rec_scores = np.empty((n, kk), dtype=np.float32)
+    hid = np.flatnonzero(has_hidden)
+    for s in range(0, hid.shape[0], _TOPK_CHUNK):
+        part = hid[s:s + _TOPK_CHUNK]
+        r, sc = model.top_k(post_hidden[part], kk)
+        rec_rows[part], rec_scores[part] = r, sc
+    cold = np.flatnonzero(~has_hidden)
+    if cold.shape[0]:
+        pr, ps = model.popular(kk)
+        m = pr.shape[0]
+        rec_rows[cold] = _PAD
+        rec_scores[cold] = 0.0
+        rec_rows[cold, :m], rec_scores[cold, :m] = pr, ps
+    published_ms = int(time.time() * 1000)
+
+    result = BatchResult([], {}, published_ms=published_ms)
+    fresh = ~dup
+    result.unknown_items = int(((rows < 0) & fresh).sum())
+    result.duplicates = int(dup.sum())
+    _prequential(result, events, states, rows, rec_rows, prev_event, fresh, model.version, k, popularity)
+
+    # outputs, in event order
+    ids = model.vocab.item_ids
+    version = model.version
+    scores_all = np.round(rec_scores.astype(np.float64), 6).tolist()
+    rows_all = rec_rows.tolist()
+    dumps = orjson.dumps
+    out = result.outputs
+    for i, e in enumerate(events):
+        rr = rows_all[i]
+        if rr and rr[-1] == _PAD:
+            m = rr.index(_PAD)
+            rr = rr[:m]
+        items = [{"item_id": it, "score": sc} for it, sc in zip(ids(rr), scores_all[i])]
+        out.append((e.key, dumps({"user_id": e.user_id, "items": items, "model_version": version,
+                                  "event_ts": e.ts_ms, "published_ts": published_ms})))
+
+    for key, i in last_idx.items():
+        h, last_ts, n_events, offsets = work[key]
+        recs = rec_rows[i]
+        recs = recs[recs != _PAD].astype(np.int32)
+        result.states[key] = UserState(None if h is None else np.asarray(h, dtype=np.float32).copy(),
+                                       int(last_ts), int(n_events), int(version), recs, offsets)
+    if popularity is not None:
+        popularity.update(rows[fresh])
+    result.step_seconds = time.perf_counter() - t0
+    return result
+
+
+def _prequential(result: BatchResult, events: list[Event], states: dict[bytes, UserState], rows: np.ndarray,
+                 rec_rows: np.ndarray, prev_event: np.ndarray, fresh: np.ndarray, version: int, k: int,
+                 popularity: PopularityBaseline | None) -> None:
+    """Score each event against the recommendations the user had before it (stored or from this batch)."""
+    n = len(events)
+    kk = rec_rows.shape[1]
+    prev = np.full((n, max(k, kk)), _PAD, dtype=np.int64)
+    prev_version = np.full(n, -1, dtype=np.int64)
+    in_batch = prev_event >= 0
+    prev[in_batch, :kk] = rec_rows[prev_event[in_batch]]
+    prev_version[in_batch] = version
+    for i in np.flatnonzero(~in_batch).tolist():
+        st = states.get(events[i].key)
+        if st is not None and st.recs.shape[0]:
+            m = min(st.recs.shape[0], prev.shape[1])
+            prev[i, :m] = st.recs[:m]
+            prev_version[i] = st.model_version
+    prev = prev[:, :k]
+    scored = (prev_version >= 0) & fresh
+    if not scored.any():
+        return
+    match = (prev == rows[:, None]) & (rows >= 0)[:, None]
+    hit = match.any(axis=1)
+    rr = np.where(hit, 1.0 / (match.argmax(axis=1) + 1), 0.0)
+    for v in np.unique(prev_version[scored]).tolist():
+        sel = scored & (prev_version == v)
+        result.prequential[("gru", str(v))] = Prequential(int(sel.sum()), int(hit[sel].sum()),
+                                                         float(rr[sel].sum()))
+    if popularity is not None:
+        top = popularity.top(k)
+        if top.shape[0]:
+            pm = (top[None, :] == rows[scored][:, None]) & (rows[scored] >= 0)[:, None]
+            phit = pm.any(axis=1)
+            prr = np.where(phit, 1.0 / (pm.argmax(axis=1) + 1), 0.0)
+            result.prequential[("popularity", "")] = Prequential(int(scored.sum()), int(phit.sum()),
+                                                                 float(prr.sum()))
+        else:
+            result.prequential[("popularity", "")] = Prequential(int(scored.sum()), 0, 0.0)

@@ -1,0 +1,154 @@
+"""Where a micro-batch's output goes: recommendations, state changelog records and dead letters.
+
+At-least-once: one confluent-kafka producer (C batching, a few µs per message instead of faust's
+per-message send path); the worker waits for delivery of the whole batch before it writes RocksDB and
+acks the input offsets, so a crash can only cause re-delivery, never loss.
+
+Exactly-once: faust's transactional aiokafka producers, one per input partition (faust's
+transactional id scheme); records go into the transaction that also commits that partition's input
+offsets, so readers with isolation.level=read_committed see each event's outputs exactly once.
+
+Every record is sent to the partition of the input event it came from: input topics, the changelog,
+recommendations and dlq are co-partitioned and keyed by user id.
+
+DLQ record format: the value is the ORIGINAL message bytes, unchanged; the key is the original key;
+headers carry ``gruflow-reason`` (one of ``stream.events.REASONS``), ``gruflow-detail`` (a short
+human-readable explanation), ``gruflow-topic``, ``gruflow-partition``, ``gruflow-offset`` and
+``gruflow-timestamp`` (the source message's timestamp, ms) as UTF-8 strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from stream.settings import Settings
+
+
+@dataclass
+class Outgoing:
+    """One batch's records, grouped by the input partition they belong to."""
+
+    # partition -> [(key, value)]
+    recommendations: dict[int, list[tuple[bytes, bytes]]] = field(default_factory=lambda: defaultdict(list))
+    changelog: dict[int, list[tuple[bytes, bytes | None]]] = field(default_factory=lambda: defaultdict(list))
+    # partition -> [(key, value, headers)]
+    dlq: dict[int, list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]] = field(
+        default_factory=lambda: defaultdict(list))
+
+
+@dataclass
+class Delivered:
+    changelog_offsets: dict[int, int]  # partition -> highest changelog offset written
+    delivered_at: float  # wall clock (s) when the broker acknowledged the last record
+
+
+def dlq_headers(reason: str, detail: str, topic: str, partition: int, offset: int,
+                timestamp_ms: int | None) -> list[tuple[str, bytes]]:
+    return [("gruflow-reason", reason.encode()), ("gruflow-detail", detail[:500].encode("utf-8", "replace")),
+            ("gruflow-topic", topic.encode()), ("gruflow-partition", str(partition).encode()),
+            ("gruflow-offset", str(offset).encode()),
+            ("gruflow-timestamp", str(timestamp_ms if timestamp_ms is not None else -1).encode())]
+
+
+class SinkError(RuntimeError):
+    """Records could not be delivered; the batch is not acked and will be processed again."""
+
+
+class ConfluentSink:
+    def __init__(self, settings: Settings, recommendations: str, changelog: str, dlq: str) -> None:
+        from confluent_kafka import Producer
+
+        from stream.kafka_config import producer_config
+
+        self.topics = (recommendations, changelog, dlq)
+        self._changelog = changelog
+        self._errors: list[str] = []
+        self._offsets: dict[int, int] = {}
+        self.producer = Producer(producer_config(settings, linger_ms=1, batch_num_messages=100000,
+                                                 on_delivery=self._on_delivery))
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(f"{msg.topic()}[{msg.partition()}]: {err}")
+        elif msg.topic() == self._changelog:
+            p, off = msg.partition(), msg.offset()
+            if off > self._offsets.get(p, -1):
+                self._offsets[p] = off
+
+    def _produce(self, topic: str, partition: int, key: bytes | None, value: bytes | None,
+                 headers: list[tuple[str, bytes]] | None = None) -> None:
+        produce = self.producer.produce
+        while True:
+            try:
+                if headers:
+                    produce(topic, value, key, partition, headers=headers)
+                else:
+                    produce(topic, value, key, partition)
+                return
+            except BufferError:
+                self.producer.poll(0.05)  # local queue full: let deliveries drain
+
+    async def send(self, out: Outgoing) -> Delivered:
+        rec_topic, cl_topic, dlq_topic = self.topics
+        self._errors.clear()
+        self._offsets = {}
+        for p, records in out.changelog.items():
+            for key, value in records:
+                self._produce(cl_topic, p, key, value)
+        for p, records in out.recommendations.items():
+            for key, value in records:
+                self._produce(rec_topic, p, key, value)
+        for p, dead in out.dlq.items():
+            for key, value, headers in dead:
+                self._produce(dlq_topic, p, key, value, headers)
+        loop = asyncio.get_running_loop()
+        remaining = await loop.run_in_executor(None, self.producer.flush, 60.0)
+        if self._errors or remaining:
+            raise SinkError(f"{len(self._errors)} records failed, {remaining} undelivered: {self._errors[:3]}")
+        return Delivered(dict(self._offsets), time.time())
+
+    def close(self) -> None:
+        self.producer.flush(10.0)
+
+
+class TransactionalSink:
+    """Sends through faust's per-partition transactional producers (processing_guarantee=exactly_once)."""
+
+    def __init__(self, app: Any, source_topic: str, recommendations: str, changelog: str, dlq: str) -> None:
+        self.app = app
+        self.source_topic = source_topic
+        self.topics = (recommendations, changelog, dlq)
+
+    def _transactional_id(self, partition: int) -> str:
+        group = self.app.assignor.group_for_topic(self.source_topic)
+        return f"{self.app.conf.id}-{group}-{partition}"
+
+    async def send(self, out: Outgoing) -> tuple[list[tuple[int, Any]], list[Any]]:
+        """Append the records to the open transactions; returns (changelog futures, all futures)."""
+        rec_topic, cl_topic, dlq_topic = self.topics
+        faust_producer = self.app.consumer.transactions.producer
+        changelog_futs: list[tuple[int, Any]] = []
+        futs: list[Any] = []
+        partitions = set(out.recommendations) | set(out.changelog) | set(out.dlq)
+        for p in sorted(partitions):
+            tid = self._transactional_id(p)
+            producer = faust_producer._transaction_producers.get(tid)
+            if producer is None:
+                raise SinkError(f"no transactional producer for {tid} (partition revoked?)")
+            async with faust_producer._trn_locks[tid]:
+                for key, value in out.changelog.get(p, ()):
+                    fut = await producer.send(cl_topic, value, key=key, partition=p)
+                    changelog_futs.append((p, fut))
+                    futs.append(fut)
+                for key, value in out.recommendations.get(p, ()):
+                    futs.append(await producer.send(rec_topic, value, key=key, partition=p))
+                for key, value, headers in out.dlq.get(p, ()):
+                    futs.append(await producer.send(dlq_topic, value, key=key, partition=p, headers=headers))
+        return changelog_futs, futs
+
+    def close(self) -> None:
+        pass

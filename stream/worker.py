@@ -1,0 +1,141 @@
+"""``gruflow worker``: one worker process (faust Worker + health endpoints + model subscriber).
+
+Startup order: settings -> topics ensured -> first model (models topic, else GRUFLOW_MODEL_PATH) ->
+faust app -> web endpoints (before any broker traffic) -> faust worker (group join, table recovery,
+batches). SIGTERM / Ctrl-C stop it cleanly: the current batch finishes or is dropped unacked, offsets
+are committed, RocksDB is closed.
+
+exactly_once: outputs and changelog writes of an open transaction reach RocksDB before the commit,
+so after an unclean exit the local store may hold writes that were aborted. Like Kafka Streams, the
+worker then wipes its local store and rebuilds it from the (committed) changelog: a marker file
+exists while the worker runs and is removed on clean shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from model.recommender import Recommender
+from stream.metrics import Metrics
+from stream.model_holder import ModelHolder
+from stream.settings import Settings
+
+log = logging.getLogger("gruflow.worker")
+RUNNING_MARKER = ".worker-running"
+
+
+class WorkerError(RuntimeError):
+    """The worker cannot start; the message says what to change."""
+
+
+def load_initial_model(settings: Settings, metrics: Metrics | None = None) -> Recommender:
+    """The model to serve first: newest valid version on the models topic, else the checkpoint file."""
+    try:
+        from stream import model_sync
+    except ImportError:
+        model_sync = None  # type: ignore[assignment]
+    if model_sync is not None and hasattr(model_sync, "load_latest"):
+        try:
+            rec = model_sync.load_latest(settings, metrics)
+        except Exception as exc:  # noqa: BLE001 - fall back to the file; say why
+            log.warning("no model from the models topic (%s); trying GRUFLOW_MODEL_PATH", exc)
+            rec = None
+        if rec is not None:
+            log.info("serving model version %s from the models topic", rec.version)
+            return rec
+    if settings.model_path:
+        from model.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(settings.model_path)
+        version = int(ckpt.metadata.get("version", 0) or 0)
+        log.info("serving model %s (version %d)", settings.model_path, version)
+        return ckpt.recommender(version)
+    raise WorkerError("no model to serve: the models topic has none and GRUFLOW_MODEL_PATH is not set. Train one "
+                      "(`gruflow train ... --out model.gfc`) and set GRUFLOW_MODEL_PATH, or run `gruflow demo`.")
+
+
+def _wipe_if_dirty(settings: Settings) -> None:
+    from stream.app import table_dir
+
+    root = Path(table_dir(settings))
+    marker = root / RUNNING_MARKER
+    if settings.processing_guarantee == "exactly_once" and marker.exists():
+        log.warning("previous exactly_once worker did not stop cleanly: rebuilding local state from the changelog")
+        for child in root.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text("running\n")
+
+
+def _clear_marker(settings: Settings) -> None:
+    from stream.app import table_dir
+
+    (Path(table_dir(settings)) / RUNNING_MARKER).unlink(missing_ok=True)
+
+
+def run_worker(settings: Settings, model: Recommender | None = None) -> int:
+    """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    if settings.embedded:
+        print("gruflow worker needs a Kafka cluster: set GRUFLOW_BOOTSTRAP_SERVERS (or --bootstrap). For a "
+              "self-contained run use `gruflow demo`, or start a broker with `gruflow broker` and point "
+              "GRUFLOW_BOOTSTRAP_SERVERS at it.", file=sys.stderr)
+        return 2
+    import torch
+
+    import faust
+
+    from stream.app import build_app
+    from stream.topics import ensure_topics
+    from stream.web import WebServer
+
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(settings.torch_threads)
+    metrics = Metrics.create()
+    ensure_topics(settings)
+    model = model or load_initial_model(settings, metrics)
+    metrics.model_version.set(model.version)
+    holder = ModelHolder(model)
+    _wipe_if_dirty(settings)
+    runtime = build_app(settings, holder, metrics)
+    web = WebServer(metrics, runtime.ready, settings.web_host, settings.web_port)
+    subscriber: Any = None
+    try:
+        from stream.model_sync import ModelSubscriber
+    except ImportError:
+        ModelSubscriber = None  # type: ignore[assignment,misc]
+
+    class GruflowWorker(faust.Worker):
+        async def on_execute(self) -> None:
+            nonlocal subscriber
+            await web.start()
+            log.info("health endpoints on http://%s:%d (/metrics /livez /readyz)", settings.web_host,
+                     settings.web_port)
+            if ModelSubscriber is not None:
+                subscriber = ModelSubscriber(settings, holder, metrics)
+                subscriber.start()
+
+        async def on_stop(self) -> None:
+            await super().on_stop()
+            await web.stop()
+
+        def on_worker_shutdown(self) -> None:
+            if subscriber is not None:
+                subscriber.stop()
+            runtime.pipeline.close()
+
+    worker = GruflowWorker(runtime.app, loglevel=settings.log_level.lower(), quiet=True,
+                           override_logging=False, redirect_stdouts=False)
+    code = 0
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        code = int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else 1
+    if code == 0 and not worker.crash_reason:
+        _clear_marker(settings)
+    return code

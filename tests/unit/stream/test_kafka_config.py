@@ -1,0 +1,158 @@
+"""Client configs from Settings: the same connection (bootstrap, SASL, SSL) for confluent-kafka and faust."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from stream.kafka_config import (
+    PARTITIONER,
+    admin_config,
+    bootstrap_list,
+    confluent_config,
+    consumer_config,
+    faust_broker_kwargs,
+    producer_config,
+    ssl_context,
+)
+from stream.settings import Secret, Settings, SettingsError
+from stream.topics import TopicNames, changelog_topic, topic_specs
+
+BOOT = "k1.example:9092,k2.example:9093"
+
+
+def test_plaintext_connection():
+    config = confluent_config(Settings(bootstrap_servers=BOOT))
+    assert config == {"bootstrap.servers": BOOT, "security.protocol": "PLAINTEXT"}
+
+
+@pytest.mark.parametrize("raw", ["k1.example:9092;k2.example:9093", "kafka://k1.example:9092, kafka://k2.example:9093"])
+def test_bootstrap_spellings(raw):
+    assert bootstrap_list(Settings(bootstrap_servers=raw)) == ["k1.example:9092", "k2.example:9093"]
+
+
+def test_no_bootstrap_is_a_clear_error():
+    with pytest.raises(SettingsError, match="GRUFLOW_BOOTSTRAP_SERVERS"):
+        confluent_config(Settings())
+
+
+def test_sasl_ssl_is_passed_through():
+    settings = Settings(bootstrap_servers=BOOT, security_protocol="SASL_SSL", sasl_mechanism="scram-sha-512",
+                        sasl_username="svc", sasl_password=Secret("hunter2"), ssl_cafile="/etc/ca.pem")
+    config = admin_config(settings)
+    assert config["security.protocol"] == "SASL_SSL"
+    assert config["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert (config["sasl.username"], config["sasl.password"]) == ("svc", "hunter2")
+    assert config["ssl.ca.location"] == "/etc/ca.pem"
+    assert "hunter2" not in repr(settings)
+
+
+def test_sasl_without_username_is_refused():
+    with pytest.raises(SettingsError, match="GRUFLOW_SASL_USERNAME"):
+        confluent_config(Settings(bootstrap_servers=BOOT, security_protocol="SASL_PLAINTEXT"))
+
+
+def test_unknown_sasl_mechanism_is_refused():
+    settings = Settings(bootstrap_servers=BOOT, security_protocol="SASL_PLAINTEXT", sasl_mechanism="GSSAPI",
+                        sasl_username="u")
+    with pytest.raises(SettingsError, match="GRUFLOW_SASL_MECHANISM"):
+        confluent_config(settings)
+
+
+def test_producer_uses_faust_compatible_partitioner_and_batches():
+    config = producer_config(Settings(bootstrap_servers=BOOT), compression="lz4", linger_ms=7)
+    assert config["partitioner"] == PARTITIONER == "murmur2_random"
+    assert config["linger.ms"] == 7
+    assert config["batch.num.messages"] >= 1000
+    assert config["compression.type"] == "lz4"
+    assert config["enable.idempotence"] is True
+
+
+def test_extra_keys_keep_python_callbacks():
+    def cb(err):  # pragma: no cover - never called
+        pass
+
+    config = consumer_config(Settings(bootstrap_servers=BOOT), group_id="g", error_cb=cb,
+                             isolation_level="read_committed", **{"session.timeout.ms": 6000})
+    assert config["error_cb"] is cb
+    assert config["isolation.level"] == "read_committed"
+    assert config["session.timeout.ms"] == 6000
+    assert config["group.id"] == "g" and config["enable.auto.commit"] is True
+
+
+def test_configs_are_accepted_by_librdkafka():
+    """librdkafka validates every key and value when a client is built (no connection needed)."""
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka.admin import AdminClient
+
+    settings = Settings(bootstrap_servers="127.0.0.1:1")
+    Producer(producer_config(settings, compression="lz4"))
+    Producer(producer_config(settings, transactional_id="t"))
+    Consumer(consumer_config(settings)).close()
+    AdminClient(admin_config(settings))
+
+
+def test_faust_gets_every_broker_and_no_credentials_in_plaintext():
+    import faust
+
+    kwargs = faust_broker_kwargs(Settings(bootstrap_servers=BOOT))
+    assert kwargs["broker_credentials"] is None
+    app = faust.App("kafka-config-test", **kwargs)
+    assert [(u.host, u.port) for u in app.conf.broker] == [("k1.example", 9092), ("k2.example", 9093)]
+
+
+def test_faust_sasl_ssl_credentials():
+    import faust
+
+    settings = Settings(bootstrap_servers=BOOT, security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-256",
+                        sasl_username="svc", sasl_password=Secret("pw"))
+    creds = faust_broker_kwargs(settings)["broker_credentials"]
+    assert isinstance(creds, faust.SASLCredentials)
+    assert (creds.username, creds.password, creds.mechanism.value) == ("svc", "pw", "SCRAM-SHA-256")
+    assert creds.protocol.value == "SASL_SSL"
+    assert isinstance(creds.ssl_context, ssl.SSLContext)
+
+
+def test_faust_sasl_plaintext_and_ssl_only():
+    import faust
+
+    sasl = faust_broker_kwargs(Settings(bootstrap_servers=BOOT, security_protocol="SASL_PLAINTEXT",
+                                        sasl_username="u", sasl_password=Secret("p")))["broker_credentials"]
+    assert sasl.protocol.value == "SASL_PLAINTEXT" and sasl.mechanism.value == "PLAIN" and sasl.ssl_context is None
+    tls = faust_broker_kwargs(Settings(bootstrap_servers=BOOT, security_protocol="SSL"))["broker_credentials"]
+    assert isinstance(tls, faust.SSLCredentials) and tls.protocol.value == "SSL"
+    assert tls.context.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_ssl_context_only_for_tls_protocols():
+    assert ssl_context(Settings(bootstrap_servers=BOOT, security_protocol="SASL_PLAINTEXT")) is None
+    with pytest.raises(SettingsError, match="GRUFLOW_SSL_CERTFILE"):
+        ssl_context(Settings(bootstrap_servers=BOOT, security_protocol="SSL", ssl_keyfile="/k.pem"))
+
+
+def test_topic_names_and_specs():
+    settings = Settings(topic_prefix="shop.", app_id="recs", partitions=6)
+    names = TopicNames.from_settings(settings)
+    assert (names.clicks, names.purchases, names.recommendations, names.dlq, names.models) == (
+        "shop.clicks", "shop.purchases", "shop.recommendations", "shop.dlq", "shop.models")
+    assert names.changelog == changelog_topic(settings) == "recs-user-state-changelog"
+    specs = {s.name: s for s in topic_specs(settings)}
+    assert set(specs) == set(names)
+    assert {specs[n].partitions for n in (*names.inputs, names.recommendations, names.dlq, names.changelog)} == {6}
+    assert specs[names.models].partitions == 1
+    assert specs[names.changelog].config["cleanup.policy"] == "compact"
+    assert specs[names.models].config["cleanup.policy"] == "compact"
+    assert "cleanup.policy" not in specs[names.clicks].config
+
+
+def test_changelog_name_matches_faust_table_naming():
+    """The name ensure_topics creates is the one faust derives for the stream app's table."""
+    import faust
+
+    from stream.topics import STATE_TABLE_NAME
+
+    settings = Settings(app_id="recs-naming-test")
+    app = faust.App(settings.app_id, broker="kafka://127.0.0.1:1", store="memory://")
+    table = app.Table(STATE_TABLE_NAME, partitions=settings.partitions)
+    assert table.changelog_topic.get_topic_name() == changelog_topic(settings)

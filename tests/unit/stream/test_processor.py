@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from model.network import GRU4RecNet
+from model.params import GRU4RecParams
+from model.recommender import Recommender
+from model.vocab import Vocabulary
+from state.store import MemoryStore
+from stream.events import Event
+from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
+
+torch.set_num_threads(1)
+GAP = 60_000
+CFG = ProcessorConfig(k=5, session_gap_ms=GAP)
+
+
+@pytest.fixture(scope="module")
+def model() -> Recommender:
+    n_items = 50
+    net = GRU4RecNet(n_items, GRU4RecParams(layers=(16,), seed=3))
+    pop = np.arange(n_items, 0, -1, dtype=np.float64)  # row 0 most popular
+    return Recommender(net, Vocabulary(f"i{r}" for r in range(n_items)), version=7, popularity=pop)
+
+
+def _ev(user: str, item: str, ts: int, offset: int = -1, etype: int = 1, source: int = 0) -> Event:
+    return Event(user, item, etype, ts, user.encode(), "clicks", 0, offset, ts, source)
+
+
+def _run(model: Recommender, store: MemoryStore, events: list[Event], pop: PopularityBaseline | None = None):
+    keys = list(dict.fromkeys(e.key for e in events))
+    result = process_batch(model, events, store.get_many(keys), CFG, pop)
+    store.put_many(result.states)
+    return result
+
+
+def _reference_hidden(model: Recommender, items: list[str], types: list[int]) -> np.ndarray:
+    """One user's hidden state, stepped one event at a time (no batching)."""
+    h = model.zero_state(1)
+    for item, t in zip(items, types):
+        h = model.step(h, np.array([model.vocab.row(item)]), np.array([t]))
+    return h[0]
+
+
+def test_one_output_per_event_in_order_with_contract_fields(model: Recommender) -> None:
+    store = MemoryStore()
+    events = [_ev("a", "i1", 1000), _ev("b", "i2", 1000), _ev("a", "i3", 2000)]
+    result = _run(model, store, events)
+    assert [k for k, _ in result.outputs] == [b"a", b"b", b"a"]
+    for (key, value), e in zip(result.outputs, events):
+        msg = orjson.loads(value)
+        assert set(msg) == {"user_id", "items", "model_version", "event_ts", "published_ts"}
+        assert msg["user_id"] == e.user_id and msg["event_ts"] == e.ts_ms and msg["model_version"] == 7
+        assert len(msg["items"]) == CFG.k
+        scores = [it["score"] for it in msg["items"]]
+        assert scores == sorted(scores, reverse=True)
+        assert all(it["item_id"] in model.vocab for it in msg["items"])
+
+
+def test_batched_waves_equal_sequential_steps(model: Recommender) -> None:
+    seqs = {"a": ["i1", "i4", "i9", "i4"], "b": ["i2"], "c": ["i3", "i3"]}
+    events, t = [], 1000
+    for step in range(4):
+        for user, items in seqs.items():
+            if step < len(items):
+                events.append(_ev(user, items[step], t))
+                t += 10
+    one_batch = MemoryStore()
+    _run(model, one_batch, events)
+    per_event = MemoryStore()
+    for e in events:
+        _run(model, per_event, [e])
+    for user, items in seqs.items():
+        ref = _reference_hidden(model, items, [1] * len(items))
+        for store in (one_batch, per_event):
+            st = store.get_many([user.encode()])[user.encode()]
+            np.testing.assert_allclose(st.hidden, ref, rtol=1e-5, atol=1e-6)
+            assert st.session_events == len(items)
+
+
+def test_recommendations_match_top_k_of_the_new_state(model: Recommender) -> None:
+    store = MemoryStore()
+    result = _run(model, store, [_ev("a", "i1", 1000), _ev("a", "i2", 1500)])
+    ref = _reference_hidden(model, ["i1", "i2"], [1, 1])
+    rows, _ = model.top_k(ref[None, :], CFG.k)
+    got = [it["item_id"] for it in orjson.loads(result.outputs[-1][1])["items"]]
+    assert got == model.vocab.item_ids(rows[0].tolist())
+    st = store.get_many([b"a"])[b"a"]
+    assert st.recs.tolist() == rows[0].tolist() and st.model_version == 7
+
+
+def test_session_gap_zeroes_the_hidden_state(model: Recommender) -> None:
+    store = MemoryStore()
+    _run(model, store, [_ev("a", "i1", 1000), _ev("a", "i2", 2000)])
+    _run(model, store, [_ev("a", "i5", 2000 + GAP + 1)])
+    st = store.get_many([b"a"])[b"a"]
+    np.testing.assert_allclose(st.hidden, _reference_hidden(model, ["i5"], [1]), rtol=1e-5, atol=1e-6)
+    assert st.session_events == 1 and st.last_ts_ms == 2000 + GAP + 1
+
+
+def test_unknown_item_counts_moves_time_and_falls_back_to_popular(model: Recommender) -> None:
+    store = MemoryStore()
+    result = _run(model, store, [_ev("new", "not-in-vocab", 5000)])
+    assert result.unknown_items == 1
+    items = [it["item_id"] for it in orjson.loads(result.outputs[0][1])["items"]]
+    assert items == model.vocab.item_ids(model.popular(CFG.k)[0].tolist())
+    st = store.get_many([b"new"])[b"new"]
+    assert st.hidden is None and st.last_ts_ms == 5000 and st.session_events == 1
+    # a user with a hidden state keeps it (no GRU step) and gets recommendations from it
+    _run(model, store, [_ev("new", "i3", 6000)])
+    before = store.get_many([b"new"])[b"new"].hidden.copy()
+    _run(model, store, [_ev("new", "unknown-2", 7000)])
+    after = store.get_many([b"new"])[b"new"]
+    np.testing.assert_array_equal(after.hidden, before)
+    assert after.last_ts_ms == 7000 and after.session_events == 3
+
+
+def test_prequential_counts_hits_against_previously_published_recs(model: Recommender) -> None:
+    store = MemoryStore()
+    first = _run(model, store, [_ev("a", "i1", 1000)])
+    assert not first.prequential.get(("gru", "7"))  # nothing was published to "a" before
+    shown = [it["item_id"] for it in orjson.loads(first.outputs[0][1])["items"]]
+    missing = next(i for i in model.vocab.ids if i not in shown)
+    # second event hits rank 3 of what was shown; third (same batch) misses what the second produced
+    second_batch = [_ev("a", shown[2], 2000)]
+    out2 = _run(model, store, second_batch)
+    p = out2.prequential[("gru", "7")]
+    assert (p.events, p.hits) == (1, 1) and p.reciprocal_rank == pytest.approx(1 / 3)
+    shown2 = [it["item_id"] for it in orjson.loads(out2.outputs[0][1])["items"]]
+    miss = next(i for i in model.vocab.ids if i not in shown2 and i != missing)
+    out3 = _run(model, store, [_ev("a", miss, 3000), _ev("a", "unknown", 3100)])
+    p3 = out3.prequential[("gru", "7")]
+    assert (p3.events, p3.hits, p3.reciprocal_rank) == (2, 0, 0.0)
+
+
+def test_popularity_baseline_is_scored_on_the_same_events(model: Recommender) -> None:
+    store = MemoryStore()
+    pop = PopularityBaseline()
+    _run(model, store, [_ev("a", "i4", 1000), _ev("b", "i4", 1000), _ev("c", "i8", 1000)], pop)
+    assert pop.top(2).tolist() == [4, 8]
+    result = _run(model, store, [_ev("a", "i4", 2000), _ev("b", "i8", 2000), _ev("d", "i4", 2000)], pop)
+    p = result.prequential[("popularity", "")]
+    assert p.events == result.prequential[("gru", "7")].events == 2  # "d" had nothing published before
+    assert p.hits == 2 and p.reciprocal_rank == pytest.approx(1 + 1 / 2)
+
+
+def test_redelivered_events_are_answered_but_not_applied_twice(model: Recommender) -> None:
+    events = [_ev("a", "i1", 1000, offset=10), _ev("a", "i2", 1100, offset=11), _ev("a", "i3", 1200, offset=12)]
+    once = MemoryStore()
+    _run(model, once, events)
+    twice = MemoryStore()
+    _run(model, twice, events[:2])
+    replay = _run(model, twice, events)  # 10 and 11 again (crash before the offset commit), then 12
+    assert len(replay.outputs) == 3 and replay.duplicates == 2
+    a, b = once.get_many([b"a"])[b"a"], twice.get_many([b"a"])[b"a"]
+    np.testing.assert_array_equal(a.hidden, b.hidden)
+    assert a.session_events == b.session_events == 3 and b.offsets == [12, -1]
+    assert sum(p.events for (m, _), p in replay.prequential.items() if m == "gru") == 1
+
+
+def test_state_from_a_model_with_another_hidden_size_is_dropped(model: Recommender) -> None:
+    other = Recommender(GRU4RecNet(50, GRU4RecParams(layers=(8,))), model.vocab, version=1)
+    store = MemoryStore()
+    _run(other, store, [_ev("a", "i1", 1000)])
+    _run(model, store, [_ev("a", "i2", 1001)])
+    st = store.get_many([b"a"])[b"a"]
+    np.testing.assert_allclose(st.hidden, _reference_hidden(model, ["i2"], [1]), rtol=1e-5, atol=1e-6)
