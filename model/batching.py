@@ -40,8 +40,11 @@ class SessionIndex:
 
 
 def index_sessions(df: pd.DataFrame, rows: np.ndarray) -> SessionIndex:
-    """Build a :class:`SessionIndex` from an event table sorted by SessionId, Time and per-event item
-    ``rows``; events whose row is negative (unknown item) are dropped first, as the reference does."""
+    """Build a :class:`SessionIndex` from an event table and per-event item ``rows``.
+
+    Each session's events must be in time order; sessions that are not contiguous are sorted by
+    (SessionId, Time). Events whose row is negative (unknown item) are dropped first, as the reference
+    does."""
     keep = rows >= 0
     sid = df["SessionId"].to_numpy()[keep]
     times = df["Time"].to_numpy(dtype=np.float64)[keep]
@@ -51,7 +54,10 @@ def index_sessions(df: pd.DataFrame, rows: np.ndarray) -> SessionIndex:
     else:
         types = np.ones(len(items), dtype=np.int64)
     if len(sid) and np.any(sid[1:] < sid[:-1]):
-        raise ValueError("event table must be sorted by SessionId, Time (use model.data.sort_events)")
+        change = np.count_nonzero(sid[1:] != sid[:-1]) + 1
+        if change != len(np.unique(sid)):  # sessions not contiguous: sort like the reference does
+            order = np.lexsort((np.arange(len(sid)), times, sid))
+            sid, times, items, types = sid[order], times[order], items[order], types[order]
     starts = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]]) if len(sid) else np.zeros(0, dtype=np.int64)
     offsets = np.r_[starts, len(sid)].astype(np.int64)
     order = np.argsort(times[starts], kind="stable").astype(np.int64) if len(starts) else starts.astype(np.int64)

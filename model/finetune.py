@@ -58,6 +58,9 @@ class FineTuneConfig:
     def from_settings(cls, settings: Any, **overrides: Any) -> "FineTuneConfig":
         """Take the fields both objects share (duck-typed so model/ never imports stream/)."""
         values = {f: getattr(settings, f) for f in cls.__dataclass_fields__ if hasattr(settings, f)}
+        lr = getattr(settings, "finetune_learning_rate", 0.0)
+        if lr and lr > 0:
+            values["learning_rate"] = float(lr)
         values.update(overrides)
         return cls(**values)
 

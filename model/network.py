@@ -98,7 +98,7 @@ class GRU4RecNet(nn.Module):
         for name, p in self.named_parameters():
             if name.startswith("T."):
                 nn.init.zeros_(p)
-            elif name.startswith("By") or name.endswith("bias") or name.endswith("Bh0"):
+            elif name.startswith("By") or ".bias" in name or name.endswith("Bh0"):
                 nn.init.zeros_(p)
             elif p.dim() == 2:
                 if name.startswith("G.") and ("weight_ih" in name or "weight_hh" in name):
@@ -184,132 +184,6 @@ class GRU4RecNet(nn.Module):
                 blocks = 3 if (self.start and emb is self.GE.Wx0) else 1
                 for block in new.chunk(blocks, 1):
                     _init_uniform(block, n_items, block.shape[1], gen)
-            emb.weight = nn.Parameter(torch.cat([w.data, new]))
-            emb.num_embeddings = n_items
-        self.n_items = n_items
-        self.params = params
-        layers = list(params.layers)
-        self.layers = layers
-        self.start = 0
-        self.constrained = params.constrained_embedding
-        self.use_embedding = (not self.constrained) and params.embedding > 0
-        if self.constrained:
-            n_input = layers[-1]
-        elif self.use_embedding:
-            self.E = nn.Embedding(n_items, params.embedding, sparse=True)
-            n_input = params.embedding
-        else:
-            self.GE = GRUEmbedding(n_items, layers[0])
-            n_input = layers[0] * 3
-            self.start = 1
-        # event-type embedding, added to the input of the first recurrent step; zero-initialised
-        self.T = nn.Embedding(N_EVENT_TYPES, n_input) if params.event_types else None
-        self.G = nn.ModuleList()
-        for i in range(self.start, len(layers)):
-            self.G.append(nn.GRUCell(layers[i - 1] if i > 0 else n_input, layers[i]))
-        self.Wy = nn.Embedding(n_items, layers[-1], sparse=True)
-        self.By = nn.Embedding(n_items, 1, sparse=True)
-        self.reset_parameters()
-
-    @property
-    def state_size(self) -> int:
-        """Length of one session's flattened hidden state (all layers, concatenated)."""
-        return sum(self.layers)
-
-    def reset_parameters(self, seed: int | None = None) -> None:
-        gen = torch.Generator().manual_seed(self.params.seed if seed is None else seed)
-        for name, p in self.named_parameters():
-            if name.startswith("T."):
-                nn.init.zeros_(p)
-            elif name.startswith("By") or name.endswith("bias") or name.endswith("Bh0"):
-                nn.init.zeros_(p)
-            elif p.dim() == 2:
-                if name.startswith("G.") and ("weight_ih" in name or "weight_hh" in name):
-                    # GRUCell packs 3 gates: initialise each gate block on its own
-                    for block in p.data.chunk(3, 0):
-                        _init_uniform(block, block.shape[1], block.shape[0], gen)
-                elif name.endswith("Wx0.weight") or name.endswith("Wrz0"):
-                    # one-hot GRU input weights pack 3 (or 2) gate blocks side by side
-                    for block in p.data.chunk(3 if "Wx0" in name else 2, 1):
-                        _init_uniform(block, block.shape[0], block.shape[1], gen)
-                else:
-                    _init_uniform(p, p.shape[0], p.shape[1], gen)
-
-    def init_hidden(self, batch: int) -> list[torch.Tensor]:
-        return [torch.zeros(batch, h) for h in self.layers]
-
-    def input_table(self) -> nn.Parameter:
-        """The parameter whose rows are the per-item inputs (``Wy`` when constrained)."""
-        if self.constrained:
-            return self.Wy.weight
-        if self.use_embedding:
-            return self.E.weight
-        return self.GE.Wx0.weight
-
-    def embed(self, X: torch.Tensor, H: list[torch.Tensor], event_types: torch.Tensor | None = None) -> torch.Tensor:
-        return self._embed_rows(self.input_table()[X], H, event_types)
-
-    def _embed_rows(self, rows: torch.Tensor, H: list[torch.Tensor], event_types: torch.Tensor | None) -> torch.Tensor:
-        extra = self.T(event_types) if (self.T is not None and event_types is not None) else None
-        if self.start == 1:
-            return self.GE.forward_rows(rows, H[0], extra)
-        return rows + extra if extra is not None else rows
-
-    def hidden_step(self, X: torch.Tensor, H: list[torch.Tensor], training: bool = False,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-        """Advance every layer one step; ``H`` is updated in place (a list of [B, h] tensors).
-
-        As in the reference, the dropped-out output is what the next step sees as hidden state."""
-        for i in range(self.start, len(self.layers)):
-            X = self.G[i - self.start](X, H[i])
-            if training:
-                X = _dropout(X, self.params.dropout_p_hidden, generator)
-            H[i] = X
-        return X
-
-    def step(self, X: torch.Tensor, H: list[torch.Tensor], event_types: torch.Tensor | None = None,
-             training: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One event for each of B sessions: returns the top layer's output, H advanced in place."""
-        return self.step_rows(self.input_table()[X], H, event_types, training, generator)
-
-    def step_rows(self, rows: torch.Tensor, H: list[torch.Tensor], event_types: torch.Tensor | None = None,
-                  training: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``step`` given the input rows already looked up (training differentiates w.r.t. them)."""
-        E = self._embed_rows(rows, H, event_types)
-        if training:
-            E = _dropout(E, self.params.dropout_p_embed, generator)
-        if self.start == 1:
-            H[0] = E
-            return self.hidden_step(E, H, training, generator) if len(self.layers) > 1 else E
-        return self.hidden_step(E, H, training, generator)
-
-    def dense_parameters(self) -> list[nn.Parameter]:
-        """Parameters updated densely (all but the per-item tables)."""
-        sparse = {id(self.Wy.weight), id(self.By.weight), id(self.input_table())}
-        return [p for p in self.parameters() if id(p) not in sparse]
-
-    @torch.no_grad()
-    def expand_items(self, n_items: int, seed: int | None = None) -> None:
-        """Grow the per-item tables to ``n_items`` rows (new items get fresh random rows, zero bias).
-
-        Existing rows keep their values, so a grown network scores old items exactly as before."""
-        old = self.n_items
-        if n_items < old:
-            raise ValueError(f"cannot shrink the item tables from {old} to {n_items} rows")
-        if n_items == old:
-            return
-        gen = torch.Generator().manual_seed((self.params.seed if seed is None else seed) + n_items)
-        tables = [self.Wy, self.By] + ([self.E] if self.use_embedding else []) + ([self.GE.Wx0] if self.start else [])
-        for emb in tables:
-            w = emb.weight
-            new = torch.empty(n_items - old, w.shape[1])
-            if emb is self.By:
-                new.zero_()
-            elif emb is getattr(self, "GE", None) and False:
-                pass
-            else:
-                fan = old if old > 0 else n_items
-                _init_uniform(new, fan, w.shape[1] // (3 if self.start and emb is self.GE.Wx0 else 1), gen)
             emb.weight = nn.Parameter(torch.cat([w.data, new]))
             emb.num_embeddings = n_items
         self.n_items = n_items

@@ -325,6 +325,9 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics) -> Runt
         producer_linger=0.002,
     )
     app.transport = BatchTransport(app.conf.broker_consumer, app)
+    # faust caches app.in_transaction (exactly_once) on first use, and only counts it inside a worker:
+    # say so now, before the consumer below reads it
+    app.in_worker = True
     for name in names.inputs:
         app.topics.add(app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.partitions,
                                  key_serializer="raw", value_serializer="raw"))

@@ -360,6 +360,8 @@ class EmbeddedKafka:
         self.run_dir: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self._prev_handlers: dict[int, Any] = {}
+        self._java = ""
+        self._server_dump: Path | None = None
         self._stop_lock = threading.RLock()
 
     @classmethod
@@ -438,11 +440,35 @@ class EmbeddedKafka:
             LOG4J2_PROPERTIES.format(log_file=self.run_dir / "logs" / "server.log", level=self.log_level)
         )
 
-    def _java_cmd(self, java: str, lib: Path, main: str, *args: str, short_lived: bool = False) -> list[str]:
+    def _cds(self, name: str, java: str) -> tuple[list[str], Path | None]:
+        """Class-data sharing: the first run dumps the classes it loaded into an archive that later runs
+        map instead of parsing jars, which shortens JVM start-up. Returns (JVM flags, archive to publish
+        into the cache after a clean exit or None)."""
+        assert self.run_dir is not None
+        archive = self.cache_dir / f"cds-{name}-{_java_id(java)}.jsa"
+        if archive.is_file():
+            return [f"-XX:SharedArchiveFile={archive}", "-Xshare:auto"], None
+        dump = self.run_dir / f"{name}.jsa"
+        return [f"-XX:ArchiveClassesAtExit={dump}"], dump
+
+    def _publish_cds(self, dump: Path | None, name: str, java: str) -> None:
+        if dump is None or not dump.is_file() or dump.stat().st_size == 0:
+            return
+        archive = self.cache_dir / f"cds-{name}-{_java_id(java)}.jsa"
+        tmp = archive.with_suffix(f".tmp-{os.getpid()}")
+        try:
+            shutil.copyfile(dump, tmp)
+            os.replace(tmp, archive)  # atomic: concurrent starts see a whole archive or none
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+    def _java_cmd(self, java: str, lib: Path, main: str, *args: str, short_lived: bool = False,
+                  cds: list[str] = ()) -> list[str]:
         assert self.run_dir is not None
         return [
             java,
             *(["-XX:TieredStopAtLevel=1"] if short_lived else []),  # quick start for one-shot tools
+            *cds,
             f"-Xmx{self.heap}",
             f"-Xms{min(128, _mb(self.heap))}m",
             "-XX:+UseSerialGC",
@@ -460,16 +486,20 @@ class EmbeddedKafka:
         assert self.run_dir is not None
         props = str(self.run_dir / "server.properties")
         cluster_id = _random_cluster_id()
+        cds, dump = self._cds("storage-tool", java)
         fmt = subprocess.run(
             self._java_cmd(java, lib, "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id, "-c", props,
-                          short_lived=True),
+                           short_lived=True, cds=cds),
             capture_output=True, text=True, timeout=120,
         )
         if fmt.returncode != 0:
             raise BrokerError(f"formatting the KRaft storage failed (exit {fmt.returncode}):\n{fmt.stdout}{fmt.stderr}")
+        self._publish_cds(dump, "storage-tool", java)
         out = open(self.run_dir / "logs" / "stdout.log", "wb")
+        cds, self._server_dump = self._cds("server", java)
+        self._java = java
         self.proc = _spawn(
-            self._java_cmd(java, lib, "kafka.Kafka", props),
+            self._java_cmd(java, lib, "kafka.Kafka", props, cds=cds),
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=self.run_dir,
             start_new_session=True, preexec_fn=_pdeathsig_preexec(os.getpid()),
         )
@@ -525,9 +555,11 @@ class EmbeddedKafka:
                 _signal_group(proc, signal.SIGTERM)
                 try:
                     proc.wait(timeout)
+                    self._publish_cds(self._server_dump, "server", self._java)
                 except subprocess.TimeoutExpired:
                     _signal_group(proc, signal.SIGKILL)
                     proc.wait(10)
+            self._server_dump = None
             if proc is not None and not self.quiet:
                 _log(f"Kafka on {self.host}:{self.port} stopped")
             self._unregister()
@@ -558,7 +590,8 @@ class EmbeddedKafka:
         for sig, prev in list(self._prev_handlers.items()):
             if signal.getsignal(sig) == self._on_signal:
                 signal.signal(sig, prev)
-            del self._prev_handlers[sig]
+                del self._prev_handlers[sig]
+            # else another handler was installed on top of ours and may still chain to it: keep forwarding
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """Chain to whatever handled the signal before; stop the broker first when that would end the process
@@ -591,6 +624,16 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         pass
     except PermissionError:
         proc.send_signal(sig)
+
+
+def _java_id(java: str) -> str:
+    """Names CDS archives per JVM build: an archive only fits the JVM that wrote it."""
+    real = os.path.realpath(java)
+    try:
+        stamp = f"{real}:{os.stat(real).st_mtime_ns}"
+    except OSError:
+        stamp = real
+    return hashlib.sha1(stamp.encode()).hexdigest()[:12]
 
 
 def _mb(size: str) -> int:

@@ -135,7 +135,9 @@ def replay(settings: Settings, df: Any, rate: float | None = None, speedup: floa
 
     pacer = _Pacer(rate, speedup)
     if producer is None:
-        producer = Producer(producer_config(settings))
+        # log_level 3: librdkafka's transient warnings (e.g. "coordinator load in progress" on a fresh
+        # broker) would cut through the progress bar; failures still show in the delivery counts.
+        producer = Producer(producer_config(settings, log_level=3))
     _check_topics(producer, [settings.topic("clicks"), settings.topic("purchases")])
     stats = ReplayStats()
 

@@ -71,6 +71,7 @@ class Settings:
     item_retire_after_s: float = 0.0  # 0 = never retire
     models_keep: int = 5
     trainer_torch_threads: int = 1
+    finetune_learning_rate: float = 0.03  # 0 = the model's own learning rate
 
     # --- embedded broker: where the Apache Kafka jars are cached ("" = ~/.cache/gruflow/kafka-<version>)
     kafka_cache_dir: str = ""

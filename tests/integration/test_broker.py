@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,6 +170,47 @@ def test_transactions_commit_and_abort(kafka):
     assert len([m for m in uncommitted if m.value().startswith(b"aborted")]) == 10
 
 
+def test_aiokafka_transactions_with_offsets(kafka):
+    """faust's exactly-once mode relies on aiokafka's transactional producer, including committing the
+    consumer's offsets inside the transaction (send_offsets_to_transaction)."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition as AioTP
+
+    settings = kafka.settings(partitions=1)
+    names = ensure_topics(settings)
+    producer = Producer(producer_config(settings))
+    for i in range(5):
+        producer.produce(names.clicks, key=b"u", value=str(i).encode())
+    assert producer.flush(30) == 0
+    group = settings.app_id
+
+    async def process() -> None:
+        consumer = AIOKafkaConsumer(names.clicks, bootstrap_servers=kafka.bootstrap_servers, group_id=group,
+                                    auto_offset_reset="earliest", enable_auto_commit=False,
+                                    isolation_level="read_committed", session_timeout_ms=6000)
+        tx = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, transactional_id=f"{group}-eos")
+        await consumer.start()
+        await tx.start()
+        try:
+            records = []
+            deadline = time.monotonic() + 30
+            while len(records) < 5 and time.monotonic() < deadline:
+                batches = await consumer.getmany(timeout_ms=500)
+                records += [r for rs in batches.values() for r in rs]
+            async with tx.transaction():
+                for r in records:
+                    await tx.send(names.recommendations, key=r.key, value=b"rec-" + r.value)
+                await tx.send_offsets_to_transaction({AioTP(names.clicks, 0): records[-1].offset + 1}, group)
+        finally:
+            await tx.stop()
+            await consumer.stop()
+
+    asyncio.run(process())
+    out = _consume(settings, names.recommendations, 5, isolation_level="read_committed")
+    assert [m.value() for m in out] == [f"rec-{i}".encode() for i in range(5)]
+    committed = Consumer(consumer_config(settings, group_id=group)).committed([TopicPartition(names.clicks, 0)], 10)
+    assert committed[0].offset == 5
+
+
 # --------------------------------------------------------------------------- replay and tail
 
 DATA = REPO.parent / "shared" / "data"
@@ -285,25 +327,29 @@ def test_context_exit_stops_the_jvm(needs_embedded):
 
 
 _OWNER = textwrap.dedent("""
-    import threading, time
+    import sys, threading, time
     from stream.broker import EmbeddedKafka
     broker = EmbeddedKafka(quiet=True)
-    starter = threading.Thread(target=broker.start)
-    starter.start()
-    starter.join()
-    time.sleep(2)  # the starting thread is gone; the broker must still run
+    if sys.argv[1] == "thread":
+        starter = threading.Thread(target=broker.start)
+        starter.start()
+        starter.join()
+        time.sleep(2)  # the starting thread is gone; the broker must still run
+    else:
+        broker.start()
     assert broker.running
     print(broker.pid, broker.run_dir, flush=True)
     time.sleep(600)
 """)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
-def test_owner_death_stops_the_jvm(needs_embedded, sig):
-    """SIGTERM runs stop() (chained handler); SIGKILL leaves it to the kernel's parent-death signal.
-    The broker is started from a short-lived thread, which must not take the JVM with it."""
-    owner = subprocess.Popen([sys.executable, "-c", _OWNER], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    jvm_pid = None
+@pytest.mark.parametrize("sig,started_in", [(signal.SIGTERM, "main"), (signal.SIGKILL, "thread")],
+                         ids=["SIGTERM", "SIGKILL"])
+def test_owner_death_stops_the_jvm(needs_embedded, sig, started_in):
+    """SIGTERM runs stop() (chained handler, installed from the main thread); SIGKILL leaves it to the
+    kernel's parent-death signal, also when the broker was started from a short-lived thread."""
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, started_in], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    jvm_pid = run_dir = None
     try:
         line = owner.stdout.readline().split()
         assert line, "the owner process did not start a broker"
@@ -320,6 +366,8 @@ def test_owner_death_stops_the_jvm(needs_embedded, sig):
             owner.wait()
         if jvm_pid is not None and _java_alive(jvm_pid):
             os.killpg(jvm_pid, signal.SIGKILL)
+        if run_dir is not None:  # after a SIGKILL nobody removed it (the next broker start would)
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_run_forever_serves_topics_until_ctrl_c(needs_embedded, kafka, tmp_path):
