@@ -71,24 +71,57 @@ class NegativeSampler:
         cdf[-1] = 1.0
         self.cdf = torch.from_numpy(cdf.astype(np.float32))
         self.n_items = len(counts)
-        self.batches = max(1, cache_size // n_sample) if n_sample > 0 else 0
+        # the reference precomputes sample_cache_max_size samples at once; drawing them in blocks of at
+        # most ~1M keeps the same statistics (i.i.d. draws) at a fraction of the memory
+        self.batches = max(1, min(cache_size, 1 << 20) // n_sample) if n_sample > 0 else 0
         if expected_steps is not None and self.batches:
             self.batches = max(1, min(self.batches, expected_steps))
         self._cache = torch.empty(0, 0, dtype=torch.int64)
+        self._merged: tuple[torch.Tensor, torch.Tensor] | None = None
         self._next = 0
 
     def _refill(self) -> None:
         u = torch.rand(self.batches * self.n_sample, generator=self.gen)
         idx = torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.n_items - 1)
         self._cache = idx.view(self.batches, self.n_sample)
+        self._merged = None
         self._next = 0
 
     def next(self) -> torch.Tensor:
+        """The next mini-batch's ``n_sample`` items (with repeats)."""
         if self._next >= self._cache.shape[0]:
             self._refill()
         s = self._cache[self._next]
         self._next += 1
         return s
+
+    def next_merged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same draw as :meth:`next`, as distinct items and log(multiplicity).
+
+        A softmax over columns with repeats equals one over distinct columns with log(count) added to
+        their scores, so cross-entropy can score ~25% fewer columns. Rows are padded to one length with
+        a repeat of their first item at log(0) = -inf (zero probability, zero gradient)."""
+        if self._next >= self._cache.shape[0]:
+            self._refill()
+        if self._merged is None:
+            self._merged = _merge_rows(self._cache)
+        uniq, logc = self._merged
+        i = self._next
+        self._next += 1
+        return uniq[i], logc[i]
+
+
+def _merge_rows(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: distinct items and log of their counts, padded (see ``NegativeSampler.next_merged``)."""
+    srt, _ = torch.sort(samples, dim=1)
+    first = torch.ones_like(srt, dtype=torch.bool)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    pos = torch.cumsum(first, dim=1) - 1
+    width = int(pos[:, -1].max()) + 1
+    uniq = srt[:, :1].expand(-1, width).contiguous()
+    uniq.scatter_(1, pos, srt)
+    counts = torch.zeros(samples.shape[0], width).scatter_add_(1, pos, torch.ones_like(srt, dtype=torch.float32))
+    return uniq, counts.log_()
 
 
 class SparseAdagradM:
@@ -122,9 +155,13 @@ class SparseAdagradM:
 
     @torch.no_grad()
     def sparse(self, p: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> None:
-        acc, mom = self._state(p)
         uniq, inverse = torch.unique(idx, return_inverse=True)
-        gs = torch.zeros(len(uniq), g.shape[1], dtype=g.dtype).index_add_(0, inverse, g)
+        self.sparse_coalesced(p, uniq, torch.zeros(len(uniq), g.shape[1], dtype=g.dtype).index_add_(0, inverse, g))
+
+    @torch.no_grad()
+    def sparse_coalesced(self, p: torch.Tensor, uniq: torch.Tensor, gs: torch.Tensor) -> None:
+        """Update rows ``uniq`` (distinct) with their summed gradients ``gs`` (overwritten)."""
+        acc, mom = self._state(p)
         a = acc.index_select(0, uniq).addcmul_(gs, gs)
         acc.index_copy_(0, uniq, a)
         step = gs.div_(a.add_(ADAGRAD_EPS).sqrt_()).mul_(-self.lr)
@@ -207,6 +244,7 @@ class _Trainer:
         self.table = net.input_table()
         self.shared_input = net.constrained
         self.manual = net.start == 0  # GRUCell layers: hand-written backward; one-hot GRU input: autograd
+        self.merge = self.sampler is not None and params.loss == "cross-entropy"  # repeated samples merged
 
     def epoch(self, index: SessionIndex, progress: bool, desc: str) -> tuple[float, int]:
         from tqdm.auto import tqdm
@@ -253,24 +291,31 @@ class _Trainer:
             for i in range(len(H)):
                 H[i] = H[i].detach()
         Xh = out.detach()
-        if self.sampler is not None:
-            S = self.sampler.next()
-            Yall = torch.cat([Y, S])
-        else:
-            S, Yall = None, Y
+        B = X.shape[0]
         with torch.no_grad():
+            # columns: the B targets of the mini-batch, then the shared samples
+            lq = None
+            if self.sampler is None:
+                Yall = Y
+            elif self.merge:
+                S, log_mult = self.sampler.next_merged()
+                Yall = torch.cat([Y, S])
+                lq = torch.cat([torch.zeros(B), log_mult.neg()])
+            else:
+                S = self.sampler.next()
+                Yall = torch.cat([Y, S])
+            if self.logq is not None:
+                corr = self.log_counts.index_select(0, Y)
+                if self.sampler is not None:
+                    corr = torch.cat([corr, self.log_counts_samples.index_select(0, S)])
+                corr.mul_(self.logq)
+                lq = corr if lq is None else lq.add_(corr)
             O = Wy.detach().index_select(0, Yall)
             b = By.detach().index_select(0, Yall).view(1, -1)
             R = torch.addmm(b, Xh, O.T)
             scale = 1.0 / p.batch_size
             if p.loss == "cross-entropy":
-                logq = None
-                if self.logq is not None:
-                    lq = self.log_counts.index_select(0, Y)
-                    if S is not None:
-                        lq = torch.cat([lq, self.log_counts_samples.index_select(0, S)])
-                    logq = lq.mul_(self.logq)
-                loss, dR = cross_entropy(R, logq, scale)
+                loss, dR = cross_entropy(R, lq, scale)
             else:
                 loss, dR = bpr_max(R, p.bpreg, p.elu_param, scale)
             dXh = dR @ O
@@ -286,12 +331,24 @@ class _Trainer:
                 for param in self.dense:
                     if param.grad is not None:
                         opt.dense(param, param.grad)
+            # one coalescing (distinct rows + summed gradients) serves Wy and By
             if self.shared_input:
-                opt.sparse(Wy, torch.cat([X, Yall]), torch.cat([d_rows, dO]))
+                idx, g = torch.cat([X, Yall]), torch.cat([d_rows, dO])
             else:
                 opt.sparse(self.table, X, d_rows)
-                opt.sparse(Wy, Yall, dO)
-            opt.sparse(By, Yall, db)
+                idx, g = Yall, dO
+            uniq, inv = torch.unique(idx, return_inverse=True)
+            gs = torch.zeros(len(uniq), g.shape[1]).index_add_(0, inv, g)
+            inv_y = inv[B:] if self.shared_input else inv
+            gb = torch.zeros(len(uniq), 1).index_add_(0, inv_y, db)
+            if self.shared_input and self.opt.momentum > 0:
+                # By's rows are the scored items only (an input-only row must not take a momentum step)
+                used = torch.zeros(len(uniq), dtype=torch.bool)
+                used[inv_y] = True
+                opt.sparse_coalesced(By, uniq[used], gb[used])
+            else:
+                opt.sparse_coalesced(By, uniq, gb)
+            opt.sparse_coalesced(Wy, uniq, gs)
         return loss
 
     # --- hand-written forward/backward of the recurrent part (GRUCell layers), no autograd ----------

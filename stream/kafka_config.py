@@ -18,13 +18,14 @@ PARTITIONER = "murmur2_random"
 # model checkpoints travel through the models topic in chunks; the broker allows a bit more than this
 MODEL_CHUNK_BYTES = 8 * 1024 * 1024
 
-# confluent-kafka keys that really contain underscores (Python callbacks); any other keyword argument
-# to the builders below may spell dots as underscores: linger_ms=5 == **{"linger.ms": 5}.
-_PYTHON_KEYS = {"error_cb", "throttle_cb", "stats_cb", "oauth_cb", "on_delivery", "on_commit", "logger"}
+# confluent-kafka keys that really contain underscores (Python callbacks, librdkafka's log_level); any
+# other keyword argument to the builders below may spell dots as underscores: linger_ms=5 == linger.ms.
+_UNDERSCORE_KEYS = {"error_cb", "throttle_cb", "stats_cb", "oauth_cb", "on_delivery", "on_commit", "logger",
+                    "log_level"}
 
 
 def _normalise(extra: dict[str, Any]) -> dict[str, Any]:
-    return {(k if k in _PYTHON_KEYS or "." in k else k.replace("_", ".")): v for k, v in extra.items()}
+    return {(k if k in _UNDERSCORE_KEYS or "." in k else k.replace("_", ".")): v for k, v in extra.items()}
 
 
 def _sasl_mechanism(settings: Settings) -> str:

@@ -232,3 +232,16 @@ def test_round_skips_when_the_buffer_is_too_small(stream_setup) -> None:
     buf = _buffer_from(later.head(30))
     result = tuner.run_round(buf.to_frame(), buf.drain_stats())
     assert result.status == "skipped" and result.candidate is None
+
+
+def test_recommender_never_recommends_retired_rows() -> None:
+    from model.recommender import Recommender
+
+    net = _net(6)
+    pop = np.array([9.0, 8.0, 7.0, 1.0, 1.0, 1.0])
+    rec = Recommender(net, Vocabulary(list("abcdef")), 2, pop, {"retired_rows": [0, 2]})
+    rows, _ = rec.top_k(rec.zero_state(3), 4)
+    assert rows.shape == (3, 4) and not np.isin(rows, [0, 2]).any()
+    assert rec.popular(3)[0].tolist() == [1, 3, 4]
+    plain = Recommender(net, Vocabulary(list("abcdef")), 1, pop)
+    assert plain.popular(2)[0].tolist() == [0, 1]

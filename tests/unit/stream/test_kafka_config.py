@@ -73,9 +73,10 @@ def test_extra_keys_keep_python_callbacks():
     def cb(err):  # pragma: no cover - never called
         pass
 
-    config = consumer_config(Settings(bootstrap_servers=BOOT), group_id="g", error_cb=cb,
+    config = consumer_config(Settings(bootstrap_servers=BOOT), group_id="g", error_cb=cb, log_level=3,
                              isolation_level="read_committed", **{"session.timeout.ms": 6000})
     assert config["error_cb"] is cb
+    assert config["log_level"] == 3
     assert config["isolation.level"] == "read_committed"
     assert config["session.timeout.ms"] == 6000
     assert config["group.id"] == "g" and config["enable.auto.commit"] is True
@@ -87,7 +88,7 @@ def test_configs_are_accepted_by_librdkafka():
     from confluent_kafka.admin import AdminClient
 
     settings = Settings(bootstrap_servers="127.0.0.1:1")
-    Producer(producer_config(settings, compression="lz4"))
+    Producer(producer_config(settings, compression="lz4", log_level=3))
     Producer(producer_config(settings, transactional_id="t"))
     Consumer(consumer_config(settings)).close()
     AdminClient(admin_config(settings))
