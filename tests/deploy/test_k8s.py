@@ -151,6 +151,13 @@ def test_trainer_is_a_single_replica(rendered: tuple[str, list[dict[str, Any]]])
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert not [o for o in all_of(objects, "ScaledObject") if o["spec"]["scaleTargetRef"]["name"] == "gruflow-trainer"]
+    # its data dir (initial model, kept versions) is on a claim that exists, so restarts do not retrain
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(settings_from(objects).data_dir))
+    volume = next(v for v in pod_spec(dep)["volumes"] if v["name"] == mount["name"])
+    claim = one(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    model_path = next(e["value"] for e in container["env"] if e["name"] == "GRUFLOW_MODEL_PATH")
+    assert model_path.startswith(mount["mountPath"] + "/")
 
 
 def test_pdb_covers_the_workers(rendered: tuple[str, list[dict[str, Any]]]) -> None:
@@ -229,5 +236,7 @@ def test_prometheus_rule_matches_the_compose_rules(rendered: tuple[str, list[dic
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     assert rule["spec"]["groups"] == load_yaml(DEPLOY / "prometheus" / "rules" / "gruflow-alerts.yml")["groups"]
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    exprs = " ".join(r["expr"] for g in rule["spec"]["groups"] for r in g["rules"])
+    assert f'k="{settings_from(objects).top_k}"' in exprs, "the prequential rules use K = GRUFLOW_TOP_K"
     assert {"GruflowConsumerLagGrowing", "GruflowDLQRateHigh", "GruflowNoModelPromotion",
             "GruflowPrequentialBelowPopularity"} <= alerts

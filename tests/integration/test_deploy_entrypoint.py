@@ -9,7 +9,9 @@ the deploy tests' own helpers are in tests/deploy/.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,9 +32,16 @@ GRUFLOW = Path(sys.executable).parent / "gruflow"  # the console script, as in t
 STARTUP_DEADLINE_S = 240.0  # torch import + model load + group join on 2 busy cores; a deadline, not a measurement
 
 
+def dockerfile_healthcheck() -> list[str]:
+    """The exec-form command of the Dockerfile's HEALTHCHECK."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    (cmd,) = re.findall(r"^HEALTHCHECK .*?CMD (\[.*\])\s*$", text, flags=re.M)
+    return json.loads(cmd)
+
+
 def find_promtool() -> Path | None:
-    for candidate in (os.environ.get("PROMTOOL"), ROOT / ".cache" / "tools" / "prometheus" / "usr" / "bin" / "promtool",
-                      shutil.which("promtool")):
+    cached = ROOT / ".cache" / "tools" / "prometheus" / "usr" / "bin" / "promtool"
+    for candidate in (os.environ.get("PROMTOOL"), cached, shutil.which("promtool")):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return Path(candidate)
     return None
@@ -153,6 +162,12 @@ def test_worker_as_in_the_container_serves_probes_and_valid_metrics(worker) -> N
     assert sample(metrics, "gruflow_end_to_end_latency_seconds_count") >= 1
     assert sample(metrics, "gruflow_ready") == 1
     assert get(base + "/livez")[0] == 200
+    # the image's HEALTHCHECK command itself, pointed at this worker's port
+    check = dockerfile_healthcheck()
+    assert check[0] == "python"
+    health = subprocess.run([sys.executable, *check[1:]], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "GRUFLOW_WEB_PORT": str(settings.web_port)})
+    assert health.returncode == 0, f"the Dockerfile HEALTHCHECK fails against a live worker:\n{health.stderr}"
 
     promtool = find_promtool()
     if promtool is None:
@@ -185,5 +200,34 @@ def test_liveness_does_not_depend_on_the_broker(kafka, model_path: Path, tmp_pat
         assert proc.poll() is None, f"worker exited without a broker:\n{tail(log)}"
         assert get(base + "/livez")[0] == 200
         assert get(base + "/readyz")[0] == 503
+    finally:
+        stop(proc)
+
+
+def test_trainer_as_in_the_container_serves_probes_and_valid_metrics(kafka, model_path: Path, tmp_path: Path) -> None:
+    """`gruflow trainer` (the trainer Deployment's args): publishes GRUFLOW_MODEL_PATH as the first version,
+    answers /livez and /readyz, and its /metrics passes `promtool check metrics` too."""
+    from stream.topics import ensure_topics
+
+    settings = kafka.settings(partitions=2, model_path=str(model_path), trainer_torch_threads=1)
+    ensure_topics(settings)
+    log = tmp_path / "trainer.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(GRUFLOW), "trainer"], env=kafka.env(settings), cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{settings.web_port}"
+    try:
+        wait_for("trainer /livez 200", lambda: get(base + "/livez")[0] == 200, proc, log)
+        wait_for("trainer /readyz 200", lambda: get(base + "/readyz")[0] == 200, proc, log)
+        status, content_type, metrics = get(base + "/metrics")
+        assert status == 200 and content_type.startswith("text/plain")
+        assert sample(metrics, "gruflow_model_version") >= 1, "the initial model is published as a version"
+        assert sample(metrics, "gruflow_vocabulary_items") > 0
+        promtool = find_promtool()
+        if promtool is None:
+            pytest.skip("promtool not found (`make tools`); the trainer's probes were checked, its metrics were not")
+        result = subprocess.run([str(promtool), "check", "metrics"], input=metrics, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, f"promtool check metrics:\n{result.stdout}{result.stderr}"
     finally:
         stop(proc)

@@ -105,3 +105,24 @@ def test_hand_written_backward_matches_autograd(loss, momentum) -> None:
         _Trainer.__init__ = original
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(pa, pb, atol=2e-5), name
+
+
+def test_merged_repeated_samples_train_exactly_like_repeated_columns() -> None:
+    params = GRU4RecParams(layers=(8,), batch_size=4, n_sample=40, dropout_p_hidden=0.0, n_epochs=1, logq=1.0)
+    df, vocab = _data()
+    a, b = _net(layers=(8,)), _net(layers=(8,))
+    original = _Trainer.__init__
+
+    def unmerged_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.merge = False
+
+    sa = fit(a, df, params, item_rows=vocab, progress=False, seed=3)
+    _Trainer.__init__ = unmerged_init
+    try:
+        sb = fit(b, df, params, item_rows=vocab, progress=False, seed=3)
+    finally:
+        _Trainer.__init__ = original
+    assert sa["loss"][0] == pytest.approx(sb["loss"][0], rel=1e-5)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(pa, pb, atol=2e-5), name

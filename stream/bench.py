@@ -1,0 +1,255 @@
+"""``gruflow bench stream --json``: one worker process on the embedded broker, measured end to end.
+
+1. throughput: N events (synthetic sessions over the catalogue) are produced BEFORE the worker starts;
+   events_per_s = N / (last - first publication time of their recommendations), i.e. sustained
+   processing of a backlog: consume, decode, state reads, GRU + top-K, changelog + recommendation
+   produce, delivery wait, RocksDB writes, offset acks.
+2. raw consumer: a plain confluent-kafka consumer reads the same N input messages (same run, same
+   broker) for ``ratio_to_raw``.
+3. latency: new events at a fixed offered rate (``offered_rate``), each stamped with its send time;
+   latency = arrival of its recommendation at a consumer in this process - send time (two Kafka hops
+   plus the worker's batch wait and processing).
+
+The model is a randomly initialised GRU4Rec of the requested size: speed does not depend on training.
+Prints one JSON object. No assertions: goals are written in the issue note, not enforced here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stream.settings import ENV_PREFIX, Settings
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _peak_rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _model(path: Path, n_items: int, hidden: int) -> None:
+    from model.checkpoint import save_checkpoint
+    from model.network import GRU4RecNet
+    from model.params import GRU4RecParams
+    from model.vocab import Vocabulary
+
+    params = GRU4RecParams(layers=(hidden,))
+    vocab = Vocabulary(f"i{r}" for r in range(n_items))
+    popularity = 1.0 / np.arange(1, n_items + 1)
+    save_checkpoint(path, GRU4RecNet(n_items, params), vocab, params, popularity, {"version": 1})
+
+
+def _events(n: int, n_items: int) -> Any:
+    from model.synthetic import generate
+
+    df = generate(n_sessions=max(1, n // 5), n_items=n_items, seed=1)
+    return df.iloc[np.argsort(df["Time"].to_numpy(), kind="stable")].head(n)
+
+
+def _raw_consume(settings: Settings, n: int) -> float:
+    from confluent_kafka import Consumer
+
+    from stream.kafka_config import consumer_config
+
+    c = Consumer(consumer_config(settings, group_id=f"bench-raw-{time.time_ns()}"))
+    c.subscribe([settings.topic("clicks"), settings.topic("purchases")])
+    got, t0 = 0, None
+    deadline = time.monotonic() + 120
+    while got < n and time.monotonic() < deadline:
+        msgs = c.consume(10000, 0.5)
+        if msgs and t0 is None:
+            t0 = time.monotonic()
+        got += sum(1 for m in msgs if m.error() is None)
+    dt = time.monotonic() - (t0 or time.monotonic())
+    c.close()
+    return got / dt if dt > 0 else 0.0
+
+
+class _RecReader:
+    """Counts recommendations (and keeps receive times of stamped latency events) in a thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        from confluent_kafka import Consumer
+
+        from stream.kafka_config import consumer_config
+
+        self.c = Consumer(consumer_config(settings, group_id=None))
+        self.c.subscribe([settings.topic("recommendations")])
+        self.count = 0
+        self.published: list[int] = []
+        self.latency_ms: list[float] = []
+        self.stamped_prefix = "lat-"
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import orjson
+
+        while not self._stop.is_set():
+            for m in self.c.consume(5000, 0.2):
+                if m.error() is not None:
+                    continue
+                now = time.time() * 1000
+                rec = orjson.loads(m.value())
+                self.count += 1
+                if rec["user_id"].startswith(self.stamped_prefix):
+                    self.latency_ms.append(now - rec["event_ts"])
+                else:
+                    self.published.append(rec["published_ts"])
+
+    def wait_count(self, n: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.count < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.count >= n
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.c.close()
+
+
+def _offer(settings: Settings, rate: float, seconds: float, n_items: int) -> int:
+    """Produce stamped events at ``rate``/s; ts = send time, so event_ts -> arrival is end-to-end latency."""
+    import orjson
+    from confluent_kafka import Producer
+
+    from stream.kafka_config import producer_config
+
+    p = Producer(producer_config(settings, linger_ms=1))
+    rng = np.random.default_rng(3)
+    topic = settings.topic("clicks")
+    n_total = int(rate * seconds)
+    t0 = time.monotonic()
+    for i in range(n_total):
+        target = t0 + i / rate
+        delay = target - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        user = f"lat-{int(rng.integers(0, 5000))}"
+        value = orjson.dumps({"user_id": user, "item_id": f"i{int(rng.integers(0, n_items))}",
+                              "event_type": "click", "ts": int(time.time() * 1000)})
+        p.produce(topic, value, user.encode())
+        if i % 20 == 0:
+            p.poll(0)
+    p.flush(30)
+    return n_total
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from stream.broker import EmbeddedKafka, free_port
+    from stream.replay import replay
+    from stream.topics import ensure_topics
+
+    base = Settings.from_env()
+    work = Path(tempfile.mkdtemp(prefix="gruflow-bench-"))
+    kafka: EmbeddedKafka | None = None
+    worker: subprocess.Popen[bytes] | None = None
+    result: dict[str, Any] = {}
+    try:
+        if base.embedded:
+            kafka = EmbeddedKafka.from_settings(base, quiet=True).start()
+            base = kafka.settings(base)
+        run = time.strftime("%H%M%S")
+        settings = base.replace(topic_prefix=f"bench{run}.", app_id=f"gruflow-bench-{run}", data_dir=work / "state",
+                                web_host="127.0.0.1", web_port=free_port(), partitions=args.partitions,
+                                top_k=args.k, broker_session_timeout_s=6.0)
+        ensure_topics(settings)
+        model_path = work / "bench-model.gfc"
+        _model(model_path, args.items, args.hidden)
+        df = _events(args.events, args.items)
+        _log(f"producing {len(df):,} events (backlog) ...")
+        stats = replay(settings, df, progress=False)
+        n = stats.delivered
+
+        reader = _RecReader(settings)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        for f in fields(settings):
+            env[ENV_PREFIX + f.name.upper()] = str(getattr(settings, f.name))
+        env[ENV_PREFIX + "MODEL_PATH"] = str(model_path)
+        log = open(work / "worker.log", "wb")
+        worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+        _log(f"worker pid {worker.pid} started; processing the backlog ...")
+        profiler = None
+        if args.profile:
+            time.sleep(8)  # let it get through startup and recovery
+            profiler = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(worker.pid), "--duration", "20",
+                                         "--rate", "50", "--output", args.profile, "--nonblocking",
+                                         "--format", "flamegraph" if args.profile.endswith(".svg") else "raw"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        if not reader.wait_count(n, 600):
+            raise RuntimeError(f"only {reader.count} of {n} recommendations arrived; worker log: {work / 'worker.log'}")
+        pub = np.asarray(reader.published, dtype=np.float64)
+        span_s = (pub.max() - pub.min()) / 1000.0
+        events_per_s = n / span_s if span_s > 0 else float("nan")
+        _log(f"throughput: {events_per_s:,.0f} events/s over {span_s:.1f} s")
+        raw = _raw_consume(settings, n)
+        _log(f"raw confluent consumer: {raw:,.0f} msg/s")
+        if profiler is not None:
+            profiler.wait(60)
+
+        _log(f"latency run: {args.rate:,.0f} events/s for {args.latency_seconds:.0f} s ...")
+        before = reader.count
+        offered = _offer(settings, args.rate, args.latency_seconds, args.items)
+        reader.wait_count(before + offered, 60)
+        lat = np.asarray(reader.latency_ms, dtype=np.float64)
+        reader.close()
+        result = {
+            "events_per_s": round(events_per_s, 1),
+            "events": n,
+            "latency_ms": {q: round(float(np.percentile(lat, p)), 2) if lat.size else None
+                           for q, p in (("p50", 50), ("p95", 95), ("p99", 99))},
+            "offered_rate": args.rate,
+            "latency_events": int(lat.size),
+            "raw_consumer_events_per_s": round(raw, 1),
+            "ratio_to_raw": round(events_per_s / raw, 4) if raw else None,
+            "peak_rss_bytes": _peak_rss(worker.pid),
+            "catalogue_items": args.items,
+            "hidden": args.hidden,
+            "k": args.k,
+            "partitions": args.partitions,
+            "batch_max_events": settings.batch_max_events,
+            "batch_max_ms": settings.batch_max_ms,
+            "torch_threads": settings.torch_threads,
+            "processing_guarantee": settings.processing_guarantee,
+            "cpus": os.cpu_count(),
+        }
+        if args.profile:
+            result["profile"] = args.profile
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(10)
+        if kafka is not None:
+            kafka.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+    return 0
