@@ -79,7 +79,8 @@ class GRU4RecNet(nn.Module):
             self.GE = GRUEmbedding(n_items, layers[0])
             n_input = layers[0] * 3
             self.start = 1
-        # event-type embedding, added to the input of the first recurrent step; zero-initialised
+        # event-type embedding, added to the input of the first recurrent step; zero-initialised, and
+        # training keeps the commonest type's row fixed, so click-only data trains as without it
         self.T = nn.Embedding(N_EVENT_TYPES, n_input) if params.event_types else None
         self.G = nn.ModuleList()
         for i in range(self.start, len(layers)):

@@ -199,6 +199,10 @@ def fit(net: GRU4RecNet, data: pd.DataFrame, params: GRU4RecParams | None = None
         return summary
     trainer = _Trainer(net, params, counts if sample_counts is None else np.asarray(sample_counts, np.float64),
                        counts, gen, expected_steps=epochs * math.ceil(index.n_predictions / max(1, params.batch_size)))
+    # the commonest event type is the reference: its event-type row is not trained, so on single-type
+    # (e.g. click-only) data the network trains exactly like the reference GRU4Rec
+    trainer.reference_type = int(np.bincount(index.event_types).argmax())
+    summary["reference_event_type"] = trainer.reference_type
     t0 = time.perf_counter()
     was_training = net.training
     net.train()
@@ -245,6 +249,7 @@ class _Trainer:
         self.shared_input = net.constrained
         self.manual = net.start == 0  # GRUCell layers: hand-written backward; one-hot GRU input: autograd
         self.merge = self.sampler is not None and params.loss == "cross-entropy"  # repeated samples merged
+        self.reference_type = 1  # set by fit(): the event type whose embedding row stays fixed
 
     def epoch(self, index: SessionIndex, progress: bool, desc: str) -> tuple[float, int]:
         from tqdm.auto import tqdm
@@ -328,6 +333,8 @@ class _Trainer:
             d_rows = rows.grad
         with torch.no_grad():
             if not self.manual:
+                if net.T is not None and net.T.weight.grad is not None:
+                    net.T.weight.grad[self.reference_type] = 0.0
                 for param in self.dense:
                     if param.grad is not None:
                         opt.dense(param, param.grad)
@@ -402,7 +409,9 @@ class _Trainer:
         if mask_e is not None:
             d_out = d_out * mask_e
         if types is not None:
-            grads.append((net.T.weight, torch.zeros_like(net.T.weight).index_add_(0, types, d_out)))
+            gT = torch.zeros_like(net.T.weight).index_add_(0, types, d_out)
+            gT[self.reference_type] = 0.0
+            grads.append((net.T.weight, gT))
         for param, g in grads:
             opt.dense(param, g)
         return d_out

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,12 +33,13 @@ from typing import Any
 import numpy as np
 
 from model.events import EventType
-from state.codec import HEADER_SIZE, encode as encode_state
+from state.codec import HEADER_SIZE, decode as decode_state, encode as encode_state
 from stream.batch_consumer import Batch, BatchConsumer, BatchTransport
 from stream.events import CLICKS, PURCHASES, Event, Limits, Rejected, decode_event
 from stream.metrics import Metrics
 from stream.model_holder import ModelHolder
 from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
+from stream.scoring import ScorerCache
 from stream.settings import Settings
 from stream.sinks import ConfluentSink, Outgoing, TransactionalSink, dlq_headers
 from stream.table_store import TableStore
@@ -45,7 +47,10 @@ from stream.topics import STATE_TABLE_NAME, TopicNames
 
 log = logging.getLogger("gruflow.worker")
 _TYPE_NAMES = {int(t): t.name.lower() for t in EventType}
-_LAST_TS_AT = 13  # byte offset of last_ts_ms in a state record (see state.codec)
+_LAST_TS_AT = 13
+_FAST_TOPK_MIN_ITEMS = 4096
+_MAX_IN_FLIGHT = 3  # batches produced but not yet acknowledged by the broker
+PHASE_LOG_S = 5.0  # TEMP
 
 
 def table_dir(settings: Settings) -> Any:
@@ -88,6 +93,13 @@ class Pipeline:
     evict_candidates: dict[int, set[bytes]] = field(default_factory=dict)
     batches: int = 0
     events: int = 0
+    _overlay: dict = field(default_factory=dict)  # key -> (batch seq, encoded state | None) in flight
+    _pending: deque = field(default_factory=deque)  # finishing tasks of batches in flight, oldest first
+    _seq: int = 0
+    _generation: int = -1
+    _failure: BaseException | None = None
+    _phases: list = field(default_factory=lambda: [0, 0, 0.0, 0.0, 0.0, 0.0])
+    _phases_logged: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -97,6 +109,7 @@ class Pipeline:
         # one compute thread: batches are sequential anyway, and torch's own threads do the maths
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-compute")
         self.state_lock = asyncio.Lock()
+        self.scorers = ScorerCache()
         m = self.metrics
         self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
                            for k in (CLICKS, PURCHASES) for t, n in _TYPE_NAMES.items()}
@@ -108,6 +121,13 @@ class Pipeline:
 
     async def _handle(self, batch: Batch, generation: int) -> None:
         consumer: BatchConsumer = self.app.consumer
+        if self._failure is not None:
+            raise self._failure
+        if generation != self._generation:
+            await self.drain()  # batches of the old generation drop themselves unacked
+            self._overlay.clear()
+            self._generation = generation
+        t0 = time.perf_counter()
         now_ms = int(time.time() * 1000)
         out = Outgoing()
         events: list[Event] = []
@@ -134,18 +154,21 @@ class Pipeline:
             by_part[p].append(key)
         states = {}
         for p, keys in by_part.items():
-            states.update(self.store.get_partition(p, keys))
+            states.update(self._read(p, keys))
 
+        t1 = time.perf_counter()
         model = self.holder.current
         result = None
         if events:
+            top_k = self.scorers.get(model).top_k if model.n_items >= _FAST_TOPK_MIN_ITEMS else None
             result = await asyncio.get_running_loop().run_in_executor(
-                self.executor, process_batch, model, events, states, self.cfg, self.popularity)
+                self.executor, process_batch, model, events, states, self.cfg, self.popularity, top_k)
         if self.app.consumer_generation_id != generation or self.app.should_stop:
             log.info("rebalance during a batch of %d events: dropped unacked, it will be processed again",
                      len(events))
             return
 
+        t2 = time.perf_counter()
         local: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
         if result is not None:
             for i, (key, value) in enumerate(result.outputs):
@@ -166,21 +189,105 @@ class Pipeline:
                     self.store.write_partition(p, recs)
                 for tp, offs in offsets:
                     consumer.ack_offsets(tp, offs)
-            published = time.time()
             highest: dict[int, int] = {}
             for p, fut in changelog_futs:
                 meta = await fut
                 highest[p] = max(highest.get(p, -1), meta.offset)
             self.store.mark_changelog_offsets(highest, on_commit=True)
+            self._observe(events, result, dead, evicted, time.time())
         else:
-            delivered = await self.sink.send(out)
-            published = delivered.delivered_at
+            # pipelined: the next batch is computed while this one is in flight; its states are visible
+            # to it through the overlay, and RocksDB writes + acks happen in batch order on delivery
+            ticket = self.sink.submit(out)
+            self._seq += 1
+            seq = self._seq
+            for p, recs in local.items():
+                for key, raw in recs:
+                    self._overlay[key] = (seq, raw)
+            prev = self._pending[-1] if self._pending else None
+            task = asyncio.ensure_future(self._finish(prev, seq, ticket, local, offsets, generation, events, result,
+                                                      dead, evicted))
+            self._pending.append(task)
+            self._prune()
+            while len(self._pending) > _MAX_IN_FLIGHT:
+                await asyncio.wait([self._pending[0]])
+                self._prune()
+        t3 = time.perf_counter()
+        age = (now_ms - min(e.append_ts_ms for e in events)) / 1000.0 if events else 0.0
+        self._phase(len(events), age, t1 - t0, t2 - t1, t3 - t2)
+
+    async def _finish(self, prev: "asyncio.Task[None] | None", seq: int, ticket: Any,
+                      local: dict[int, list[tuple[bytes, bytes | None]]], offsets: list[tuple[Any, list[int]]],
+                      generation: int, events: list[Event], result: Any, dead: Counter[str], evicted: int) -> None:
+        """Once a batch is delivered (and every earlier batch finished): RocksDB, changelog offsets, acks."""
+        try:
+            if prev is not None:
+                await asyncio.shield(prev)
+            await ticket.future
+            delivered = ticket.check()
+            if self.app.consumer_generation_id != generation or self.app.should_stop:
+                self._overlay.clear()  # the consumer seeks back to the committed offsets
+                return
             for p, recs in local.items():
                 self.store.write_partition(p, recs)
+                for key, _raw in recs:
+                    if self._overlay.get(key, (0,))[0] == seq:
+                        del self._overlay[key]
             self.store.mark_changelog_offsets(delivered.changelog_offsets)
+            consumer: BatchConsumer = self.app.consumer
             for tp, offs in offsets:
                 consumer.ack_offsets(tp, offs)
-        self._observe(events, result, dead, evicted, published)
+            self._observe(events, result, dead, evicted, delivered.delivered_at)
+        except Exception as exc:
+            if self._failure is None:
+                self._failure = exc  # re-raised by the next batch: the worker crashes, nothing is acked
+            raise
+
+    def _prune(self) -> None:
+        """Forget finished batches (oldest first); a failed one fails the batch loop."""
+        while self._pending and self._pending[0].done():
+            task = self._pending.popleft()
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    def _read(self, partition: int, keys: list[bytes]) -> dict[bytes, Any]:
+        """States as the worker last decided them: in-flight batches' states first, then RocksDB."""
+        overlay = self._overlay
+        if not overlay:
+            return self.store.get_partition(partition, keys)
+        out: dict[bytes, Any] = {}
+        rest: list[bytes] = []
+        for key in keys:
+            hit = overlay.get(key)
+            if hit is None:
+                rest.append(key)
+            elif hit[1] is not None:
+                out[key] = decode_state(hit[1])
+        out.update(self.store.get_partition(partition, rest))
+        return out
+
+    async def drain(self) -> None:
+        """Wait for the batches in flight (rebalance, shutdown)."""
+        while self._pending:
+            await asyncio.wait([self._pending[0]])
+            self._prune()
+
+    def _phase(self, n: int, *seconds: float) -> None:
+        """Where a batch's time goes (oldest event's age when the batch starts, decode+read, compute,
+        produce), logged every 30 s."""
+        acc = self._phases
+        acc[0] += 1
+        acc[1] += n
+        for i, s in enumerate(seconds):
+            acc[2 + i] += s
+        now = time.monotonic()
+        if now - self._phases_logged >= PHASE_LOG_S and acc[0]:
+            b = acc[0]
+            log.info("%d batches, %.0f events/batch; ms per batch: oldest event's age %.1f, decode+read %.1f, "
+                     "compute %.1f, produce %.1f", b, acc[1] / b,
+                     *(1000 * x / b for x in acc[2:]))
+            self._phases = [0, 0, 0.0, 0.0, 0.0, 0.0]
+            self._phases_logged = now
 
     def _evictions(self, batch: Batch, part_of: dict[bytes, int], out: Outgoing,
                    local: dict[int, list[tuple[bytes, bytes | None]]]) -> int:
@@ -193,7 +300,7 @@ class Pipeline:
             if not cands:
                 continue
             keys = [k for k in cands if k not in part_of]  # touched in this batch: alive
-            for key, st in self.store.get_partition(tp.partition, keys).items():
+            for key, st in self._read(tp.partition, keys).items():
                 if st.last_ts_ms < cutoff:
                     out.changelog[tp.partition].append((key, None))
                     local[tp.partition].append((key, None))

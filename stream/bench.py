@@ -139,7 +139,9 @@ def _offer(settings: Settings, rate: float, seconds: float, n_items: int) -> int
 
     from stream.kafka_config import producer_config
 
-    p = Producer(producer_config(settings, linger_ms=1))
+    from stream.sinks import low_latency
+
+    p = Producer(producer_config(settings, linger_ms=1, **low_latency(settings)))
     rng = np.random.default_rng(3)
     topic = settings.topic("clicks")
     n_total = int(rate * seconds)
@@ -248,6 +250,8 @@ def run_bench(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait(10)
+        if getattr(args, "worker_log", None) and (work / "worker.log").exists():
+            shutil.copy(work / "worker.log", args.worker_log)
         if kafka is not None:
             kafka.stop()
         shutil.rmtree(work, ignore_errors=True)

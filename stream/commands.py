@@ -95,5 +95,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--rate", type=float, default=2000.0, help="offered rate of the latency run (default 2,000/s)")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="length of the latency run (default 20 s)")
     p.add_argument("--partitions", type=int, default=8, help="partitions of the input topics (default 8)")
-    p.add_argument("--profile", default=None, help="write a py-spy flame graph of the worker to this SVG")
+    p.add_argument("--profile", default=None,
+                   help="py-spy profile of the worker during the throughput run (.svg flame graph, else raw stacks)")
+    p.add_argument("--worker-log", default=None, help="copy the worker's log here")
     p.set_defaults(func=_bench)

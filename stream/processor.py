@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import orjson
@@ -31,6 +32,7 @@ from model.recommender import Recommender
 from state.codec import N_SOURCES, UserState
 from stream.events import Event
 
+TopK = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 _PAD = -2  # fills rec matrices; never equal to a row or to -1 (unknown item)
 _TOPK_CHUNK = 512  # rows scored at once: bounds the [chunk, n_items] score matrix
 
@@ -89,8 +91,9 @@ class PopularityBaseline:
 
 
 def process_batch(model: Recommender, events: list[Event], states: dict[bytes, UserState], cfg: ProcessorConfig,
-                  popularity: PopularityBaseline | None = None) -> BatchResult:
-    """Apply ``events`` to ``states`` (not modified) and recommend after each event."""
+                  popularity: PopularityBaseline | None = None, top_k: TopK | None = None) -> BatchResult:
+    """Apply ``events`` to ``states`` (not modified) and recommend after each event. ``top_k`` replaces
+    ``model.top_k`` (same results; e.g. ``stream.scoring.TopKScorer.top_k``)."""
     t0 = time.perf_counter()
     n = len(events)
     k = cfg.k
@@ -170,10 +173,13 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     rec_rows = np.empty((n, kk), dtype=np.int64)
     rec_scores = np.empty((n, kk), dtype=np.float32)
     hid = np.flatnonzero(has_hidden)
-    for s in range(0, hid.shape[0], _TOPK_CHUNK):
-        part = hid[s:s + _TOPK_CHUNK]
-        r, sc = model.top_k(post_hidden[part], kk)
-        rec_rows[part], rec_scores[part] = r, sc
+    if top_k is not None and hid.shape[0]:
+        rec_rows[hid], rec_scores[hid] = top_k(post_hidden[hid], kk)
+    else:
+        for s in range(0, hid.shape[0], _TOPK_CHUNK):
+            part = hid[s:s + _TOPK_CHUNK]
+            r, sc = model.top_k(post_hidden[part], kk)
+            rec_rows[part], rec_scores[part] = r, sc
     cold = np.flatnonzero(~has_hidden)
     if cold.shape[0]:
         pr, ps = model.popular(kk)
