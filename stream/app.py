@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +49,7 @@ _TYPE_NAMES = {int(t): t.name.lower() for t in EventType}
 _LAST_TS_AT = 13
 _FAST_TOPK_MIN_ITEMS = 4096
 _MAX_IN_FLIGHT = 3  # batches produced but not yet acknowledged by the broker
-PHASE_LOG_S = 5.0  # TEMP
+PHASE_LOG_S = 30.0  # seconds between the batch-phase log lines
 
 
 def table_dir(settings: Settings) -> Any:

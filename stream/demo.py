@@ -206,7 +206,6 @@ def _samples(settings: Settings, n: int = 4) -> list[str]:
     from confluent_kafka import Consumer, TopicPartition
 
     from stream.kafka_config import consumer_config
-    from stream.tail import format_recommendation
 
     topic = settings.topic("recommendations")
     c = Consumer(consumer_config(settings, group_id=None))
@@ -226,7 +225,13 @@ def _samples(settings: Settings, n: int = 4) -> list[str]:
         users: dict[str, bytes] = {}
         for m in msgs:
             users[orjson.loads(m.value())["user_id"]] = m.value()
-        return [format_recommendation(v, items=5) for v in list(users.values())[-n:]]
+        lines = []
+        for value in list(users.values())[-n:]:
+            rec = orjson.loads(value)
+            top = ", ".join(f"{i['item_id']} ({i['score']:.2f})" for i in rec["items"][:5])
+            lines.append(f"user {rec['user_id']:>6} (model v{rec['model_version']}): {top}, ... "
+                         f"[{len(rec['items'])} items]")
+        return lines
     finally:
         c.close()
 

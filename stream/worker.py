@@ -1,8 +1,8 @@
 """``gruflow worker``: one worker process (faust Worker + health endpoints + model subscriber).
 
-Startup order: settings -> topics ensured -> first model (models topic, else GRUFLOW_MODEL_PATH) ->
-faust app -> web endpoints (before any broker traffic) -> faust worker (group join, table recovery,
-batches). SIGTERM / Ctrl-C stop it cleanly: the current batch finishes or is dropped unacked, offsets
+Startup order: settings -> web endpoints (/livez 200 from here on, /readyz 503 with the reason) ->
+topics ensured and first model loaded (models topic, else GRUFLOW_MODEL_PATH), retried while the
+cluster is unreachable -> faust app -> faust worker (group join, table recovery, batches). SIGTERM / Ctrl-C stop it cleanly: the current batch finishes or is dropped unacked, offsets
 are committed, RocksDB is closed.
 
 exactly_once: outputs and changelog writes of an open transaction reach RocksDB before the commit,
@@ -85,25 +85,93 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
               "self-contained run use `gruflow demo`, or start a broker with `gruflow broker` and point "
               "GRUFLOW_BOOTSTRAP_SERVERS at it.", file=sys.stderr)
         return 2
+    import asyncio
+    import signal
+
     import torch
 
     import faust
 
     from stream.app import build_app
-    from stream.topics import ensure_topics
+    from stream.topics import TopicError, ensure_topics
     from stream.web import WebServer
 
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(settings.torch_threads)
+    # three busy threads share the GIL (event loop, compute, faust's consumer thread): hand it over
+    # every 1 ms instead of 5 ms so fetched records are not left waiting behind a long Python stretch
+    sys.setswitchinterval(0.001)
     metrics = Metrics.create()
-    ensure_topics(settings)
-    model = model or load_initial_model(settings, metrics)
+
+    # the endpoints come up first, on the loop faust will run on: /livez answers while Kafka is
+    # unreachable, /readyz says what the worker is waiting for
+    phase: dict[str, Any] = {"runtime": None, "why": "starting"}
+
+    def ready() -> tuple[bool, str]:
+        rt = phase["runtime"]
+        return rt.ready() if rt is not None else (False, phase["why"])
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    web = WebServer(metrics, ready, settings.web_host, settings.web_port)
+    loop.run_until_complete(web.start())
+    log.info("health endpoints on http://%s:%d (/metrics /livez /readyz)", settings.web_host, settings.web_port)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def prepare() -> Recommender | None:
+        """Topics and first model, retried until the cluster answers (or SIGTERM)."""
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                phase["why"] = f"waiting for Kafka at {settings.bootstrap_servers}"
+                await loop.run_in_executor(None, ensure_topics, settings)
+                phase["why"] = "loading the model"
+                return model or await loop.run_in_executor(None, load_initial_model, settings, metrics)
+            except WorkerError:
+                raise
+            except (TopicError, ValueError, OSError) as exc:
+                if isinstance(exc, TopicError) and "cannot reach" in str(exc):
+                    retry = exc  # the cluster is down or not there yet
+                else:
+                    raise WorkerError(str(exc)) from None  # wrong partitions, unreadable checkpoint, ...
+                log.warning("cannot start yet (%s); retrying in %.0f s", retry, delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(30.0, delay * 2)
+                continue
+            except Exception as exc:  # noqa: BLE001 - broker down or not reachable yet: retry
+                log.warning("cannot start yet (%s); retrying in %.0f s", exc, delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(30.0, delay * 2)
+        return None
+
+    try:
+        first = loop.run_until_complete(prepare())
+    except WorkerError as exc:
+        print(f"gruflow worker: {exc}", file=sys.stderr)
+        loop.run_until_complete(web.stop())
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    if first is None:  # stopped while waiting for the cluster
+        loop.run_until_complete(web.stop())
+        loop.close()
+        return 0
+    model = first
     metrics.model_version.set(model.version)
     holder = ModelHolder(model)
     _wipe_if_dirty(settings)
     runtime = build_app(settings, holder, metrics)
-    web = WebServer(metrics, runtime.ready, settings.web_host, settings.web_port)
+    phase["runtime"] = runtime
     subscriber: Any = None
     try:
         from stream.model_sync import ModelSubscriber
@@ -113,9 +181,6 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     class GruflowWorker(faust.Worker):
         async def on_execute(self) -> None:
             nonlocal subscriber
-            await web.start()
-            log.info("health endpoints on http://%s:%d (/metrics /livez /readyz)", settings.web_host,
-                     settings.web_port)
             if ModelSubscriber is not None:
                 subscriber = ModelSubscriber(settings, holder, metrics)
                 subscriber.start()
@@ -130,7 +195,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
             runtime.pipeline.close()
 
     worker = GruflowWorker(runtime.app, loglevel=settings.log_level.lower(), quiet=True,
-                           override_logging=False, redirect_stdouts=False)
+                           override_logging=False, redirect_stdouts=False, loop=loop)
     code = 0
     try:
         worker.execute_from_commandline()

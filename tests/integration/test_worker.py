@@ -39,11 +39,12 @@ def test_every_valid_event_of_both_topics_is_answered(kafka, tmp_path: Path, mod
             assert all(r["published_ts"] >= r["event_ts"] for r in recs)
             by_key = {m.key() for m in seen.messages}
             assert by_key == {e.user.encode() for e in events}
+            # metrics are counted once the broker acknowledged a batch, a moment after readers see it
+            assert worker.wait_metric("gruflow_recommendations_out_total", lambda v: v == len(events))
             for kind in ("clicks", "purchases"):
                 n = sum(1 for e in events if e.kind == kind)
                 assert worker.metric("gruflow_events_in_total", topic=kind) == n
             assert worker.metric("gruflow_unknown_items_total") == 1
-            assert worker.metric("gruflow_recommendations_out_total") == len(events)
             assert worker.metric("gruflow_prequential_events_total", model="gru") > 0
             assert worker.metric("gruflow_prequential_events_total", model="gru") == \
                 worker.metric("gruflow_prequential_events_total", model="popularity")
@@ -105,9 +106,11 @@ def test_each_bad_input_goes_to_the_dlq_and_the_stream_keeps_working(kafka, tmp_
                 assert (kind, m.key(), m.value()) in originals  # original bytes, unchanged
                 assert int(h["gruflow-offset"]) >= 0 and int(h["gruflow-partition"]) == m.partition()
                 assert h["gruflow-detail"]
+            # metrics are counted once the broker acknowledged a batch, a moment after readers see it
+            assert worker.wait_metric("gruflow_recommendations_out_total", lambda v: v == len(before) + len(after))
+            assert worker.wait_metric("gruflow_dlq_total", lambda v: v == len(bad))
             for reason, n in reasons.items():
                 assert worker.metric("gruflow_dlq_total", reason=reason) == n
-            assert worker.metric("gruflow_recommendations_out_total") == len(before) + len(after)
             assert not any(r["user_id"] in ("bad", "someone-else") for r in recs.seen.recommendations())
     finally:
         dlq.close()

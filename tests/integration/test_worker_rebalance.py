@@ -37,6 +37,8 @@ def test_two_workers_share_partitions_and_one_takes_over(kafka, tmp_path: Path) 
             time.sleep(0.5)
         produce(settings, first)
         reader.poll_until(lambda c: {(e.user, e.ts) for e in first} <= set(c.answered()), 90, "first answers")
+        w1.wait_metric("gruflow_recommendations_out_total",
+                       lambda v: v + w2.metric("gruflow_recommendations_out_total") >= len(first))
         out1 = w1.metric("gruflow_recommendations_out_total")
         out2 = w2.metric("gruflow_recommendations_out_total")
         assert out1 > 0 and out2 > 0, f"partitions not shared: w1 answered {out1}, w2 {out2}"
@@ -46,7 +48,7 @@ def test_two_workers_share_partitions_and_one_takes_over(kafka, tmp_path: Path) 
         produce(settings, second)
         reader.poll_until(lambda c: {(e.user, e.ts) for e in second} <= set(c.answered()), 120,
                           "answers after the takeover")
-        assert w1.metric("gruflow_recommendations_out_total") >= out1 + len(second)
+        assert w1.wait_metric("gruflow_recommendations_out_total", lambda v: v >= out1 + len(second))
         # w2's users continued their sessions on w1: as if one worker had seen everything
         assert_same_states(read_states(settings), expected_states(model_path, first + second, settings))
     finally:

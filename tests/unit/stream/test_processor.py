@@ -168,3 +168,43 @@ def test_state_from_a_model_with_another_hidden_size_is_dropped(model: Recommend
     _run(model, store, [_ev("a", "i2", 1001)])
     st = store.get_many([b"a"])[b"a"]
     np.testing.assert_allclose(st.hidden, _reference_hidden(model, ["i2"], [1]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_items", [5000, 5003])
+def test_fast_top_k_equals_the_recommenders(n_items: int) -> None:
+    from stream.scoring import TopKScorer, block_topk
+
+    net = GRU4RecNet(n_items, GRU4RecParams(layers=(24,), seed=5))
+    with torch.no_grad():
+        net.By.weight.normal_()  # spread scores like a trained model's biases
+    rec = Recommender(net, Vocabulary(f"i{r}" for r in range(n_items)), version=1)
+    rng = np.random.default_rng(0)
+    hidden = rec.zero_state(300)
+    for _ in range(3):
+        hidden = rec.step(hidden, rng.integers(0, n_items, 300), rng.integers(0, 3, 300))
+    want_rows, want_scores = rec.top_k(hidden, 20)
+    got_rows, got_scores = TopKScorer(rec).top_k(hidden, 20)
+    np.testing.assert_array_equal(got_rows, want_rows)
+    np.testing.assert_allclose(got_scores, want_scores, rtol=1e-6)
+    # retired items (online learning) are never recommended, on both paths alike
+    retired = sorted(set(want_rows[:, 0].tolist()))[:10]
+    rec2 = Recommender(net, rec.vocab, version=2, metadata={"retired_rows": retired})
+    got2, _ = TopKScorer(rec2).top_k(hidden, 20)
+    np.testing.assert_array_equal(got2, rec2.top_k(hidden, 20)[0])
+    assert not set(got2.ravel().tolist()) & set(retired)
+    # the block selection alone, on arbitrary scores
+    scores = torch.from_numpy(rng.standard_normal((7, n_items)).astype(np.float32))
+    v, r = block_topk(scores, 20)
+    ev, er = torch.topk(scores, 20, dim=1)
+    assert torch.equal(r, er) and torch.equal(v, ev)
+
+
+def test_processor_uses_the_given_top_k(model: Recommender) -> None:
+    calls = []
+
+    def top_k(hidden: np.ndarray, k: int):
+        calls.append(hidden.shape[0])
+        return model.top_k(hidden, k)
+
+    result = process_batch(model, [_ev("a", "i1", 1), _ev("b", "i2", 1)], {}, CFG, None, top_k)
+    assert calls == [2] and len(result.outputs) == 2
