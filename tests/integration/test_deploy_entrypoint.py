@@ -178,9 +178,6 @@ def test_worker_as_in_the_container_serves_probes_and_valid_metrics(worker) -> N
     assert result.returncode == 0, f"promtool check metrics:\n{result.stdout}{result.stderr}"
 
 
-@pytest.mark.xfail(strict=False, reason="known gap: stream/worker.py runs ensure_topics() and load_latest() before "
-                   "it starts the web server, so without a broker the worker exits (TopicError) instead of staying "
-                   "alive with /readyz 503; on Kubernetes that is a CrashLoopBackOff during a Kafka outage")
 def test_liveness_does_not_depend_on_the_broker(kafka, model_path: Path, tmp_path: Path) -> None:
     """A worker whose broker is unreachable stays alive (/livez 200: no restart loop from the liveness
     probe) and is not ready (/readyz 503: no traffic, no recovery yet)."""
