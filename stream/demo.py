@@ -1,8 +1,8 @@
 """``gruflow demo``: the whole pipeline on one machine, finishing by itself in a minute or two.
 
 embedded Apache Kafka (unless GRUFLOW_BOOTSTRAP_SERVERS is set) -> topics -> a quick GRU4Rec model
-trained on the first sessions of the data (synthetic unless --data) -> a worker subprocess (the real
-`gruflow worker`) -> replay of the later sessions (plus a few malformed messages for the DLQ) -> a live
+trained on the first sessions of the data (synthetic unless --data) -> `gruflow run` in a subprocess (the
+real worker plus the online trainer, which fine-tunes on the stream and hot-swaps new versions) -> replay of the later sessions (plus a few malformed messages for the DLQ) -> a live
 summary every few seconds from the worker's /metrics (throughput, end-to-end latency p50/p99,
 prequential HR@20 / MRR@20 of the GRU vs a popularity baseline counted on the same stream, DLQ) ->
 sample recommendations -> clean shutdown of worker and broker.
@@ -28,6 +28,8 @@ from typing import Any
 from stream.settings import ENV_PREFIX, Settings
 
 TRAIN_SESSIONS = 5000  # synthetic sessions the quick model trains on (a few seconds per epoch)
+FINETUNE_EVERY_EVENTS = 10_000  # the demo's trainer fine-tunes often, so a new version shows up live
+FINETUNE_INTERVAL_S = 20.0
 
 
 def _say(msg: str) -> None:
@@ -46,6 +48,7 @@ class Snapshot:
     pop: tuple[float, float, float]
     state: float
     unknown: float
+    model_version: float
 
 
 def scrape(url: str) -> Snapshot | None:
@@ -66,7 +69,7 @@ def scrape(url: str) -> Snapshot | None:
             elif s.name.startswith("gruflow_prequential_") and s.name.endswith("_total"):
                 key = (s.name, s.labels.get("model", ""))
                 pq[key] = pq.get(key, 0.0) + s.value
-            elif s.name.endswith("_total") or s.name in ("gruflow_state_entries",):
+            elif s.name.endswith("_total") or s.name in ("gruflow_state_entries", "gruflow_model_version"):
                 val[s.name] = val.get(s.name, 0.0) + s.value
 
     def prequential(model: str) -> tuple[float, float, float]:
@@ -76,7 +79,8 @@ def scrape(url: str) -> Snapshot | None:
 
     return Snapshot(time.time(), val.get("gruflow_events_in_total", 0.0), val.get("gruflow_recommendations_out_total", 0.0),
                     val.get("gruflow_dlq_total", 0.0), sorted(buckets), prequential("gru"), prequential("popularity"),
-                    val.get("gruflow_state_entries", 0.0), val.get("gruflow_unknown_items_total", 0.0))
+                    val.get("gruflow_state_entries", 0.0), val.get("gruflow_unknown_items_total", 0.0),
+                    val.get("gruflow_model_version", 0.0))
 
 
 def quantile(buckets: list[tuple[float, float]], q: float) -> float:
@@ -113,7 +117,8 @@ def summary_line(prev: Snapshot | None, cur: Snapshot) -> str:
     hr_p = p[1] / p[0] if p[0] else 0.0
     return (f"  {cur.recs:>8,.0f} answered  {rate:>8,.0f} ev/s  latency p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  "
             f"HR@20 gru {hr_g:.3f} vs popularity {hr_p:.3f}  MRR@20 gru {(g[2] / g[0] if g[0] else 0):.3f} "
-            f"vs {(p[2] / p[0] if p[0] else 0):.3f}  dlq {cur.dlq:,.0f}  users {cur.state:,.0f}")
+            f"vs {(p[2] / p[0] if p[0] else 0):.3f}  dlq {cur.dlq:,.0f}  users {cur.state:,.0f}  "
+            f"model v{cur.model_version:.0f}")
 
 
 # ------------------------------------------------------------------------------------------- steps
@@ -267,11 +272,17 @@ def run_demo(args: argparse.Namespace) -> int:
 
         log = work / "worker.log"
         url = f"http://127.0.0.1:{settings.web_port}"
+        # `gruflow run`: the worker plus the online trainer in one process; the trainer publishes the quick
+        # model as version 1, fine-tunes on the replayed stream and the worker swaps new versions in.
         with open(log, "wb") as logf:
-            worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=_worker_env(
-                settings, GRUFLOW_MODEL_PATH=str(model_path)), stdout=logf, stderr=subprocess.STDOUT,
-                cwd=Path(__file__).resolve().parents[1])
-        _say(f"worker pid {worker.pid}: waiting for it to join the group and restore state ({url}/readyz) ...")
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "stream.cli", "run", "--trainer-port", str(free_port())],
+                env=_worker_env(settings, GRUFLOW_MODEL_PATH=str(model_path),
+                                GRUFLOW_FINETUNE_EVERY_EVENTS=str(FINETUNE_EVERY_EVENTS),
+                                GRUFLOW_FINETUNE_INTERVAL_S=str(FINETUNE_INTERVAL_S)),
+                stdout=logf, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+        _say(f"worker + trainer pid {worker.pid}: waiting for it to join the group and restore state "
+             f"({url}/readyz) ...")
         _wait_ready(url, worker, log)
 
         rate = args.rate or 4000.0
