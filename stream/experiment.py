@@ -274,7 +274,7 @@ def run_online_experiment(args: argparse.Namespace) -> dict:
     import torch
 
     from model.checkpoint import checkpoint_to_bytes
-    from model.params import GRU4RecParams
+    from model.params import OFFICIAL, GRU4RecParams
     from model.train import train_model
     from stream.settings import Settings
 
@@ -288,7 +288,7 @@ def run_online_experiment(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--warmup-days {args.warmup_days} leaves {len(warm)} warm-up and {len(rest)} stream events")
     _log(f"warm-up: {len(warm)} events before {time.strftime('%Y-%m-%d %H:%M', time.gmtime(cut))} UTC; "
          f"stream: {len(rest)} events")
-    params = GRU4RecParams.parse(args.params)
+    params = GRU4RecParams.parse(args.params, base=OFFICIAL)  # the warm-up model: official config (measured so)
     net, vocab, pop = train_model(warm, params, progress=True)
     v1 = checkpoint_to_bytes(net, vocab, params, pop, {"version": 1, "parent_version": 0, "source": "warm-up"})
     known = set(vocab.ids)

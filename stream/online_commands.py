@@ -74,17 +74,18 @@ def _trainer(args: argparse.Namespace) -> int:
 
 def _bootstrap_model(settings: Any) -> Any:
     """`gruflow run` with no model anywhere: a quick model on synthetic data, like the demo."""
+    import dataclasses
     from pathlib import Path
 
     from model.checkpoint import save_checkpoint
-    from model.params import GRU4RecParams
+    from model.params import OFFICIAL
     from model.synthetic import generate
     from model.train import train_model
 
     print("no model on the models topic and GRUFLOW_MODEL_PATH unset: training a quick synthetic model...",
           file=sys.stderr)
     df = generate(n_sessions=3000, n_items=500, seed=0)
-    params = GRU4RecParams(layers=(64,), n_sample=256, n_epochs=2)
+    params = dataclasses.replace(OFFICIAL, layers=(64,), n_sample=256, n_epochs=2)  # quick: cross-entropy
     net, vocab, pop = train_model(df, params, progress=True)
     path = Path(settings.data_dir) / "models" / "bootstrap.ckpt"
     save_checkpoint(path, net, vocab, params, pop, {"source": "synthetic bootstrap"})
@@ -221,7 +222,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("data", help="event file or directory (session-rec: *_train_full.txt + *_test.txt)")
     p.add_argument("--format", default="session-rec", help="data format (see `gruflow train --help`)")
     p.add_argument("--warmup-days", type=float, default=1.0, help="days trained offline before the replay")
-    p.add_argument("--params", default="", help="GRU4Rec parameters of the warm-up model, name=value,...")
+    p.add_argument("--params", default="", help="GRU4Rec parameters of the warm-up model, name=value,... (over the official configuration)")
     p.add_argument("--every", type=int, default=4000,
                    help="events per fine-tune round (the replay waits for each round's version)")
     p.add_argument("--limit", type=int, default=None, help="replay at most N events (smoke runs)")

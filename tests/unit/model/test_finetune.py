@@ -3,6 +3,7 @@ guarded round on synthetic data with the real training and evaluation code."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from model.finetune import (FineTuneConfig, FineTuner, ModelState, SessionBuffer, cooccurrence_init, grow_net,
                             split_recent)
 from model.network import GRU4RecNet
-from model.params import GRU4RecParams
+from model.params import OFFICIAL, GRU4RecParams
 from model.vocab import Vocabulary
 
 
@@ -164,7 +165,7 @@ def stream_setup():
     # hold some items back from the base model so the stream brings new ones
     held_items = set(sorted(df["ItemId"].unique())[:20])
     base_df = base_df[~base_df["ItemId"].isin(held_items)]
-    params = GRU4RecParams(layers=(32,), n_sample=64, batch_size=32, n_epochs=2, learning_rate=0.05)
+    params = dataclasses.replace(OFFICIAL, layers=(32,), n_sample=64, batch_size=32, n_epochs=2, learning_rate=0.05)
     net, vocab, pop = train_model(base_df, params, progress=False)
     return net, vocab, pop, params, df[~first]
 

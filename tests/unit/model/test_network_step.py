@@ -108,7 +108,8 @@ def test_hand_written_backward_matches_autograd(loss, momentum) -> None:
 
 
 def test_merged_repeated_samples_train_exactly_like_repeated_columns() -> None:
-    params = GRU4RecParams(layers=(8,), batch_size=4, n_sample=40, dropout_p_hidden=0.0, n_epochs=1, logq=1.0)
+    params = GRU4RecParams(layers=(8,), batch_size=4, n_sample=40, dropout_p_hidden=0.0, n_epochs=1, logq=1.0,
+                           loss="cross-entropy")  # merging applies to cross-entropy
     df, vocab = _data()
     a, b = _net(layers=(8,)), _net(layers=(8,))
     original = _Trainer.__init__
