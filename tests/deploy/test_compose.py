@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import DEPLOY, ROOT, compose_config, load_yaml
+from conftest import DEPLOY, ROOT, clean_env, compose_binary, compose_config, load_yaml
 from stream.settings import Settings
 from stream.topics import topic_specs
 
@@ -148,8 +148,6 @@ def test_grafana_is_provisioned(config: dict[str, Any]) -> None:
 def test_compose_rejects_a_broken_file(tmp_path: Any) -> None:
     """The same check fails on a file Compose cannot accept (so a pass above means something)."""
     import subprocess
-
-    from conftest import clean_env, compose_binary
 
     broken = tmp_path / "docker-compose.yml"
     broken.write_text((ROOT / "docker-compose.yml").read_text().replace("condition: service_healthy",
