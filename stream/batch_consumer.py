@@ -20,6 +20,7 @@ import asyncio
 import time
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from faust.types import TP
@@ -28,6 +29,18 @@ from faust.types.tuples import ack_lock
 # (tp, records) pairs; records are aiokafka ConsumerRecords of one partition, in offset order
 Batch = list[tuple[TP, list[Any]]]
 BatchHandler = Callable[[Batch, int], Awaitable[None]]
+# faust hard-codes aiokafka's fetch_max_wait_ms=1500. aiokafka keeps one fetch request per broker in
+# flight and leaves out partitions whose records are still buffered, so a partition drained just after a
+# request went out waits for that request: up to 1.5 s when the other partitions are quiet. A short wait
+# bounds that delay (the cost is a few more empty fetches per second when the topics are idle).
+FETCH_MAX_WAIT_MS = 20
+
+
+class BatchConsumerThread(AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the fetcher is built, at start()
+        return consumer
 
 
 class BatchConsumer(AIOKafkaConsumer):
@@ -39,6 +52,9 @@ class BatchConsumer(AIOKafkaConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.commit_lock = asyncio.Lock()
+
+    def _new_consumer_thread(self) -> BatchConsumerThread:
+        return BatchConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     def ack_offsets(self, tp: TP, offsets: Sequence[int]) -> int:
         """Mark many offsets of one partition processed (what ``Consumer.ack`` does per message)."""

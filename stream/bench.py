@@ -9,6 +9,10 @@
 3. latency: new events at a fixed offered rate (``offered_rate``), each stamped with its send time;
    latency = arrival of its recommendation at a consumer in this process - send time (two Kafka hops
    plus the worker's batch wait and processing).
+4. latency while training (skip with ``--no-training``): a ``gruflow trainer`` runs as a separate process
+   (the recommended deployment) with back-to-back fine-tune rounds over a bounded buffer, publishing the
+   versions it promotes (the worker swaps them in); once its first round has finished, the same offered
+   load is measured again. ``p99_ratio_training`` = p99 with training / p99 without (goal < 1.5).
 
 The model is a randomly initialised GRU4Rec of the requested size: speed does not depend on training.
 Prints one JSON object. No assertions: goals are written in the issue note, not enforced here.
@@ -100,6 +104,7 @@ class _RecReader:
         self.count = 0
         self.published: list[int] = []
         self.latency_ms: list[float] = []
+        self.to_publish_ms: list[float] = []  # send -> the worker's publication stamp (in-worker share)
         self.stamped_prefix = "lat-"
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -109,7 +114,7 @@ class _RecReader:
         import orjson
 
         while not self._stop.is_set():
-            for m in self.c.consume(5000, 0.2):
+            for m in self.c.consume(5000, 0.005):
                 if m.error() is not None:
                     continue
                 now = time.time() * 1000
@@ -117,6 +122,7 @@ class _RecReader:
                 self.count += 1
                 if rec["user_id"].startswith(self.stamped_prefix):
                     self.latency_ms.append(now - rec["event_ts"])
+                    self.to_publish_ms.append(rec["published_ts"] - rec["event_ts"])
                 else:
                     self.published.append(rec["published_ts"])
 
@@ -132,7 +138,7 @@ class _RecReader:
         self.c.close()
 
 
-def _offer(settings: Settings, rate: float, seconds: float, n_items: int) -> int:
+def _offer(settings: Settings, rate: float, seconds: float, n_items: int, seed: int = 3) -> int:
     """Produce stamped events at ``rate``/s; ts = send time, so event_ts -> arrival is end-to-end latency."""
     import orjson
     from confluent_kafka import Producer
@@ -142,7 +148,7 @@ def _offer(settings: Settings, rate: float, seconds: float, n_items: int) -> int
     from stream.sinks import low_latency
 
     p = Producer(producer_config(settings, linger_ms=1, **low_latency(settings)))
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(seed)
     topic = settings.topic("clicks")
     n_total = int(rate * seconds)
     t0 = time.monotonic()
@@ -155,10 +161,78 @@ def _offer(settings: Settings, rate: float, seconds: float, n_items: int) -> int
         value = orjson.dumps({"user_id": user, "item_id": f"i{int(rng.integers(0, n_items))}",
                               "event_type": "click", "ts": int(time.time() * 1000)})
         p.produce(topic, value, user.encode())
-        if i % 20 == 0:
-            p.poll(0)
+        p.poll(0)
     p.flush(30)
     return n_total
+
+
+def _percentiles(lat: np.ndarray) -> dict[str, float | None]:
+    return {q: round(float(np.percentile(lat, p)), 2) if lat.size else None
+            for q, p in (("p50", 50), ("p95", 95), ("p99", 99))}
+
+
+def _scrape(port: int, name: str) -> float | None:
+    """One sample of a Prometheus counter/gauge from a /metrics endpoint (None: not reachable)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _start_trainer(env: dict[str, str], port: int, args: argparse.Namespace, log_path: Path,
+                   cwd: Path) -> subprocess.Popen[bytes]:
+    tenv = dict(env)
+    tenv.update({ENV_PREFIX + "WEB_PORT": str(port), ENV_PREFIX + "WEB_HOST": "127.0.0.1",
+                 ENV_PREFIX + "FINETUNE_INTERVAL_S": str(args.train_interval),
+                 ENV_PREFIX + "BUFFER_MAX_EVENTS": str(args.train_buffer),
+                 ENV_PREFIX + "TRAINER_TORCH_THREADS": "1"})
+    return subprocess.Popen([sys.executable, "-m", "stream.cli", "trainer"], env=tenv,
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=cwd)
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _training_phase(args: argparse.Namespace, settings: Settings, env: dict[str, str], reader: "_RecReader",
+                    work: Path, procs: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
+    """Start a trainer process, wait for its first finished round, then measure latency under training."""
+    from stream.broker import free_port
+
+    rounds = ENV_PREFIX.lower() + "finetune_rounds_total"
+    port = free_port()
+    trainer = _start_trainer(env, port, args, work / "trainer.log", Path(__file__).resolve().parents[1])
+    procs.append(trainer)
+    _log(f"trainer pid {trainer.pid} started; waiting for its first fine-tune round ...")
+    deadline = time.monotonic() + args.train_wait
+    while time.monotonic() < deadline and trainer.poll() is None and (_scrape(port, rounds) or 0) < 1:
+        time.sleep(0.5)
+    if trainer.poll() is not None or (_scrape(port, rounds) or 0) < 1:
+        _log(f"no fine-tune round finished within {args.train_wait:.0f} s (trainer log: {work / 'trainer.log'})")
+        return {"finetune_rounds_during_measure": 0, "training_error": "no round finished before the measurement"}
+    before_rounds = _scrape(port, rounds) or 0
+    _log(f"latency run with training: {args.rate:,.0f} events/s for {args.latency_seconds:.0f} s ...")
+    start_count, start_lat = reader.count, len(reader.latency_ms)
+    offered = _offer(settings, args.rate, args.latency_seconds, args.items, seed=4)
+    after_rounds = _scrape(port, rounds) or 0  # rounds finished while the load was offered
+    reader.wait_count(start_count + offered, 60)
+    lat = np.asarray(reader.latency_ms[start_lat:], dtype=np.float64)
+    return {"latency_ms_during_training": _percentiles(lat), "latency_events_during_training": int(lat.size),
+            "finetune_rounds_during_measure": int(after_rounds - before_rounds),
+            "trainer_buffer_max_events": args.train_buffer, "trainer_peak_rss_bytes": _peak_rss(trainer.pid)}
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -170,6 +244,7 @@ def run_bench(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="gruflow-bench-"))
     kafka: EmbeddedKafka | None = None
     worker: subprocess.Popen[bytes] | None = None
+    procs: list[subprocess.Popen[bytes]] = []
     result: dict[str, Any] = {}
     try:
         if base.embedded:
@@ -219,12 +294,18 @@ def run_bench(args: argparse.Namespace) -> int:
         offered = _offer(settings, args.rate, args.latency_seconds, args.items)
         reader.wait_count(before + offered, 60)
         lat = np.asarray(reader.latency_ms, dtype=np.float64)
+        training: dict[str, Any] = {}
+        if not getattr(args, "no_training", False):
+            training = _training_phase(args, settings, env, reader, work, procs)
+            p99_train = (training.get("latency_ms_during_training") or {}).get("p99")
+            p99 = float(np.percentile(lat, 99)) if lat.size else None
+            training["p99_ratio_training"] = round(p99_train / p99, 3) if p99_train and p99 else None
         reader.close()
         result = {
             "events_per_s": round(events_per_s, 1),
             "events": n,
-            "latency_ms": {q: round(float(np.percentile(lat, p)), 2) if lat.size else None
-                           for q, p in (("p50", 50), ("p95", 95), ("p99", 99))},
+            "latency_ms": _percentiles(lat),
+            "latency_ms_send_to_publish": _percentiles(np.asarray(reader.to_publish_ms[:lat.size], dtype=np.float64)),
             "offered_rate": args.rate,
             "latency_events": int(lat.size),
             "raw_consumer_events_per_s": round(raw, 1),
@@ -239,17 +320,15 @@ def run_bench(args: argparse.Namespace) -> int:
             "torch_threads": settings.torch_threads,
             "processing_guarantee": settings.processing_guarantee,
             "cpus": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+            **training,
         }
         if args.profile:
             result["profile"] = args.profile
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait(10)
+        for proc in procs:
+            _stop(proc)
+        _stop(worker)
         if getattr(args, "worker_log", None) and (work / "worker.log").exists():
             shutil.copy(work / "worker.log", args.worker_log)
         if kafka is not None:

@@ -98,4 +98,12 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--profile", default=None,
                    help="py-spy profile of the worker during the throughput run (.svg flame graph, else raw stacks)")
     p.add_argument("--worker-log", default=None, help="copy the worker's log here")
+    p.add_argument("--no-training", action="store_true",
+                   help="skip the latency run with a trainer process running fine-tune rounds")
+    p.add_argument("--train-buffer", type=int, default=20_000,
+                   help="trainer buffer (events per fine-tune round) in the training run (default 20,000)")
+    p.add_argument("--train-interval", type=float, default=1.0,
+                   help="seconds between the trainer's rounds in the training run (default 1: back to back)")
+    p.add_argument("--train-wait", type=float, default=300.0,
+                   help="how long to wait for the trainer's first round (default 300 s)")
     p.set_defaults(func=_bench)

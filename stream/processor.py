@@ -196,31 +196,68 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     _prequential(result, events, states, rows, rec_rows, prev_event, fresh, model.version, k, popularity)
 
     # outputs, in event order
-    ids = model.vocab.item_ids
-    version = model.version
-    scores_all = np.round(rec_scores.astype(np.float64), 6).tolist()
-    rows_all = rec_rows.tolist()
-    dumps = orjson.dumps
-    out = result.outputs
-    for i, e in enumerate(events):
-        rr = rows_all[i]
-        if rr and rr[-1] == _PAD:
-            m = rr.index(_PAD)
-            rr = rr[:m]
-        items = [{"item_id": it, "score": sc} for it, sc in zip(ids(rr), scores_all[i])]
-        out.append((e.key, dumps({"user_id": e.user_id, "items": items, "model_version": version,
-                                  "event_ts": e.ts_ms, "published_ts": published_ms})))
+    result.outputs = _encode_outputs(model, events, rec_rows, rec_scores, published_ms)
 
     for key, i in last_idx.items():
         h, last_ts, n_events, offsets = work[key]
         recs = rec_rows[i]
         recs = recs[recs != _PAD].astype(np.int32)
         result.states[key] = UserState(None if h is None else np.asarray(h, dtype=np.float32).copy(),
-                                       int(last_ts), int(n_events), int(version), recs, offsets)
+                                       int(last_ts), int(n_events), int(model.version), recs, offsets)
     if popularity is not None:
         popularity.update(rows[fresh])
     result.step_seconds = time.perf_counter() - t0
     return result
+
+
+class _ItemPrefixes(dict):
+    """row -> b'{"item_id":<JSON id>,"score":', built on first use (one vocabulary's worth at most)."""
+
+    def __init__(self, ids: list[str]) -> None:
+        super().__init__()
+        self.ids = ids
+
+    def __missing__(self, row: int) -> bytes:
+        b = b'{"item_id":' + orjson.dumps(self.ids[row]) + b',"score":'
+        self[row] = b
+        return b
+
+
+_prefix_cache: list = [None, None]  # [vocabulary, _ItemPrefixes] of the model served last
+
+
+def _item_prefixes(model: Recommender) -> _ItemPrefixes:
+    vocab = model.vocab
+    if _prefix_cache[0] is not vocab:
+        _prefix_cache[1] = _ItemPrefixes(vocab._ids if hasattr(vocab, "_ids") else vocab.ids)
+        _prefix_cache[0] = vocab
+    return _prefix_cache[1]
+
+
+def _encode_outputs(model: Recommender, events: list[Event], rec_rows: np.ndarray, rec_scores: np.ndarray,
+                    published_ms: int) -> list[tuple[bytes, bytes]]:
+    """One recommendation JSON per event, assembled from cached per-item fragments: the same document as
+    ``orjson.dumps({"user_id", "items": [{"item_id", "score"}...], "model_version", "event_ts",
+    "published_ts"})`` (scores rounded to 6 decimals), without building 20 dicts per event."""
+    prefixes = _item_prefixes(model)
+    tail = b'],"model_version":%d,"event_ts":' % int(model.version)
+    published = b',"published_ts":%d}' % published_ms
+    # orjson writes a float row as [a,b,...]: split it into the per-item score texts
+    score_rows = orjson.dumps(np.round(rec_scores.astype(np.float64), 6), option=orjson.OPT_SERIALIZE_NUMPY)
+    score_rows = score_rows[2:-2].split(b"],[") if rec_scores.shape[1] else [b""] * rec_scores.shape[0]
+    rows_all = rec_rows.tolist()
+    dumps = orjson.dumps
+    prefix = prefixes.__getitem__
+    cat = bytes.__add__
+    out = []
+    for i, e in enumerate(events):
+        rr = rows_all[i]
+        if rr and rr[-1] == _PAD:
+            rr = rr[:rr.index(_PAD)]
+        items = b"},".join(map(cat, map(prefix, rr), score_rows[i].split(b",")))
+        out.append((e.key, b"".join((b'{"user_id":', dumps(e.user_id), b',"items":[', items,
+                                     b"}" if rr else b"", tail, b"%d" % e.ts_ms, published))))
+    return out
 
 
 def _prequential(result: BatchResult, events: list[Event], states: dict[bytes, UserState], rows: np.ndarray,
