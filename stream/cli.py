@@ -41,8 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    from stream.settings import SettingsError
+
     try:
         return int(func(args) or 0)
+    except SettingsError as exc:
+        print(f"gruflow: bad setting: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
