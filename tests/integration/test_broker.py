@@ -10,12 +10,11 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from stream.kafka_config import admin_config, consumer_config, producer_config
@@ -26,20 +25,30 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _consume(settings, topic: str, expected: int, timeout: float = 30.0, **extra) -> list:
-    consumer = Consumer(consumer_config(settings, group_id=f"read-{uuid.uuid4().hex[:8]}", **extra))
-    consumer.subscribe([topic])
+def _consume(settings, topic: str, expected: int, timeout: float = 120.0, **extra) -> list:
+    """Every message of ``topic`` from the beginning: all partitions assigned explicitly at their start
+    (no group join, no 'latest' race), read until each partition reached the end offset it had when
+    reading began (and at least ``expected`` messages arrived), or ``timeout`` passed."""
+    consumer = Consumer(consumer_config(settings, group_id=None, **{"enable.partition.eof": True, **extra}))
     messages: list = []
-    deadline = time.monotonic() + timeout
     try:
-        while len(messages) < expected and time.monotonic() < deadline:
+        n = len(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(n)}
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(n)])
+        reached = {p for p, end in ends.items() if end <= 0}
+        deadline = time.monotonic() + timeout
+        while (len(reached) < n or len(messages) < expected) and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
             if msg is None:
                 continue
             if msg.error():
                 assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
+                if msg.offset() >= ends[msg.partition()]:  # transaction markers take the last offsets
+                    reached.add(msg.partition())
                 continue
             messages.append(msg)
+            if msg.offset() + 1 >= ends[msg.partition()]:
+                reached.add(msg.partition())
     finally:
         consumer.close()
     return messages
