@@ -30,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -263,10 +262,7 @@ def run_bench(args: argparse.Namespace) -> int:
         n = stats.delivered
 
         reader = _RecReader(settings)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        for f in fields(settings):
-            env[ENV_PREFIX + f.name.upper()] = str(getattr(settings, f.name))
-        env[ENV_PREFIX + "MODEL_PATH"] = str(model_path)
+        env = settings.subprocess_env(**{ENV_PREFIX + "MODEL_PATH": str(model_path)})
         log = open(work / "worker.log", "wb")
         worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=env, stdout=log,
                                   stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])

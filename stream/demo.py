@@ -21,11 +21,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stream.settings import ENV_PREFIX, Settings
+from stream.settings import Settings
 
 TRAIN_SESSIONS = 5000  # synthetic sessions the quick model trains on (a few seconds per epoch)
 FINETUNE_EVERY_EVENTS = 10_000  # the demo's trainer fine-tunes often, so a new version shows up live
@@ -164,14 +164,6 @@ def _train(train: Any, path: Path) -> None:
          f"{time.monotonic() - t0:.0f} s")
 
 
-def _worker_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    for f in fields(settings):
-        env[ENV_PREFIX + f.name.upper()] = str(getattr(settings, f.name))
-    env.update(extra)
-    return env
-
-
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -280,7 +272,7 @@ def run_demo(args: argparse.Namespace) -> int:
         with open(log, "wb") as logf:
             worker = subprocess.Popen(
                 [sys.executable, "-m", "stream.cli", "run", "--trainer-port", str(free_port())],
-                env=_worker_env(settings, GRUFLOW_MODEL_PATH=str(model_path),
+                env=settings.subprocess_env(GRUFLOW_MODEL_PATH=str(model_path),
                                 GRUFLOW_FINETUNE_EVERY_EVENTS=str(FINETUNE_EVERY_EVENTS),
                                 GRUFLOW_FINETUNE_INTERVAL_S=str(FINETUNE_INTERVAL_S)),
                 stdout=logf, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])

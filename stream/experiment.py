@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +67,7 @@ def split_warmup(df: pd.DataFrame, days: float) -> tuple[pd.DataFrame, pd.DataFr
 
 
 def _env(settings: Any) -> dict[str, str]:
-    from stream.settings import ENV_PREFIX
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    for f in fields(settings):
-        env[ENV_PREFIX + f.name.upper()] = str(getattr(settings, f.name))
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
+    return settings.subprocess_env(PYTHONUNBUFFERED=os.environ.get("PYTHONUNBUFFERED", "1"))
 
 
 def scrape(settings: Any, timeout: float = 5.0) -> dict[tuple[str, tuple], float]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Mapping, get_args, get_type_hints
 
@@ -88,6 +88,14 @@ class Settings:
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+    def subprocess_env(self, **extra: str) -> dict[str, str]:
+        """os.environ without stray GRUFLOW_* variables, plus every field as GRUFLOW_*: the environment of a
+        gruflow subprocess (worker, trainer) configured exactly like this object; ``extra`` wins."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        env.update({ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)})
+        env.update(extra)
+        return env
 
     @classmethod
     def env_names(cls) -> set[str]:

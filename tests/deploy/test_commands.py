@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import all_of, compose_config
+from deploykit import all_of, compose_config
 from stream.cli import build_parser
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import DEPLOY, ROOT, clean_env, compose_binary, compose_config, load_yaml
+from deploykit import DEPLOY, ROOT, clean_env, compose_binary, compose_config, load_yaml
 from stream.settings import Settings
 from stream.topics import topic_specs
 

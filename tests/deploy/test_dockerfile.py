@@ -7,7 +7,7 @@ import json
 import re
 import tomllib
 
-from conftest import ROOT
+from deploykit import ROOT
 
 
 def instructions() -> list[tuple[str, str]]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import COMPOSE_FILE, GRUFLOW_NAME, K8S, ROOT, all_of, compose_config, one
+from deploykit import COMPOSE_FILE, GRUFLOW_NAME, K8S, ROOT, all_of, compose_config, one
 from stream.settings import Settings
 
 SOURCES = [COMPOSE_FILE, ROOT / "Dockerfile", *sorted(K8S.rglob("*.yaml"))]

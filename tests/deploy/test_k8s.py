@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import DEPLOY, K8S, all_of, load_yaml, one
+from deploykit import DEPLOY, K8S, all_of, load_yaml, one
 from kustomize_lite import render
 from stream.settings import Settings
 from stream.topics import STATE_TABLE_NAME, topic_specs

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import DEPLOY, load_yaml
+from deploykit import DEPLOY, load_yaml
 from stream.metrics import Metrics
 
 PROM = DEPLOY / "prometheus"

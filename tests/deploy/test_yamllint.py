@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import DEPLOY, ROOT, yaml_files
+from deploykit import DEPLOY, ROOT, yaml_files
 
 CONFIG = DEPLOY / "yamllint.yml"
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from stream.settings import ENV_PREFIX, Settings
+from stream.settings import Settings
 
 
 @dataclass
@@ -53,11 +53,7 @@ class KafkaFixture:
     def env(self, settings: Settings, **extra: str) -> dict[str, str]:
         """os.environ without stray GRUFLOW_* variables, plus every field of ``settings`` as GRUFLOW_*, for
         starting gruflow subprocesses (workers) configured exactly like ``settings``."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        for f in fields(settings):
-            env[ENV_PREFIX + f.name.upper()] = str(getattr(settings, f.name))
-        env.update(extra)
-        return env
+        return settings.subprocess_env(**extra)
 
 
 @pytest.fixture(scope="session")
