@@ -183,6 +183,13 @@ class Pipeline:
         offsets = [(tp, [r.offset for r in records]) for tp, records in batch]
         if self.exactly_once:
             async with consumer.commit_lock:
+                # a revocation (which holds this lock) may have happened while waiting: its offsets are
+                # forgotten and its records will be fetched again, so these outputs must not be sent
+                if self.app.consumer_generation_id != generation or not consumer.flow_active \
+                        or self.app.should_stop:
+                    log.info("rebalance before a batch of %d events was sent: dropped unacked, it will be "
+                             "processed again", len(events))
+                    return
                 changelog_futs, _ = await self.sink.send(out)
                 for p, recs in local.items():
                     self.store.write_partition(p, recs)

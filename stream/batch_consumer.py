@@ -10,16 +10,18 @@ through faust's conductor one by one.
 
 Offsets are acked in bulk (``ack_offsets``) with the same bookkeeping as ``Consumer.ack``, so faust's
 commit logic (gaps, consecutive offsets, transactions) works unchanged. In exactly-once mode the
-handler holds ``commit_lock`` while it sends a batch's outputs and acks its offsets, and commits take
-the same lock, so a transaction never holds a batch's outputs without its offsets (or the reverse).
+handler holds ``commit_lock`` while it sends a batch's outputs and acks its offsets, and commits (the
+choice of offsets included) and revocations take the same lock, so a transaction never holds a batch's
+outputs without its offsets (or the reverse).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Sequence, Set
 
+from aiokafka import TopicPartition
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
@@ -52,6 +54,9 @@ class BatchConsumer(AIOKafkaConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.commit_lock = asyncio.Lock()
+        self._seeks = 0  # perform_seek calls started so far
+        self._sought_generation = -1  # the generation whose stream partitions were last sought
+        self._held: set[TP] = set()  # input partitions whose resume waits for that seek
 
     def _new_consumer_thread(self) -> BatchConsumerThread:
         return BatchConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -73,9 +78,63 @@ class BatchConsumer(AIOKafkaConsumer):
             self._n_acked += n
         return n
 
-    async def _commit_offsets(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
+    def resume_partitions(self, tps: Any) -> None:
+        """faust resumes the input partitions when recovery ends BEFORE it seeks them to the committed
+        offsets: records fetched in between were processed, then fetched and processed again after the
+        seek (the same outputs twice in one transaction). Input partitions stay paused until this
+        generation's seek is done (``perform_seek`` resumes them)."""
+        tpset = set(tps)
+        if self.in_transaction and self._sought_generation != self.app.consumer_generation_id:
+            held = {tp for tp in tpset if tp.topic in self.batch_topics}
+            self._held |= held
+            tpset -= held
+        super().resume_partitions(tpset)
+
+    async def perform_seek(self) -> None:
+        """Seek to the committed offsets, then resume the held input partitions. A batch fetched while a
+        seek ran is dropped by the drain loop (its records are fetched again from the new position).
+        exactly_once only (at-least-once keeps faust's behaviour)."""
+        if not self.in_transaction:
+            await super().perform_seek()
+            return
+        self._seeks += 1
+        generation = self.app.consumer_generation_id
+        await super().perform_seek()
+        # aiokafka leaves partitions without a committed offset where they are, so records fetched before
+        # the seek and dropped would be skipped: start those at the beginning (auto_offset_reset=earliest)
+        fresh = [tp for tp in self.assignment() if tp.topic in self.batch_topics and not self._read_offset.get(tp)]
+        if fresh:
+            await self._thread.seek_to_beginning(*(TopicPartition(tp.topic, tp.partition) for tp in fresh))
+        self._seeks += 1
+        if generation == self.app.consumer_generation_id:
+            self._sought_generation = generation
+            held, self._held = self._held, set()
+            super().resume_partitions(held & self.assignment())
+
+    async def force_commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
+        """faust's commit with the offsets CHOSEN under ``commit_lock`` too: choosing them before the lock
+        let a batch send its outputs (and ack) in between, so a transaction committed those outputs
+        with older offsets, and a crash before the next commit processed that batch twice."""
         async with self.commit_lock:
-            return await super()._commit_offsets(offsets, start_new_transaction=start_new_transaction)
+            return await super().force_commit(topics, start_new_transaction=start_new_transaction)
+
+    async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
+        """exactly_once: commit what was acked before faust forgets the acks. faust drops the acked
+        offsets of revoked partitions but keeps the open transactions of partitions assigned again
+        to this worker, so those outputs would later be committed without their offsets (and be
+        produced again when the batch is reprocessed). Holding ``commit_lock`` until the revocation is
+        done also keeps a batch from sending outputs in between (``Pipeline`` re-checks the flow)."""
+        if not self.in_transaction:
+            await super().on_partitions_revoked(revoked)
+            return
+        async with self.commit_lock:
+            try:
+                await super().force_commit(start_new_transaction=True)
+            except Exception as exc:  # noqa: BLE001 - outputs and offsets may disagree: crash, restart recovers
+                self.log.exception("commit before revocation failed: %r", exc)
+                await self.crash(exc)
+                raise
+            await super().on_partitions_revoked(revoked)
 
     async def _fetch(self, timeout: float) -> dict[TP, list[Any]] | None:
         records, _active = await self._wait_next_records(timeout)
@@ -99,6 +158,7 @@ class BatchConsumer(AIOKafkaConsumer):
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 generation = self.app.consumer_generation_id
+                seeks = self._seeks
                 batch: dict[TP, list[Any]] = {}
                 n = 0
                 deadline = 0.0
@@ -131,7 +191,8 @@ class BatchConsumer(AIOKafkaConsumer):
                     timeout = deadline - time.monotonic()
                     if n >= self.batch_max_events or timeout <= 0:
                         break
-                if not batch or self.app.consumer_generation_id != generation or self.should_stop:
+                if not batch or self.app.consumer_generation_id != generation or self.should_stop \
+                        or self._seeks != seeks:
                     await asyncio.sleep(0)
                     continue
                 # gaps (transaction markers, compaction) must be known before the offsets are acked
@@ -144,7 +205,7 @@ class BatchConsumer(AIOKafkaConsumer):
                             prev = r.offset
                 assert self.batch_handler is not None, "BatchConsumer.batch_handler is not set"
                 await self.batch_handler(list(batch.items()), generation)
-                if self.app.consumer_generation_id == generation:
+                if self.app.consumer_generation_id == generation and self._seeks == seeks:
                     for tp, recs in batch.items():
                         read_offset[tp] = recs[-1].offset
                 commit_every = self._commit_every
