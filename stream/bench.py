@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from stream.processes import stop_process
 from stream.settings import ENV_PREFIX, Settings
 
 
@@ -196,16 +196,6 @@ def _start_trainer(env: dict[str, str], port: int, args: argparse.Namespace, log
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=cwd)
 
 
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def _training_phase(args: argparse.Namespace, settings: Settings, env: dict[str, str], reader: "_RecReader",
                     work: Path, procs: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
     """Start a trainer process, wait for its first finished round, then measure latency under training."""
@@ -323,8 +313,8 @@ def run_bench(args: argparse.Namespace) -> int:
             result["profile"] = args.profile
     finally:
         for proc in procs:
-            _stop(proc)
-        _stop(worker)
+            stop_process(proc)
+        stop_process(worker)
         if getattr(args, "worker_log", None) and (work / "worker.log").exists():
             shutil.copy(work / "worker.log", args.worker_log)
         if kafka is not None:

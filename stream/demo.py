@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stream.processes import stop_process
 from stream.settings import Settings
 
 TRAIN_SESSIONS = 5000  # synthetic sessions the quick model trains on (a few seconds per epoch)
@@ -332,13 +332,7 @@ def run_demo(args: argparse.Namespace) -> int:
         _say("interrupted")
         return 130
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait(10)
+        stop_process(worker)
         if kafka is not None:
             kafka.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -138,20 +138,14 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
                     retry = exc  # the cluster is down or not there yet
                 else:
                     raise WorkerError(str(exc)) from None  # wrong partitions, unreadable checkpoint, ...
-                log.warning("cannot start yet (%s); retrying in %.0f s", retry, delay)
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
-                delay = min(30.0, delay * 2)
-                continue
             except Exception as exc:  # noqa: BLE001 - broker down or not reachable yet: retry
-                log.warning("cannot start yet (%s); retrying in %.0f s", exc, delay)
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
-                delay = min(30.0, delay * 2)
+                retry = exc
+            log.warning("cannot start yet (%s); retrying in %.0f s", retry, delay)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            delay = min(30.0, delay * 2)
         return None
 
     try:

@@ -1,0 +1,18 @@
+"""Child gruflow processes (worker, trainer) started by the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float = 30.0) -> None:
+    """SIGTERM (a clean shutdown: commits, broker leave), then SIGKILL if it does not exit in time."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
