@@ -97,7 +97,7 @@ class Pipeline:
     _seq: int = 0
     _generation: int = -1
     _failure: BaseException | None = None
-    _phases: list = field(default_factory=lambda: [0, 0, 0.0, 0.0, 0.0, 0.0])
+    _phases: list = field(default_factory=lambda: [0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     _phases_logged: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
@@ -280,19 +280,20 @@ class Pipeline:
 
     def _phase(self, n: int, *seconds: float) -> None:
         """Where a batch's time goes (oldest event's age when the batch starts, decode+read, compute,
-        produce), logged every 30 s."""
+        produce), mean and max per batch, logged every 30 s."""
         acc = self._phases
         acc[0] += 1
         acc[1] += n
         for i, s in enumerate(seconds):
             acc[2 + i] += s
+            acc[6 + i] = max(acc[6 + i], s)
         now = time.monotonic()
         if now - self._phases_logged >= PHASE_LOG_S and acc[0]:
             b = acc[0]
-            log.info("%d batches, %.0f events/batch; ms per batch: oldest event's age %.1f, decode+read %.1f, "
-                     "compute %.1f, produce %.1f", b, acc[1] / b,
-                     *(1000 * x / b for x in acc[2:]))
-            self._phases = [0, 0, 0.0, 0.0, 0.0, 0.0]
+            log.info("%d batches, %.0f events/batch; ms per batch (mean/max): oldest event's age %.1f/%.0f, "
+                     "decode+read %.1f/%.0f, compute %.1f/%.0f, produce %.1f/%.0f", b, acc[1] / b,
+                     *(x for i in range(4) for x in (1000 * acc[2 + i] / b, 1000 * acc[6 + i])))
+            self._phases = [0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
             self._phases_logged = now
 
     def _evictions(self, batch: Batch, part_of: dict[bytes, int], out: Outgoing,

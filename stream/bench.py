@@ -1,5 +1,8 @@
 """``gruflow bench stream --json``: one worker process on the embedded broker, measured end to end.
 
+0. compute ceiling: before the worker starts, the worker's batch computation alone (decode, GRU steps,
+   exact top-K, output JSON; no Kafka, no state store) on 10,000 of the same events, and the top-K
+   scoring alone: ``ratio_to_compute_ceiling`` = end-to-end rate / that ceiling.
 1. throughput: N events (synthetic sessions over the catalogue) are produced BEFORE the worker starts;
    events_per_s = N / (last - first publication time of their recommendations), i.e. sustained
    processing of a backlog: consume, decode, state reads, GRU + top-K, changelog + recommendation
@@ -69,6 +72,51 @@ def _events(n: int, n_items: int) -> Any:
 
     df = generate(n_sessions=max(1, n // 5), n_items=n_items, seed=1)
     return df.iloc[np.argsort(df["Time"].to_numpy(), kind="stable")].head(n)
+
+
+def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_000) -> dict[str, float]:
+    """The worker's batch computation alone, on the bench's own messages, in this process with the
+    worker's torch threads and batch size, before the worker starts: decode + ``process_batch`` (GRU
+    steps, exact top-K over the catalogue, output JSON), and the top-K scoring on its own. No Kafka, no
+    state store: the ceiling the end-to-end rate is compared with."""
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from stream.events import CLICKS, PURCHASES, Limits, decode_event
+    from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
+    from stream.replay import iter_messages
+    from stream.scoring import TopKScorer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.torch_threads)
+    try:
+        model = load_checkpoint(model_path).recommender(1)
+        scorer = TopKScorer(model)
+        limits, cfg, popularity = Limits(), ProcessorConfig(k=settings.top_k), PopularityBaseline()
+        purchases = settings.topic("purchases")
+        messages = list(iter_messages(settings, df, limit=n))
+        size = settings.batch_max_events
+        compute_s = scoring_s = 0.0
+        events_done = 0
+        for start in range(0, len(messages), size):
+            part = messages[start:start + size]
+            t0 = time.perf_counter()
+            events = [decode_event(value, key, PURCHASES if topic == purchases else CLICKS, limits, topic=topic,
+                                   partition=0, offset=start + i, append_ts_ms=ts, now_ms=ts)
+                      for i, (topic, key, value, ts) in enumerate(part)]
+            events = [e for e in events if hasattr(e, "key")]
+            result = process_batch(model, events, {}, cfg, popularity, scorer.top_k)
+            compute_s += time.perf_counter() - t0
+            hidden = np.zeros((len(events), model.state_size), dtype=np.float32)
+            hidden[:] = np.tanh(np.random.default_rng(start).standard_normal(hidden.shape))
+            t1 = time.perf_counter()
+            scorer.top_k(hidden, settings.top_k)
+            scoring_s += time.perf_counter() - t1
+            events_done += len(result.outputs)
+    finally:
+        torch.set_num_threads(threads)
+    return {"compute_ceiling_events_per_s": round(events_done / compute_s, 1) if compute_s else float("nan"),
+            "topk_ceiling_events_per_s": round(events_done / scoring_s, 1) if scoring_s else float("nan")}
 
 
 def _raw_consume(settings: Settings, n: int) -> float:
@@ -146,7 +194,7 @@ def _offer(settings: Settings, rate: float, seconds: float, n_items: int, seed: 
 
     from stream.sinks import low_latency
 
-    p = Producer(producer_config(settings, linger_ms=1, **low_latency(settings)))
+    p = Producer(producer_config(settings, **low_latency(settings)))
     rng = np.random.default_rng(seed)
     topic = settings.topic("clicks")
     n_total = int(rate * seconds)
@@ -250,6 +298,9 @@ def run_bench(args: argparse.Namespace) -> int:
         _log(f"producing {len(df):,} events (backlog) ...")
         stats = replay(settings, df, progress=False)
         n = stats.delivered
+        ceiling = _compute_ceiling(settings, model_path, df)
+        _log(f"compute ceiling (no Kafka, no state): {ceiling['compute_ceiling_events_per_s']:,.0f} events/s; "
+             f"top-K alone {ceiling['topk_ceiling_events_per_s']:,.0f} events/s")
 
         reader = _RecReader(settings)
         env = settings.subprocess_env(**{ENV_PREFIX + "MODEL_PATH": str(model_path)})
@@ -296,6 +347,8 @@ def run_bench(args: argparse.Namespace) -> int:
             "latency_events": int(lat.size),
             "raw_consumer_events_per_s": round(raw, 1),
             "ratio_to_raw": round(events_per_s / raw, 4) if raw else None,
+            **ceiling,
+            "ratio_to_compute_ceiling": round(events_per_s / ceiling["compute_ceiling_events_per_s"], 3),
             "peak_rss_bytes": _peak_rss(worker.pid),
             "catalogue_items": args.items,
             "hidden": args.hidden,

@@ -123,7 +123,7 @@ class Settings:
             (self.partitions >= 1, "GRUFLOW_PARTITIONS must be >= 1"),
             (self.top_k >= 1, "GRUFLOW_TOP_K must be >= 1"),
             (self.batch_max_events >= 1, "GRUFLOW_BATCH_MAX_EVENTS must be >= 1"),
-            (self.batch_max_ms > 0, "GRUFLOW_BATCH_MAX_MS must be > 0"),
+            (self.batch_max_ms >= 0, "GRUFLOW_BATCH_MAX_MS must be >= 0"),
             (self.torch_threads >= 1, "GRUFLOW_TORCH_THREADS must be >= 1"),
             (0 < self.web_port < 65536, "GRUFLOW_WEB_PORT must be a TCP port"),
             (self.session_gap_s > 0, "GRUFLOW_SESSION_GAP_S must be > 0"),
