@@ -69,6 +69,21 @@ def test_producer_uses_faust_compatible_partitioner_and_batches():
     assert config["enable.idempotence"] is True
 
 
+def test_latency_producers_keep_requests_in_flight_bounded():
+    """The worker's output producer and the bench's load generator: without idempotence librdkafka allows
+    unbounded requests in flight, one per partition, and a busy broker fell behind for good."""
+    from confluent_kafka import Producer
+
+    from stream.sinks import low_latency
+
+    settings = Settings(bootstrap_servers="127.0.0.1:1")
+    config = producer_config(settings, **low_latency(settings))
+    assert config["enable.idempotence"] is True and "acks" not in config
+    assert int(config.get("max.in.flight", 5)) <= 5
+    assert config["linger.ms"] >= 1 and config["socket.nagle.disable"] is True
+    Producer(config)
+
+
 def test_extra_keys_keep_python_callbacks():
     def cb(err):  # pragma: no cover - never called
         pass
