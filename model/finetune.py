@@ -408,9 +408,9 @@ class FineTuner:
         known = train[rows >= 0]
         known = known[known.groupby("SessionId")["SessionId"].transform("size") >= 2]
         params = cur.params if cfg.learning_rate is None else replace(cur.params, learning_rate=cfg.learning_rate)
-        torch.manual_seed(cfg.seed + self.rounds)
+        # each round draws its own negatives and dropout masks (fit never touches torch's global generator)
         fit_out = fit(candidate, known.drop(columns=["Recent"], errors="ignore").reset_index(drop=True), params,
-                      n_epochs=cfg.n_epochs, item_rows=vocab, progress=progress)
+                      n_epochs=cfg.n_epochs, item_rows=vocab, progress=progress, seed=cfg.seed + self.rounds)
         loss = _loss_of(fit_out)
 
         # --- guardrail: both models on the held-out recent sessions (items the served model knows)

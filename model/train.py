@@ -50,6 +50,17 @@ def build_vocabulary(df: pd.DataFrame) -> Vocabulary:
     return Vocabulary(pd.unique(df["ItemId"].astype(str)))
 
 
+def training_generator(seed: int) -> torch.Generator:
+    """The random stream for dropout masks and negative samples, derived from ``seed``.
+
+    :meth:`GRU4RecNet.reset_parameters` seeds a generator with the same seed; seeding training's
+    generator with it directly replays the initial weights' uniforms as the first dropout masks and
+    the first ~1M negative samples, tying those samples to the initial weights. The reference draws
+    them independently, so a separate stream is derived here."""
+    state = np.random.SeedSequence(int(seed) % (1 << 64), spawn_key=(1,)).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 def item_counts(rows: np.ndarray, n_items: int) -> np.ndarray:
     """Events per row (float64), ignoring unknown (-1) rows."""
     rows = rows[rows >= 0]
@@ -191,7 +202,7 @@ def fit(net: GRU4RecNet, data: pd.DataFrame, params: GRU4RecParams | None = None
                          "call net.expand_items() first")
     index = index_sessions(data, rows)
     counts = item_counts(index.items, net.n_items)
-    gen = torch.Generator().manual_seed(params.seed if seed is None else seed)
+    gen = training_generator(params.seed if seed is None else seed)
     summary = {"epochs": epochs, "loss": [], "events": 0, "seconds": 0.0, "n_sessions": index.n_sessions,
                "n_events": index.n_events, "n_items": net.n_items}
     if index.n_predictions == 0 or epochs <= 0:

@@ -92,3 +92,33 @@ def test_sampler_alpha_zero_is_uniform_over_seen_items() -> None:
     draws = torch.cat([sampler.next() for _ in range(20)]).numpy()
     freq = np.bincount(draws, minlength=3) / draws.size
     assert np.abs(freq - 1 / 3).max() < 0.02
+
+
+def test_fit_draws_negatives_from_a_stream_independent_of_the_weight_init(monkeypatch) -> None:
+    # the network's init and fit() share params.seed; fit must not replay the init's uniforms as its
+    # negatives (and dropout masks), or the first ~1M samples would be a function of the initial weights
+    from model.network import GRU4RecNet
+    from model.params import GRU4RecParams
+    from model.synthetic import generate
+    from model.train import build_vocabulary, fit
+
+    df = generate(n_sessions=200, n_items=60, seed=2)
+    vocab = build_vocabulary(df)
+    params = GRU4RecParams(layers=(8,), n_sample=256, sample_alpha=0.0, dropout_p_hidden=0.0, n_epochs=1, seed=9,
+                           loss="cross-entropy")
+    first: list[torch.Tensor] = []
+    original = NegativeSampler._refill
+
+    def recording_refill(self) -> None:
+        original(self)
+        if not first:
+            first.append(self._cache[0].clone())
+
+    monkeypatch.setattr(NegativeSampler, "_refill", recording_refill)
+    fit(GRU4RecNet(len(vocab), params), df, params, item_rows=vocab, progress=False)
+    counts = np.ones(len(vocab))
+    init_stream = NegativeSampler(counts, 256, 0.0, 256 * 4, torch.Generator().manual_seed(params.seed))
+    replay = original.__get__(init_stream)
+    replay()
+    agree = float((init_stream._cache[0] == first[0]).double().mean())
+    assert agree < 0.1, f"{agree:.0%} of fit's first negatives equal the weight-init stream's draws"

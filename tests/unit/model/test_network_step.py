@@ -127,3 +127,47 @@ def test_merged_repeated_samples_train_exactly_like_repeated_columns() -> None:
     assert sa["loss"][0] == pytest.approx(sb["loss"][0], rel=1e-5)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(pa, pb, atol=2e-5), name
+
+
+def test_training_steps_equal_a_plain_autograd_reference_step(monkeypatch) -> None:
+    """Whole steps (dropout, shared samples with repeats, logQ, loss / batch_size, Adagrad on every parameter)
+    against a straightforward dense autograd version of the reference's maths, with the same samples and masks."""
+    import model.train as mt
+
+    n_items, B, n_sample, hidden = 30, 6, 50, 8
+    params = GRU4RecParams(layers=(hidden,), batch_size=B, n_sample=n_sample, sample_alpha=0.3, logq=1.0,
+                           loss="cross-entropy", bpreg=0.0, elu_param=0.0, dropout_p_hidden=0.25, learning_rate=0.1)
+    net = GRU4RecNet(n_items, params)
+    counts = np.arange(1, n_items + 1, dtype=np.float64)
+    trainer = _Trainer(net, params, counts, counts, torch.Generator().manual_seed(0), expected_steps=10)
+    ref = {name: p.detach().clone().requires_grad_() for name, p in net.named_parameters() if not name.startswith("T.")}
+    acc = {name: torch.zeros_like(p) for name, p in ref.items()}
+    rs = np.random.RandomState(4)
+    masks: dict[str, torch.Tensor] = {}
+    monkeypatch.setattr(mt, "_mask", lambda x, p, gen: masks["h"] if p > 0 else None)
+    H, H_ref = [torch.zeros(B, hidden)], torch.zeros(B, hidden)
+    for _ in range(6):
+        X, Y, S = (torch.from_numpy(rs.randint(0, n_items, n)) for n in (B, B, n_sample))
+        masks["h"] = torch.from_numpy((rs.rand(B, hidden) > 0.25).astype(np.float32) / 0.75)
+        uniq, logc = mt._merge_rows(S[None])
+        trainer.sampler.next_merged = lambda u=uniq[0], c=logc[0]: (u, c)
+        loss = trainer.step(X, torch.ones(B, dtype=torch.int64), Y, H)
+        # reference: repeated sample columns kept, targets corrected by log(count), samples by alpha*log(count)
+        Wy, By = ref["Wy.weight"], ref["By.weight"]
+        h = torch.gru_cell(Wy[X], H_ref, ref["G.0.weight_ih"], ref["G.0.weight_hh"],
+                           ref["G.0.bias_ih"], ref["G.0.bias_hh"]) * masks["h"]
+        cols = torch.cat([Y, S])
+        logq = torch.cat([torch.log(torch.from_numpy(counts)[Y]), 0.3 * torch.log(torch.from_numpy(counts)[S])]).float()
+        scores = h @ Wy[cols].T + By[cols].T - logq
+        L = -torch.log(torch.softmax(scores, 1).diagonal() + 1e-24).sum() / B
+        grads = torch.autograd.grad(L, list(ref.values()), allow_unused=True)
+        with torch.no_grad():
+            for (name, p), g in zip(ref.items(), grads):
+                if g is not None:
+                    acc[name] += g * g
+                    p -= params.learning_rate * g / torch.sqrt(acc[name] + mt.ADAGRAD_EPS)
+        H_ref = h.detach()
+        assert loss == pytest.approx(float(L.detach()), rel=1e-5)
+        assert torch.allclose(H[0], H_ref, atol=1e-5)
+    for name, p in ref.items():
+        assert torch.allclose(dict(net.named_parameters())[name], p, atol=1e-5), name
