@@ -82,7 +82,7 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
     import torch
 
     from model.checkpoint import load_checkpoint
-    from stream.events import CLICKS, PURCHASES, Limits, decode_event
+    from stream.events import CLICKS, PURCHASES, Limits, Rejected, decode_event
     from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
     from stream.replay import iter_messages
     from stream.scoring import TopKScorer
@@ -104,11 +104,11 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
             events = [decode_event(value, key, PURCHASES if topic == purchases else CLICKS, limits, topic=topic,
                                    partition=0, offset=start + i, append_ts_ms=ts, now_ms=ts)
                       for i, (topic, key, value, ts) in enumerate(part)]
-            events = [e for e in events if hasattr(e, "key")]
+            events = [e for e in events if not isinstance(e, Rejected)]
             result = process_batch(model, events, {}, cfg, popularity, scorer.top_k)
             compute_s += time.perf_counter() - t0
-            hidden = np.zeros((len(events), model.state_size), dtype=np.float32)
-            hidden[:] = np.tanh(np.random.default_rng(start).standard_normal(hidden.shape))
+            hidden = np.tanh(np.random.default_rng(start).standard_normal((len(events), model.state_size)))
+            hidden = hidden.astype(np.float32)
             t1 = time.perf_counter()
             scorer.top_k(hidden, settings.top_k)
             scoring_s += time.perf_counter() - t1
@@ -192,9 +192,9 @@ def _offer(settings: Settings, rate: float, seconds: float, n_items: int, seed: 
 
     from stream.kafka_config import producer_config
 
-    from stream.sinks import low_latency
+    from stream.sinks import LOW_LATENCY_PRODUCER
 
-    p = Producer(producer_config(settings, **low_latency(settings)))
+    p = Producer(producer_config(settings, **LOW_LATENCY_PRODUCER))
     rng = np.random.default_rng(seed)
     topic = settings.topic("clicks")
     n_total = int(rate * seconds)

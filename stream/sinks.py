@@ -55,16 +55,14 @@ def dlq_headers(reason: str, detail: str, topic: str, partition: int, offset: in
             ("gruflow-timestamp", str(timestamp_ms if timestamp_ms is not None else -1).encode())]
 
 
-def low_latency(settings: Settings) -> dict[str, Any]:
-    """Producer overrides for latency-sensitive records (the worker's outputs, the bench's offered load):
-    no Nagle delay, a short linger. The producer stays idempotent (acks=all, at most 5 requests in
-    flight per connection): that cap is what makes records batch up while the broker is busy. With
-    acks=1 and idempotence off, librdkafka allows unbounded requests in flight, so at linger 1 ms every
-    few records became a request of their own; measured on the embedded broker at 2,000 events/s, the
-    broker fell behind and record ages grew without bound (10 s after 20 s), while the idempotent
-    producer kept one hop at p50 7 ms / p99 17 ms once the broker was warm."""
-    del settings  # same overrides for every cluster; kept for call sites that may tune per cluster
-    return {"socket.nagle.disable": True, "linger.ms": 5}
+# Producer overrides for latency-sensitive records (the worker's outputs, the bench's offered load): no Nagle
+# delay, a short linger, and the producer stays idempotent (acks=all, at most 5 requests in flight per
+# connection): that cap is what makes records batch up while the broker is busy. With acks=1 and idempotence
+# off, librdkafka allows unbounded requests in flight (one partition per request), so at linger 1 ms every
+# few records became a request of their own; on the embedded broker at 2,000 events/s the broker fell behind
+# and record ages grew without bound (10 s after 20 s), while the idempotent producer kept one hop at p50 7 ms
+# / p99 17 ms once the broker was warm.
+LOW_LATENCY_PRODUCER: dict[str, Any] = {"socket.nagle.disable": True, "linger.ms": 5}
 
 
 class SinkError(RuntimeError):
@@ -121,7 +119,7 @@ class ConfluentSink:
 
         self.topics = (recommendations, changelog, dlq)
         self._changelog = changelog
-        self.producer = Producer(producer_config(settings, batch_num_messages=100000, **low_latency(settings)))
+        self.producer = Producer(producer_config(settings, batch_num_messages=100000, **LOW_LATENCY_PRODUCER))
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="gruflow-producer-poll", daemon=True)
         self._poller.start()

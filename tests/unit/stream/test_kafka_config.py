@@ -74,10 +74,9 @@ def test_latency_producers_keep_requests_in_flight_bounded():
     unbounded requests in flight, one per partition, and a busy broker fell behind for good."""
     from confluent_kafka import Producer
 
-    from stream.sinks import low_latency
+    from stream.sinks import LOW_LATENCY_PRODUCER
 
-    settings = Settings(bootstrap_servers="127.0.0.1:1")
-    config = producer_config(settings, **low_latency(settings))
+    config = producer_config(Settings(bootstrap_servers="127.0.0.1:1"), **LOW_LATENCY_PRODUCER)
     assert config["enable.idempotence"] is True and "acks" not in config
     assert int(config.get("max.in.flight", 5)) <= 5
     assert config["linger.ms"] >= 1 and config["socket.nagle.disable"] is True
