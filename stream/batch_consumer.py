@@ -91,21 +91,25 @@ class BatchConsumer(AIOKafkaConsumer):
         super().resume_partitions(tpset)
 
     async def perform_seek(self) -> None:
-        """Seek to the committed offsets, then resume the held input partitions. A batch fetched while a
-        seek ran is dropped by the drain loop (its records are fetched again from the new position).
-        exactly_once only (at-least-once keeps faust's behaviour)."""
+        """Seek to the committed offsets, then resume the held input partitions. A batch collected while
+        a seek ran is dropped by the drain loop, which then seeks again (records fetched after the first
+        seek would otherwise be skipped). ``_seeks`` is odd while a seek runs. exactly_once only
+        (at-least-once keeps faust's behaviour)."""
         if not self.in_transaction:
             await super().perform_seek()
             return
         self._seeks += 1
         generation = self.app.consumer_generation_id
-        await super().perform_seek()
-        # aiokafka leaves partitions without a committed offset where they are, so records fetched before
-        # the seek and dropped would be skipped: start those at the beginning (auto_offset_reset=earliest)
-        fresh = [tp for tp in self.assignment() if tp.topic in self.batch_topics and not self._read_offset.get(tp)]
-        if fresh:
-            await self._thread.seek_to_beginning(*(TopicPartition(tp.topic, tp.partition) for tp in fresh))
-        self._seeks += 1
+        try:
+            await super().perform_seek()
+            # aiokafka leaves partitions without a committed offset where they are, so records fetched before
+            # the seek and dropped would be skipped: start those at the beginning (auto_offset_reset=earliest)
+            fresh = [tp for tp in self.assignment()
+                     if tp.topic in self.batch_topics and not self._read_offset.get(tp)]
+            if fresh:
+                await self._thread.seek_to_beginning(*(TopicPartition(tp.topic, tp.partition) for tp in fresh))
+        finally:
+            self._seeks += 1
         if generation == self.app.consumer_generation_id:
             self._sought_generation = generation
             held, self._held = self._held, set()
@@ -193,6 +197,17 @@ class BatchConsumer(AIOKafkaConsumer):
                         break
                 if not batch or self.app.consumer_generation_id != generation or self.should_stop \
                         or self._seeks != seeks:
+                    if batch and self._seeks != seeks and self._seeks % 2 == 0 and not self.should_stop \
+                            and self.app.consumer_generation_id == generation:
+                        # a seek finished while this batch was collected: some of its records may come from
+                        # the new position, where the fetcher has moved past them; go back to the committed
+                        # offsets so that dropping them skips nothing
+                        self.log.info("a batch of %d records was collected across a seek: dropped, seeking back "
+                                      "to the committed offsets", n)
+                        try:
+                            await self.perform_seek()
+                        except Exception as exc:  # noqa: BLE001 - as in _fetch: a failed seek is retried later
+                            self.log.warning("seek after a dropped batch failed: %r", exc)
                     await asyncio.sleep(0)
                     continue
                 # gaps (transaction markers, compaction) must be known before the offsets are acked
