@@ -192,9 +192,9 @@ def _offer(settings: Settings, rate: float, seconds: float, n_items: int, seed: 
 
     from stream.kafka_config import producer_config
 
-    from stream.sinks import LOW_LATENCY_PRODUCER
+    from stream.sinks import load_generator
 
-    p = Producer(producer_config(settings, **LOW_LATENCY_PRODUCER))
+    p = Producer(producer_config(settings, **load_generator(settings)))
     rng = np.random.default_rng(seed)
     topic = settings.topic("clicks")
     n_total = int(rate * seconds)

@@ -78,18 +78,6 @@ def _clear_marker(settings: Settings) -> None:
     (Path(table_dir(settings)) / RUNNING_MARKER).unlink(missing_ok=True)
 
 
-def _quiet_gc() -> None:
-    """Less collector work on the batch path: everything built at start-up (torch, faust, the model) moves
-    to a permanent generation that full collections skip, and the young generation is collected every
-    50,000 allocations instead of 700 (a batch allocates thousands of short-lived objects). A common
-    service setting; its effect on the bench's latency was within run-to-run noise here."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
 def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
     if settings.embedded:
@@ -178,7 +166,6 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     _wipe_if_dirty(settings)
     runtime = build_app(settings, holder, metrics)
     phase["runtime"] = runtime
-    _quiet_gc()
     subscriber: Any = None
     try:
         from stream.model_sync import ModelSubscriber

@@ -69,18 +69,20 @@ def test_producer_uses_faust_compatible_partitioner_and_batches():
     assert config["enable.idempotence"] is True
 
 
-def test_latency_producers_keep_requests_in_flight_bounded():
-    """The worker's output producer and the bench's load generator: without idempotence librdkafka allows
-    unbounded requests in flight, one per partition, and a busy broker fell behind for good."""
+def test_load_generator_keeps_requests_in_flight_bounded():
+    """The bench's load generator: without a cap librdkafka allows unbounded requests in flight, one per
+    partition, and a busy broker fell behind for good."""
     from confluent_kafka import Producer
 
-    from stream.sinks import LOW_LATENCY_PRODUCER
+    from stream.sinks import load_generator
 
-    config = producer_config(Settings(bootstrap_servers="127.0.0.1:1"), **LOW_LATENCY_PRODUCER)
-    assert config["enable.idempotence"] is True and "acks" not in config
-    assert int(config.get("max.in.flight", 5)) <= 5
-    assert config["linger.ms"] >= 1 and config["socket.nagle.disable"] is True
-    Producer(config)
+    for replicas in (1, 3):
+        settings = Settings(bootstrap_servers="127.0.0.1:1", replication_factor=replicas)
+        config = producer_config(settings, **load_generator(settings))
+        assert int(config["max.in.flight"]) <= 5
+        assert config["linger.ms"] >= 1 and config["socket.nagle.disable"] is True
+        assert (config.get("acks") == 1) == (replicas == 1)
+        Producer(config)
 
 
 def test_extra_keys_keep_python_callbacks():
