@@ -77,6 +77,11 @@ class Runtime:
         return True, "ready"
 
 
+def _new_phases() -> list:
+    """Batch-phase accumulator: [batches, events, 4 phase sums (s), 4 phase maxima (s)]."""
+    return [0, 0] + [0.0] * 8
+
+
 @dataclass
 class Pipeline:
     app: Any
@@ -97,7 +102,7 @@ class Pipeline:
     _seq: int = 0
     _generation: int = -1
     _failure: BaseException | None = None
-    _phases: list = field(default_factory=lambda: [0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    _phases: list = field(default_factory=_new_phases)
     _phases_logged: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
@@ -293,7 +298,7 @@ class Pipeline:
             log.info("%d batches, %.0f events/batch; ms per batch (mean/max): oldest event's age %.1f/%.0f, "
                      "decode+read %.1f/%.0f, compute %.1f/%.0f, produce %.1f/%.0f", b, acc[1] / b,
                      *(x for i in range(4) for x in (1000 * acc[2 + i] / b, 1000 * acc[6 + i])))
-            self._phases = [0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+            self._phases = _new_phases()
             self._phases_logged = now
 
     def _evictions(self, batch: Batch, part_of: dict[bytes, int], out: Outgoing,

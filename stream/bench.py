@@ -142,12 +142,12 @@ class _RecReader:
     """Counts recommendations (and keeps receive times of stamped latency events) in a thread."""
 
     def __init__(self, settings: Settings) -> None:
-        from confluent_kafka import Consumer
+        from confluent_kafka import OFFSET_BEGINNING, Consumer
 
-        from stream.kafka_config import consumer_config
+        from stream.kafka_config import assign_whole_topic, consumer_config
 
         self.c = Consumer(consumer_config(settings, group_id=None))
-        self.c.subscribe([settings.topic("recommendations")])
+        assign_whole_topic(self.c, settings.topic("recommendations"), OFFSET_BEGINNING)
         self.count = 0
         self.published: list[int] = []
         self.latency_ms: list[float] = []
@@ -190,9 +190,7 @@ def _offer(settings: Settings, rate: float, seconds: float, n_items: int, seed: 
     import orjson
     from confluent_kafka import Producer
 
-    from stream.kafka_config import producer_config
-
-    from stream.sinks import load_generator
+    from stream.kafka_config import load_generator, producer_config
 
     p = Producer(producer_config(settings, **load_generator(settings)))
     rng = np.random.default_rng(seed)

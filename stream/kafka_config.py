@@ -96,6 +96,28 @@ def producer_config(settings: Settings, *, compression: str | None = None, **ext
     return config
 
 
+def low_latency(settings: Settings) -> dict[str, Any]:
+    """Producer overrides for the worker's outputs: no Nagle delay; with a single replica, acks=1 (as durable
+    as acks=all there) and no idempotence; the worker waits for each batch's delivery before acking its
+    input. (A cap of 5 requests in flight and a 5 ms linger, as the bench's load generator uses, were tried
+    here too: a two-worker takeover test then hung in some runs, not understood yet, so the worker keeps
+    these settings.)"""
+    extra: dict[str, Any] = {"socket.nagle.disable": True, "linger.ms": 1}
+    if settings.replication_factor <= 1:
+        extra.update({"acks": 1, "enable.idempotence": False})
+    return extra
+
+
+def load_generator(settings: Settings) -> dict[str, Any]:
+    """Producer overrides for a client that sends events one by one at a steady rate (the bench's offered
+    load): a short linger and at most 5 requests in flight per connection, so that records batch up while
+    the broker is busy. Without the cap (librdkafka's default when idempotence is off), with linger 1 ms
+    and one partition per request, every few records became a request of their own: on the embedded
+    broker at 2,000 events/s the broker fell behind for good (record ages 10 s after 20 s); capped, one
+    hop measured p50 7 ms / p99 17 ms once the broker was warm."""
+    return {**low_latency(settings), "linger.ms": 5, "max.in.flight": 5}
+
+
 def consumer_config(settings: Settings, group_id: str | None = None, **extra: Any) -> dict[str, Any]:
     """A consumer; without ``group_id`` it reads without a group (assign(), no offset commits)."""
     config = confluent_config(settings)
@@ -108,6 +130,21 @@ def consumer_config(settings: Settings, group_id: str | None = None, **extra: An
     })
     config.update(_normalise(extra))
     return config
+
+
+def assign_whole_topic(consumer: Any, topic: str, offset: int, timeout: float = 15.0) -> int:
+    """Assign every partition of ``topic`` at ``offset`` (e.g. OFFSET_BEGINNING): the group-less way to
+    read that ``consumer_config(group_id=None)`` is meant for. Readers that subscribe() instead all join
+    the one "<app_id>-reader" group, and a member that is not being polled stalls the others' rebalance
+    (a test's second reader saw nothing for 90 s). Returns the partition count; LookupError when the
+    topic does not exist, KafkaException when the cluster cannot be reached."""
+    from confluent_kafka import TopicPartition
+
+    info = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+    if info is None or info.error is not None or not info.partitions:
+        raise LookupError(f"topic {topic} does not exist yet")
+    consumer.assign([TopicPartition(topic, p, offset) for p in sorted(info.partitions)])
+    return len(info.partitions)
 
 
 def admin_config(settings: Settings, **extra: Any) -> dict[str, Any]:

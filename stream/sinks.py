@@ -55,28 +55,6 @@ def dlq_headers(reason: str, detail: str, topic: str, partition: int, offset: in
             ("gruflow-timestamp", str(timestamp_ms if timestamp_ms is not None else -1).encode())]
 
 
-def low_latency(settings: Settings) -> dict[str, Any]:
-    """Producer overrides for the worker's outputs: no Nagle delay; with a single replica, acks=1 (as durable
-    as acks=all there) and no idempotence; the worker waits for each batch's delivery before acking its
-    input. (A cap of 5 requests in flight and a 5 ms linger, as the bench's load generator uses, were tried
-    here too: a two-worker takeover test then hung in some runs, not understood yet, so the worker keeps
-    these settings.)"""
-    extra: dict[str, Any] = {"socket.nagle.disable": True, "linger.ms": 1}
-    if settings.replication_factor <= 1:
-        extra.update({"acks": 1, "enable.idempotence": False})
-    return extra
-
-
-def load_generator(settings: Settings) -> dict[str, Any]:
-    """Producer overrides for a client that sends events one by one at a steady rate (the bench's offered
-    load): a short linger and at most 5 requests in flight per connection, so that records batch up while
-    the broker is busy. Without the cap (librdkafka's default when idempotence is off), with linger 1 ms
-    and one partition per request, every few records became a request of their own: on the embedded
-    broker at 2,000 events/s the broker fell behind for good (record ages 10 s after 20 s); capped, one
-    hop measured p50 7 ms / p99 17 ms once the broker was warm."""
-    return {**low_latency(settings), "linger.ms": 5, "max.in.flight": 5}
-
-
 class SinkError(RuntimeError):
     """Records could not be delivered; the batch is not acked and will be processed again."""
 
@@ -127,7 +105,7 @@ class ConfluentSink:
     def __init__(self, settings: Settings, recommendations: str, changelog: str, dlq: str) -> None:
         from confluent_kafka import Producer
 
-        from stream.kafka_config import producer_config
+        from stream.kafka_config import low_latency, producer_config
 
         self.topics = (recommendations, changelog, dlq)
         self._changelog = changelog

@@ -41,9 +41,9 @@ def tail(settings: Settings, *, from_beginning: bool = False, max_messages: int 
          on_message: Callable[[Any], None] | None = None) -> int:
     """Print recommendations until ``max_messages`` were shown, ``idle_timeout`` seconds pass without one,
     or Ctrl-C. Returns how many were printed."""
-    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException
 
-    from stream.kafka_config import consumer_config
+    from stream.kafka_config import assign_whole_topic, consumer_config
 
     out = out if out is not None else sys.stdout
     topic = settings.topic("recommendations")
@@ -51,14 +51,11 @@ def tail(settings: Settings, *, from_beginning: bool = False, max_messages: int 
     shown = 0
     try:
         try:
-            metadata = consumer.list_topics(topic, timeout=15)
+            assign_whole_topic(consumer, topic, OFFSET_BEGINNING if from_beginning else OFFSET_END)
         except KafkaException as exc:
             raise RuntimeError(f"cannot reach the Kafka cluster: {exc}") from None
-        info = metadata.topics.get(topic)
-        if info is None or info.error is not None or not info.partitions:
-            raise RuntimeError(f"topic {topic} does not exist yet (start a worker, or create the topics)")
-        start = OFFSET_BEGINNING if from_beginning else OFFSET_END
-        consumer.assign([TopicPartition(topic, p, start) for p in sorted(info.partitions)])
+        except LookupError:
+            raise RuntimeError(f"topic {topic} does not exist yet (start a worker, or create the topics)") from None
         last = time.monotonic()
         while max_messages is None or shown < max_messages:
             msg = consumer.poll(0.5)

@@ -110,13 +110,13 @@ class TopicReader:
     """Reads one topic from the beginning, keeping everything seen so far."""
 
     def __init__(self, settings: Settings, topic: str, read_committed: bool = False) -> None:
-        from confluent_kafka import Consumer
+        from confluent_kafka import OFFSET_BEGINNING, Consumer
 
-        from stream.kafka_config import consumer_config
+        from stream.kafka_config import assign_whole_topic, consumer_config
 
         extra = {"isolation.level": "read_committed" if read_committed else "read_uncommitted"}
         self.consumer = Consumer(consumer_config(settings, group_id=None, **extra))
-        self.consumer.subscribe([topic])
+        assign_whole_topic(self.consumer, topic, OFFSET_BEGINNING)
         self.seen = Collected()
 
     def poll_until(self, done: Any, timeout: float, what: str) -> Collected:

@@ -13,6 +13,7 @@ from stream.kafka_config import (
     confluent_config,
     consumer_config,
     faust_broker_kwargs,
+    load_generator,
     producer_config,
     ssl_context,
 )
@@ -73,8 +74,6 @@ def test_load_generator_keeps_requests_in_flight_bounded():
     """The bench's load generator: without a cap librdkafka allows unbounded requests in flight, one per
     partition, and a busy broker fell behind for good."""
     from confluent_kafka import Producer
-
-    from stream.sinks import load_generator
 
     for replicas in (1, 3):
         settings = Settings(bootstrap_servers="127.0.0.1:1", replication_factor=replicas)
