@@ -115,6 +115,7 @@ class Pipeline:
         self.state_lock = asyncio.Lock()
         self.scorers = ScorerCache()
         m = self.metrics
+        self._topk_rows = (m.topk_rows.labels(path="int8"), m.topk_rows.labels(path="float32"))
         self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
                            for k in (CLICKS, PURCHASES) for t, n in _TYPE_NAMES.items()}
 
@@ -164,9 +165,15 @@ class Pipeline:
         model = self.holder.current
         result = None
         if events:
-            top_k = self.scorers.get(model).top_k if model.n_items >= _FAST_TOPK_MIN_ITEMS else None
+            scorer = self.scorers.get(model) if model.n_items >= _FAST_TOPK_MIN_ITEMS else None
+            scored = (scorer.rows_scored, scorer.rows_int8) if scorer is not None else (0, 0)
             result = await asyncio.get_running_loop().run_in_executor(
-                self.executor, process_batch, model, events, states, self.cfg, self.popularity, top_k)
+                self.executor, process_batch, model, events, states, self.cfg, self.popularity,
+                scorer.top_k if scorer is not None else None)
+            if scorer is not None:
+                int8 = scorer.rows_int8 - scored[1]
+                self._topk_rows[0].inc(int8)
+                self._topk_rows[1].inc(scorer.rows_scored - scored[0] - int8)
         if self.app.consumer_generation_id != generation or self.app.should_stop:
             log.info("rebalance during a batch of %d events: dropped unacked, it will be processed again",
                      len(events))

@@ -21,6 +21,7 @@ class Metrics:
     dlq: Counter
     recommendations_out: Counter
     unknown_items: Counter
+    topk_rows: Counter
     batch_size: Histogram
     step_latency: Histogram
     end_to_end_latency: Histogram
@@ -59,6 +60,8 @@ class Metrics:
             recommendations_out=Counter(p + "recommendations_out", "Recommendation messages published", registry=r),
             unknown_items=Counter(p + "unknown_items", "Events whose item is not in the model's vocabulary",
                                   registry=r),
+            topk_rows=Counter(p + "topk_rows", "Events scored against the whole catalogue, by path: int8 (answered "
+                              "from the int8 pre-filter's proven candidates) or float32", ["path"], registry=r),
             batch_size=Histogram(p + "batch_size_events", "Events per processed micro-batch",
                                  buckets=BATCH_BUCKETS, registry=r),
             step_latency=Histogram(p + "step_latency_seconds", "GRU step + top-K scoring time per micro-batch",

@@ -1,0 +1,102 @@
+"""The int8 pre-filter of the worker's top-K: its error bound holds, and its answers are exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.network import GRU4RecNet
+from model.params import GRU4RecParams
+from model.recommender import Recommender
+from model.vocab import Vocabulary
+from stream.scoring import Int8Prefilter, TopKScorer
+
+
+def _spread_model(n_items: int, hidden: int = 32, seed: int = 3, retired: list[int] | None = None) -> Recommender:
+    """Scores spread out like a trained model's (an untrained one's are nearly flat)."""
+    net = GRU4RecNet(n_items, GRU4RecParams(layers=(hidden,), seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        net.Wy.weight.copy_(torch.randn(net.Wy.weight.shape, generator=g) * 0.3)
+        net.By.weight.copy_(torch.randn(net.By.weight.shape, generator=g) * 0.5)
+    metadata = {"retired_rows": retired} if retired else {}
+    return Recommender(net, Vocabulary(f"i{r}" for r in range(n_items)), version=1, metadata=metadata)
+
+
+def _states(rec: Recommender, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.tanh(rng.standard_normal((n, rec.state_size)) * 1.5).astype(np.float32)
+
+
+@pytest.mark.parametrize("bias_scale", [0.0, 0.5, 5.0])
+def test_the_error_bound_holds(bias_scale: float) -> None:
+    rng = np.random.default_rng(1)
+    W = torch.from_numpy(rng.standard_normal((3000, 40)).astype(np.float32) * 0.2)
+    b = torch.from_numpy(rng.standard_normal(3000).astype(np.float32) * bias_scale)
+    pf = Int8Prefilter(W, b)
+    x = torch.from_numpy(np.concatenate([np.tanh(rng.standard_normal((200, 40))),
+                                         rng.standard_normal((20, 40)) * 2]).astype(np.float32))  # |x| > 1 too
+    approx, eps = pf.scores(x)
+    exact = (x.double() @ W.double().T + b.double()) / pf.unit
+    err = (exact - approx[:, :3000].double()).abs().amax(dim=1)
+    assert bool((err <= eps).all()), float((err - eps).max())
+    assert float(eps.median()) < 0.01 * float(exact.abs().max())  # and it is not vacuous
+
+
+def test_biases_far_larger_than_the_weights_keep_the_float32_path() -> None:
+    W, b = torch.full((5000, 8), 1e-3), torch.full((5000,), 50.0)
+    with pytest.raises(ValueError, match="too large"):
+        Int8Prefilter(W, b)
+
+
+@pytest.mark.parametrize("n_items", [8000, 8003])
+def test_int8_top_k_is_exact_and_proves_most_rows(n_items: int) -> None:
+    rec = _spread_model(n_items)
+    hidden = _states(rec, 600)
+    want_rows, want_scores = rec.top_k(hidden, 20)
+    scorer = TopKScorer(rec)
+    assert scorer.prefilter is not None
+    got_rows, got_scores = scorer.top_k(hidden, 20)
+    np.testing.assert_array_equal(got_rows, want_rows)
+    np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+    assert scorer.rows_int8 > 0.9 * len(hidden), scorer.rows_int8
+
+
+def test_int8_top_k_never_recommends_retired_items() -> None:
+    base = _spread_model(8000)
+    hidden = _states(base, 300, seed=2)
+    retired = sorted(set(base.top_k(hidden, 20)[0][:, :3].ravel().tolist()))
+    rec = _spread_model(8000, retired=retired)
+    scorer = TopKScorer(rec)
+    got, _ = scorer.top_k(hidden, 20)
+    np.testing.assert_array_equal(got, rec.top_k(hidden, 20)[0])
+    assert not set(got.ravel().tolist()) & set(retired)
+    assert scorer.rows_int8 > 0
+
+
+def test_flat_scores_fall_back_to_float32_and_stop_trying() -> None:
+    n_items = 8000
+    net = GRU4RecNet(n_items, GRU4RecParams(layers=(16,), seed=4))
+    with torch.no_grad():  # nearly equal item vectors: scores closer together than the int8 error
+        net.Wy.weight.copy_(0.3 + 1e-4 * torch.randn(net.Wy.weight.shape, generator=torch.Generator().manual_seed(4)))
+        net.By.weight.zero_()
+    rec = Recommender(net, Vocabulary(f"i{r}" for r in range(n_items)), version=1)
+    hidden = _states(rec, 5000, seed=5)
+    scorer = TopKScorer(rec)
+    for part in (hidden[:4000], hidden[4000:], hidden[:100]):
+        # near-ties everywhere here: compare the scores (the order of float32-equal scores may differ)
+        np.testing.assert_allclose(scorer.top_k(part, 20)[1], rec.top_k(part, 20)[1], rtol=1e-6)
+    assert scorer.rows_scored == 5100
+    assert scorer.prefilter is None  # dropped after the probe rows: it proved (almost) nothing
+
+
+def test_states_outside_the_gru_range_are_still_exact() -> None:
+    rec = _spread_model(8000)
+    hidden = _states(rec, 64, seed=7)
+    hidden[:8] *= 50.0  # far outside (-1, 1): a huge bound, nothing provable
+    hidden[8:16] *= 1.5
+    scorer = TopKScorer(rec)
+    got, _ = scorer.top_k(hidden, 20)
+    np.testing.assert_array_equal(got, rec.top_k(hidden, 20)[0])
+    assert scorer.top_k(hidden[:0], 20)[0].shape == (0, 20)
