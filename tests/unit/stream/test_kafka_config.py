@@ -172,3 +172,12 @@ def test_changelog_name_matches_faust_table_naming():
     app = faust.App(settings.app_id, broker="kafka://127.0.0.1:1", store="memory://")
     table = app.Table(STATE_TABLE_NAME, partitions=settings.partitions)
     assert table.changelog_topic.get_topic_name() == changelog_topic(settings)
+
+
+def test_the_worker_fetch_waits_at_the_broker_within_bounds() -> None:
+    from stream.batch_consumer import FETCH_MIN_BYTES, fetch_max_wait_ms
+
+    assert fetch_max_wait_ms(0.02) == 20
+    assert fetch_max_wait_ms(0.0) == 5  # GRUFLOW_BATCH_MAX_MS=0 must not make the fetcher spin
+    assert fetch_max_wait_ms(10.0) == 500
+    assert FETCH_MIN_BYTES >= 64 * 1024  # a trickle of events waits for the bound, a backlog does not
