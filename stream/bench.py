@@ -11,13 +11,17 @@
    broker) for ``ratio_to_raw``.
 3. latency: new events at a fixed offered rate (``offered_rate``), each stamped with its send time;
    latency = arrival of its recommendation at a consumer in this process - send time (two Kafka hops
-   plus the worker's batch wait and processing).
+   plus the worker's batch wait and processing). It follows ``--warmup-seconds`` of the same load, not
+   measured: a fresh broker JVM spends its first minute compiling (its CPU use halves once warm), which
+   is not the steady state a deployed broker is in.
 4. latency while training (skip with ``--no-training``): a ``gruflow trainer`` runs as a separate process
    (the recommended deployment) with back-to-back fine-tune rounds over a bounded buffer, publishing the
    versions it promotes (the worker swaps them in); once its first round has finished, the same offered
    load is measured again. ``p99_ratio_training`` = p99 with training / p99 without (goal < 1.5).
 
-The model is a randomly initialised GRU4Rec of the requested size: speed does not depend on training.
+The model is a GRU4Rec of the requested size trained for one quick epoch on synthetic sessions of the
+same shop as the events (scoring speed depends on a trained model's spread of scores, see
+stream/scoring.py); ``topk_int8_fraction`` = share of the ceiling run's rows that the int8 path proved.
 Prints one JSON object. No assertions: goals are written in the issue note, not enforced here.
 """
 
@@ -41,6 +45,9 @@ from stream.processes import stop_process
 from stream.settings import ENV_PREFIX, Settings
 
 
+WARMUP_PREFIX = "warm-"  # users of the unmeasured warm-up load
+
+
 def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
@@ -55,23 +62,45 @@ def _peak_rss(pid: int) -> int:
     return 0
 
 
-def _model(path: Path, n_items: int, hidden: int) -> None:
+_TRAIN_SESSIONS = 30_000  # ~200k synthetic events: one quick epoch, ~15-30 s on 2 cores
+
+
+def _model(path: Path, train: Any, n_items: int, hidden: int) -> None:
+    """A GRU4Rec of the requested size trained for one quick epoch on synthetic sessions of the same
+    shop as the bench's events: the worker's int8 top-K pre-filter relies on a trained model's spread
+    of scores (an untrained model's are nearly flat), so a random model would misstate its speed."""
+    import dataclasses
+
+    import torch
+
     from model.checkpoint import save_checkpoint
-    from model.network import GRU4RecNet
-    from model.params import GRU4RecParams
+    from model.params import OFFICIAL
+    from model.train import train_model
     from model.vocab import Vocabulary
 
-    params = GRU4RecParams(layers=(hidden,))
-    vocab = Vocabulary(f"i{r}" for r in range(n_items))
-    popularity = 1.0 / np.arange(1, n_items + 1)
-    save_checkpoint(path, GRU4RecNet(n_items, params), vocab, params, popularity, {"version": 1})
+    params = dataclasses.replace(OFFICIAL, layers=(hidden,), n_epochs=1, batch_size=64, n_sample=512,
+                                 learning_rate=0.08)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    t0 = time.monotonic()
+    try:
+        vocab = Vocabulary(f"i{r}" for r in range(n_items))
+        net, vocab, popularity = train_model(train, params, progress=False, vocab=vocab)
+    finally:
+        torch.set_num_threads(threads)
+    save_checkpoint(path, net, vocab, params, popularity + 1.0, {"version": 1, "source": "gruflow bench"})
+    _log(f"model: {n_items:,} items, hidden {hidden}, one epoch on {len(train):,} synthetic events in "
+         f"{time.monotonic() - t0:.0f} s")
 
 
-def _events(n: int, n_items: int) -> Any:
+def _data(n: int, n_items: int) -> tuple[Any, Any]:
+    """(training sessions, the bench's n events): one synthetic shop, split by session start."""
     from model.synthetic import generate
 
-    df = generate(n_sessions=max(1, n // 5), n_items=n_items, seed=1)
-    return df.iloc[np.argsort(df["Time"].to_numpy(), kind="stable")].head(n)
+    df = generate(n_sessions=_TRAIN_SESSIONS + max(1, n // 5), n_items=n_items, seed=1)
+    train = df[df["SessionId"] < _TRAIN_SESSIONS]
+    rest = df[df["SessionId"] >= _TRAIN_SESSIONS]
+    return train, rest.iloc[np.argsort(rest["Time"].to_numpy(), kind="stable")].head(n)
 
 
 def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_000) -> dict[str, float]:
@@ -105,18 +134,24 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
                                    partition=0, offset=start + i, append_ts_ms=ts, now_ms=ts)
                       for i, (topic, key, value, ts) in enumerate(part)]
             events = [e for e in events if not isinstance(e, Rejected)]
-            result = process_batch(model, events, {}, cfg, popularity, scorer.top_k)
+            scored: list[np.ndarray] = []
+
+            def top_k(hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+                scored.append(hidden)
+                return scorer.top_k(hidden, k)
+
+            result = process_batch(model, events, {}, cfg, popularity, top_k)
             compute_s += time.perf_counter() - t0
-            hidden = np.tanh(np.random.default_rng(start).standard_normal((len(events), model.state_size)))
-            hidden = hidden.astype(np.float32)
             t1 = time.perf_counter()
-            scorer.top_k(hidden, settings.top_k)
+            for hidden in scored:  # the same states again: the scoring share of the batch
+                scorer.top_k(hidden, settings.top_k)
             scoring_s += time.perf_counter() - t1
             events_done += len(result.outputs)
     finally:
         torch.set_num_threads(threads)
     return {"compute_ceiling_events_per_s": round(events_done / compute_s, 1) if compute_s else float("nan"),
-            "topk_ceiling_events_per_s": round(events_done / scoring_s, 1) if scoring_s else float("nan")}
+            "topk_ceiling_events_per_s": round(events_done / scoring_s, 1) if scoring_s else float("nan"),
+            "topk_int8_fraction": round(scorer.rows_int8 / scorer.rows_scored, 4) if scorer.rows_scored else None}
 
 
 def _raw_consume(settings: Settings, n: int) -> float:
@@ -170,6 +205,8 @@ class _RecReader:
                 if rec["user_id"].startswith(self.stamped_prefix):
                     self.latency_ms.append(now - rec["event_ts"])
                     self.to_publish_ms.append(rec["published_ts"] - rec["event_ts"])
+                elif rec["user_id"].startswith(WARMUP_PREFIX):
+                    pass
                 else:
                     self.published.append(rec["published_ts"])
 
@@ -185,8 +222,10 @@ class _RecReader:
         self.c.close()
 
 
-def _offer(settings: Settings, rate: float, seconds: float, n_items: int, seed: int = 3) -> int:
-    """Produce stamped events at ``rate``/s; ts = send time, so event_ts -> arrival is end-to-end latency."""
+def _offer(settings: Settings, rate: float, seconds: float, n_items: int, seed: int = 3,
+           prefix: str = "lat-") -> int:
+    """Produce stamped events at ``rate``/s; ts = send time, so event_ts -> arrival is end-to-end latency.
+    Users are named ``prefix<n>``: the reader measures "lat-" users and only counts "warm-" ones."""
     import orjson
     from confluent_kafka import Producer
 
@@ -202,7 +241,7 @@ def _offer(settings: Settings, rate: float, seconds: float, n_items: int, seed: 
         delay = target - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        user = f"lat-{int(rng.integers(0, 5000))}"
+        user = f"{prefix}{int(rng.integers(0, 5000))}"
         value = orjson.dumps({"user_id": user, "item_id": f"i{int(rng.integers(0, n_items))}",
                               "event_type": "click", "ts": int(time.time() * 1000)})
         p.produce(topic, value, user.encode())
@@ -291,14 +330,15 @@ def run_bench(args: argparse.Namespace) -> int:
                                 top_k=args.k, broker_session_timeout_s=6.0)
         ensure_topics(settings)
         model_path = work / "bench-model.gfc"
-        _model(model_path, args.items, args.hidden)
-        df = _events(args.events, args.items)
+        train, df = _data(args.events, args.items)
+        _model(model_path, train, args.items, args.hidden)
         _log(f"producing {len(df):,} events (backlog) ...")
         stats = replay(settings, df, progress=False)
         n = stats.delivered
         ceiling = _compute_ceiling(settings, model_path, df)
         _log(f"compute ceiling (no Kafka, no state): {ceiling['compute_ceiling_events_per_s']:,.0f} events/s; "
-             f"top-K alone {ceiling['topk_ceiling_events_per_s']:,.0f} events/s")
+             f"top-K alone {ceiling['topk_ceiling_events_per_s']:,.0f} events/s "
+             f"(int8 path proved {ceiling['topk_int8_fraction'] or 0:.1%} of the rows)")
 
         reader = _RecReader(settings)
         env = settings.subprocess_env(**{ENV_PREFIX + "MODEL_PATH": str(model_path)})
@@ -324,6 +364,11 @@ def run_bench(args: argparse.Namespace) -> int:
         if profiler is not None:
             profiler.wait(60)
 
+        if args.warmup_seconds > 0:
+            _log(f"warm-up (not measured): {args.rate:,.0f} events/s for {args.warmup_seconds:.0f} s ...")
+            before = reader.count
+            warm = _offer(settings, args.rate, args.warmup_seconds, args.items, seed=5, prefix=WARMUP_PREFIX)
+            reader.wait_count(before + warm, 60)
         _log(f"latency run: {args.rate:,.0f} events/s for {args.latency_seconds:.0f} s ...")
         before = reader.count
         offered = _offer(settings, args.rate, args.latency_seconds, args.items)
@@ -342,6 +387,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "latency_ms": _percentiles(lat),
             "latency_ms_send_to_publish": _percentiles(np.asarray(reader.to_publish_ms[:lat.size], dtype=np.float64)),
             "offered_rate": args.rate,
+            "warmup_seconds": args.warmup_seconds,
             "latency_events": int(lat.size),
             "raw_consumer_events_per_s": round(raw, 1),
             "ratio_to_raw": round(events_per_s / raw, 4) if raw else None,

@@ -94,6 +94,9 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--events", type=int, default=200_000, help="events for the throughput run (default 200,000)")
     p.add_argument("--rate", type=float, default=2000.0, help="offered rate of the latency run (default 2,000/s)")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="length of the latency run (default 20 s)")
+    p.add_argument("--warmup-seconds", type=float, default=20.0,
+                   help="unmeasured load at the same rate before the latency run, so that the broker's JIT has "
+                        "compiled its hot paths (default 20 s; 0 to skip)")
     p.add_argument("--partitions", type=int, default=8, help="partitions of the input topics (default 8)")
     p.add_argument("--profile", default=None,
                    help="py-spy profile of the worker during the throughput run (.svg flame graph, else raw stacks)")
