@@ -202,14 +202,20 @@ class Pipeline:
                     log.info("rebalance before a batch of %d events was sent: dropped unacked, it will be "
                              "processed again", len(events))
                     return
-                changelog_futs, _ = await self.sink.send(out)
+                changelog_futs, futs = await self.sink.send(out)
+                # delivered into the open transactions BEFORE the offsets are acked: aiokafka's
+                # commit_transaction does not wait for records still queued (one produce request in flight
+                # per broker), so a commit could carry this batch's offsets while its outputs were sent
+                # after the EndTxn and refused; the answers to one batch were lost that way under load.
+                # A refused record raises here, before anything is acked.
+                await asyncio.gather(*futs)
                 for p, recs in local.items():
                     self.store.write_partition(p, recs)
                 for tp, offs in offsets:
                     consumer.ack_offsets(tp, offs)
             highest: dict[int, int] = {}
             for p, fut in changelog_futs:
-                meta = await fut
+                meta = fut.result()
                 highest[p] = max(highest.get(p, -1), meta.offset)
             self.store.mark_changelog_offsets(highest, on_commit=True)
             self._observe(events, result, dead, evicted, time.time())

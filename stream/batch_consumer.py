@@ -41,6 +41,7 @@ BatchHandler = Callable[[Batch, int], Awaitable[None]]
 # fetch until it has FETCH_MIN_BYTES or the batch time bound has passed: the batch fills at the broker,
 # and a backlog still comes back at once.
 FETCH_MIN_BYTES = 256 * 1024
+SEEK_WAIT_S = 30.0  # how long a dropped batch waits for a running seek before seeking back itself
 
 
 def fetch_max_wait_ms(batch_max_s: float) -> int:
@@ -132,7 +133,19 @@ class BatchConsumer(AIOKafkaConsumer):
         let a batch send its outputs (and ack) in between, so a transaction committed those outputs
         with older offsets, and a crash before the next commit processed that batch twice."""
         async with self.commit_lock:
+            await self._flush_transactions()
             return await super().force_commit(topics, start_new_transaction=start_new_transaction)
+
+    async def _flush_transactions(self) -> None:
+        """Wait until every record sent in the open transactions is on the broker. aiokafka's
+        commit_transaction sends EndTxn without waiting for records still queued behind a produce
+        request in flight, and records sent after it are refused: the commit would carry offsets
+        without their outputs. (The worker also waits for each batch's delivery before acking it.)"""
+        if not self.in_transaction:
+            return
+        producers = getattr(self.transactions.producer, "_transaction_producers", {})
+        for producer in list(producers.values()):
+            await producer.flush()
 
     async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
         """exactly_once: commit what was acked before faust forgets the acks. faust drops the acked
@@ -145,6 +158,7 @@ class BatchConsumer(AIOKafkaConsumer):
             return
         async with self.commit_lock:
             try:
+                await self._flush_transactions()
                 await super().force_commit(start_new_transaction=True)
             except Exception as exc:  # noqa: BLE001 - outputs and offsets may disagree: crash, restart recovers
                 self.log.exception("commit before revocation failed: %r", exc)
@@ -218,11 +232,16 @@ class BatchConsumer(AIOKafkaConsumer):
                         break
                 if not batch or self.app.consumer_generation_id != generation or self.should_stop \
                         or self._seeks != seeks:
-                    if batch and self._seeks != seeks and self._seeks % 2 == 0 and not self.should_stop \
+                    if batch and self._seeks != seeks and not self.should_stop \
                             and self.app.consumer_generation_id == generation:
-                        # a seek finished while this batch was collected: some of its records may come from
-                        # the new position, where the fetcher has moved past them; go back to the committed
-                        # offsets so that dropping them skips nothing
+                        # a seek ran while this batch was collected: some of its records may come from the new
+                        # position, where the fetcher has moved past them. Once that seek is done (it may still
+                        # be running: a batch dropped then, without seeking back, was skipped for good and its
+                        # offsets later acked as a gap), go back to the committed offsets so that dropping the
+                        # batch skips nothing.
+                        waited = time.monotonic() + SEEK_WAIT_S
+                        while self._seeks % 2 and not self.should_stop and time.monotonic() < waited:
+                            await asyncio.sleep(0.01)
                         self.log.info("a batch of %d records was collected across a seek: dropped, seeking back "
                                       "to the committed offsets", n)
                         try:

@@ -25,16 +25,7 @@ def model_path(tmp_path: Path) -> Path:
     return save_tiny_model(tmp_path / "tiny.gfc")
 
 
-EXACTLY_ONCE_INTERMITTENT = pytest.mark.xfail(
-    strict=False,
-    reason="intermittent (5 of 22 runs on 2026-11-28; a stripped copy of the scenario passed 20 of 20): after "
-           "the SIGKILL and restart, the answers to one batch of 50 events never reach a read_committed reader "
-           "(1,550 of 1,600 after 120 s); cause not found yet. The duplicate answer seen before is fixed "
-           "(stream/batch_consumer.py). An XPASS is the usual outcome")
-
-
-@pytest.mark.parametrize("guarantee",
-                         ["at_least_once", pytest.param("exactly_once", marks=EXACTLY_ONCE_INTERMITTENT)])
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_sigkill_mid_stream_then_restart_loses_no_state(kafka, tmp_path: Path, model_path: Path,
                                                         guarantee: str) -> None:
     exactly_once = guarantee == "exactly_once"
