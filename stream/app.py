@@ -205,9 +205,9 @@ class Pipeline:
                 changelog_futs, futs = await self.sink.send(out)
                 # delivered into the open transactions BEFORE the offsets are acked: aiokafka's
                 # commit_transaction does not wait for records still queued (one produce request in flight
-                # per broker), so a commit could carry this batch's offsets while its outputs were sent
-                # after the EndTxn and refused; the answers to one batch were lost that way under load.
-                # A refused record raises here, before anything is acked.
+                # per broker), so a commit could carry this batch's offsets while its outputs went out
+                # after the EndTxn and were refused, silently. A refused record raises here instead,
+                # before anything is acked.
                 await asyncio.gather(*futs)
                 for p, recs in local.items():
                     self.store.write_partition(p, recs)
