@@ -99,9 +99,9 @@ def producer_config(settings: Settings, *, compression: str | None = None, **ext
 def low_latency(settings: Settings) -> dict[str, Any]:
     """Producer overrides for the worker's outputs: no Nagle delay; with a single replica, acks=1 (as durable
     as acks=all there) and no idempotence; the worker waits for each batch's delivery before acking its
-    input. (A cap of 5 requests in flight and a 5 ms linger, as the bench's load generator uses, were tried
-    here too: a two-worker takeover test then hung in some runs, not understood yet, so the worker keeps
-    these settings.)"""
+    input. (A cap of 5 requests in flight with a 2 ms linger measured within run-to-run noise here: the
+    worker produces a whole batch at once, so its requests are few. The test "hangs" once blamed on the cap
+    were the tests' readers sharing a consumer group; see ``assign_whole_topic``.)"""
     extra: dict[str, Any] = {"socket.nagle.disable": True, "linger.ms": 1}
     if settings.replication_factor <= 1:
         extra.update({"acks": 1, "enable.idempotence": False})

@@ -121,8 +121,6 @@ class TopKScorer:
         self.retired = None
         if retired is not None and len(retired):
             self.retired = torch.as_tensor(np.asarray(retired, dtype=np.int64))
-        self.candidates = _CANDIDATES
-        self.blocks = _CANDIDATE_BLOCKS
         self.prefilter: Int8Prefilter | None = None
         if int8 and self.n >= 4 * _BLOCK * _CANDIDATE_BLOCKS:
             try:
@@ -139,7 +137,7 @@ class TopKScorer:
         rows = np.empty((x.shape[0], k), dtype=np.int64)
         values = np.empty((x.shape[0], k), dtype=np.float32)
         todo = np.arange(x.shape[0])
-        if self.prefilter is not None and k < self.blocks and len(todo):
+        if self.prefilter is not None and k < _CANDIDATE_BLOCKS and len(todo):
             missed = []
             for s in range(0, x.shape[0], _INT_CHUNK):
                 ok, v, r = self._int8_top_k(x[s:s + _INT_CHUNK], k)
@@ -172,8 +170,8 @@ class TopKScorer:
 
         Candidates without a full sort: block maxima of the int32 scores; ``tau`` = the k-th best block
         maximum is at most the k-th best item, so every item of the exact top-k has an approximation of
-        at least ``tau - 2 eps``; those items lie in the ``blocks`` best blocks when the last of them is
-        already below that threshold, and at most ``candidates`` of them are re-scored in float32."""
+        at least ``tau - 2 eps``; those items lie in the ``_CANDIDATE_BLOCKS`` best blocks when the last of
+        them is already below that threshold, and at most ``_CANDIDATES`` of them are re-scored in float32."""
         pf = self.prefilter
         approx, eps = pf.scores(x)
         low = torch.iinfo(torch.int32).min
@@ -183,7 +181,7 @@ class TopKScorer:
             approx[:, self.n:] = low
         m = approx.shape[0]
         blocks = approx.view(m, -1, _BLOCK)
-        bv, bi = torch.topk(blocks.amax(dim=2), self.blocks, dim=1, sorted=True)
+        bv, bi = torch.topk(blocks.amax(dim=2), _CANDIDATE_BLOCKS, dim=1, sorted=True)
         tau = bv[:, k - 1].double()
         thr64 = torch.ceil(tau - 2 * eps)
         ok = (bv[:, -1].double() < thr64) & (tau > low) & torch.isfinite(thr64)
@@ -194,7 +192,7 @@ class TopKScorer:
         near = blocks.reshape(-1, _BLOCK).index_select(0, block_ids.reshape(-1)).view(m, -1)
         above = near >= thr.unsqueeze(1)
         count = above.sum(dim=1)
-        ok &= count <= self.candidates
+        ok &= count <= _CANDIDATES
         above &= ok.unsqueeze(1)
         count = torch.where(ok, count, 0)
         # compact each row's candidates to the left of a [m, width] matrix (row-major nonzero order)
