@@ -12,8 +12,9 @@ top-K over N items per event. ``TopKScorer`` makes both cheaper without changing
   the bound proves that no other item can be in its exact top-K. Other rows (flat scores, untrained
   weights) take the float32 path.
 
-Same results as ``Recommender.top_k`` (retired items masked the same way), up to the order of scores
-that are equal in float32. Weights are read once per served model; a model swap builds a new scorer.
+Same results as ``Recommender.top_k`` (retired items masked the same way), up to float32 rounding:
+two products of the same numbers may differ in their last bits (the kernel, so the order of the sums,
+depends on the shapes), so items whose scores are that close may swap places or trade the K-th slot. Weights are read once per served model; a model swap builds a new scorer.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The int8 pre-filter of the worker's top-K: its error bound holds, and its answers are exact."""
+"""The int8 pre-filter of the worker's top-K: its error bound holds, and its answers are the float32 top-K."""
 
 from __future__ import annotations
 
@@ -51,31 +51,26 @@ def test_biases_far_larger_than_the_weights_keep_the_float32_path() -> None:
 
 
 @pytest.mark.parametrize("n_items", [8000, 8003])
-def test_int8_top_k_is_exact_and_proves_most_rows(n_items: int) -> None:
+def test_int8_top_k_is_exact_and_proves_most_rows(n_items: int, same_top_k) -> None:
     rec = _spread_model(n_items)
     hidden = _states(rec, 600)
-    want_rows, want_scores = rec.top_k(hidden, 20)
     scorer = TopKScorer(rec)
     assert scorer.prefilter is not None
-    got_rows, got_scores = scorer.top_k(hidden, 20)
-    np.testing.assert_array_equal(got_rows, want_rows)
-    np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+    same_top_k(rec, hidden, 20, *scorer.top_k(hidden, 20))
     assert scorer.rows_int8 > 0.9 * len(hidden), scorer.rows_int8
 
 
-def test_int8_top_k_never_recommends_retired_items() -> None:
+def test_int8_top_k_never_recommends_retired_items(same_top_k) -> None:
     base = _spread_model(8000)
     hidden = _states(base, 300, seed=2)
     retired = sorted(set(base.top_k(hidden, 20)[0][:, :3].ravel().tolist()))
     rec = _spread_model(8000, retired=retired)
     scorer = TopKScorer(rec)
-    got, _ = scorer.top_k(hidden, 20)
-    np.testing.assert_array_equal(got, rec.top_k(hidden, 20)[0])
-    assert not set(got.ravel().tolist()) & set(retired)
+    same_top_k(rec, hidden, 20, *scorer.top_k(hidden, 20))  # no retired item among them
     assert scorer.rows_int8 > 0
 
 
-def test_flat_scores_fall_back_to_float32_and_stop_trying() -> None:
+def test_flat_scores_fall_back_to_float32_and_stop_trying(same_top_k) -> None:
     n_items = 8000
     net = GRU4RecNet(n_items, GRU4RecParams(layers=(16,), seed=4))
     with torch.no_grad():  # nearly equal item vectors: scores closer together than the int8 error
@@ -85,18 +80,29 @@ def test_flat_scores_fall_back_to_float32_and_stop_trying() -> None:
     hidden = _states(rec, 5000, seed=5)
     scorer = TopKScorer(rec)
     for part in (hidden[:4000], hidden[4000:], hidden[:100]):
-        # near-ties everywhere here: compare the scores (the order of float32-equal scores may differ)
-        np.testing.assert_allclose(scorer.top_k(part, 20)[1], rec.top_k(part, 20)[1], rtol=1e-6)
+        same_top_k(rec, part, 20, *scorer.top_k(part, 20))  # near-ties everywhere here
     assert scorer.rows_scored == 5100
     assert scorer.prefilter is None  # dropped after the probe rows: it proved (almost) nothing
 
 
-def test_states_outside_the_gru_range_are_still_exact() -> None:
+def test_states_outside_the_gru_range_are_still_exact(same_top_k) -> None:
     rec = _spread_model(8000)
     hidden = _states(rec, 64, seed=7)
     hidden[:8] *= 50.0  # far outside (-1, 1): a huge bound, nothing provable
     hidden[8:16] *= 1.5
     scorer = TopKScorer(rec)
-    got, _ = scorer.top_k(hidden, 20)
-    np.testing.assert_array_equal(got, rec.top_k(hidden, 20)[0])
+    same_top_k(rec, hidden, 20, *scorer.top_k(hidden, 20))
     assert scorer.top_k(hidden[:0], 20)[0].shape == (0, 20)
+
+
+def test_the_top_k_check_catches_wrong_answers(same_top_k) -> None:
+    rec = _spread_model(3000)
+    hidden = _states(rec, 8, seed=9)
+    rows, scores = rec.top_k(hidden, 40)
+    same_top_k(rec, hidden, 20, rows[:, :20], scores[:, :20])
+    wrong = rows[:, :20].copy()
+    wrong[3, 19] = rows[3, 35]  # a worse item in place of the 20th
+    with pytest.raises(AssertionError, match="left out|reported scores"):
+        same_top_k(rec, hidden, 20, wrong, scores[:, :20])
+    with pytest.raises(AssertionError, match="descending"):
+        same_top_k(rec, hidden, 20, rows[:, 19::-1], scores[:, 19::-1])
