@@ -113,7 +113,7 @@ class Pipeline:
         # one compute thread: batches are sequential anyway, and torch's own threads do the maths
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-compute")
         self.state_lock = asyncio.Lock()
-        self.scorers = ScorerCache()
+        self.scorers = ScorerCache(s.scoring_threads)
         m = self.metrics
         self._topk_rows = (m.topk_rows.labels(path="int8"), m.topk_rows.labels(path="float32"))
         self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)

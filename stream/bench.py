@@ -120,7 +120,7 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
     torch.set_num_threads(settings.torch_threads)
     try:
         model = load_checkpoint(model_path).recommender(1)
-        scorer = TopKScorer(model)
+        scorer = TopKScorer(model, threads=settings.scoring_threads)
         limits, cfg, popularity = Limits(), ProcessorConfig(k=settings.top_k), PopularityBaseline()
         purchases = settings.topic("purchases")
         messages = list(iter_messages(settings, df, limit=n))
@@ -401,6 +401,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "batch_max_events": settings.batch_max_events,
             "batch_max_ms": settings.batch_max_ms,
             "torch_threads": settings.torch_threads,
+            "scoring_threads": settings.scoring_threads,
             "processing_guarantee": settings.processing_guarantee,
             "cpus": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2),

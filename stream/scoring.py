@@ -20,6 +20,8 @@ depends on the shapes), so items whose scores are that close may swap places or 
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -34,6 +36,20 @@ _CANDIDATE_BLOCKS = 48  # best blocks of 32 items searched for them
 _INT_CHUNK = 256  # rows scored at once by the int8 path: a [256, N] int32 block
 _PROBE_ROWS = 4096  # rows after which an int8 path that proves less than half of them is dropped
 _MAX_BIAS_COLUMNS = 64  # more would mean biases far larger than the weights: float32 path only
+_SPLIT_MIN_ROWS = 64  # a batch is split over the scoring threads only from this size: below, each call's
+# fixed cost (the whole weight matrix is read once per call) outweighs the second core
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One shared pool per thread count: scorers are rebuilt on every model swap, threads are not."""
+    with _pools_lock:
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="gruflow-topk")
+        return pool
 
 
 class Int8Prefilter:
@@ -107,10 +123,16 @@ class TopKScorer:
 
     The int8 path pays off only where scores are spread out, as a trained model's are: on flat scores
     (an untrained model) no row can be proven and every row is scored twice. So once ``_PROBE_ROWS``
-    rows have been scored, a scorer whose int8 path proved less than half of them stops using it."""
+    rows have been scored, a scorer whose int8 path proved less than half of them stops using it.
 
-    def __init__(self, model: Recommender, *, int8: bool = True) -> None:
+    ``threads`` > 1 scores the chunks of a batch on that many Python threads at once, torch's own pool
+    being left at one thread: torch releases the GIL inside its kernels, and unlike torch's OpenMP
+    threads these do not spin between calls (spinning OpenMP threads took the CPU that the event loop
+    and the broker needed; the end-to-end rate fell by a quarter with two of them)."""
+
+    def __init__(self, model: Recommender, *, int8: bool = True, threads: int = 1) -> None:
         self.model = model
+        self.threads = max(1, int(threads))
         net = model.net
         with torch.no_grad():
             self.W = net.Wy.weight.detach().float().contiguous()
@@ -131,34 +153,51 @@ class TopKScorer:
         self.rows_scored = 0  # rows answered, and how many of them the int8 path proved
         self.rows_int8 = 0
 
-    @torch.inference_mode()
     def top_k(self, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.n)
         x = torch.from_numpy(np.ascontiguousarray(hidden[:, -self.top_width:], dtype=np.float32))
-        rows = np.empty((x.shape[0], k), dtype=np.int64)
-        values = np.empty((x.shape[0], k), dtype=np.float32)
-        todo = np.arange(x.shape[0])
-        if self.prefilter is not None and k < _CANDIDATE_BLOCKS and len(todo):
-            missed = []
-            for s in range(0, x.shape[0], _INT_CHUNK):
-                ok, v, r = self._int8_top_k(x[s:s + _INT_CHUNK], k)
-                ok = ok.numpy()
-                rows[s:s + len(ok)][ok] = r.numpy()
-                values[s:s + len(ok)][ok] = v.numpy()
-                missed.append(np.flatnonzero(~ok) + s)
-            todo = np.concatenate(missed)
-            self.rows_int8 += x.shape[0] - len(todo)
-            seen = self.rows_scored + x.shape[0]
-            if seen >= _PROBE_ROWS > self.rows_scored and 2 * self.rows_int8 < seen:
-                self.prefilter = None  # scores too flat for the int8 bound to prove anything
-        self.rows_scored += x.shape[0]
-        if len(todo):
-            xs = x[torch.from_numpy(todo)] if len(todo) < x.shape[0] else x
-            for s in range(0, xs.shape[0], _CHUNK):
-                v, r = self._float32_top_k(xs[s:s + _CHUNK], k)
-                rows[todo[s:s + r.shape[0]]] = r.numpy()
-                values[todo[s:s + r.shape[0]]] = v.numpy()
+        m = x.shape[0]
+        rows = np.empty((m, k), dtype=np.int64)
+        values = np.empty((m, k), dtype=np.float32)
+        prefilter = self.prefilter if k < _CANDIDATE_BLOCKS else None
+        size = _INT_CHUNK if prefilter is not None else _CHUNK
+        parts = max(-(-m // size), min(self.threads, m // _SPLIT_MIN_ROWS))
+        bounds = [m * i // parts for i in range(parts + 1)] if m else [0, 0]
+        jobs = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+        if len(jobs) > 1 and self.threads > 1:
+            proven = sum(_pool(self.threads).map(lambda j: self._score_rows(x, j, k, prefilter, rows, values), jobs))
+        else:
+            proven = sum(self._score_rows(x, j, k, prefilter, rows, values) for j in jobs)
+        self.rows_int8 += proven
+        seen = self.rows_scored + m
+        if prefilter is not None and seen >= _PROBE_ROWS > self.rows_scored and 2 * self.rows_int8 < seen:
+            self.prefilter = None  # scores too flat for the int8 bound to prove anything
+        self.rows_scored = seen
         return rows, values
+
+    @torch.inference_mode()
+    def _score_rows(self, x: torch.Tensor, span: tuple[int, int], k: int, prefilter: Int8Prefilter | None,
+                    rows: np.ndarray, values: np.ndarray) -> int:
+        """Top-k of rows ``span`` of ``x`` into ``rows``/``values`` (disjoint per call: thread-safe);
+        returns how many the int8 path proved."""
+        s, e = span
+        todo = np.arange(s, e)
+        if prefilter is not None and e > s:
+            missed = []
+            for c in range(s, e, _INT_CHUNK):
+                ok, v, r = self._int8_top_k(prefilter, x[c:min(e, c + _INT_CHUNK)], k)
+                ok = ok.numpy()
+                rows[c:c + len(ok)][ok] = r.numpy()
+                values[c:c + len(ok)][ok] = v.numpy()
+                missed.append(np.flatnonzero(~ok) + c)
+            todo = np.concatenate(missed)
+        if len(todo):
+            xs = x[torch.from_numpy(todo)] if len(todo) < e - s else x[s:e]
+            for c in range(0, xs.shape[0], _CHUNK):
+                v, r = self._float32_top_k(xs[c:c + _CHUNK], k)
+                rows[todo[c:c + r.shape[0]]] = r.numpy()
+                values[todo[c:c + r.shape[0]]] = v.numpy()
+        return e - s - len(todo)
 
     def _float32_top_k(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         scores = torch.addmm(self.b, x, self.WT)
@@ -166,14 +205,14 @@ class TopKScorer:
             scores[:, self.retired] = -torch.inf
         return block_topk(scores, k)
 
-    def _int8_top_k(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _int8_top_k(self, pf: Int8Prefilter, x: torch.Tensor, k: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows proven exact [B] bool, their top-k values [b, k], their top-k rows [b, k]).
 
         Candidates without a full sort: block maxima of the int32 scores; ``tau`` = the k-th best block
         maximum is at most the k-th best item, so every item of the exact top-k has an approximation of
         at least ``tau - 2 eps``; those items lie in the ``_CANDIDATE_BLOCKS`` best blocks when the last of
         them is already below that threshold, and at most ``_CANDIDATES`` of them are re-scored in float32."""
-        pf = self.prefilter
         approx, eps = pf.scores(x)
         low = torch.iinfo(torch.int32).min
         if self.retired is not None:
@@ -230,12 +269,13 @@ def block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 class ScorerCache:
     """The scorer of the model currently served (rebuilt when the ModelHolder swaps models)."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = threads
         self._model: Recommender | None = None
         self._scorer: TopKScorer | None = None
 
     def get(self, model: Recommender) -> TopKScorer:
         if self._model is not model or self._scorer is None:
-            self._scorer = TopKScorer(model)
+            self._scorer = TopKScorer(model, threads=self.threads)
             self._model = model
         return self._scorer

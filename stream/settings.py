@@ -53,7 +53,8 @@ class Settings:
     batch_max_ms: float = 20.0
     session_gap_s: float = 1800.0
     top_k: int = 20
-    torch_threads: int = 1
+    torch_threads: int = 1  # torch's own (OpenMP) threads in the worker
+    scoring_threads: int = 2  # threads that score the chunks of a batch's top-K at once
     model_path: str = ""  # checkpoint to serve when the models topic has none
     max_message_bytes: int = 65536
     max_id_bytes: int = 256
@@ -125,6 +126,7 @@ class Settings:
             (self.batch_max_events >= 1, "GRUFLOW_BATCH_MAX_EVENTS must be >= 1"),
             (self.batch_max_ms >= 0, "GRUFLOW_BATCH_MAX_MS must be >= 0"),
             (self.torch_threads >= 1, "GRUFLOW_TORCH_THREADS must be >= 1"),
+            (self.scoring_threads >= 1, "GRUFLOW_SCORING_THREADS must be >= 1"),
             (0 < self.web_port < 65536, "GRUFLOW_WEB_PORT must be a TCP port"),
             (self.session_gap_s > 0, "GRUFLOW_SESSION_GAP_S must be > 0"),
         ]

@@ -106,3 +106,16 @@ def test_the_top_k_check_catches_wrong_answers(same_top_k) -> None:
         same_top_k(rec, hidden, 20, wrong, scores[:, :20])
     with pytest.raises(AssertionError, match="descending"):
         same_top_k(rec, hidden, 20, rows[:, 19::-1], scores[:, 19::-1])
+
+
+def test_threads_split_a_batch_and_give_the_same_answers(same_top_k) -> None:
+    rec = _spread_model(8000)
+    hidden = _states(rec, 700, seed=11)
+    one, two = TopKScorer(rec, threads=1), TopKScorer(rec, threads=2)
+    for part in (hidden, hidden[:130], hidden[:5]):  # 3 chunks; split in two though under one chunk; too small
+        same_top_k(rec, part, 20, *two.top_k(part, 20))
+        same_top_k(rec, part, 20, *one.top_k(part, 20))
+    assert two.rows_scored == one.rows_scored == 835
+    assert min(two.rows_int8, one.rows_int8) > 0.9 * 835
+    flat = TopKScorer(rec, int8=False, threads=2)
+    same_top_k(rec, hidden, 20, *flat.top_k(hidden, 20))
