@@ -112,7 +112,8 @@ class Pipeline:
         self.cfg = ProcessorConfig(k=s.top_k, session_gap_ms=int(s.session_gap_s * 1000))
         self.limits = Limits(s.max_message_bytes, s.max_id_bytes)
         self.kinds = {self.names.clicks: CLICKS, self.names.purchases: PURCHASES}
-        # one compute thread: batches are sequential anyway, and torch's own threads do the maths
+        # one compute thread: batches are sequential anyway; the top-K's threads (scoring_threads) and
+        # torch's own do the maths
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-compute")
         self.state_lock = asyncio.Lock()
         self.scorers = ScorerCache(s.scoring_threads)

@@ -14,7 +14,8 @@ top-K over N items per event. ``TopKScorer`` makes both cheaper without changing
 
 Same results as ``Recommender.top_k`` (retired items masked the same way), up to float32 rounding:
 two products of the same numbers may differ in their last bits (the kernel, so the order of the sums,
-depends on the shapes), so items whose scores are that close may swap places or trade the K-th slot. Weights are read once per served model; a model swap builds a new scorer.
+depends on the shapes), so items whose scores are that close may swap places or trade the K-th slot.
+Weights are read once per served model; a model swap builds a new scorer.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class TopKScorer:
     ``threads`` > 1 scores the chunks of a batch on that many Python threads at once, torch's own pool
     being left at one thread: torch releases the GIL inside its kernels, and unlike torch's OpenMP
     threads these do not spin between calls (spinning OpenMP threads took the CPU that the event loop
-    and the broker needed; the end-to-end rate fell by a quarter with two of them)."""
+    and the broker needed; the end-to-end rate fell by about a quarter with two of them)."""
 
     def __init__(self, model: Recommender, *, int8: bool = True, threads: int = 1) -> None:
         self.model = model
