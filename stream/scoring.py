@@ -162,8 +162,8 @@ class TopKScorer:
         values = np.empty((m, k), dtype=np.float32)
         prefilter = self.prefilter if k < _CANDIDATE_BLOCKS else None
         size = _INT_CHUNK if prefilter is not None else _CHUNK
-        parts = max(-(-m // size), min(self.threads, m // _SPLIT_MIN_ROWS))
-        bounds = [m * i // parts for i in range(parts + 1)] if m else [0, 0]
+        parts = max(1, -(-m // size), min(self.threads, m // _SPLIT_MIN_ROWS))
+        bounds = [m * i // parts for i in range(parts + 1)]
         jobs = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
         if len(jobs) > 1 and self.threads > 1:
             proven = sum(_pool(self.threads).map(lambda j: self._score_rows(x, j, k, prefilter, rows, values), jobs))
