@@ -197,7 +197,12 @@ class _RecReader:
 
         stamped, warmup = self.stamped_prefix.encode(), WARMUP_PREFIX.encode()
         while not self._stop.is_set():
-            for m in self.c.consume(5000, 0.005):
+            # wait for ONE message, then take whatever else is queued without waiting: consume(n, t) returns
+            # only once it has n messages or t has passed, so it would add up to t to each latency sample
+            first = self.c.poll(0.05)
+            if first is None:
+                continue
+            for m in [first, *self.c.consume(5000, 0)]:
                 if m.error() is not None:
                     continue
                 now = time.time() * 1000
