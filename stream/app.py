@@ -117,6 +117,7 @@ class Pipeline:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-compute")
         self.state_lock = asyncio.Lock()
         self.scorers = ScorerCache(s.scoring_threads)
+        self.holder.on_prepare(self._prepare_scorer)  # a swapped-in model's scorer: built in the swapping thread
         m = self.metrics
         self._topk_rows = (m.topk_rows.labels(path="int8"), m.topk_rows.labels(path="float32"))
         self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
@@ -168,15 +169,10 @@ class Pipeline:
         model = self.holder.current
         result = None
         if events:
-            scorer = self.scorers.get(model) if model.n_items >= _FAST_TOPK_MIN_ITEMS else None
-            scored = (scorer.rows_scored, scorer.rows_int8) if scorer is not None else (0, 0)
-            result = await asyncio.get_running_loop().run_in_executor(
-                self.executor, process_batch, model, events, states, self.cfg, self.popularity,
-                scorer.top_k if scorer is not None else None)
-            if scorer is not None:
-                int8 = scorer.rows_int8 - scored[1]
-                self._topk_rows[0].inc(int8)
-                self._topk_rows[1].inc(scorer.rows_scored - scored[0] - int8)
+            result, int8_rows, float32_rows = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._compute, model, events, states)
+            self._topk_rows[0].inc(int8_rows)
+            self._topk_rows[1].inc(float32_rows)
         if self.app.consumer_generation_id != generation or self.app.should_stop:
             log.info("rebalance during a batch of %d events: dropped unacked, it will be processed again",
                      len(events))
@@ -250,6 +246,25 @@ class Pipeline:
             # a newer one is served)
             gc.freeze()
             self._gc_frozen = True
+
+    def _compute(self, model: Any, events: list[Event], states: dict[bytes, Any]) -> tuple[Any, int, int]:
+        """The compute thread's part: the batch, and how many of its rows each top-K path answered. Even
+        the first batch of a model nobody prepared builds its scorer here, off the event loop."""
+        scorer = self.scorers.get(model) if model.n_items >= _FAST_TOPK_MIN_ITEMS else None
+        if scorer is None:
+            return process_batch(model, events, states, self.cfg, self.popularity, None), 0, 0
+        scored, int8 = scorer.rows_scored, scorer.rows_int8
+        result = process_batch(model, events, states, self.cfg, self.popularity, scorer.top_k)
+        int8 = scorer.rows_int8 - int8
+        return result, int8, scorer.rows_scored - scored - int8
+
+    def _prepare_scorer(self, model: Any) -> None:
+        if model.n_items >= _FAST_TOPK_MIN_ITEMS:
+            try:
+                self.scorers.prepare(model)
+            except Exception as exc:  # noqa: BLE001 - the swap goes on; the first batch builds it instead
+                log.warning("could not prepare the top-K scorer of model version %s: %r",
+                            getattr(model, "version", "?"), exc)
 
     async def _finish(self, prev: "asyncio.Task[None] | None", seq: int, ticket: Any,
                       local: dict[int, list[tuple[bytes, bytes | None]]], offsets: list[tuple[Any, list[int]]],

@@ -268,15 +268,31 @@ def block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class ScorerCache:
-    """The scorer of the model currently served (rebuilt when the ModelHolder swaps models)."""
+    """The scorer of the model served. ``prepare`` builds a new model's scorer in the thread that swaps it
+    in (``ModelHolder.on_prepare``), so the worker's event loop and its batches never wait for one; ``get``
+    builds one itself only for a model nobody prepared (the first one)."""
 
     def __init__(self, threads: int = 1) -> None:
         self.threads = threads
+        self._lock = threading.Lock()
         self._model: Recommender | None = None
         self._scorer: TopKScorer | None = None
+        self._prepared: tuple[Recommender, TopKScorer] | None = None
+
+    def prepare(self, model: Recommender) -> None:
+        scorer = TopKScorer(model, threads=self.threads)
+        with self._lock:
+            self._prepared = (model, scorer)
 
     def get(self, model: Recommender) -> TopKScorer:
-        if self._model is not model or self._scorer is None:
-            self._scorer = TopKScorer(model, threads=self.threads)
-            self._model = model
-        return self._scorer
+        with self._lock:
+            if self._model is model and self._scorer is not None:
+                return self._scorer
+            if self._prepared is not None and self._prepared[0] is model:
+                self._model, self._scorer = self._prepared
+                self._prepared = None
+                return self._scorer
+        scorer = TopKScorer(model, threads=self.threads)
+        with self._lock:
+            self._model, self._scorer = model, scorer
+        return scorer

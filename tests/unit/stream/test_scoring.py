@@ -10,7 +10,8 @@ from model.network import GRU4RecNet
 from model.params import GRU4RecParams
 from model.recommender import Recommender
 from model.vocab import Vocabulary
-from stream.scoring import Int8Prefilter, TopKScorer
+from stream.model_holder import ModelHolder
+from stream.scoring import Int8Prefilter, ScorerCache, TopKScorer
 
 
 def _spread_model(n_items: int, hidden: int = 32, seed: int = 3, retired: list[int] | None = None) -> Recommender:
@@ -119,3 +120,22 @@ def test_threads_split_a_batch_and_give_the_same_answers(same_top_k) -> None:
     assert min(two.rows_int8, one.rows_int8) > 0.9 * 835
     flat = TopKScorer(rec, int8=False, threads=2)
     same_top_k(rec, hidden, 20, *flat.top_k(hidden, 20))
+
+
+def test_a_swapped_in_model_gets_its_scorer_before_it_is_served(same_top_k) -> None:
+    """The holder's preparers run in the swapping thread before the new model is current, so the worker's
+    batches (and its event loop) never build a scorer for a model that was swapped in."""
+    old, new = _spread_model(8000, seed=3), _spread_model(8000, seed=4)
+    holder, cache = ModelHolder(old), ScorerCache(threads=2)
+    seen: list[tuple[Recommender, Recommender]] = []
+    holder.on_prepare(lambda model: seen.append((model, holder.current)))
+    holder.on_prepare(cache.prepare)
+    first = cache.get(old)  # nobody prepared the first model: built on demand, then kept
+    assert cache.get(old) is first
+    holder.swap(new)
+    assert seen == [(new, old)]  # prepared while the old model was still the one served
+    prepared = cache._prepared[1]
+    assert cache.get(new) is prepared and cache.get(new) is prepared and cache._prepared is None
+    hidden = _states(new, 50, seed=5)
+    same_top_k(new, hidden, 20, *cache.get(new).top_k(hidden, 20))
+    assert cache.get(old) is not first  # a model that is no longer current is not kept
