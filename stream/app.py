@@ -116,7 +116,7 @@ class Pipeline:
         # torch's own do the maths
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-compute")
         self.state_lock = asyncio.Lock()
-        self.scorers = ScorerCache(s.scoring_threads)
+        self.scorers = ScorerCache(s.scoring_threads, min_items=_FAST_TOPK_MIN_ITEMS)
         self.holder.on_prepare(self._prepare_scorer)  # a swapped-in model's scorer: built in the swapping thread
         m = self.metrics
         self._topk_rows = (m.topk_rows.labels(path="int8"), m.topk_rows.labels(path="float32"))
@@ -250,7 +250,7 @@ class Pipeline:
     def _compute(self, model: Any, events: list[Event], states: dict[bytes, Any]) -> tuple[Any, int, int]:
         """The compute thread's part: the batch, and how many of its rows each top-K path answered. Even
         the first batch of a model nobody prepared builds its scorer here, off the event loop."""
-        scorer = self.scorers.get(model) if model.n_items >= _FAST_TOPK_MIN_ITEMS else None
+        scorer = self.scorers.get(model)
         if scorer is None:
             return process_batch(model, events, states, self.cfg, self.popularity, None), 0, 0
         scored, int8 = scorer.rows_scored, scorer.rows_int8
@@ -259,12 +259,11 @@ class Pipeline:
         return result, int8, scorer.rows_scored - scored - int8
 
     def _prepare_scorer(self, model: Any) -> None:
-        if model.n_items >= _FAST_TOPK_MIN_ITEMS:
-            try:
-                self.scorers.prepare(model)
-            except Exception as exc:  # noqa: BLE001 - the swap goes on; the first batch builds it instead
-                log.warning("could not prepare the top-K scorer of model version %s: %r",
-                            getattr(model, "version", "?"), exc)
+        try:
+            self.scorers.prepare(model)
+        except Exception as exc:  # noqa: BLE001 - the swap goes on; the first batch builds it instead
+            log.warning("could not prepare the top-K scorer of model version %s: %r",
+                        getattr(model, "version", "?"), exc)
 
     async def _finish(self, prev: "asyncio.Task[None] | None", seq: int, ticket: Any,
                       local: dict[int, list[tuple[bytes, bytes | None]]], offsets: list[tuple[Any, list[int]]],

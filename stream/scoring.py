@@ -270,21 +270,27 @@ def block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 class ScorerCache:
     """The scorer of the model served. ``prepare`` builds a new model's scorer in the thread that swaps it
     in (``ModelHolder.on_prepare``), so the worker's event loop and its batches never wait for one; ``get``
-    builds one itself only for a model nobody prepared (the first one)."""
+    builds one itself only for a model nobody prepared (the first one). Models of fewer than ``min_items``
+    items get no scorer (``get`` returns None): their plain top-K is as fast."""
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, min_items: int = 0) -> None:
         self.threads = threads
+        self.min_items = min_items
         self._lock = threading.Lock()
         self._model: Recommender | None = None
         self._scorer: TopKScorer | None = None
         self._prepared: tuple[Recommender, TopKScorer] | None = None
 
     def prepare(self, model: Recommender) -> None:
+        if model.n_items < self.min_items:
+            return
         scorer = TopKScorer(model, threads=self.threads)
         with self._lock:
             self._prepared = (model, scorer)
 
-    def get(self, model: Recommender) -> TopKScorer:
+    def get(self, model: Recommender) -> TopKScorer | None:
+        if model.n_items < self.min_items:
+            return None
         with self._lock:
             if self._model is model and self._scorer is not None:
                 return self._scorer

@@ -139,3 +139,6 @@ def test_a_swapped_in_model_gets_its_scorer_before_it_is_served(same_top_k) -> N
     hidden = _states(new, 50, seed=5)
     same_top_k(new, hidden, 20, *cache.get(new).top_k(hidden, 20))
     assert cache.get(old) is not first  # a model that is no longer current is not kept
+    small = ScorerCache(min_items=10_000)  # below the size bound: no scorer, prepared or built
+    small.prepare(new)
+    assert small.get(new) is None and small._prepared is None
