@@ -53,6 +53,18 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
+def _column_major(codes: torch.Tensor) -> torch.Tensor:
+    """``codes`` stored item by item: torch._int_mm reads that layout faster (three A/B measurements on the
+    same states: the whole top-K 2-9% faster on 2,000 rows, 6-15% on 45; identical results). Row-major
+    where this torch's _int_mm refuses a transposed operand."""
+    stored = codes.T.contiguous().T
+    try:
+        torch._int_mm(torch.zeros((1, codes.shape[0]), dtype=torch.int8), stored)
+    except RuntimeError:
+        return codes.contiguous()
+    return stored
+
+
 class Int8Prefilter:
     """Approximate scores in integer units, with a per-row bound on their error.
 
@@ -96,10 +108,7 @@ class Int8Prefilter:
         for c in range(n_coarse):
             codes[h + c, :n] = base + torch.sign(rest) * (rest.abs() > c)
         codes[h + n_coarse, :n] = fine
-        # [width, N], stored item by item (column-major): torch._int_mm takes the transposed layout as is,
-        # and reads it faster (three A/B measurements on the same states: the whole top-K 2-9% faster on
-        # 2,000 rows, 6-15% on 45; identical results)
-        self.codes = codes.to(torch.int8).T.contiguous().T
+        self.codes = _column_major(codes.to(torch.int8))  # [width, N]
         self.const = torch.zeros(width, dtype=torch.int8)
         self.const[h:h + n_coarse] = _QMAX
         self.const[h + n_coarse] = 1
