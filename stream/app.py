@@ -253,10 +253,10 @@ class Pipeline:
         scorer = self.scorers.get(model)
         if scorer is None:
             return process_batch(model, events, states, self.cfg, self.popularity, None), 0, 0
-        scored, int8 = scorer.rows_scored, scorer.rows_int8
+        scored_before, int8_before = scorer.rows_scored, scorer.rows_int8
         result = process_batch(model, events, states, self.cfg, self.popularity, scorer.top_k)
-        int8 = scorer.rows_int8 - int8
-        return result, int8, scorer.rows_scored - scored - int8
+        int8 = scorer.rows_int8 - int8_before
+        return result, int8, scorer.rows_scored - scored_before - int8
 
     def _prepare_scorer(self, model: Any) -> None:
         try:
