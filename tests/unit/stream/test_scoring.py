@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,30 @@ from model.network import GRU4RecNet
 from model.params import GRU4RecParams
 from model.recommender import Recommender
 from model.vocab import Vocabulary
+from stream import native
 from stream.model_holder import ModelHolder
 from stream.scoring import Int8Prefilter, ScorerCache, TopKScorer
+
+
+@pytest.fixture(params=[True, False], ids=["compiled", "torch"])
+def compiled(request) -> bool:
+    """Both int8 paths: the compiled kernel (where this machine can build and run it) and torch's."""
+    if request.param and native.kernel() is None:
+        pytest.skip("the compiled top-K kernel cannot run here (see test_the_compiled_kernel_runs_where_it_can)")
+    return request.param
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_vnni" in flags and " avx512bw" in flags
+
+
+@pytest.mark.skipif(not _cpu_has_vnni() or not shutil.which("cc"), reason="needs AVX-512 VNNI and a C compiler")
+def test_the_compiled_kernel_runs_where_it_can() -> None:
+    assert native.kernel() is not None
 
 
 def _spread_model(n_items: int, hidden: int = 32, seed: int = 3, retired: list[int] | None = None) -> Recommender:
@@ -52,26 +76,37 @@ def test_biases_far_larger_than_the_weights_keep_the_float32_path() -> None:
 
 
 @pytest.mark.parametrize("n_items", [8000, 8003])
-def test_int8_top_k_is_exact_and_proves_most_rows(n_items: int, same_top_k) -> None:
+def test_int8_top_k_is_exact_and_proves_most_rows(n_items: int, same_top_k, compiled: bool) -> None:
     rec = _spread_model(n_items)
     hidden = _states(rec, 600)
-    scorer = TopKScorer(rec)
+    scorer = TopKScorer(rec, compiled=compiled)
     assert scorer.prefilter is not None
+    assert (scorer.native is not None) is compiled
     same_top_k(rec, hidden, 20, *scorer.top_k(hidden, 20))
     assert scorer.rows_int8 > 0.9 * len(hidden), scorer.rows_int8
 
 
-def test_int8_top_k_never_recommends_retired_items(same_top_k) -> None:
+def test_the_compiled_path_takes_a_hidden_size_of_no_whole_vectors(same_top_k) -> None:
+    if native.kernel() is None:
+        pytest.skip("the compiled top-K kernel cannot run here")
+    rec = _spread_model(8003, hidden=100)  # 100 = 6 vectors of 16 and a partial one, like the bench's H
+    hidden = _states(rec, 300, seed=13)
+    scorer = TopKScorer(rec, compiled=True)
+    same_top_k(rec, hidden, 20, *scorer.top_k(hidden, 20))
+    assert scorer.rows_int8 > 0.9 * len(hidden), scorer.rows_int8
+
+
+def test_int8_top_k_never_recommends_retired_items(same_top_k, compiled: bool) -> None:
     base = _spread_model(8000)
     hidden = _states(base, 300, seed=2)
     retired = sorted(set(base.top_k(hidden, 20)[0][:, :3].ravel().tolist()))
     rec = _spread_model(8000, retired=retired)
-    scorer = TopKScorer(rec)
+    scorer = TopKScorer(rec, compiled=compiled)
     same_top_k(rec, hidden, 20, *scorer.top_k(hidden, 20))  # no retired item among them
     assert scorer.rows_int8 > 0
 
 
-def test_flat_scores_fall_back_to_float32_and_stop_trying(same_top_k) -> None:
+def test_flat_scores_fall_back_to_float32_and_stop_trying(same_top_k, compiled: bool) -> None:
     n_items = 8000
     net = GRU4RecNet(n_items, GRU4RecParams(layers=(16,), seed=4))
     with torch.no_grad():  # nearly equal item vectors: scores closer together than the int8 error
@@ -79,19 +114,19 @@ def test_flat_scores_fall_back_to_float32_and_stop_trying(same_top_k) -> None:
         net.By.weight.zero_()
     rec = Recommender(net, Vocabulary(f"i{r}" for r in range(n_items)), version=1)
     hidden = _states(rec, 5000, seed=5)
-    scorer = TopKScorer(rec)
+    scorer = TopKScorer(rec, compiled=compiled)
     for part in (hidden[:4000], hidden[4000:], hidden[:100]):
         same_top_k(rec, part, 20, *scorer.top_k(part, 20))  # near-ties everywhere here
     assert scorer.rows_scored == 5100
     assert scorer.prefilter is None  # dropped after the probe rows: it proved (almost) nothing
 
 
-def test_states_outside_the_gru_range_are_still_exact(same_top_k) -> None:
+def test_states_outside_the_gru_range_are_still_exact(same_top_k, compiled: bool) -> None:
     rec = _spread_model(8000)
     hidden = _states(rec, 64, seed=7)
     hidden[:8] *= 50.0  # far outside (-1, 1): a huge bound, nothing provable
     hidden[8:16] *= 1.5
-    scorer = TopKScorer(rec)
+    scorer = TopKScorer(rec, compiled=compiled)
     same_top_k(rec, hidden, 20, *scorer.top_k(hidden, 20))
     assert scorer.top_k(hidden[:0], 20)[0].shape == (0, 20)
 
@@ -109,10 +144,10 @@ def test_the_top_k_check_catches_wrong_answers(same_top_k) -> None:
         same_top_k(rec, hidden, 20, rows[:, 19::-1], scores[:, 19::-1])
 
 
-def test_threads_split_a_batch_and_give_the_same_answers(same_top_k) -> None:
+def test_threads_split_a_batch_and_give_the_same_answers(same_top_k, compiled: bool) -> None:
     rec = _spread_model(8000)
     hidden = _states(rec, 700, seed=11)
-    one, two = TopKScorer(rec, threads=1), TopKScorer(rec, threads=2)
+    one, two = TopKScorer(rec, threads=1, compiled=compiled), TopKScorer(rec, threads=2, compiled=compiled)
     for part in (hidden, hidden[:130], hidden[:5]):  # 3 chunks; split in two though under one chunk; too small
         same_top_k(rec, part, 20, *two.top_k(part, 20))
         same_top_k(rec, part, 20, *one.top_k(part, 20))
