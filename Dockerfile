@@ -23,6 +23,12 @@ COPY stream/ stream/
 # pip keeps the CPU torch above: it already satisfies the project's requirement
 RUN pip install --upgrade-strategy only-if-needed . \
     && python -c "import torch, faust, confluent_kafka, rocksdict; print('torch', torch.__version__)"
+# the compiled top-K kernel, built here next to its source: the runtime stage has no compiler
+# (stream/native.py; CPUs without AVX-512 VNNI use the torch path with the same answers)
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && cd / && python -m stream.native --prebuild  # from /: the installed package, not /src
 
 # ---- runtime: slim base, non-root, no compilers. /models belongs to the gruflow user so that a
 # named volume mounted there (docker-compose: the initial model) is writable without root.

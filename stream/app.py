@@ -116,7 +116,7 @@ class Pipeline:
         # torch's own do the maths
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-compute")
         self.state_lock = asyncio.Lock()
-        self.scorers = ScorerCache(s.scoring_threads, min_items=_FAST_TOPK_MIN_ITEMS)
+        self.scorers = ScorerCache(s.scoring_threads, min_items=_FAST_TOPK_MIN_ITEMS, compiled=s.compiled_topk)
         self.holder.on_prepare(self._prepare_scorer)  # a swapped-in model's scorer: built in the swapping thread
         m = self.metrics
         self._topk_rows = (m.topk_rows.labels(path="int8"), m.topk_rows.labels(path="float32"))

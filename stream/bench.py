@@ -120,7 +120,7 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
     torch.set_num_threads(settings.torch_threads)
     try:
         model = load_checkpoint(model_path).recommender(1)
-        scorer = TopKScorer(model, threads=settings.scoring_threads)
+        scorer = TopKScorer(model, threads=settings.scoring_threads, compiled=settings.compiled_topk)
         limits, cfg, popularity = Limits(), ProcessorConfig(k=settings.top_k), PopularityBaseline()
         purchases = settings.topic("purchases")
         messages = list(iter_messages(settings, df, limit=n))
@@ -152,6 +152,12 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
     return {"compute_ceiling_events_per_s": round(events_done / compute_s, 1) if compute_s else float("nan"),
             "topk_ceiling_events_per_s": round(events_done / scoring_s, 1) if scoring_s else float("nan"),
             "topk_int8_fraction": round(scorer.rows_int8 / scorer.rows_scored, 4) if scorer.rows_scored else None}
+
+
+def _compiled_topk_in_use(settings: Settings) -> bool:
+    from stream import native
+
+    return settings.compiled_topk and native.kernel() is not None
 
 
 def _raw_consume(settings: Settings, n: int) -> float:
@@ -412,6 +418,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "batch_max_ms": settings.batch_max_ms,
             "torch_threads": settings.torch_threads,
             "scoring_threads": settings.scoring_threads,
+            "compiled_topk": _compiled_topk_in_use(settings),
             "processing_guarantee": settings.processing_guarantee,
             "cpus": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2),

@@ -1,13 +1,19 @@
-"""The compiled top-K kernel (``scoring_native.c``): built once per machine and source with the system C
-compiler, cached, and loaded with ctypes (which releases the GIL during each call, so the scoring
-threads run it in parallel).
+"""The compiled top-K kernel (``scoring_native.c``), loaded with ctypes (which releases the GIL during each
+call, so the scoring threads run it in parallel).
 
-Optional by design: without a C compiler, or on a CPU without AVX-512 VNNI, ``kernel()`` returns None
-(the reason logged once) and ``stream.scoring`` keeps its torch path, which gives the same answers.
+Where it comes from, first found wins:
+1. a library built ahead of time next to the source, ``scoring_native-<source digest>.so``
+   (``python -m stream.native --prebuild``: the Docker image does this, its runtime stage has no compiler);
+2. a build with the system C compiler (``$CC``, else ``cc``), cached per source, compiler and platform
+   under ``$XDG_CACHE_HOME/gruflow/native`` (``~/.cache`` by default).
+
+Optional by design: with no library, or on a CPU without AVX-512 VNNI, ``kernel()`` returns None (the
+reason logged once) and ``stream.scoring`` keeps its torch path, which gives the same answers.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import hashlib
 import logging
@@ -40,46 +46,87 @@ def cache_dir() -> Path:
     return Path(base) / "gruflow" / "native"
 
 
+def prebuilt_path() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return SOURCE.with_name(f"scoring_native-{digest}.so")
+
+
 def kernel() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None where it cannot run here (built on the first call)."""
+    """The loaded kernel library, or None where it cannot run here (found or built on the first call)."""
     with _lock:
         if not _loaded:
             try:
-                _loaded.append(_build_and_load())
+                _loaded.append(_load(_find_or_build()))
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                log.warning("native top-K kernel unavailable (%s); scoring uses torch only", exc)
+                log.warning("compiled top-K kernel unavailable (%s); scoring uses torch only", exc)
                 _loaded.append(None)
         return _loaded[0]
 
 
-def _build_and_load() -> ctypes.CDLL | None:
+def _find_or_build() -> Path:
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise RuntimeError(f"written for x86-64 AVX-512 VNNI, this is {platform.machine()}")
+        raise RuntimeError(f"written for x86-64 with AVX-512 VNNI, this is {platform.machine()}")
+    prebuilt = prebuilt_path()
+    if prebuilt.is_file():
+        return prebuilt
+    compiler = _compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes() + version + platform.platform().encode()).hexdigest()[:16]
+    target = cache_dir() / f"scoring_native-{digest}.so"
+    if not target.is_file():
+        build(target, compiler)
+        log.info("built the compiled top-K kernel: %s", target)
+    return target
+
+
+def _compiler() -> str:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
-        raise RuntimeError("no C compiler (cc/gcc) found")
-    source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
-    digest = hashlib.sha256(source + version + platform.platform().encode()).hexdigest()[:16]
-    target = cache_dir() / f"scoring_native-{digest}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
-        os.close(fd)
-        try:
-            done = subprocess.run([compiler, "-O3", "-fPIC", "-shared", "-o", tmp, str(SOURCE), "-lm"],
-                                  capture_output=True, text=True, timeout=120)
-            if done.returncode:
-                raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
-            os.replace(tmp, target)  # atomic: concurrent builders each publish a whole file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        log.info("built the native top-K kernel: %s", target)
-    lib = ctypes.CDLL(str(target))
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    return compiler
+
+
+def build(target: Path, compiler: str | None = None) -> Path:
+    """Compile the kernel into ``target``, published atomically (concurrent builders each write a whole
+    file). Generic x86-64 code: the AVX-512 functions are chosen at run time (``gf_supported``)."""
+    compiler = compiler or _compiler()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, "-O3", "-fPIC", "-shared", "-o", tmp, str(SOURCE), "-lm"],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
     lib.gf_supported.restype = _I
     if not lib.gf_supported():
         raise RuntimeError("this CPU lacks AVX-512 VNNI")
     lib.gf_topk.restype = _I
     lib.gf_topk.argtypes = _ARGTYPES
     return lib
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stream.native", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prebuild", action="store_true",
+                        help="compile the kernel next to its source (for images without a compiler)")
+    args = parser.parse_args(argv)
+    if args.prebuild:
+        print(build(prebuilt_path()))
+        return 0
+    lib = kernel()
+    print("compiled top-K kernel:", "available" if lib is not None else "unavailable (torch path)")
+    return 0 if lib is not None else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -345,9 +345,10 @@ class ScorerCache:
     builds one itself only for a model nobody prepared (the first one). Models of fewer than ``min_items``
     items get no scorer (``get`` returns None): their plain top-K is as fast."""
 
-    def __init__(self, threads: int = 1, min_items: int = 0) -> None:
+    def __init__(self, threads: int = 1, min_items: int = 0, compiled: bool = True) -> None:
         self.threads = threads
         self.min_items = min_items
+        self.compiled = compiled
         self._lock = threading.Lock()
         self._model: Recommender | None = None
         self._scorer: TopKScorer | None = None
@@ -356,7 +357,7 @@ class ScorerCache:
     def prepare(self, model: Recommender) -> None:
         if model.n_items < self.min_items:
             return
-        scorer = TopKScorer(model, threads=self.threads)
+        scorer = TopKScorer(model, threads=self.threads, compiled=self.compiled)
         with self._lock:
             self._prepared = (model, scorer)
 
@@ -370,7 +371,7 @@ class ScorerCache:
                 self._model, self._scorer = self._prepared
                 self._prepared = None
                 return self._scorer
-        scorer = TopKScorer(model, threads=self.threads)
+        scorer = TopKScorer(model, threads=self.threads, compiled=self.compiled)
         with self._lock:
             self._model, self._scorer = model, scorer
         return scorer

@@ -55,6 +55,7 @@ class Settings:
     top_k: int = 20
     torch_threads: int = 1  # torch's own (OpenMP) threads in the worker
     scoring_threads: int = 2  # threads that score the chunks of a batch's top-K at once
+    compiled_topk: bool = True  # the compiled int8 top-K kernel where it runs (stream/native.py); else torch
     model_path: str = ""  # checkpoint to serve when the models topic has none
     max_message_bytes: int = 65536
     max_id_bytes: int = 256
