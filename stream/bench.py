@@ -157,7 +157,7 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
 def _compiled_topk_in_use(settings: Settings) -> bool:
     from stream import native
 
-    return settings.compiled_topk and native.kernel() is not None
+    return settings.compiled_topk and native.topk_kernel() is not None
 
 
 def _raw_consume(settings: Settings, n: int) -> float:

@@ -30,6 +30,7 @@ import orjson
 
 from model.recommender import Recommender
 from state.codec import N_SOURCES, UserState
+from stream import native
 from stream.events import Event
 
 TopK = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -120,6 +121,7 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     post_hidden = np.zeros((n, size), dtype=np.float32)
     has_hidden = np.zeros(n, dtype=bool)
     dup = np.zeros(n, dtype=bool)
+    known_item = (rows >= 0).tolist()
     n_waves = int(wave_of.max()) + 1
     order = np.argsort(wave_of, kind="stable")
     bounds = np.searchsorted(wave_of[order], np.arange(n_waves + 1))
@@ -150,7 +152,7 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
                 st[0], st[2] = None, 0
             st[1] = max(st[1], e.ts_ms)
             st[2] += 1
-            if rows[i] >= 0:
+            if known_item[i]:
                 step_i.append(i)
                 step_h.append(st[0])
             elif st[0] is not None:
@@ -158,9 +160,9 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
                 has_hidden[i] = True
         if step_i:
             H = np.zeros((len(step_i), size), dtype=np.float32)
-            for r, h in enumerate(step_h):
-                if h is not None:
-                    H[r] = h
+            known = [r for r, h in enumerate(step_h) if h is not None]
+            if known:  # one copy for the wave instead of one per user
+                H[known] = np.stack([step_h[r] for r in known])
             si = np.asarray(step_i, dtype=np.int64)
             H = model.step(H, rows[si], types[si])
             post_hidden[si] = H
@@ -198,12 +200,20 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     # outputs, in event order
     result.outputs = _encode_outputs(model, events, rec_rows, rec_scores, published_ms)
 
-    for key, i in last_idx.items():
-        h, last_ts, n_events, offsets = work[key]
-        recs = rec_rows[i]
-        recs = recs[recs != _PAD].astype(np.int32)
-        result.states[key] = UserState(None if h is None else np.asarray(h, dtype=np.float32).copy(),
-                                       int(last_ts), int(n_events), int(model.version), recs, offsets)
+    # final states; the whole batch's arrays are copied once and each user gets rows of them. A user's
+    # last event has a hidden state exactly when the user has one, and it is that state
+    last = np.fromiter(last_idx.values(), dtype=np.int64, count=len(last_idx))
+    final_hidden = post_hidden[last]
+    final_has = has_hidden[last].tolist()
+    final_recs = rec_rows[last].astype(np.int32)
+    n_recs = (final_recs != _PAD).sum(axis=1).tolist()
+    version = int(model.version)
+    states_out = result.states
+    for j, key in enumerate(last_idx):
+        _, last_ts, n_events, offsets = work[key]
+        recs = final_recs[j] if n_recs[j] == kk else final_recs[j, :n_recs[j]]
+        states_out[key] = UserState(final_hidden[j] if final_has[j] else None, int(last_ts), int(n_events), version,
+                                    recs, offsets)
     if popularity is not None:
         popularity.update(rows[fresh])
     result.step_seconds = time.perf_counter() - t0
@@ -224,14 +234,34 @@ class _ItemPrefixes(dict):
 
 
 _prefix_cache: list = [None, None]  # [vocabulary, _ItemPrefixes] of the model served last
+_prefix_table_cache: list = [None, None]  # [vocabulary, (blob, offsets, longest)] for the compiled encoder
+
+
+def _vocab_ids(model: Recommender) -> list:
+    vocab = model.vocab
+    return vocab._ids if hasattr(vocab, "_ids") else vocab.ids
 
 
 def _item_prefixes(model: Recommender) -> _ItemPrefixes:
     vocab = model.vocab
     if _prefix_cache[0] is not vocab:
-        _prefix_cache[1] = _ItemPrefixes(vocab._ids if hasattr(vocab, "_ids") else vocab.ids)
+        _prefix_cache[1] = _ItemPrefixes(_vocab_ids(model))
         _prefix_cache[0] = vocab
     return _prefix_cache[1]
+
+
+def _prefix_table(model: Recommender) -> tuple[bytes, np.ndarray, int]:
+    """Every row's b'{"item_id":<JSON id>,"score":' in one blob, with offsets: built once per vocabulary
+    (~10 ms at 20,000 items)."""
+    vocab = model.vocab
+    if _prefix_table_cache[0] is not vocab:
+        dumps = orjson.dumps
+        parts = [b'{"item_id":' + dumps(i) + b',"score":' for i in _vocab_ids(model)]
+        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=offsets[1:])
+        _prefix_table_cache[1] = (b"".join(parts), offsets, max(map(len, parts), default=0))
+        _prefix_table_cache[0] = vocab
+    return _prefix_table_cache[1]
 
 
 def _encode_outputs(model: Recommender, events: list[Event], rec_rows: np.ndarray, rec_scores: np.ndarray,
@@ -239,11 +269,16 @@ def _encode_outputs(model: Recommender, events: list[Event], rec_rows: np.ndarra
     """One recommendation JSON per event, assembled from cached per-item fragments: the same document as
     ``orjson.dumps({"user_id", "items": [{"item_id", "score"}...], "model_version", "event_ts",
     "published_ts"})`` (scores rounded to 6 decimals), without building 20 dicts per event."""
-    prefixes = _item_prefixes(model)
     tail = b'],"model_version":%d,"event_ts":' % int(model.version)
     published = b',"published_ts":%d}' % published_ms
-    # orjson writes a float row as [a,b,...]: split it into the per-item score texts
+    # orjson writes a float row as [a,b,...]: the per-item score texts
     score_rows = orjson.dumps(np.round(rec_scores.astype(np.float64), 6), option=orjson.OPT_SERIALIZE_NUMPY)
+    lib = native.library()
+    if lib is not None:
+        encoded = _encode_compiled(lib, model, events, rec_rows, score_rows, tail, published)
+        if encoded is not None:
+            return encoded
+    prefixes = _item_prefixes(model)
     score_rows = score_rows[2:-2].split(b"],[") if rec_scores.shape[1] else [b""] * rec_scores.shape[0]
     rows_all = rec_rows.tolist()
     dumps = orjson.dumps
@@ -258,6 +293,33 @@ def _encode_outputs(model: Recommender, events: list[Event], rec_rows: np.ndarra
         out.append((e.key, b"".join((b'{"user_id":', dumps(e.user_id), b',"items":[', items,
                                      b"}" if rr else b"", tail, b"%d" % e.ts_ms, published))))
     return out
+
+
+def _encode_compiled(lib, model: Recommender, events: list[Event], rec_rows: np.ndarray, score_rows: bytes,
+                     mid: bytes, tail: bytes) -> list[tuple[bytes, bytes]] | None:
+    """``_encode_outputs``' documents written by ``gf_encode`` (native.c) into one buffer, then cut per
+    event: the same bytes, without ~40 Python operations per event. None if it refused (then the
+    Python assembly runs)."""
+    n, k = rec_rows.shape
+    blob, offsets, longest = _prefix_table(model)
+    dumps = orjson.dumps
+    heads = [b'{"user_id":' + dumps(e.user_id) + b',"items":[' for e in events]
+    head_off = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, heads), dtype=np.int64, count=n), out=head_off[1:])
+    head_blob = b"".join(heads)
+    ts = np.fromiter((e.ts_ms for e in events), dtype=np.int64, count=n)
+    rows = np.ascontiguousarray(rec_rows, dtype=np.int64)
+    cap = len(head_blob) + len(score_rows) + n * k * (longest + 2) + n * (len(mid) + len(tail) + 24)
+    out = np.empty(cap, dtype=np.uint8)
+    off = np.empty(n + 1, dtype=np.int64)
+    size = lib.gf_encode(score_rows, len(score_rows), rows.ctypes.data, n, k, _PAD,
+                         blob, offsets.ctypes.data, len(offsets) - 1, head_blob, head_off.ctypes.data,
+                         mid, len(mid), ts.ctypes.data, tail, len(tail), out.ctypes.data, cap, off.ctypes.data)
+    if size < 0:
+        return None
+    data = out[:size].tobytes()
+    bounds = off.tolist()
+    return [(e.key, data[bounds[i]:bounds[i + 1]]) for i, e in enumerate(events)]
 
 
 def _prequential(result: BatchResult, events: list[Event], states: dict[bytes, UserState], rows: np.ndarray,

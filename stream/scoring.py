@@ -13,7 +13,7 @@ top-K over N items per event. ``TopKScorer`` makes both cheaper without changing
   weights) take the float32 path.
 
 - Where the machine can build and run it (a C compiler, AVX-512 VNNI), the int8 path runs as one compiled
-  pass per batch (``scoring_native.c``, loaded by ``stream.native``): the product is formed 32 items at a
+  pass per batch (``native.c``, loaded by ``stream.native``): the product is formed 32 items at a
   time in registers and a block is dropped at once when it cannot reach the row's threshold so far, so
   the [B, N] int32 matrix and the passes over it are never made. Same bound, same answers; elsewhere
   torch runs the same steps.
@@ -142,7 +142,7 @@ class Int8Prefilter:
 
 
 class NativeInt8TopK:
-    """The int8 path of ``TopKScorer`` in one compiled pass (``scoring_native.c``), with the same bound
+    """The int8 path of ``TopKScorer`` in one compiled pass (``native.c``), with the same bound
     and the same answers: the item codes packed 16 items x 4 codes per vector, stored + 128 (unsigned),
     and an accumulator start per item that keeps retired and padding items out."""
 
@@ -213,7 +213,7 @@ class TopKScorer:
             except ValueError:
                 self.prefilter = None
         self.native: NativeInt8TopK | None = None
-        lib = native.kernel() if compiled and self.prefilter is not None else None
+        lib = native.topk_kernel() if compiled and self.prefilter is not None else None
         if lib is not None:
             self.native = NativeInt8TopK(lib, self.prefilter, self.W, self.b, self.n, self.retired)
         self.rows_scored = 0  # rows answered, and how many of them the int8 path proved

@@ -206,3 +206,46 @@ def test_processor_uses_the_given_top_k(model: Recommender) -> None:
 
     result = process_batch(model, [_ev("a", "i1", 1), _ev("b", "i2", 1)], {}, CFG, None, top_k)
     assert calls == [2] and len(result.outputs) == 2
+
+
+def _documents_by_orjson(model: Recommender, events: list[Event], rows: np.ndarray, scores: np.ndarray,
+                         published_ms: int) -> list[bytes]:
+    ids = model.vocab.ids if hasattr(model.vocab, "ids") else model.vocab._ids
+    out = []
+    rounded = np.round(scores.astype(np.float64), 6).tolist()  # the contract: 6 decimals, as numpy rounds
+    for e, rr, ss in zip(events, rows.tolist(), rounded):
+        if -2 in rr:  # padding ends a row
+            rr = rr[: rr.index(-2)]
+        items = [{"item_id": ids[r], "score": s} for r, s in zip(rr, ss)]
+        out.append(orjson.dumps({"user_id": e.user_id, "items": items, "model_version": int(model.version),
+                                 "event_ts": e.ts_ms, "published_ts": published_ms}))
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 1, 5])
+def test_compiled_and_python_encoders_write_orjsons_documents(model: Recommender, monkeypatch, k: int) -> None:
+    from stream import native
+    from stream import processor as P
+
+    rng = np.random.default_rng(5)
+    n = 40
+    users = ["a", "ünï\"cödé\\", "x" * 200, "\n\t", "7"]
+    events = [_ev(users[i % len(users)], "i1", 1_700_000_000_000 + i * 13) for i in range(n)]
+    rows = rng.integers(0, model.n_items, (n, k)).astype(np.int64)
+    scores = (rng.standard_normal((n, k)) * 10.0 ** rng.integers(-8, 4, (n, k))).astype(np.float32)
+    if k:
+        rows[3, k // 2:] = -2  # a padded row (fewer popular items than k)
+        rows[4, :] = -2  # nothing at all
+        scores[5, 0] = 0.0
+        scores[6, -1] = -1e-7
+    expected = _documents_by_orjson(model, events, rows, scores, 1_700_000_000_999)
+    compiled = P._encode_outputs(model, events, rows, scores, 1_700_000_000_999)
+    assert [key for key, _ in compiled] == [e.key for e in events]
+    if native.library() is not None:
+        assert P._encode_compiled(native.library(), model, events, rows,
+                                  orjson.dumps(np.round(scores.astype(np.float64), 6),
+                                               option=orjson.OPT_SERIALIZE_NUMPY),
+                                  b'],"model_version":7,"event_ts":', b',"published_ts":1700000000999}') is not None
+    monkeypatch.setattr(native, "library", lambda: None)
+    python = P._encode_outputs(model, events, rows, scores, 1_700_000_000_999)
+    assert [v for _, v in compiled] == [v for _, v in python] == expected

@@ -20,7 +20,7 @@ from stream.scoring import Int8Prefilter, ScorerCache, TopKScorer
 @pytest.fixture(params=[True, False], ids=["compiled", "torch"])
 def compiled(request) -> bool:
     """Both int8 paths: the compiled kernel (where this machine can build and run it) and torch's."""
-    if request.param and native.kernel() is None:
+    if request.param and native.topk_kernel() is None:
         pytest.skip("the compiled top-K kernel cannot run here (see test_the_compiled_kernel_runs_where_it_can)")
     return request.param
 
@@ -35,7 +35,7 @@ def _cpu_has_vnni() -> bool:
 
 @pytest.mark.skipif(not _cpu_has_vnni() or not shutil.which("cc"), reason="needs AVX-512 VNNI and a C compiler")
 def test_the_compiled_kernel_runs_where_it_can() -> None:
-    assert native.kernel() is not None
+    assert native.topk_kernel() is not None
 
 
 def _spread_model(n_items: int, hidden: int = 32, seed: int = 3, retired: list[int] | None = None) -> Recommender:
@@ -87,7 +87,7 @@ def test_int8_top_k_is_exact_and_proves_most_rows(n_items: int, same_top_k, comp
 
 
 def test_the_compiled_path_takes_a_hidden_size_of_no_whole_vectors(same_top_k) -> None:
-    if native.kernel() is None:
+    if native.topk_kernel() is None:
         pytest.skip("the compiled top-K kernel cannot run here")
     rec = _spread_model(8003, hidden=100)  # 100 = 6 vectors of 16 and a partial one, like the bench's H
     hidden = _states(rec, 300, seed=13)

@@ -1,4 +1,8 @@
-/* The int8 pre-filtered exact top-K of stream/scoring.py in one pass per row, for x86-64 with AVX-512 VNNI.
+/* gruflow's compiled helpers, loaded by stream/native.py with ctypes:
+   - gf_topk: the int8 pre-filtered exact top-K of stream/scoring.py (x86-64 with AVX-512 VNNI only);
+   - gf_encode: the recommendation JSON documents of a batch (stream/processor.py; any platform).
+
+   gf_topk computes the int8 pre-filtered exact top-K in one pass per row.
 
    Why: in torch the int8 product writes a [rows, items] int32 matrix (80 KB per row at 20,000 items) that
    block maxima, a top-k and gathers then read back; those passes cost more than the product. Here the
@@ -18,11 +22,14 @@
    Built and loaded by stream/native.py; rows it cannot prove (too many candidates, too few valid items)
    are left to the caller's float32 path (ok[row] = 0). */
 
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
 
 #define GROUP 16                 /* items per vector lane group */
 #define BLOCK 32                 /* items per block: two groups */
@@ -272,4 +279,80 @@ int gf_topk(const uint8_t *codes, const int32_t *init, int nblocks, int kw4,
 done:
     free(xq); free(rows); free(heaps); free(ids); free(maxima); free(scores); free(cand); free(exact);
     return proven;
+}
+
+#else /* not x86-64: no top-K kernel */
+int gf_supported(void) { return 0; }
+int gf_topk(void) { return 0; }
+#endif
+
+/* The recommendation documents of a batch, written one after the other into out (offsets in off[0..n]).
+   Event i's document is heads[i] + its items + mid + ts[i] + tail, where heads[i] is
+   '{"user_id":<JSON id>,"items":[', mid '],"model_version":<v>,"event_ts":' and tail
+   ',"published_ts":<ms>}'; its items are prefix[row] + score text for each row of rows[i] before the first
+   pad, joined by '},' and closed by '}'. The score texts are orjson's own: scores holds orjson's text of
+   the [n, k] array of rounded scores ('[[a,b],[c,d]]'), so the numbers are written exactly as
+   orjson.dumps writes them. Returns the bytes written, or -1 when out_cap is too small or the score text
+   does not match the shape. */
+int64_t gf_encode(const char *scores, int64_t scores_len, const int64_t *rows, int64_t n, int64_t k,
+                  int64_t pad, const char *prefixes, const int64_t *prefix_off, int64_t n_prefix,
+                  const char *heads, const int64_t *head_off, const char *mid, int64_t mid_len,
+                  const int64_t *ts, const char *tail, int64_t tail_len,
+                  char *out, int64_t out_cap, int64_t *off) {
+    const char *p = scores, *end = scores + scores_len;
+    char *o = out, *o_end = out + out_cap;
+    if (k > 0) {
+        if (scores_len < 2 || p[0] != '[') return -1;
+        p++;
+    }
+    off[0] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t *r = rows + i * k;
+        int64_t hl = head_off[i + 1] - head_off[i];
+        if (o_end - o < hl) return -1;
+        memcpy(o, heads + head_off[i], (size_t)hl);
+        o += hl;
+        if (k > 0) {
+            if (p >= end || *p != '[') return -1;
+            p++;
+        }
+        int64_t items = 0;
+        int padded = 0;  /* the rest of the row is padding: its score texts are skipped */
+        for (int64_t j = 0; j < k; j++) {
+            const char *t = p;
+            while (p < end && *p != ',' && *p != ']') p++;
+            if (p >= end) return -1;
+            int64_t row = r[j];
+            padded |= row == pad;
+            if (!padded) {
+                if (row < 0 || row >= n_prefix) return -1;
+                int64_t pl = prefix_off[row + 1] - prefix_off[row];
+                if (o_end - o < pl + (p - t) + 2) return -1;
+                if (items > 0) { *o++ = '}'; *o++ = ','; }
+                memcpy(o, prefixes + prefix_off[row], (size_t)pl);
+                o += pl;
+                memcpy(o, t, (size_t)(p - t));
+                o += p - t;
+                items++;
+            }
+            if (*p == ',') p++;
+        }
+        if (k > 0) {
+            if (p >= end || *p != ']') return -1;
+            p++;
+            if (p < end && *p == ',') p++;
+        }
+        char num[24];
+        int nl = snprintf(num, sizeof num, "%lld", (long long)ts[i]);
+        if (o_end - o < 1 + mid_len + nl + tail_len) return -1;
+        if (items > 0) *o++ = '}';
+        memcpy(o, mid, (size_t)mid_len);
+        o += mid_len;
+        memcpy(o, num, (size_t)nl);
+        o += nl;
+        memcpy(o, tail, (size_t)tail_len);
+        o += tail_len;
+        off[i + 1] = o - out;
+    }
+    return o - out;
 }
