@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 FORMAT_VERSION = 1
+# stored little-endian; native arrays where the machine is little-endian too (x86, ARM), else converted
+_F4 = np.float32 if np.little_endian else np.dtype("<f4")
+_I4 = np.int32 if np.little_endian else np.dtype("<i4")
 _HEAD = struct.Struct("<BBHBII")
 _I48 = 6
 HEADER_SIZE = _HEAD.size + 3 * _I48
@@ -56,10 +59,9 @@ class UserState:
         return cls(None, 0, 0, 0, np.zeros(0, dtype=np.int32))
 
 
-def _i48(v: int, what: str) -> bytes:
-    if not _I48_MIN <= v <= _I48_MAX:
-        raise StateCodecError(f"{what} {v} does not fit the 48-bit field")
-    return v.to_bytes(_I48, "little", signed=True)
+# the whole header at once, each i48 as its low u16 and high i32 (little-endian): one (un)pack per record
+_HEADER = struct.Struct("<BBHBIIHiHiHi")
+assert _HEADER.size == HEADER_SIZE
 
 
 def encode(state: UserState) -> bytes:
@@ -74,32 +76,35 @@ def encode(state: UserState) -> bytes:
         raise StateCodecError(f"state too large to encode: {n_hidden} hidden floats, {recs.shape[0]} recs")
     if len(state.offsets) != N_SOURCES:
         raise StateCodecError(f"state has {len(state.offsets)} offsets, expected {N_SOURCES}")
-    head = _HEAD.pack(FORMAT_VERSION, flags, n_hidden, recs.shape[0], min(int(state.session_events), 0xFFFFFFFF),
-                      int(state.model_version) & 0xFFFFFFFF)
-    return b"".join((head, _i48(int(state.last_ts_ms), "last_ts_ms"),
-                     _i48(int(state.offsets[0]), "offset"), _i48(int(state.offsets[1]), "offset"),
-                     hbytes, recs.tobytes()))
+    ts, off0, off1 = int(state.last_ts_ms), int(state.offsets[0]), int(state.offsets[1])
+    for value, what in ((ts, "last_ts_ms"), (off0, "offset"), (off1, "offset")):
+        if not _I48_MIN <= value <= _I48_MAX:
+            raise StateCodecError(f"{what} {value} does not fit the 48-bit field")
+    head = _HEADER.pack(FORMAT_VERSION, flags, n_hidden, recs.shape[0], min(int(state.session_events), 0xFFFFFFFF),
+                        int(state.model_version) & 0xFFFFFFFF,
+                        ts & 0xFFFF, ts >> 16, off0 & 0xFFFF, off0 >> 16, off1 & 0xFFFF, off1 >> 16)
+    return b"".join((head, hbytes, recs.tobytes()))
 
 
 def decode(data: bytes) -> UserState:
+    """The arrays of the result are read-only views of ``data`` (the worker decodes thousands of records
+    per batch and only reads them)."""
     if len(data) < HEADER_SIZE:
         raise StateCodecError(f"state record of {len(data)} bytes is shorter than its {HEADER_SIZE}-byte header")
-    version, flags, n_hidden, n_recs, events, model_version = _HEAD.unpack_from(data, 0)
+    (version, flags, n_hidden, n_recs, events, model_version,
+     ts_lo, ts_hi, o0_lo, o0_hi, o1_lo, o1_hi) = _HEADER.unpack_from(data, 0)
     if version != FORMAT_VERSION:
         raise StateCodecError(f"state record format version {version} is not supported (this code reads "
                               f"version {FORMAT_VERSION})")
     expected = HEADER_SIZE + 4 * n_hidden + 4 * n_recs
     if len(data) != expected:
         raise StateCodecError(f"state record has {len(data)} bytes, its header says {expected}")
-    p = _HEAD.size
-    last_ts = int.from_bytes(data[p:p + _I48], "little", signed=True)
-    off0 = int.from_bytes(data[p + _I48:p + 2 * _I48], "little", signed=True)
-    off1 = int.from_bytes(data[p + 2 * _I48:p + 3 * _I48], "little", signed=True)
     hidden = None
     if flags & FLAG_HIDDEN:
-        hidden = np.frombuffer(data, dtype="<f4", count=n_hidden, offset=HEADER_SIZE).astype(np.float32)
-    recs = np.frombuffer(data, dtype="<i4", count=n_recs, offset=HEADER_SIZE + 4 * n_hidden).astype(np.int32)
-    return UserState(hidden, last_ts, events, model_version, recs, [off0, off1])
+        hidden = np.frombuffer(data, dtype=_F4, count=n_hidden, offset=HEADER_SIZE)
+    recs = np.frombuffer(data, dtype=_I4, count=n_recs, offset=HEADER_SIZE + 4 * n_hidden)
+    return UserState(hidden, ts_lo + (ts_hi << 16), events, model_version, recs,
+                     [o0_lo + (o0_hi << 16), o1_lo + (o1_hi << 16)])
 
 
 def encoded_size(state_size: int, k: int) -> int:
