@@ -234,7 +234,7 @@ class _ItemPrefixes(dict):
 
 
 _prefix_cache: list = [None, None]  # [vocabulary, _ItemPrefixes] of the model served last
-_prefix_table_cache: list = [None, None]  # [vocabulary, (blob, offsets, longest)] for the compiled encoder
+_prefix_table_cache: list = [None, None]  # [(vocabulary, size), (blob, offsets, longest)] for the compiled encoder
 
 
 def _vocab_ids(model: Recommender) -> list:
@@ -253,14 +253,15 @@ def _item_prefixes(model: Recommender) -> _ItemPrefixes:
 def _prefix_table(model: Recommender) -> tuple[bytes, np.ndarray, int]:
     """Every row's b'{"item_id":<JSON id>,"score":' in one blob, with offsets: built once per vocabulary
     (~10 ms at 20,000 items)."""
-    vocab = model.vocab
-    if _prefix_table_cache[0] is not vocab:
+    ids = _vocab_ids(model)
+    key = (model.vocab, len(ids))  # a vocabulary only grows: rebuilt if this one did
+    if _prefix_table_cache[0] != key:
         dumps = orjson.dumps
-        parts = [b'{"item_id":' + dumps(i) + b',"score":' for i in _vocab_ids(model)]
+        parts = [b'{"item_id":' + dumps(i) + b',"score":' for i in ids]
         offsets = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=offsets[1:])
         _prefix_table_cache[1] = (b"".join(parts), offsets, max(map(len, parts), default=0))
-        _prefix_table_cache[0] = vocab
+        _prefix_table_cache[0] = key
     return _prefix_table_cache[1]
 
 
