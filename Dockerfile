@@ -23,8 +23,8 @@ COPY stream/ stream/
 # pip keeps the CPU torch above: it already satisfies the project's requirement
 RUN pip install --upgrade-strategy only-if-needed . \
     && python -c "import torch, faust, confluent_kafka, rocksdict; print('torch', torch.__version__)"
-# the compiled top-K kernel, built here next to its source: the runtime stage has no compiler
-# (stream/native.py; CPUs without AVX-512 VNNI use the torch path with the same answers)
+# gruflow's compiled helpers (the int8 top-K kernel, the output encoder), built here next to their source:
+# the runtime stage has no compiler (stream/native.py; CPUs without AVX-512 VNNI score with torch, same answers)
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
