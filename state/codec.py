@@ -31,9 +31,9 @@ FORMAT_VERSION = 1
 # stored little-endian; native arrays where the machine is little-endian too (x86, ARM), else converted
 _F4 = np.float32 if np.little_endian else np.dtype("<f4")
 _I4 = np.int32 if np.little_endian else np.dtype("<i4")
-_HEAD = struct.Struct("<BBHBII")
-_I48 = 6
-HEADER_SIZE = _HEAD.size + 3 * _I48
+# the whole header, each i48 as its low u16 and high i32 (little-endian): one (un)pack per record
+_HEADER = struct.Struct("<BBHBIIHiHiHi")
+HEADER_SIZE = _HEADER.size
 FLAG_HIDDEN = 0x01
 N_SOURCES = 2  # clicks, purchases
 _I48_MIN, _I48_MAX = -(1 << 47), (1 << 47) - 1
@@ -57,11 +57,6 @@ class UserState:
     @classmethod
     def empty(cls) -> "UserState":
         return cls(None, 0, 0, 0, np.zeros(0, dtype=np.int32))
-
-
-# the whole header at once, each i48 as its low u16 and high i32 (little-endian): one (un)pack per record
-_HEADER = struct.Struct("<BBHBIIHiHiHi")
-assert _HEADER.size == HEADER_SIZE
 
 
 def encode(state: UserState) -> bytes:

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable
 
-from stream.settings import Settings
+from stream.settings import Settings, cache_root
 
 POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
 MIN_JAVA = 17
@@ -69,8 +69,7 @@ def kafka_version(pom: Path = POM) -> str:
 def default_cache_dir(settings: Settings | None = None) -> Path:
     if settings is not None and settings.kafka_cache_dir:
         return Path(settings.kafka_cache_dir).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "gruflow" / f"kafka-{kafka_version()}"
+    return cache_root() / f"kafka-{kafka_version()}"
 
 
 def find_java() -> str:

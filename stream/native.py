@@ -27,6 +27,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from stream.settings import cache_root
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
@@ -50,8 +52,7 @@ _loaded: list[ctypes.CDLL | None] = []  # empty until the first library() call
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "gruflow" / "native"
+    return cache_root() / "native"
 
 
 def prebuilt_path() -> Path:

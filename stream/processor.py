@@ -250,6 +250,13 @@ def _item_prefixes(model: Recommender) -> _ItemPrefixes:
     return _prefix_cache[1]
 
 
+def _packed(parts: list[bytes]) -> tuple[bytes, np.ndarray]:
+    """``parts`` joined, and where each starts: part i is blob[offsets[i]:offsets[i + 1]]."""
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=offsets[1:])
+    return b"".join(parts), offsets
+
+
 def _prefix_table(model: Recommender) -> tuple[bytes, np.ndarray, int]:
     """Every row's b'{"item_id":<JSON id>,"score":' in one blob, with offsets: built once per vocabulary
     (~10 ms at 20,000 items)."""
@@ -258,9 +265,7 @@ def _prefix_table(model: Recommender) -> tuple[bytes, np.ndarray, int]:
     if _prefix_table_cache[0] != key:
         dumps = orjson.dumps
         parts = [b'{"item_id":' + dumps(i) + b',"score":' for i in ids]
-        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=offsets[1:])
-        _prefix_table_cache[1] = (b"".join(parts), offsets, max(map(len, parts), default=0))
+        _prefix_table_cache[1] = (*_packed(parts), max(map(len, parts), default=0))
         _prefix_table_cache[0] = key
     return _prefix_table_cache[1]
 
@@ -304,10 +309,7 @@ def _encode_compiled(lib, model: Recommender, events: list[Event], rec_rows: np.
     n, k = rec_rows.shape
     blob, offsets, longest = _prefix_table(model)
     dumps = orjson.dumps
-    heads = [b'{"user_id":' + dumps(e.user_id) + b',"items":[' for e in events]
-    head_off = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, heads), dtype=np.int64, count=n), out=head_off[1:])
-    head_blob = b"".join(heads)
+    head_blob, head_off = _packed([b'{"user_id":' + dumps(e.user_id) + b',"items":[' for e in events])
     ts = np.fromiter((e.ts_ms for e in events), dtype=np.int64, count=n)
     rows = np.ascontiguousarray(rec_rows, dtype=np.int64)
     cap = len(head_blob) + len(score_rows) + n * k * (longest + 2) + n * (len(mid) + len(tail) + 24)

@@ -167,8 +167,8 @@ class NativeInt8TopK:
         self.n = n
 
     def top_k(self, x: np.ndarray, k: int, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-        """Fills ``rows``/``values`` ([m, k], contiguous) for the rows it proves; returns them as a bool
-        mask. ``x``: [m, hidden] float32, contiguous."""
+        """Fills ``rows``/``values`` ([m, k], contiguous) for the rows it proves and leaves the other rows
+        as they were; returns the proven rows as a bool mask. ``x``: [m, hidden] float32, contiguous."""
         m = x.shape[0]
         ok = np.zeros(m, dtype=np.uint8)
         pf = self.pf
@@ -249,11 +249,7 @@ class TopKScorer:
         s, e = span
         todo = np.arange(s, e)
         if prefilter is not None and self.native is not None and e > s:
-            xs = np.ascontiguousarray(x[s:e].numpy())
-            r, v = np.empty((e - s, k), dtype=np.int64), np.empty((e - s, k), dtype=np.float32)
-            ok = self.native.top_k(xs, k, r, v)
-            rows[s:e][ok] = r[ok]
-            values[s:e][ok] = v[ok]
+            ok = self.native.top_k(np.ascontiguousarray(x[s:e].numpy()), k, rows[s:e], values[s:e])
             todo = np.flatnonzero(~ok) + s
         elif prefilter is not None and e > s:
             missed = []

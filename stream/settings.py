@@ -15,6 +15,11 @@ from typing import Any, Literal, Mapping, get_args, get_type_hints
 ENV_PREFIX = "GRUFLOW_"
 
 
+def cache_root() -> Path:
+    """Where gruflow keeps what it downloads or builds once per machine (broker jars, compiled helpers)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gruflow"
+
+
 class Secret(str):
     """A string that never shows its value in repr/str of the settings (passwords)."""
 
