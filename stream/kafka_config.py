@@ -96,26 +96,31 @@ def producer_config(settings: Settings, *, compression: str | None = None, **ext
     return config
 
 
-def low_latency(settings: Settings) -> dict[str, Any]:
-    """Producer overrides for the worker's outputs: no Nagle delay; with a single replica, acks=1 (as durable
-    as acks=all there) and no idempotence; the worker waits for each batch's delivery before acking its
-    input. (A cap of 5 requests in flight with a 2 ms linger measured within run-to-run noise here: the
-    worker produces a whole batch at once, so its requests are few. The test "hangs" once blamed on the cap
-    were the tests' readers sharing a consumer group; see ``assign_whole_topic``.)"""
-    extra: dict[str, Any] = {"socket.nagle.disable": True, "linger.ms": 1}
+def load_generator(settings: Settings) -> dict[str, Any]:
+    """Producer overrides for a client that sends events one by one at a steady rate (the bench's offered
+    load): no Nagle delay, a short linger and at most 5 requests in flight per connection, so that records
+    batch up while the broker is busy; with a single replica acks=1 (as durable as acks=all there) and no
+    idempotence. Without the cap (librdkafka's default when idempotence is off), with linger 1 ms and one
+    partition per request, every few records became a request of their own: on the embedded broker at
+    2,000 events/s the broker fell behind for good (record ages 10 s after 20 s); capped, one hop measured
+    p50 7 ms / p99 17 ms once the broker was warm."""
+    extra: dict[str, Any] = {"socket.nagle.disable": True, "linger.ms": 5, "max.in.flight": 5}
     if settings.replication_factor <= 1:
         extra.update({"acks": 1, "enable.idempotence": False})
     return extra
 
 
-def load_generator(settings: Settings) -> dict[str, Any]:
-    """Producer overrides for a client that sends events one by one at a steady rate (the bench's offered
-    load): a short linger and at most 5 requests in flight per connection, so that records batch up while
-    the broker is busy. Without the cap (librdkafka's default when idempotence is off), with linger 1 ms
-    and one partition per request, every few records became a request of their own: on the embedded
-    broker at 2,000 events/s the broker fell behind for good (record ages 10 s after 20 s); capped, one
-    hop measured p50 7 ms / p99 17 ms once the broker was warm."""
-    return {**low_latency(settings), "linger.ms": 5, "max.in.flight": 5}
+def aiokafka_config(settings: Settings) -> dict[str, Any]:
+    """Connection part of an aiokafka client (the worker's batch producer), connected as faust connects."""
+    config: dict[str, Any] = {"bootstrap_servers": bootstrap_list(settings),
+                              "security_protocol": settings.security_protocol}
+    context = ssl_context(settings)
+    if context is not None:
+        config["ssl_context"] = context
+    if settings.security_protocol.startswith("SASL"):
+        config.update(sasl_mechanism=_sasl_mechanism(settings), sasl_plain_username=settings.sasl_username,
+                      sasl_plain_password=str(settings.sasl_password))
+    return config
 
 
 def consumer_config(settings: Settings, group_id: str | None = None, **extra: Any) -> dict[str, Any]:

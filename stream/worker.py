@@ -183,6 +183,10 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
             await super().on_stop()
             await web.stop()
 
+        async def on_shutdown(self) -> None:
+            await super().on_shutdown()
+            await runtime.pipeline.stop_output()  # after the app: the last batches' records are delivered
+
         def on_worker_shutdown(self) -> None:
             if subscriber is not None:
                 subscriber.stop()

@@ -9,6 +9,7 @@ import pytest
 from stream.kafka_config import (
     PARTITIONER,
     admin_config,
+    aiokafka_config,
     bootstrap_list,
     confluent_config,
     consumer_config,
@@ -139,6 +140,31 @@ def test_faust_sasl_plaintext_and_ssl_only():
     tls = faust_broker_kwargs(Settings(bootstrap_servers=BOOT, security_protocol="SSL"))["broker_credentials"]
     assert isinstance(tls, faust.SSLCredentials) and tls.protocol.value == "SSL"
     assert tls.context.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_aiokafka_clients_connect_like_faust():
+    """The worker's output producer (aiokafka) gets the same brokers and credentials as every other client,
+    and aiokafka accepts them (no connection is made)."""
+    from aiokafka import AIOKafkaProducer
+
+    plain = aiokafka_config(Settings(bootstrap_servers=BOOT))
+    assert plain == {"bootstrap_servers": ["k1.example:9092", "k2.example:9093"], "security_protocol": "PLAINTEXT"}
+    settings = Settings(bootstrap_servers=BOOT, security_protocol="SASL_SSL", sasl_mechanism="scram-sha-256",
+                        sasl_username="svc", sasl_password=Secret("pw"))
+    config = aiokafka_config(settings)
+    assert (config["sasl_mechanism"], config["sasl_plain_username"], config["sasl_plain_password"]) == (
+        "SCRAM-SHA-256", "svc", "pw")
+    assert isinstance(config["ssl_context"], ssl.SSLContext)
+    tls = aiokafka_config(Settings(bootstrap_servers=BOOT, security_protocol="SSL"))
+    assert tls["security_protocol"] == "SSL" and "sasl_mechanism" not in tls
+
+    async def build() -> None:
+        for c in (plain, config, tls):
+            AIOKafkaProducer(**c, acks=1, linger_ms=0)
+
+    import asyncio
+
+    asyncio.run(build())
 
 
 def test_ssl_context_only_for_tls_protocols():
