@@ -105,7 +105,11 @@ class BatchSink:
             from aiokafka import AIOKafkaProducer
 
             producer = AIOKafkaProducer(**self._config)
-            await producer.start()
+            try:
+                await producer.start()
+            except BaseException:
+                await producer.stop()  # its connections and tasks; the batch fails, the next one retries
+                raise
             self.producer = producer
         return self.producer
 
