@@ -103,7 +103,7 @@ def _data(n: int, n_items: int) -> tuple[Any, Any]:
     return train, rest.iloc[np.argsort(rest["Time"].to_numpy(), kind="stable")].head(n)
 
 
-def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_000) -> dict[str, float]:
+def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_000) -> dict[str, Any]:
     """The worker's batch computation alone, on the bench's own messages, in this process with the
     worker's torch threads and batch size, before the worker starts: decode + ``process_batch`` (GRU
     steps, exact top-K over the catalogue, output JSON), and the top-K scoring on its own. No Kafka, no
@@ -151,13 +151,8 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
         torch.set_num_threads(threads)
     return {"compute_ceiling_events_per_s": round(events_done / compute_s, 1) if compute_s else float("nan"),
             "topk_ceiling_events_per_s": round(events_done / scoring_s, 1) if scoring_s else float("nan"),
-            "topk_int8_fraction": round(scorer.rows_int8 / scorer.rows_scored, 4) if scorer.rows_scored else None}
-
-
-def _compiled_topk_in_use(settings: Settings) -> bool:
-    from stream import native
-
-    return settings.compiled_topk and native.topk_kernel() is not None
+            "topk_int8_fraction": round(scorer.rows_int8 / scorer.rows_scored, 4) if scorer.rows_scored else None,
+            "compiled_topk": scorer.native is not None}
 
 
 def _raw_consume(settings: Settings, n: int) -> float:
@@ -418,7 +413,6 @@ def run_bench(args: argparse.Namespace) -> int:
             "batch_max_ms": settings.batch_max_ms,
             "torch_threads": settings.torch_threads,
             "scoring_threads": settings.scoring_threads,
-            "compiled_topk": _compiled_topk_in_use(settings),
             "processing_guarantee": settings.processing_guarantee,
             "cpus": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2),
