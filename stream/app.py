@@ -41,9 +41,9 @@ from stream.model_holder import ModelHolder
 from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
 from stream.scoring import ScorerCache
 from stream.settings import Settings
-from stream.sinks import BatchSink, Outgoing, TransactionalSink, dlq_headers
+from stream.sinks import BatchSink, Outgoing, TransactionalSink, dead_letter
 from stream.table_store import TableStore
-from stream.topics import STATE_TABLE_NAME, TopicNames
+from stream.topics import DLQ_MESSAGE_MAX_BYTES, STATE_TABLE_NAME, TopicNames
 
 log = logging.getLogger("gruflow.worker")
 _TYPE_NAMES = {int(t): t.name.lower() for t in EventType}
@@ -148,8 +148,8 @@ class Pipeline:
                 res = decode_event(r.value, r.key, kind, self.limits, topic=tp.topic, partition=p, offset=r.offset,
                                    append_ts_ms=r.timestamp or 0, now_ms=now_ms)
                 if isinstance(res, Rejected):
-                    out.dlq[p].append((r.key, r.value, dlq_headers(res.reason, res.detail, tp.topic, p, r.offset,
-                                                                    r.timestamp)))
+                    out.dlq[p].append(dead_letter(r.key, r.value, res.reason, res.detail, tp.topic, p, r.offset,
+                                                  r.timestamp))
                     dead[res.reason] += 1
                 else:
                     events.append(res)
@@ -491,6 +491,9 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics) -> Runt
         consumer_auto_offset_reset="earliest",
         stream_wait_empty=False,
         producer_linger=0.002,
+        # exactly_once sends dead letters one by one through faust's producers, which refuse a record
+        # bigger than this before it reaches the broker
+        producer_max_request_size=DLQ_MESSAGE_MAX_BYTES + 64 * 1024,
     )
     app.transport = BatchTransport(app.conf.broker_consumer, app)
     # faust caches app.in_transaction (exactly_once) on first use, and only counts it inside a worker:

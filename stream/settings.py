@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, get_args, get_type_hints
 
 ENV_PREFIX = "GRUFLOW_"
+# the input topics' max.message.bytes (stream/topics.py): far above any valid event, so an oversize one still
+# reaches the worker and goes to the dlq with its reason, whose own limit leaves room for the headers
+INPUT_MESSAGE_MAX_BYTES = 1024 * 1024
 
 
 def cache_root() -> Path:
@@ -135,6 +138,9 @@ class Settings:
             (self.scoring_threads >= 1, "GRUFLOW_SCORING_THREADS must be >= 1"),
             (0 < self.web_port < 65536, "GRUFLOW_WEB_PORT must be a TCP port"),
             (self.session_gap_s > 0, "GRUFLOW_SESSION_GAP_S must be > 0"),
+            (0 < self.max_message_bytes <= INPUT_MESSAGE_MAX_BYTES,
+             f"GRUFLOW_MAX_MESSAGE_BYTES must be between 1 and {INPUT_MESSAGE_MAX_BYTES} (the input topics' "
+             "max.message.bytes)"),
         ]
         for ok, message in checks:
             if not ok:

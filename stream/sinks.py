@@ -25,7 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from stream.settings import Settings
+from stream.settings import INPUT_MESSAGE_MAX_BYTES, Settings
 
 
 @dataclass
@@ -44,6 +44,21 @@ class Outgoing:
 class Delivered:
     changelog_offsets: dict[int, int]  # partition -> highest changelog offset written
     delivered_at: float  # wall clock (s) when the broker acknowledged the last record
+
+
+def dead_letter(key: bytes | None, value: bytes | None, reason: str, detail: str, topic: str, partition: int,
+                offset: int, timestamp_ms: int | None) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """The dlq record of a bad input: its original key and value, with the reason and source in headers.
+    A record bigger than gruflow's input topics accept (it came through a topic created elsewhere, with a
+    larger limit) is cut to that size and says so in ``gruflow-original-bytes``: the whole record would not
+    fit in the dlq, and failing on it would fail its batch again after every restart."""
+    headers = dlq_headers(reason, detail, topic, partition, offset, timestamp_ms)
+    size = len(key or b"") + len(value or b"")
+    if size > INPUT_MESSAGE_MAX_BYTES:
+        key = key[:INPUT_MESSAGE_MAX_BYTES] if key is not None else None
+        value = value[:INPUT_MESSAGE_MAX_BYTES - len(key or b"")] if value is not None else None
+        headers.append(("gruflow-original-bytes", str(size).encode()))
+    return key, value, headers
 
 
 def dlq_headers(reason: str, detail: str, topic: str, partition: int, offset: int,

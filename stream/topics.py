@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from stream.kafka_config import MODEL_CHUNK_BYTES, admin_config
-from stream.settings import Settings
+from stream.settings import INPUT_MESSAGE_MAX_BYTES, Settings
+
+# a dead letter is the original record plus gruflow's headers (a detail of at most 500 bytes, ids, offsets)
+DLQ_MESSAGE_MAX_BYTES = INPUT_MESSAGE_MAX_BYTES + 64 * 1024
 
 # faust names a table's changelog "<app id>-<table name>-changelog"; both sides use changelog_topic().
 STATE_TABLE_NAME = "user-state"
@@ -61,11 +64,14 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     names = TopicNames.from_settings(settings)
     p = settings.partitions
     compact = {"cleanup.policy": "compact"}
+    # explicit limits, not the cluster's default: every record an input topic accepts must fit in the dlq
+    # with its headers, or the worker could not dead-letter it and would fail on it again after each restart
+    inputs = {"max.message.bytes": str(INPUT_MESSAGE_MAX_BYTES)}
     return [
-        TopicSpec(names.clicks, p, {}),
-        TopicSpec(names.purchases, p, {}),
+        TopicSpec(names.clicks, p, dict(inputs)),
+        TopicSpec(names.purchases, p, dict(inputs)),
         TopicSpec(names.recommendations, p, {}),
-        TopicSpec(names.dlq, p, {}),
+        TopicSpec(names.dlq, p, {"max.message.bytes": str(DLQ_MESSAGE_MAX_BYTES)}),
         TopicSpec(names.changelog, p, dict(compact)),
         # one partition keeps model chunks in order; compaction keeps the latest of each key
         TopicSpec(names.models, 1, {**compact, "max.message.bytes": str(MODEL_CHUNK_BYTES + 65536)}),

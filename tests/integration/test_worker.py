@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from stream import events as ev
+from stream.kafka_config import admin_config
 from stream.topics import ensure_topics
 from workerkit import (Ev, TopicReader, WorkerProc, assert_same_states, expected_states, make_events, produce,
                        read_states, save_tiny_model)
@@ -79,20 +80,41 @@ def _bad_inputs(t: int) -> list[tuple[str, str, bytes | None, bytes | None]]:
     ]
 
 
-def test_each_bad_input_goes_to_the_dlq_and_the_stream_keeps_working(kafka, tmp_path: Path,
-                                                                      model_path: Path) -> None:
-    settings = kafka.settings(partitions=4)
+def _max_message_bytes(settings, topic: str) -> int:
+    """The limit the broker applies to ``topic`` (its own config, or the cluster's default)."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    admin = AdminClient(admin_config(settings))  # alive until the answer is in
+    configs = admin.describe_configs([resource])[resource].result(30)
+    return int(configs["max.message.bytes"].value)
+
+
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_each_bad_input_goes_to_the_dlq_and_the_stream_keeps_working(kafka, tmp_path: Path, model_path: Path,
+                                                                      guarantee: str) -> None:
+    """Under both guarantees: dead letters are written by different producers (see stream/sinks.py)."""
+    exactly_once = guarantee == "exactly_once"
+    settings = kafka.settings(partitions=4, processing_guarantee=guarantee)
     ensure_topics(settings)
     before = make_events(n_users=5, per_user=2, seed=2)
     after = make_events(n_users=5, per_user=2, seed=3, t0=before[-1].ts + 10_000)
     bad = _bad_inputs(before[-1].ts)
     assert {r for r, *_ in bad} == set(ev.REASONS)
-    dlq = TopicReader(settings, settings.topic("dlq"))
-    recs = TopicReader(settings, settings.topic("recommendations"))
+    # and an oversize record as big as the input topic takes: it must fit in the dlq with its headers
+    # (if it did not, its batch would fail after every restart)
+    room = _max_message_bytes(settings, settings.topic("clicks")) - 128  # record and batch overhead
+    head, tail = b'{"user_id":"bad","pad":"', b'"}'
+    largest = head + b"p" * (room - len(head) - len(tail)) + tail
+    assert len(largest) == room
+    bad.append((ev.OVERSIZE, "clicks", b"bad", largest))
+    dlq = TopicReader(settings, settings.topic("dlq"), read_committed=exactly_once)
+    recs = TopicReader(settings, settings.topic("recommendations"), read_committed=exactly_once)
     try:
         with WorkerProc(kafka, settings, model_path, tmp_path) as worker:
             produce(settings, before)
-            produce(settings, [], [(kind, key, value) for _, kind, key, value in bad])
+            produce(settings, [], [(kind, key, value) for _, kind, key, value in bad[:-1]])
+            produce(settings, [], [bad[-1][1:]])  # alone: in a record batch of its own
             produce(settings, after)
             dead = dlq.poll_until(lambda c: len(c.messages) >= len(bad), 90, "every bad input in the dlq")
             want = {(e.user, e.ts) for e in before + after}
