@@ -40,7 +40,7 @@ from stream.metrics import Metrics
 from stream.model_holder import ModelHolder
 from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
 from stream.scoring import ScorerCache
-from stream.settings import Settings
+from stream.settings import INPUT_MESSAGE_MAX_BYTES, Settings
 from stream.sinks import BatchSink, Outgoing, TransactionalSink, dead_letter
 from stream.table_store import TableStore
 from stream.topics import DLQ_MESSAGE_MAX_BYTES, STATE_TABLE_NAME, TopicNames
@@ -93,6 +93,7 @@ class Pipeline:
     metrics: Metrics
     sink: Any
     exactly_once: bool
+    dead_letter_bytes: int = INPUT_MESSAGE_MAX_BYTES  # of a bad record's key + value (topics.dead_letter_budget)
     popularity: PopularityBaseline = field(default_factory=PopularityBaseline)
     stream_time_ms: int = 0
     evict_candidates: dict[int, set[bytes]] = field(default_factory=dict)
@@ -149,7 +150,7 @@ class Pipeline:
                                    append_ts_ms=r.timestamp or 0, now_ms=now_ms)
                 if isinstance(res, Rejected):
                     out.dlq[p].append(dead_letter(r.key, r.value, res.reason, res.detail, tp.topic, p, r.offset,
-                                                  r.timestamp))
+                                                  r.timestamp, self.dead_letter_bytes))
                     dead[res.reason] += 1
                 else:
                     events.append(res)
@@ -461,7 +462,8 @@ def observe_many(histogram: Any, values: np.ndarray) -> None:
     histogram._sum.inc(float(values.sum()))
 
 
-def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics) -> Runtime:
+def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics,
+              dead_letter_bytes: int = INPUT_MESSAGE_MAX_BYTES) -> Runtime:
     """The faust app with its table and batch path wired; start it with a faust Worker."""
     import faust
 
@@ -511,7 +513,7 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics) -> Runt
         sink: Any = TransactionalSink(app, names.clicks, names.recommendations, names.changelog, names.dlq)
     else:
         sink = BatchSink(settings, names.recommendations, names.changelog, names.dlq)
-    pipeline = Pipeline(app, settings, names, store, holder, metrics, sink, exactly_once)
+    pipeline = Pipeline(app, settings, names, store, holder, metrics, sink, exactly_once, dead_letter_bytes)
 
     consumer = app.consumer
     assert isinstance(consumer, BatchConsumer)

@@ -47,16 +47,18 @@ class Delivered:
 
 
 def dead_letter(key: bytes | None, value: bytes | None, reason: str, detail: str, topic: str, partition: int,
-                offset: int, timestamp_ms: int | None) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+                offset: int, timestamp_ms: int | None, max_bytes: int = INPUT_MESSAGE_MAX_BYTES
+                ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
     """The dlq record of a bad input: its original key and value, with the reason and source in headers.
-    A record bigger than gruflow's input topics accept (it came through a topic created elsewhere, with a
-    larger limit) is cut to that size and says so in ``gruflow-original-bytes``: the whole record would not
-    fit in the dlq, and failing on it would fail its batch again after every restart."""
+    A key and value of more than ``max_bytes`` together (``stream.topics.dead_letter_budget``: a record that
+    came through an input topic created elsewhere with a larger limit, or a dlq with a smaller one) are cut
+    to that size, and ``gruflow-original-bytes`` says so: the whole record would not fit in the dlq, and
+    failing on it would fail its batch again after every restart."""
     headers = dlq_headers(reason, detail, topic, partition, offset, timestamp_ms)
     size = len(key or b"") + len(value or b"")
-    if size > INPUT_MESSAGE_MAX_BYTES:
-        key = key[:INPUT_MESSAGE_MAX_BYTES] if key is not None else None
-        value = value[:INPUT_MESSAGE_MAX_BYTES - len(key or b"")] if value is not None else None
+    if size > max_bytes:
+        key = key[:max_bytes] if key is not None else None
+        value = value[:max_bytes - len(key or b"")] if value is not None else None
         headers.append(("gruflow-original-bytes", str(size).encode()))
     return key, value, headers
 

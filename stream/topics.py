@@ -7,6 +7,7 @@ partition-count mismatch, so ``ensure_topics`` refuses one up front with a messa
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -15,6 +16,10 @@ from stream.settings import INPUT_MESSAGE_MAX_BYTES, Settings
 
 # a dead letter is the original record plus gruflow's headers (a detail of at most 500 bytes, ids, offsets)
 DLQ_MESSAGE_MAX_BYTES = INPUT_MESSAGE_MAX_BYTES + 64 * 1024
+DLQ_HEADER_ROOM = 4096  # what a dead letter's headers and record framing take at most, with room to spare
+KAFKA_DEFAULT_MESSAGE_MAX_BYTES = 1048588  # a broker's message.max.bytes unless configured
+
+log = logging.getLogger("gruflow.topics")
 
 # faust names a table's changelog "<app id>-<table name>-changelog"; both sides use changelog_topic().
 STATE_TABLE_NAME = "user-state"
@@ -125,6 +130,30 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> TopicNames:
         if late:
             raise TopicError("topics created concurrently with another partition count: " + "; ".join(late))
     return TopicNames.from_settings(settings)
+
+
+def dead_letter_budget(settings: Settings, timeout: float = 30.0) -> int:
+    """How many bytes of a bad record's key and value a dead letter can carry: all that an input topic takes
+    when the dlq is gruflow's own, less when the dlq existed before with a smaller limit (then a record
+    that would not fit is cut, rather than failing its batch after every restart)."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    dlq = TopicNames.from_settings(settings).dlq
+    resource = ConfigResource(ConfigResource.Type.TOPIC, dlq)
+    admin = AdminClient(admin_config(settings))
+    try:
+        limit = int(admin.describe_configs([resource], request_timeout=timeout)[resource]
+                    .result(timeout)["max.message.bytes"].value)
+    except Exception as exc:  # noqa: BLE001 - no permission to describe, timeout, ...: assume the usual limit
+        limit = KAFKA_DEFAULT_MESSAGE_MAX_BYTES
+        log.warning("cannot read the max.message.bytes of %s (%s): assuming Kafka's default, %d", dlq, exc, limit)
+    budget = min(INPUT_MESSAGE_MAX_BYTES, limit - DLQ_HEADER_ROOM)
+    if budget < INPUT_MESSAGE_MAX_BYTES:
+        log.warning("%s takes records of up to %d bytes: dead letters of records over %d bytes are cut to that size "
+                    "(gruflow creates it with %d; kafka-configs.sh --alter --entity-type topics --entity-name %s "
+                    "--add-config max.message.bytes=%d raises it)", dlq, limit, budget, DLQ_MESSAGE_MAX_BYTES, dlq,
+                    DLQ_MESSAGE_MAX_BYTES)
+    return max(0, budget)
 
 
 def _partition_counts(admin: object, timeout: float) -> dict[str, int]:

@@ -93,7 +93,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     import faust
 
     from stream.app import build_app
-    from stream.topics import TopicError, ensure_topics
+    from stream.topics import TopicError, dead_letter_budget, ensure_topics
     from stream.web import WebServer
 
     logging.basicConfig(level=settings.log_level.upper(),
@@ -161,10 +161,11 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
         loop.close()
         return 0
     model = first
+    dead_letter_bytes = loop.run_until_complete(loop.run_in_executor(None, dead_letter_budget, settings))
     metrics.model_version.set(model.version)
     holder = ModelHolder(model)
     _wipe_if_dirty(settings)
-    runtime = build_app(settings, holder, metrics)
+    runtime = build_app(settings, holder, metrics, dead_letter_bytes)
     phase["runtime"] = runtime
     subscriber: Any = None
     try:

@@ -10,7 +10,8 @@ import pytest
 
 from stream import events as ev
 from stream.kafka_config import admin_config
-from stream.topics import ensure_topics
+from stream.settings import INPUT_MESSAGE_MAX_BYTES
+from stream.topics import KAFKA_DEFAULT_MESSAGE_MAX_BYTES, dead_letter_budget, ensure_topics
 from workerkit import (Ev, TopicReader, WorkerProc, assert_same_states, expected_states, make_events, produce,
                        read_states, save_tiny_model)
 
@@ -108,6 +109,7 @@ def test_each_bad_input_goes_to_the_dlq_and_the_stream_keeps_working(kafka, tmp_
     largest = head + b"p" * (room - len(head) - len(tail)) + tail
     assert len(largest) == room
     bad.append((ev.OVERSIZE, "clicks", b"bad", largest))
+    assert dead_letter_budget(settings) == INPUT_MESSAGE_MAX_BYTES  # gruflow's own dlq: nothing is cut
     dlq = TopicReader(settings, settings.topic("dlq"), read_committed=exactly_once)
     recs = TopicReader(settings, settings.topic("recommendations"), read_committed=exactly_once)
     try:
@@ -134,6 +136,44 @@ def test_each_bad_input_goes_to_the_dlq_and_the_stream_keeps_working(kafka, tmp_
             for reason, n in reasons.items():
                 assert worker.metric("gruflow_dlq_total", reason=reason) == n
             assert not any(r["user_id"] in ("bad", "someone-else") for r in recs.seen.recommendations())
+    finally:
+        dlq.close()
+        recs.close()
+
+
+def test_a_dlq_created_before_with_a_smaller_limit_gets_cut_dead_letters(kafka, tmp_path: Path,
+                                                                         model_path: Path) -> None:
+    """A dlq that already existed with the usual 1 MB limit: a bad record as large as the input topic takes
+    is dead-lettered cut to what fits (and says its size), and the stream goes on."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    settings = kafka.settings(partitions=2)
+    admin = AdminClient(admin_config(settings))
+    created = admin.create_topics([NewTopic(settings.topic("dlq"), num_partitions=2, replication_factor=1,
+                                            config={"max.message.bytes": str(KAFKA_DEFAULT_MESSAGE_MAX_BYTES)})])
+    created[settings.topic("dlq")].result(30)
+    ensure_topics(settings)
+    budget = dead_letter_budget(settings)
+    assert budget < INPUT_MESSAGE_MAX_BYTES
+    room = _max_message_bytes(settings, settings.topic("clicks")) - 128
+    head, tail = b'{"user_id":"big","pad":"', b'"}'
+    largest = head + b"q" * (room - len(head) - len(tail)) + tail
+    events = make_events(n_users=4, per_user=3, seed=6)
+    dlq = TopicReader(settings, settings.topic("dlq"))
+    recs = TopicReader(settings, settings.topic("recommendations"))
+    try:
+        with WorkerProc(kafka, settings, model_path, tmp_path):
+            produce(settings, [], [("clicks", b"big", largest)])
+            produce(settings, events)
+            dead = dlq.poll_until(lambda c: len(c.messages) >= 1, 90, "the large dead letter")
+            recs.poll_until(lambda c: {(e.user, e.ts) for e in events} <= set(c.answered()), 90,
+                            "answers to the valid events after it")
+        (m,) = dead.messages
+        h = dict(m.headers())
+        assert h["gruflow-reason"].decode() == ev.OVERSIZE
+        assert int(h["gruflow-original-bytes"]) == len(b"big") + len(largest)
+        assert m.key() == b"big" and len(m.key()) + len(m.value()) == budget
+        assert largest.startswith(m.value())
     finally:
         dlq.close()
         recs.close()

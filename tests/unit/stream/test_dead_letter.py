@@ -64,3 +64,14 @@ def test_the_event_size_limit_cannot_exceed_what_the_input_topics_take() -> None
         Settings.from_env({"GRUFLOW_MAX_MESSAGE_BYTES": str(INPUT_MESSAGE_MAX_BYTES + 1)})
     with pytest.raises(SettingsError, match="GRUFLOW_MAX_MESSAGE_BYTES"):
         Settings.from_env({"GRUFLOW_MAX_MESSAGE_BYTES": "0"})
+
+
+def test_a_smaller_budget_cuts_key_and_value_together() -> None:
+    """The worker's budget when the dlq existed before with a smaller limit (stream.topics.dead_letter_budget)."""
+    key, value = b"user-7", b"x" * 5000
+    k2, v2, headers = dead_letter(key, value, "oversize", "big", "t.clicks", 1, 2, 3, max_bytes=1000)
+    assert k2 == key and v2 == value[:1000 - len(key)]
+    assert dict(headers)["gruflow-original-bytes"] == str(len(key) + len(value)).encode()
+    # at the budget exactly: whole
+    k3, v3, headers = dead_letter(key, value[:994], "oversize", "big", "t.clicks", 1, 2, 3, max_bytes=1000)
+    assert (k3, v3) == (key, value[:994]) and "gruflow-original-bytes" not in dict(headers)
