@@ -11,7 +11,7 @@ import pytest
 from stream import events as ev
 from stream.kafka_config import admin_config
 from stream.settings import INPUT_MESSAGE_MAX_BYTES
-from stream.topics import KAFKA_DEFAULT_MESSAGE_MAX_BYTES, dead_letter_budget, ensure_topics
+from stream.topics import DLQ_HEADER_ROOM, KAFKA_DEFAULT_MESSAGE_MAX_BYTES, dead_letter_budget, ensure_topics
 from workerkit import (Ev, TopicReader, WorkerProc, assert_same_states, expected_states, make_events, produce,
                        read_states, save_tiny_model)
 
@@ -154,7 +154,7 @@ def test_a_dlq_created_before_with_a_smaller_limit_gets_cut_dead_letters(kafka, 
     created[settings.topic("dlq")].result(30)
     ensure_topics(settings)
     budget = dead_letter_budget(settings)
-    assert budget < INPUT_MESSAGE_MAX_BYTES
+    assert budget == KAFKA_DEFAULT_MESSAGE_MAX_BYTES - DLQ_HEADER_ROOM < INPUT_MESSAGE_MAX_BYTES
     room = _max_message_bytes(settings, settings.topic("clicks")) - 128
     head, tail = b'{"user_id":"big","pad":"', b'"}'
     largest = head + b"q" * (room - len(head) - len(tail)) + tail
