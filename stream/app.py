@@ -40,7 +40,7 @@ from stream.metrics import Metrics
 from stream.model_holder import ModelHolder
 from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
 from stream.scoring import ScorerCache
-from stream.settings import INPUT_MESSAGE_MAX_BYTES, Settings
+from stream.settings import Settings
 from stream.sinks import BatchSink, Outgoing, TransactionalSink, dead_letter
 from stream.table_store import TableStore
 from stream.topics import DLQ_MESSAGE_MAX_BYTES, STATE_TABLE_NAME, TopicNames
@@ -93,7 +93,7 @@ class Pipeline:
     metrics: Metrics
     sink: Any
     exactly_once: bool
-    dead_letter_bytes: int = INPUT_MESSAGE_MAX_BYTES  # of a bad record's key + value (topics.dead_letter_budget)
+    dead_letter_bytes: int  # of a bad record's key + value (topics.dead_letter_budget)
     popularity: PopularityBaseline = field(default_factory=PopularityBaseline)
     stream_time_ms: int = 0
     evict_candidates: dict[int, set[bytes]] = field(default_factory=dict)
@@ -462,8 +462,7 @@ def observe_many(histogram: Any, values: np.ndarray) -> None:
     histogram._sum.inc(float(values.sum()))
 
 
-def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics,
-              dead_letter_bytes: int = INPUT_MESSAGE_MAX_BYTES) -> Runtime:
+def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_letter_bytes: int) -> Runtime:
     """The faust app with its table and batch path wired; start it with a faust Worker."""
     import faust
 

@@ -132,18 +132,23 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> TopicNames:
     return TopicNames.from_settings(settings)
 
 
+def max_message_bytes(settings: Settings, topic: str, timeout: float = 30.0) -> int:
+    """The record size limit the cluster applies to ``topic`` (its own config, or the broker's default)."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    admin = AdminClient(admin_config(settings))  # alive until the answer is in
+    configs = admin.describe_configs([resource], request_timeout=timeout)[resource].result(timeout)
+    return int(configs["max.message.bytes"].value)
+
+
 def dead_letter_budget(settings: Settings, timeout: float = 30.0) -> int:
     """How many bytes of a bad record's key and value a dead letter can carry: all that an input topic takes
     when the dlq is gruflow's own, less when the dlq existed before with a smaller limit (then a record
     that would not fit is cut, rather than failing its batch after every restart)."""
-    from confluent_kafka.admin import AdminClient, ConfigResource
-
     dlq = TopicNames.from_settings(settings).dlq
-    resource = ConfigResource(ConfigResource.Type.TOPIC, dlq)
-    admin = AdminClient(admin_config(settings))
     try:
-        limit = int(admin.describe_configs([resource], request_timeout=timeout)[resource]
-                    .result(timeout)["max.message.bytes"].value)
+        limit = max_message_bytes(settings, dlq, timeout)
     except Exception as exc:  # noqa: BLE001 - no permission to describe, timeout, ...: assume the usual limit
         limit = KAFKA_DEFAULT_MESSAGE_MAX_BYTES
         log.warning("cannot read the max.message.bytes of %s (%s): assuming Kafka's default, %d", dlq, exc, limit)

@@ -11,7 +11,8 @@ import pytest
 from stream import events as ev
 from stream.kafka_config import admin_config
 from stream.settings import INPUT_MESSAGE_MAX_BYTES
-from stream.topics import DLQ_HEADER_ROOM, KAFKA_DEFAULT_MESSAGE_MAX_BYTES, dead_letter_budget, ensure_topics
+from stream.topics import (DLQ_HEADER_ROOM, KAFKA_DEFAULT_MESSAGE_MAX_BYTES, dead_letter_budget, ensure_topics,
+                           max_message_bytes)
 from workerkit import (Ev, TopicReader, WorkerProc, assert_same_states, expected_states, make_events, produce,
                        read_states, save_tiny_model)
 
@@ -81,14 +82,13 @@ def _bad_inputs(t: int) -> list[tuple[str, str, bytes | None, bytes | None]]:
     ]
 
 
-def _max_message_bytes(settings, topic: str) -> int:
-    """The limit the broker applies to ``topic`` (its own config, or the cluster's default)."""
-    from confluent_kafka.admin import AdminClient, ConfigResource
-
-    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
-    admin = AdminClient(admin_config(settings))  # alive until the answer is in
-    configs = admin.describe_configs([resource])[resource].result(30)
-    return int(configs["max.message.bytes"].value)
+def _largest_input(settings, user: str) -> bytes:
+    """An oversize JSON event as large as the clicks topic takes (less record and batch overhead)."""
+    room = max_message_bytes(settings, settings.topic("clicks")) - 128
+    head, tail = b'{"user_id":"' + user.encode() + b'","pad":"', b'"}'
+    largest = head + b"p" * (room - len(head) - len(tail)) + tail
+    assert len(largest) == room
+    return largest
 
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
@@ -104,11 +104,7 @@ def test_each_bad_input_goes_to_the_dlq_and_the_stream_keeps_working(kafka, tmp_
     assert {r for r, *_ in bad} == set(ev.REASONS)
     # and an oversize record as big as the input topic takes: it must fit in the dlq with its headers
     # (if it did not, its batch would fail after every restart)
-    room = _max_message_bytes(settings, settings.topic("clicks")) - 128  # record and batch overhead
-    head, tail = b'{"user_id":"bad","pad":"', b'"}'
-    largest = head + b"p" * (room - len(head) - len(tail)) + tail
-    assert len(largest) == room
-    bad.append((ev.OVERSIZE, "clicks", b"bad", largest))
+    bad.append((ev.OVERSIZE, "clicks", b"bad", _largest_input(settings, "bad")))
     assert dead_letter_budget(settings) == INPUT_MESSAGE_MAX_BYTES  # gruflow's own dlq: nothing is cut
     dlq = TopicReader(settings, settings.topic("dlq"), read_committed=exactly_once)
     recs = TopicReader(settings, settings.topic("recommendations"), read_committed=exactly_once)
@@ -155,9 +151,7 @@ def test_a_dlq_created_before_with_a_smaller_limit_gets_cut_dead_letters(kafka, 
     ensure_topics(settings)
     budget = dead_letter_budget(settings)
     assert budget == KAFKA_DEFAULT_MESSAGE_MAX_BYTES - DLQ_HEADER_ROOM < INPUT_MESSAGE_MAX_BYTES
-    room = _max_message_bytes(settings, settings.topic("clicks")) - 128
-    head, tail = b'{"user_id":"big","pad":"', b'"}'
-    largest = head + b"q" * (room - len(head) - len(tail)) + tail
+    largest = _largest_input(settings, "big")
     events = make_events(n_users=4, per_user=3, seed=6)
     dlq = TopicReader(settings, settings.topic("dlq"))
     recs = TopicReader(settings, settings.topic("recommendations"))
