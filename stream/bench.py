@@ -18,6 +18,11 @@
    (the recommended deployment) with back-to-back fine-tune rounds over a bounded buffer, publishing the
    versions it promotes (the worker swaps them in); once its first round has finished, the same offered
    load is measured again. ``p99_ratio_training`` = p99 with training / p99 without (goal < 1.5).
+5. latency peer (skip with ``--no-echo``): with the worker and trainer stopped, ``stream.echo`` (a plain
+   confluent-kafka consume -> produce loop that answers each event without computing anything) takes the
+   worker's place on topics of its own; the same load generator, reader and offered rate measure it
+   after a short warm-up. ``echo_latency_ms`` is the floor of two Kafka hops on this machine in this
+   run, and ``latency_p99_ratio_to_echo`` = the worker's p99 / the echo's.
 
 The model is a GRU4Rec of the requested size trained for one quick epoch on synthetic sessions of the
 same shop as the events (scoring speed depends on a trained model's spread of scores, see
@@ -320,6 +325,41 @@ def _training_phase(args: argparse.Namespace, settings: Settings, env: dict[str,
             "trainer_buffer_max_events": args.train_buffer, "trainer_peak_rss_bytes": _peak_rss(trainer.pid)}
 
 
+ECHO_WARMUP_S = 5.0  # the broker is warm by then; this covers the echo's own start
+
+
+def _echo_phase(args: argparse.Namespace, settings: Settings, work: Path) -> dict[str, Any]:
+    """The latency of ``stream.echo`` in the worker's place (its own topics), same load and reader."""
+    from stream.topics import ensure_topics
+
+    echo_settings = settings.replace(topic_prefix=settings.topic_prefix.rstrip(".") + "-echo.")
+    ensure_topics(echo_settings)
+    log_path = work / "echo.log"
+    echo = subprocess.Popen([sys.executable, "-m", "stream.echo"], env=echo_settings.subprocess_env(),
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+                            cwd=Path(__file__).resolve().parents[1])
+    reader = _RecReader(echo_settings)
+    try:
+        deadline = time.monotonic() + 60
+        while b"echo ready" not in log_path.read_bytes():
+            if echo.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the echo peer did not start; its log: {log_path}")
+            time.sleep(0.2)
+        _log(f"latency peer (plain consume -> produce, pid {echo.pid}): {args.rate:,.0f} events/s for "
+             f"{ECHO_WARMUP_S:.0f} s unmeasured, then {args.latency_seconds:.0f} s ...")
+        before = reader.count
+        warm = _offer(echo_settings, args.rate, ECHO_WARMUP_S, args.items, seed=5, prefix=WARMUP_PREFIX)
+        reader.wait_count(before + warm, 60)
+        start_count, start_lat = reader.count, len(reader.latency_ms)
+        offered = _offer(echo_settings, args.rate, args.latency_seconds, args.items)
+        reader.wait_count(start_count + offered, 60)
+        lat = np.asarray(reader.latency_ms[start_lat:], dtype=np.float64)
+    finally:
+        reader.close()
+        stop_process(echo)
+    return {"echo_latency_ms": _percentiles(lat), "echo_latency_events": int(lat.size)}
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from stream.broker import EmbeddedKafka, free_port
     from stream.replay import replay
@@ -392,6 +432,15 @@ def run_bench(args: argparse.Namespace) -> int:
             p99 = float(np.percentile(lat, 99)) if lat.size else None
             training["p99_ratio_training"] = round(p99_train / p99, 3) if p99_train and p99 else None
         reader.close()
+        peak_rss = _peak_rss(worker.pid)
+        echo: dict[str, Any] = {}
+        if not getattr(args, "no_echo", False):
+            for proc in procs:  # the peer runs alone, as the worker did before the training run
+                stop_process(proc)
+            stop_process(worker)
+            echo = _echo_phase(args, settings, work)
+            p99, p99_echo = _percentiles(lat)["p99"], echo["echo_latency_ms"]["p99"]
+            echo["latency_p99_ratio_to_echo"] = round(p99 / p99_echo, 2) if p99 and p99_echo else None
         result = {
             "events_per_s": round(events_per_s, 1),
             "events": n,
@@ -404,7 +453,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "ratio_to_raw": round(events_per_s / raw, 4) if raw else None,
             **ceiling,
             "ratio_to_compute_ceiling": round(events_per_s / ceiling["compute_ceiling_events_per_s"], 3),
-            "peak_rss_bytes": _peak_rss(worker.pid),
+            "peak_rss_bytes": peak_rss,
             "catalogue_items": args.items,
             "hidden": args.hidden,
             "k": args.k,
@@ -417,6 +466,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "cpus": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2),
             **training,
+            **echo,
         }
         if args.profile:
             result["profile"] = args.profile

@@ -101,6 +101,8 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--profile", default=None,
                    help="py-spy profile of the worker during the throughput run (.svg flame graph, else raw stacks)")
     p.add_argument("--worker-log", default=None, help="copy the worker's log here")
+    p.add_argument("--no-echo", action="store_true",
+                   help="skip the latency peer (a plain consume -> produce loop measured in the worker's place)")
     p.add_argument("--no-training", action="store_true",
                    help="skip the latency run with a trainer process running fine-tune rounds")
     p.add_argument("--train-buffer", type=int, default=20_000,
