@@ -49,4 +49,4 @@ def bpr_max(R: torch.Tensor, bpreg: float = 0.0, elu_param: float = 0.0, scale: 
         L = torch.sum(-torch.log(torch.sum(torch.sigmoid(target - X) * s, dim=1) + EPS)
                       + bpreg * torch.sum(X * X * s, dim=1)) * scale
         L.backward()
-    return float(L), O.grad
+    return float(L.detach()), O.grad
