@@ -368,12 +368,14 @@ def _echo_phase(args: argparse.Namespace, settings: Settings, work: Path) -> dic
     echo = subprocess.Popen([sys.executable, "-m", "stream.echo"], env=echo_settings.subprocess_env(),
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
                             cwd=Path(__file__).resolve().parents[1])
-    reader = _RecReader(echo_settings)
+    reader: _RecReader | None = None
     try:
+        reader = _RecReader(echo_settings)
         deadline = time.monotonic() + 60
         while b"echo ready" not in log_path.read_bytes():
             if echo.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the echo peer did not start; its log: {log_path}")
+                tail = log_path.read_text(errors="replace")[-500:].strip()  # the work dir goes at the end
+                raise RuntimeError(f"the echo peer did not start; its log ends: {tail or '(empty)'}")
             time.sleep(0.2)
         _log(f"latency peer (plain consume -> produce, pid {echo.pid}): {args.rate:,.0f} events/s for "
              f"{ECHO_WARMUP_S:.0f} s unmeasured, then {args.latency_seconds:.0f} s ...")
@@ -387,7 +389,8 @@ def _echo_phase(args: argparse.Namespace, settings: Settings, work: Path) -> dic
         reader.wait_count(start_count + offered, 60)
         lat = np.asarray(reader.latency_ms[start_lat:], dtype=np.float64)
     finally:
-        reader.close()
+        if reader is not None:
+            reader.close()
         stop_process(echo)
     return {"echo_latency_ms": _percentiles(lat), "echo_latency_events": int(lat.size),
             "echo_cpu_steal": stolen}
@@ -475,9 +478,14 @@ def run_bench(args: argparse.Namespace) -> int:
             for proc in procs:  # the peer runs alone, as the worker did before the training run
                 stop_process(proc)
             stop_process(worker)
-            echo = _echo_phase(args, settings, work)
-            p99, p99_echo = _percentiles(lat)["p99"], echo["echo_latency_ms"]["p99"]
-            echo["latency_p99_ratio_to_echo"] = round(p99 / p99_echo, 2) if p99 and p99_echo else None
+            try:
+                echo = _echo_phase(args, settings, work)
+            except Exception as exc:  # noqa: BLE001 - the worker's figures stand without their peer
+                _log(f"latency peer failed: {exc!r}")
+                echo = {"echo_error": repr(exc)}
+            else:
+                p99, p99_echo = _percentiles(lat)["p99"], echo["echo_latency_ms"]["p99"]
+                echo["latency_p99_ratio_to_echo"] = round(p99 / p99_echo, 2) if p99 and p99_echo else None
         result = {
             "events_per_s": round(events_per_s, 1),
             "events": n,
