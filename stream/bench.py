@@ -293,6 +293,25 @@ class _StealMeter:
         return round((s1 - self.s0) / dt, 3)
 
 
+def _warm_up(settings: Settings, reader: _RecReader, args: argparse.Namespace, seconds: float) -> None:
+    """Unmeasured load at the offered rate (its users are counted by the reader, not timed)."""
+    before = reader.count
+    warm = _offer(settings, args.rate, seconds, args.items, seed=5, prefix=WARMUP_PREFIX)
+    reader.wait_count(before + warm, 60)
+
+
+def _latency_window(settings: Settings, reader: _RecReader,
+                    args: argparse.Namespace) -> tuple[np.ndarray, float | None]:
+    """The measured load: each stamped event's latency (ms) once all are answered, and the host's steal
+    while it was offered."""
+    start_count, start_lat = reader.count, len(reader.latency_ms)
+    steal = _StealMeter().start()
+    offered = _offer(settings, args.rate, args.latency_seconds, args.items)
+    stolen = steal.stop()
+    reader.wait_count(start_count + offered, 60)
+    return np.asarray(reader.latency_ms[start_lat:], dtype=np.float64), stolen
+
+
 def _percentiles(lat: np.ndarray) -> dict[str, float | None]:
     return {q: round(float(np.percentile(lat, p)), 2) if lat.size else None
             for q, p in (("p50", 50), ("p95", 95), ("p99", 99))}
@@ -379,15 +398,8 @@ def _echo_phase(args: argparse.Namespace, settings: Settings, work: Path) -> dic
             time.sleep(0.2)
         _log(f"latency peer (plain consume -> produce, pid {echo.pid}): {args.rate:,.0f} events/s for "
              f"{ECHO_WARMUP_S:.0f} s unmeasured, then {args.latency_seconds:.0f} s ...")
-        before = reader.count
-        warm = _offer(echo_settings, args.rate, ECHO_WARMUP_S, args.items, seed=5, prefix=WARMUP_PREFIX)
-        reader.wait_count(before + warm, 60)
-        start_count, start_lat = reader.count, len(reader.latency_ms)
-        steal = _StealMeter().start()
-        offered = _offer(echo_settings, args.rate, args.latency_seconds, args.items)
-        stolen = steal.stop()
-        reader.wait_count(start_count + offered, 60)
-        lat = np.asarray(reader.latency_ms[start_lat:], dtype=np.float64)
+        _warm_up(echo_settings, reader, args, ECHO_WARMUP_S)
+        lat, stolen = _latency_window(echo_settings, reader, args)
     finally:
         if reader is not None:
             reader.close()
@@ -455,16 +467,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
         if args.warmup_seconds > 0:
             _log(f"warm-up (not measured): {args.rate:,.0f} events/s for {args.warmup_seconds:.0f} s ...")
-            before = reader.count
-            warm = _offer(settings, args.rate, args.warmup_seconds, args.items, seed=5, prefix=WARMUP_PREFIX)
-            reader.wait_count(before + warm, 60)
+            _warm_up(settings, reader, args, args.warmup_seconds)
         _log(f"latency run: {args.rate:,.0f} events/s for {args.latency_seconds:.0f} s ...")
-        before = reader.count
-        steal = _StealMeter().start()
-        offered = _offer(settings, args.rate, args.latency_seconds, args.items)
-        latency_steal = steal.stop()
-        reader.wait_count(before + offered, 60)
-        lat = np.asarray(reader.latency_ms, dtype=np.float64)
+        lat, latency_steal = _latency_window(settings, reader, args)
         training: dict[str, Any] = {}
         if not getattr(args, "no_training", False):
             training = _training_phase(args, settings, env, reader, work, procs)

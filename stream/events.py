@@ -1,7 +1,7 @@
 """Decoding and validation of input events: every message becomes an ``Event`` or a DLQ reason.
 
 Nothing is dropped silently: a message that is not a valid event gets exactly one reason from
-``REASONS`` and goes to the dead-letter topic with its original bytes (see ``stream/sinks.py``, ``dlq_headers``).
+``REASONS`` and goes to the dead-letter topic with its original bytes (see ``stream/sinks.py``, ``dead_letter``).
 
 Accepted JSON object (unknown fields ignored)::
 
