@@ -279,6 +279,19 @@ def _steal_s() -> float | None:
         return None
 
 
+def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The processor's name (Linux): a run's figures compare only with runs on the same kind of machine (the
+    computation alone ran at 9-26k events/s on the machine of gruflow's first sessions, 54-74k on a later one)."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            name, sep, value = line.partition(":")
+            if sep and name.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return None
+
+
 class _StealMeter:
     """CPUs stolen per second of wall time between ``start`` and ``stop`` (None where not measurable)."""
 
@@ -515,6 +528,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "scoring_threads": settings.scoring_threads,
             "processing_guarantee": settings.processing_guarantee,
             "cpus": os.cpu_count(),
+            "cpu_model": _cpu_model(),
             "load_avg_1m": round(os.getloadavg()[0], 2),
             "latency_cpu_steal": latency_steal,
             **training,
