@@ -28,7 +28,8 @@ The model is a GRU4Rec of the requested size trained for one quick epoch on synt
 same shop as the events (scoring speed depends on a trained model's spread of scores, see
 stream/scoring.py); ``topk_int8_fraction`` = share of the ceiling run's rows that the int8 path proved.
 ``*_cpu_steal``: CPUs per second that the hypervisor gave to other guests during that part (/proc/stat
-steal time; this machine is a 2-vCPU VM whose host takes up to 0.8 of a CPU in its busy phases).
+steal time; the 2-vCPU VM of gruflow's first sessions lost up to 0.8 of a CPU so in its host's busy phases).
+``cpu_model``: the processor's name, since figures compare only between runs on the same kind of machine.
 Prints one JSON object. No assertions: goals are written in the issue note, not enforced here.
 """
 
