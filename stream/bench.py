@@ -282,7 +282,7 @@ def _steal_s() -> float | None:
 
 def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     """The processor's name (Linux): a run's figures compare only with runs on the same kind of machine (the
-    computation alone ran at 9-26k events/s on the machine of gruflow's first sessions, 54-74k on a later one)."""
+    computation alone ran at 9-26k events/s on the machine of gruflow's first sessions, 53-74k on a later one)."""
     try:
         for line in Path(cpuinfo).read_text().splitlines():
             name, sep, value = line.partition(":")

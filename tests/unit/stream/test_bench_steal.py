@@ -32,7 +32,7 @@ def test_no_proc_stat_gives_none(monkeypatch):
 def test_cpu_model_is_the_first_model_name(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Some CPU 9000\n\n"
-                    "processor\t: 1\nmodel name\t: Some CPU 9000\n")
+                    "processor\t: 1\nmodel name\t: Another CPU\n")
     assert _cpu_model(str(info)) == "Some CPU 9000"
     info.write_text("processor\t: 0\nmodel name\t:\n")  # present but empty: unknown
     assert _cpu_model(str(info)) is None
