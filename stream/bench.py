@@ -314,16 +314,28 @@ def _warm_up(settings: Settings, reader: _RecReader, args: argparse.Namespace, s
     reader.wait_count(before + warm, 60)
 
 
-def _latency_window(settings: Settings, reader: _RecReader,
-                    args: argparse.Namespace) -> tuple[np.ndarray, float | None]:
-    """The measured load: each stamped event's latency (ms) once all are answered, and the host's steal
-    while it was offered."""
+def _offer_measured(settings: Settings, reader: _RecReader, args: argparse.Namespace,
+                    seed: int = 3) -> tuple[tuple[int, int], float | None]:
+    """The measured load, offered: where its answers end and start in the reader's counts, and the host's
+    steal while it was offered."""
     start_count, start_lat = reader.count, len(reader.latency_ms)
     steal = _StealMeter().start()
-    offered = _offer(settings, args.rate, args.latency_seconds, args.items)
-    stolen = steal.stop()
-    reader.wait_count(start_count + offered, 60)
-    return np.asarray(reader.latency_ms[start_lat:], dtype=np.float64), stolen
+    offered = _offer(settings, args.rate, args.latency_seconds, args.items, seed=seed)
+    return (start_count + offered, start_lat), steal.stop()
+
+
+def _measured_latencies(reader: _RecReader, window: tuple[int, int]) -> np.ndarray:
+    """Each stamped event's latency (ms) of an offered window, once all its events are answered."""
+    until_count, start_lat = window
+    reader.wait_count(until_count, 60)
+    return np.asarray(reader.latency_ms[start_lat:], dtype=np.float64)
+
+
+def _latency_window(settings: Settings, reader: _RecReader,
+                    args: argparse.Namespace) -> tuple[np.ndarray, float | None]:
+    """The measured load: each stamped event's latency (ms), and the host's steal while it was offered."""
+    window, stolen = _offer_measured(settings, reader, args)
+    return _measured_latencies(reader, window), stolen
 
 
 def _percentiles(lat: np.ndarray) -> dict[str, float | None]:
@@ -375,13 +387,9 @@ def _training_phase(args: argparse.Namespace, settings: Settings, env: dict[str,
         return {"finetune_rounds_during_measure": 0, "training_error": "no round finished before the measurement"}
     before_rounds = _scrape(port, rounds) or 0
     _log(f"latency run with training: {args.rate:,.0f} events/s for {args.latency_seconds:.0f} s ...")
-    start_count, start_lat = reader.count, len(reader.latency_ms)
-    steal = _StealMeter().start()
-    offered = _offer(settings, args.rate, args.latency_seconds, args.items, seed=4)
-    stolen = steal.stop()
+    window, stolen = _offer_measured(settings, reader, args, seed=4)
     after_rounds = _scrape(port, rounds) or 0  # rounds finished while the load was offered
-    reader.wait_count(start_count + offered, 60)
-    lat = np.asarray(reader.latency_ms[start_lat:], dtype=np.float64)
+    lat = _measured_latencies(reader, window)
     return {"latency_ms_during_training": _percentiles(lat), "latency_events_during_training": int(lat.size),
             "finetune_rounds_during_measure": int(after_rounds - before_rounds),
             "latency_cpu_steal_during_training": stolen,
