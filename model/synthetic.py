@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from model.data import event_table
+from model.table import event_table
 from model.events import EventType
 
 
