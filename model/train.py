@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -185,14 +185,16 @@ class SparseAdagradM:
 
 def fit(net: GRU4RecNet, data: pd.DataFrame, params: GRU4RecParams | None = None, *, n_epochs: int | None = None,
         item_rows: Vocabulary | Mapping[str, int], progress: bool = True, sample_counts: np.ndarray | None = None,
-        seed: int | None = None) -> dict:
+        seed: int | None = None, report: Callable[[str], None] | None = None) -> dict:
     """Train ``net`` in place on the event table ``data`` (see :mod:`model.data`).
 
     ``item_rows`` maps item ids to the network's rows; events of unknown items are dropped.
     ``params`` defaults to ``net.params`` (the training hyperparameters may differ from the ones the
     network was built with, e.g. a lower learning rate for online fine-tuning); ``n_epochs`` overrides
     ``params.n_epochs``. Negatives are sampled from this data's item counts unless ``sample_counts``
-    (per row) is given. Returns a summary: per-epoch loss, events, seconds, events/s.
+    (per row) is given. ``progress`` draws a bar on a terminal only (a log would fill with its frames);
+    ``report``, when given, receives one plain line per finished epoch. Returns a summary: per-epoch
+    loss, events, seconds, events/s.
     """
     params = params or net.params
     epochs = params.n_epochs if n_epochs is None else n_epochs
@@ -225,6 +227,10 @@ def fit(net: GRU4RecNet, data: pd.DataFrame, params: GRU4RecParams | None = None
                                          "try a lower learning_rate")
             summary["loss"].append(loss)
             summary["events"] += events
+            if report is not None:
+                seconds = time.perf_counter() - t0
+                report(f"epoch {epoch + 1}/{epochs}: loss {loss:.4f}, {summary['events']} events, "
+                       f"{summary['events'] / max(seconds, 1e-9):.0f} events/s")
     finally:
         net.train(was_training)
         net.eval()
@@ -263,7 +269,7 @@ class _Trainer:
         self.reference_type = 1  # set by fit(): the event type whose embedding row stays fixed
 
     def epoch(self, index: SessionIndex, progress: bool, desc: str) -> tuple[float, int]:
-        from tqdm.auto import tqdm
+        from model.progress import progress as progress_bar
 
         net, p = self.net, self.p
         items = torch.from_numpy(index.items)
@@ -271,7 +277,7 @@ class _Trainer:
         H = [torch.zeros(min(p.batch_size, index.n_sessions), h) for h in net.layers]
         loss_sum, n_events = 0.0, 0
         min_active = 1 if p.n_sample > 0 else 2
-        bar = tqdm(total=index.n_predictions, desc=desc, unit="ev", disable=not progress, leave=False, mininterval=0.5)
+        bar = progress_bar(index.n_predictions, desc, "ev", enabled=progress)
         try:
             for chunk in session_parallel(index, p.batch_size, min_active):
                 if chunk.n_steps:

@@ -129,7 +129,8 @@ def replay(settings: Settings, df: Any, rate: float | None = None, speedup: floa
     then count as failed. On Ctrl-C it flushes what was sent, prints the counts and re-raises.
     """
     from confluent_kafka import KafkaError, KafkaException, Producer
-    from tqdm import tqdm
+
+    from model.progress import progress as progress_bar
 
     from stream.kafka_config import producer_config
 
@@ -149,7 +150,7 @@ def replay(settings: Settings, df: Any, rate: float | None = None, speedup: floa
             stats.errors[err.name()] += 1
 
     total = len(df) if limit is None else min(limit, len(df))
-    bar = tqdm(total=total, unit="ev", desc="replay", disable=not progress, file=sys.stderr, smoothing=0.1)
+    bar = progress_bar(total, "replay", "ev", enabled=progress)
     started = time.monotonic()
     pending_bar = 0
     try:
@@ -197,10 +198,12 @@ def _check_topics(producer: Any, topics: list[str]) -> None:
     """Fail early and clearly instead of timing out on every message of a missing topic."""
     from confluent_kafka import KafkaException
 
+    from stream.kafka_config import ClusterUnreachable
+
     try:
         metadata = producer.list_topics(timeout=15)
     except KafkaException as exc:
-        raise RuntimeError(f"cannot reach the Kafka cluster: {exc}") from None
+        raise ClusterUnreachable(f"cannot reach the Kafka cluster: {exc}") from None
     missing = [t for t in topics if t not in metadata.topics or metadata.topics[t].error is not None]
     if missing:
         raise RuntimeError(f"topic(s) {', '.join(missing)} do not exist: create them first "
