@@ -10,9 +10,9 @@
              slice, the trainer has run its round on it, and a promoted version has been swapped
              into the worker, i.e. a trainer that keeps up with the stream. Within a slice the
              events go as fast as the stack takes them.
-3. Prequential HR@20 / MRR@20 come from the worker's own counters (``gruflow_prequential_*``:
-   each event scored against the top-K published to its user before it; an item the model does not
-   know is a miss). The popularity baseline is the worker's running popularity on the same stream
+3. Prequential HR@K / MRR@K (K = GRUFLOW_TOP_K, the worker's list length) come from the worker's own
+   counters (``gruflow_prequential_*``: each event scored against the top-K published to its user
+   before it; an item the model does not know is a miss). The popularity baseline is the worker's running popularity on the same stream
    (reported from the online run, where it may recommend items the grown vocabulary added).
 4. ``new_items_recommended``: distinct items first seen after the warm-up that appear in published
    recommendations of the online run (read back from its recommendations topic).
@@ -34,8 +34,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-K = 20
 
 
 def _log(msg: str) -> None:
@@ -89,11 +87,13 @@ def _sum(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
 
 
-def prequential(samples: dict, model: str) -> dict:
+def prequential(samples: dict, model: str, k: int) -> dict:
+    """HR@k and MRR@k of ``model`` from the worker's counters; ``k`` must be the worker's top_k (the only
+    list length its counters are labelled with)."""
     n = _sum(samples, "gruflow_prequential_events_total", model=model)
-    hits = _sum(samples, "gruflow_prequential_hits_total", model=model, k=str(K))
-    rr = _sum(samples, "gruflow_prequential_reciprocal_rank_total", model=model, k=str(K))
-    return {"hr": {str(K): hits / n if n else 0.0}, "mrr": {str(K): rr / n if n else 0.0}, "n": int(n)}
+    hits = _sum(samples, "gruflow_prequential_hits_total", model=model, k=str(k))
+    rr = _sum(samples, "gruflow_prequential_reciprocal_rank_total", model=model, k=str(k))
+    return {"hr": {str(k): hits / n if n else 0.0}, "mrr": {str(k): rr / n if n else 0.0}, "n": int(n)}
 
 
 class WorkerProcess:
@@ -251,14 +251,15 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
         finally:
             if trainer is not None:
                 trainer.stop()
-    out = {"gru": prequential(samples, "gru"), "popularity": prequential(samples, "popularity"),
+    k = s.top_k
+    out = {"gru": prequential(samples, "gru", k), "popularity": prequential(samples, "popularity", k),
            "events": sent, "seconds": time.perf_counter() - t0}
     if online:
         out["rounds"] = rounds
         out["versions"] = int(_sum(samples, "gruflow_model_version"))
         out.update(new_items_recommended(s, known, rest, sent))
-    _log(f"{name}: HR@20 {out['gru']['hr']['20']:.4f} MRR@20 {out['gru']['mrr']['20']:.4f} "
-         f"(popularity {out['popularity']['hr']['20']:.4f}/{out['popularity']['mrr']['20']:.4f}) "
+    _log(f"{name}: HR@{k} {out['gru']['hr'][str(k)]:.4f} MRR@{k} {out['gru']['mrr'][str(k)]:.4f} "
+         f"(popularity {out['popularity']['hr'][str(k)]:.4f}/{out['popularity']['mrr'][str(k)]:.4f}) "
          f"in {out['seconds']:.0f} s")
     return out
 
