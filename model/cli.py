@@ -40,13 +40,13 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--epochs", type=int, default=None, help="override n_epochs")
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.add_argument("--test", default=None, help="optional test data (same format) evaluated into the metadata")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar within an epoch (the line per epoch stays)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the per-epoch lines go to stderr)")
     _add_threads(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="Recall@K and MRR@K of a checkpoint on test sessions")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint written by 'gruflow train'")
     p.add_argument("test", help="test data path")
     _add_data_args(p)
     _add_eval_args(p)
@@ -54,7 +54,7 @@ def register(sub, bench_sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("baseline", help="popularity / co-occurrence baseline under the same protocol")
-    p.add_argument("name", choices=("popularity", "cooccurrence"))
+    p.add_argument("name", choices=("popularity", "cooccurrence"), help="which baseline")
     p.add_argument("train", help="training data path")
     p.add_argument("test", help="test data path")
     _add_data_args(p)
@@ -66,7 +66,7 @@ def register(sub, bench_sub) -> None:
     _add_data_args(p)
     p.add_argument("--params", default="", help='hyperparameters, "name=value,..."')
     p.add_argument("--epochs", type=int, default=None, help="override n_epochs")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_threads(p)
     p.set_defaults(func=cmd_bench_train)
 
@@ -115,7 +115,8 @@ def cmd_train(args) -> int:
     data = load_events(args.data, args.fmt)
     vocab = build_vocabulary(data)
     net = GRU4RecNet(len(vocab), params)
-    summary = fit(net, data, params, item_rows=vocab, progress=not args.no_progress)
+    summary = fit(net, data, params, item_rows=vocab, progress=not args.no_progress,
+                  report=lambda line: print(line, file=sys.stderr, flush=True))
     popularity = item_counts(item_rows_for(data, vocab), len(vocab))
     metadata = {"trained_at": time.time(), "data": {"path": str(args.data), "format": args.fmt, **describe(data)},
                 "training": {k: summary[k] for k in ("epochs", "loss", "events", "seconds", "events_per_s")}}

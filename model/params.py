@@ -7,6 +7,10 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 
+class ParamsError(ValueError):
+    """A hyperparameter string that cannot be parsed; the message names the parameter."""
+
+
 @dataclass(frozen=True)
 class GRU4RecParams:
     """Defaults: the shipped configuration, tuned on the YooChoose sample's train_tr/train_valid split only
@@ -44,10 +48,10 @@ class GRU4RecParams:
             if not part.strip():
                 continue
             if "=" not in part:
-                raise ValueError(f"parameter {part!r} is not name=value")
+                raise ParamsError(f"parameter {part!r} is not name=value")
             name, raw = (s.strip() for s in part.split("=", 1))
             if name not in known:
-                raise ValueError(f"unknown parameter {name!r}; known: {', '.join(sorted(known))}")
+                raise ParamsError(f"unknown parameter {name!r}; known: {', '.join(sorted(known))}")
             current = getattr(base, name)
             changes[name] = _coerce(name, raw, current)
         return dataclasses.replace(base, **changes)
@@ -82,7 +86,7 @@ def _coerce(name: str, raw: str, current: Any) -> Any:
             return float(raw)
         return raw
     except ValueError:
-        raise ValueError(f"parameter {name}={raw!r}: expected a {type(current).__name__}") from None
+        raise ParamsError(f"parameter {name}={raw!r}: expected a {type(current).__name__}") from None
 
 
 # The official GRU4Rec configuration for YooChoose (the reference's example); the defaults above beat it there.

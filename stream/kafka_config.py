@@ -8,7 +8,10 @@ Producers use librdkafka's ``murmur2_random`` partitioner: the Java client's and
 
 from __future__ import annotations
 
+import logging
+import re
 import ssl
+import time
 from typing import Any
 
 from stream.settings import Settings, SettingsError
@@ -17,6 +20,41 @@ from stream.settings import Settings, SettingsError
 PARTITIONER = "murmur2_random"
 # model checkpoints travel through the models topic in chunks; the broker allows a bit more than this
 MODEL_CHUNK_BYTES = 8 * 1024 * 1024
+# librdkafka writes its log lines (``%3|…|FAIL|…``) straight to stderr unless it is given a logger: every
+# confluent client gets this one, so its lines go through Python logging (level, format, handlers) and
+# are delivered from the client's own poll()/flush() calls.
+LIBRDKAFKA_LOGGER = logging.getLogger("gruflow.librdkafka")
+
+
+class RepeatLimiter(logging.Filter):
+    """Lets one of each message through per ``every_s``. A client that cannot reach its broker logs the
+    same failure at every reconnect backoff (about once a second per broker), with only its timings
+    changed: digits are ignored when messages are compared."""
+
+    def __init__(self, every_s: float = 60.0, max_keys: int = 1024) -> None:
+        super().__init__()
+        self.every_s, self.max_keys = every_s, max_keys
+        self._last: dict[str, float] = {}
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = re.sub(r"\d+", "#", record.getMessage())
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every_s:
+            self.suppressed += 1
+            return False
+        if len(self._last) >= self.max_keys:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+LIBRDKAFKA_LOGGER.addFilter(RepeatLimiter())
+
+
+class ClusterUnreachable(RuntimeError):
+    """No broker of the configured cluster answered (wrong bootstrap address, cluster down, auth refused)."""
 
 # confluent-kafka keys that really contain underscores (Python callbacks, librdkafka's log_level); any
 # other keyword argument to the builders below may spell dots as underscores: linger_ms=5 == linger.ms.
@@ -63,6 +101,7 @@ def confluent_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "bootstrap.servers": ",".join(bootstrap_list(settings)),
         "security.protocol": settings.security_protocol,
+        "logger": LIBRDKAFKA_LOGGER,
     }
     if settings.security_protocol.startswith("SASL"):
         config["sasl.mechanism"] = _sasl_mechanism(settings)

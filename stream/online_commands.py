@@ -210,10 +210,10 @@ def register(sub: Any, bench_sub: Any) -> None:
     model = sub.add_parser("model", help="model versions on the models topic")
     model_sub = model.add_subparsers(dest="model_command", metavar="ACTION")
     p = _bootstrap_arg(model_sub.add_parser("list", help="list the versions on the models topic (and on disk)"))
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_model_list)
     p = _bootstrap_arg(model_sub.add_parser("rollback", help="republish an old version as the newest"))
-    p.add_argument("version", type=int)
+    p.add_argument("version", type=int, help="the version to serve again (see 'gruflow model list')")
     p.set_defaults(func=_model_rollback)
 
     exp = sub.add_parser("experiment", help="experiments that print JSON")

@@ -43,7 +43,8 @@ def tail(settings: Settings, *, from_beginning: bool = False, max_messages: int 
     or Ctrl-C. Returns how many were printed."""
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException
 
-    from stream.kafka_config import assign_whole_topic, consumer_config
+    from stream.kafka_config import ClusterUnreachable, assign_whole_topic, consumer_config
+    from stream.topics import TopicError
 
     out = out if out is not None else sys.stdout
     topic = settings.topic("recommendations")
@@ -53,9 +54,9 @@ def tail(settings: Settings, *, from_beginning: bool = False, max_messages: int 
         try:
             assign_whole_topic(consumer, topic, OFFSET_BEGINNING if from_beginning else OFFSET_END)
         except KafkaException as exc:
-            raise RuntimeError(f"cannot reach the Kafka cluster: {exc}") from None
+            raise ClusterUnreachable(f"cannot reach the Kafka cluster: {exc}") from None
         except LookupError:
-            raise RuntimeError(f"topic {topic} does not exist yet (start a worker, or create the topics)") from None
+            raise TopicError(f"topic {topic} does not exist yet (start a worker, or create the topics)") from None
         last = time.monotonic()
         while max_messages is None or shown < max_messages:
             msg = consumer.poll(0.5)

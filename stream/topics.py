@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Iterator
 
-from stream.kafka_config import MODEL_CHUNK_BYTES, admin_config
+from stream.kafka_config import MODEL_CHUNK_BYTES, ClusterUnreachable, admin_config
 from stream.settings import INPUT_MESSAGE_MAX_BYTES, Settings
 
 # a dead letter is the original record plus gruflow's headers (a detail of at most 500 bytes, ids, offsets)
@@ -85,6 +85,10 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
 
 class TopicError(RuntimeError):
     """A topic exists with an incompatible layout, or could not be created."""
+
+
+class TopicsUnreachable(TopicError, ClusterUnreachable):
+    """The topics could not even be listed: no broker answered."""
 
 
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> TopicNames:
@@ -167,7 +171,7 @@ def _partition_counts(admin: object, timeout: float) -> dict[str, int]:
     try:
         metadata = admin.list_topics(timeout=timeout)  # type: ignore[attr-defined]
     except KafkaException as exc:
-        raise TopicError(f"cannot reach the Kafka cluster to list topics: {exc}") from None
+        raise TopicsUnreachable(f"cannot reach the Kafka cluster to list topics: {exc}") from None
     return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
 
 

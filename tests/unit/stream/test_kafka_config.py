@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import ssl
+import time
 
 import pytest
 
 from stream.kafka_config import (
+    LIBRDKAFKA_LOGGER,
     PARTITIONER,
+    RepeatLimiter,
     admin_config,
     aiokafka_config,
     bootstrap_list,
@@ -26,7 +31,44 @@ BOOT = "k1.example:9092,k2.example:9093"
 
 def test_plaintext_connection():
     config = confluent_config(Settings(bootstrap_servers=BOOT))
-    assert config == {"bootstrap.servers": BOOT, "security.protocol": "PLAINTEXT"}
+    assert config == {"bootstrap.servers": BOOT, "security.protocol": "PLAINTEXT", "logger": LIBRDKAFKA_LOGGER}
+
+
+def test_librdkafka_logs_go_through_python_logging(caplog, capfd):
+    """A client that cannot reach its cluster: librdkafka's connection errors arrive as log records of
+    the gruflow.librdkafka logger, and none is written raw to stderr (``%3|…|FAIL|``)."""
+    import socket
+
+    from confluent_kafka import Producer
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    caplog.set_level(logging.DEBUG, logger=LIBRDKAFKA_LOGGER.name)
+    producer = Producer(confluent_config(Settings(bootstrap_servers=f"127.0.0.1:{port}"),
+                                         reconnect_backoff_ms=50, reconnect_backoff_max_ms=100))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(r.name == LIBRDKAFKA_LOGGER.name for r in caplog.records):
+        producer.poll(0.1)
+    records = [r for r in caplog.records if r.name == LIBRDKAFKA_LOGGER.name]
+    assert records, "librdkafka logged nothing through Python logging within 10 s"
+    assert any("Connection refused" in r.getMessage() or "FAIL" in r.getMessage() for r in records)
+    assert "|FAIL|" not in capfd.readouterr().err
+    # the same refusal repeats at every reconnect backoff (50-100 ms here): it is let through once
+    for _ in range(20):
+        producer.poll(0.1)
+    texts = [re.sub(r"\d+", "#", r.getMessage()) for r in caplog.records if r.name == LIBRDKAFKA_LOGGER.name]
+    assert len(texts) == len(set(texts)), texts
+
+
+def test_repeat_limiter_lets_each_message_through_once_per_window():
+    limiter = RepeatLimiter(every_s=3600)
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("x", logging.ERROR, __file__, 1, msg, None, None)
+
+    passed = [limiter.filter(record(m)) for m in ("refused after 0ms", "refused after 12ms", "other", "other")]
+    assert passed == [True, False, True, False] and limiter.suppressed == 2
 
 
 @pytest.mark.parametrize("raw", ["k1.example:9092;k2.example:9093", "kafka://k1.example:9092, kafka://k2.example:9093"])
