@@ -36,7 +36,7 @@ from model.events import EventType
 from state.codec import HEADER_SIZE, decode as decode_state, encode as encode_state
 from stream.batch_consumer import Batch, BatchConsumer, BatchTransport
 from stream.events import CLICKS, PURCHASES, Event, Limits, Rejected, decode_event
-from stream.metrics import Metrics
+from stream.metrics import Metrics, PrequentialVersions
 from stream.model_holder import ModelHolder
 from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
 from stream.scoring import ScorerCache
@@ -123,6 +123,7 @@ class Pipeline:
         self._topk_rows = (m.topk_rows.labels(path="int8"), m.topk_rows.labels(path="float32"))
         self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
                            for k in (CLICKS, PURCHASES) for t, n in _TYPE_NAMES.items()}
+        self._prequential = PrequentialVersions(m, s.top_k)
 
     # --- the batch ---------------------------------------------------------------------------
     async def handle(self, batch: Batch, generation: int) -> None:
@@ -378,10 +379,7 @@ class Pipeline:
             m.unknown_items.inc(result.unknown_items)
         for (model, version), pq in result.prequential.items():
             if pq.events:
-                m.prequential_events.labels(model=model, version=version).inc(pq.events)
-                k = str(self.cfg.k)
-                m.prequential_hits.labels(model=model, version=version, k=k).inc(pq.hits)
-                m.prequential_reciprocal_rank.labels(model=model, version=version, k=k).inc(pq.reciprocal_rank)
+                self._prequential.add(model, version, pq.events, pq.hits, pq.reciprocal_rank)
         observe_many(m.end_to_end_latency,
                      published_s - np.fromiter((e.append_ts_ms for e in events), dtype=np.float64,
                                                count=len(events)) / 1000.0)
