@@ -99,7 +99,8 @@ class Metrics:
             end_to_end_latency=Histogram(p + "end_to_end_latency_seconds",
                                          "Broker append time of the event to publication of its recommendation",
                                          buckets=LATENCY_BUCKETS, registry=r),
-            state_entries=Gauge(p + "state_entries", "Users held in this worker's state table", registry=r),
+            state_entries=Gauge(p + "state_entries", "Users held in the active partitions of this worker's state "
+                                "table (exact: counted after each recovery, then kept up to date)", registry=r),
             state_evictions=Counter(p + "state_evictions", "Idle users evicted from the state table (TTL)",
                                     registry=r),
             rocksdb_bytes=Gauge(p + "rocksdb_bytes", "On-disk size of this worker's RocksDB state", registry=r),

@@ -78,6 +78,10 @@ class Settings:
     max_message_bytes: int = 65536
     max_id_bytes: int = 256
     state_ttl_s: float = 0.0  # 0 = never evict idle users
+    # RocksDB memory per state partition the worker holds (docs/operations.md): memtables + block cache
+    rocksdb_write_buffer_bytes: int = 8 * 1024 * 1024
+    rocksdb_max_write_buffers: int = 2
+    rocksdb_block_cache_bytes: int = 16 * 1024 * 1024
     log_level: str = "INFO"
 
     # --- online learning (trainer)
@@ -153,6 +157,10 @@ class Settings:
             (self.scoring_threads >= 1, "GRUFLOW_SCORING_THREADS must be >= 1"),
             (0 < self.web_port < 65536, "GRUFLOW_WEB_PORT must be a TCP port"),
             (self.session_gap_s > 0, "GRUFLOW_SESSION_GAP_S must be > 0"),
+            (self.rocksdb_write_buffer_bytes >= 64 * 1024, "GRUFLOW_ROCKSDB_WRITE_BUFFER_BYTES must be >= 65536"),
+            (self.rocksdb_max_write_buffers >= 2, "GRUFLOW_ROCKSDB_MAX_WRITE_BUFFERS must be >= 2 (one to fill while "
+             "another is flushed; RocksDB raises smaller values to 2)"),
+            (self.rocksdb_block_cache_bytes >= 0, "GRUFLOW_ROCKSDB_BLOCK_CACHE_BYTES must be >= 0"),
             (0 < self.max_message_bytes <= INPUT_MESSAGE_MAX_BYTES,
              f"GRUFLOW_MAX_MESSAGE_BYTES must be between 1 and {INPUT_MESSAGE_MAX_BYTES} (the input topics' "
              "max.message.bytes)"),
