@@ -21,6 +21,7 @@ import yaml
 
 from stream import model_sync
 from stream.broker import free_port
+from stream.processes import stop_process
 from stream.topics import ensure_topics
 from workerkit import REPO, WorkerProc, save_tiny_model
 
@@ -76,13 +77,7 @@ class Prometheus:
         raise AssertionError(f"{what}: {expr} gave {result} after {timeout:.0f} s")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self._log.close()
 
 
@@ -111,13 +106,7 @@ class TrainerProc:
         raise AssertionError(f"trainer not ready:\n{self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, grace_s=60.0)
         self._log.close()
 
 
