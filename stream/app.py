@@ -426,6 +426,7 @@ class Pipeline:
             m.rocksdb_bytes.set(self.store.disk_bytes())
         except OSError:
             pass
+        m.rocksdb_memory.set(self.store.memory_bytes())
         consumer = self.app.consumer
         lag = 0
         try:

@@ -54,6 +54,7 @@ class Metrics:
     state_entries: Gauge
     state_evictions: Counter
     rocksdb_bytes: Gauge
+    rocksdb_memory: Gauge
     consumer_lag: Gauge
     model_version: Gauge
     model_swaps: Counter
@@ -104,6 +105,8 @@ class Metrics:
             state_evictions=Counter(p + "state_evictions", "Idle users evicted from the state table (TTL)",
                                     registry=r),
             rocksdb_bytes=Gauge(p + "rocksdb_bytes", "On-disk size of this worker's RocksDB state", registry=r),
+            rocksdb_memory=Gauge(p + "rocksdb_memory_bytes", "Memory of this worker's RocksDB state: memtables and "
+                                 "block caches of every open partition (GRUFLOW_ROCKSDB_* bound it)", registry=r),
             consumer_lag=Gauge(p + "consumer_lag_messages", "Messages behind the log end, summed over assigned"
                                " input partitions", registry=r),
             model_version=Gauge(p + "model_version", "Version of the model currently served", registry=r),

@@ -127,6 +127,17 @@ class TableStore:
         """Users in these partitions, exactly (0 for a partition not counted since the last recovery)."""
         return sum(self._users.get(p, 0) for p in partitions)
 
+    def memory_bytes(self) -> int:
+        """Memtables + block cache in use, over every partition database open (actives and standbys)."""
+        total = 0
+        for db in list(self._store._dbs.values()):
+            try:
+                for prop in ("rocksdb.cur-size-all-mem-tables", "rocksdb.block-cache-usage"):
+                    total += int(db.property_int_value(prop) or 0)
+            except Exception:  # noqa: BLE001 - a metric; a database closing in a rebalance counts as 0
+                pass
+        return total
+
     def disk_bytes(self) -> int:
         path = Path(self._store.path)
         if not path.exists():

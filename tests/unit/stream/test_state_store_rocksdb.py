@@ -96,3 +96,14 @@ def test_overwriting_a_corrupt_record_creates_no_user(make_store: Any) -> None:
     assert store.get_partition(0, [b"bad"]) == {} and store.corrupt == 1  # read as absent ...
     store.write_partition(0, [(b"bad", b"fresh")], created={b"bad"})  # ... so the caller calls it new
     assert store.users([0]) == 1
+
+
+def test_memory_gauge_reads_rocksdbs_own_accounting(make_store: Any) -> None:
+    settings, store = make_store(rocksdb_write_buffer_bytes=1024 * 1024, rocksdb_block_cache_bytes=1024 * 1024)
+    empty = store.memory_bytes()
+    value = bytes(200)
+    for p in range(settings.partitions):
+        store.write_partition(p, [(b"p%d-u%d" % (p, i), value) for i in range(2000)])  # ~0.4 MB each
+    grown = store.memory_bytes()
+    assert grown - empty >= 2 * 2000 * 200
+    assert grown <= settings.partitions * rocksdb_budget_bytes(settings)
