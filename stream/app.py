@@ -36,7 +36,7 @@ from model.events import EventType
 from state.codec import HEADER_SIZE, decode as decode_state, encode as encode_state
 from stream.batch_consumer import Batch, BatchConsumer, BatchTransport
 from stream.events import CLICKS, PURCHASES, Event, Limits, Rejected, decode_event
-from stream.metrics import Metrics
+from stream.metrics import Metrics, PrequentialVersions
 from stream.model_holder import ModelHolder
 from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
 from stream.scoring import ScorerCache
@@ -123,6 +123,7 @@ class Pipeline:
         self._topk_rows = (m.topk_rows.labels(path="int8"), m.topk_rows.labels(path="float32"))
         self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
                            for k in (CLICKS, PURCHASES) for t, n in _TYPE_NAMES.items()}
+        self._prequential = PrequentialVersions(m, s.top_k)
 
     # --- the batch ---------------------------------------------------------------------------
     async def handle(self, batch: Batch, generation: int) -> None:
@@ -181,11 +182,14 @@ class Pipeline:
 
         t2 = time.perf_counter()
         local: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
+        created: set[bytes] = set()  # users this batch adds to the state (read as absent)
         if result is not None:
             for i, (key, value) in enumerate(result.outputs):
                 out.recommendations[events[i].partition].append((key, value))
             for key, st in result.states.items():
                 p = part_of[key]
+                if key not in states:
+                    created.add(key)
                 raw = encode_state(st)
                 out.changelog[p].append((key, raw))
                 local[p].append((key, raw))
@@ -210,7 +214,7 @@ class Pipeline:
                 # before anything is acked.
                 await asyncio.gather(*futs)
                 for p, recs in local.items():
-                    self.store.write_partition(p, recs)
+                    self.store.write_partition(p, recs, created)
                 for tp, offs in offsets:
                     consumer.ack_offsets(tp, offs)
             highest: dict[int, int] = {}
@@ -229,8 +233,8 @@ class Pipeline:
                 for key, raw in recs:
                     self._overlay[key] = (seq, raw)
             prev = self._pending[-1] if self._pending else None
-            task = asyncio.ensure_future(self._finish(prev, seq, ticket, local, offsets, generation, events, result,
-                                                      dead, evicted))
+            task = asyncio.ensure_future(self._finish(prev, seq, ticket, local, created, offsets, generation, events,
+                                                      result, dead, evicted))
             self._pending.append(task)
             self._prune()
             while len(self._pending) > _MAX_IN_FLIGHT:
@@ -267,7 +271,8 @@ class Pipeline:
                         getattr(model, "version", "?"), exc)
 
     async def _finish(self, prev: "asyncio.Task[None] | None", seq: int, ticket: Any,
-                      local: dict[int, list[tuple[bytes, bytes | None]]], offsets: list[tuple[Any, list[int]]],
+                      local: dict[int, list[tuple[bytes, bytes | None]]], created: set[bytes],
+                      offsets: list[tuple[Any, list[int]]],
                       generation: int, events: list[Event], result: Any, dead: Counter[str], evicted: int) -> None:
         """Once a batch is delivered (and every earlier batch finished): RocksDB, changelog offsets, acks."""
         try:
@@ -279,7 +284,7 @@ class Pipeline:
                 self._overlay.clear()  # the consumer seeks back to the committed offsets
                 return
             for p, recs in local.items():
-                self.store.write_partition(p, recs)
+                self.store.write_partition(p, recs, created)
                 for key, _raw in recs:
                     if self._overlay.get(key, (0,))[0] == seq:
                         del self._overlay[key]
@@ -378,10 +383,7 @@ class Pipeline:
             m.unknown_items.inc(result.unknown_items)
         for (model, version), pq in result.prequential.items():
             if pq.events:
-                m.prequential_events.labels(model=model, version=version).inc(pq.events)
-                k = str(self.cfg.k)
-                m.prequential_hits.labels(model=model, version=version, k=k).inc(pq.hits)
-                m.prequential_reciprocal_rank.labels(model=model, version=version, k=k).inc(pq.reciprocal_rank)
+                self._prequential.add(model, version, pq.events, pq.hits, pq.reciprocal_rank)
         observe_many(m.end_to_end_latency,
                      published_s - np.fromiter((e.append_ts_ms for e in events), dtype=np.float64,
                                                count=len(events)) / 1000.0)
@@ -394,6 +396,11 @@ class Pipeline:
         except Exception:  # noqa: BLE001 - not assigned yet
             return []
         return sorted(tp.partition for tp in actives if tp.topic == self.names.changelog)
+
+    def count_users(self) -> None:
+        """After a recovery (faust's changelog replay bypasses the store's counts): count the active partitions."""
+        self.store.count_partitions(self.active_partitions())
+        self.metrics.state_entries.set(self.store.users(self.active_partitions()))
 
     async def scan_for_evictions(self) -> None:
         """List idle users per active partition (event time); the partition's next batch deletes them."""
@@ -414,11 +421,12 @@ class Pipeline:
 
     def update_gauges(self) -> None:
         m = self.metrics
-        m.state_entries.set(self.store.entries(self.active_partitions()))
+        m.state_entries.set(self.store.users(self.active_partitions()))
         try:
             m.rocksdb_bytes.set(self.store.disk_bytes())
         except OSError:
             pass
+        m.rocksdb_memory.set(self.store.memory_bytes())
         consumer = self.app.consumer
         lag = 0
         try:
@@ -462,6 +470,21 @@ def observe_many(histogram: Any, values: np.ndarray) -> None:
     histogram._sum.inc(float(values.sum()))
 
 
+def rocksdb_options(settings: Settings) -> dict[str, int]:
+    """faust's RocksDB options for the state table. faust opens one RocksDB per partition, each with
+    its own memtables and block cache, so these bound the memory of each partition the worker holds:
+    write_buffer_size * max_write_buffer_number + block_cache_size (faust's defaults allow 192 MB of
+    memtables and a 2 GB cache per partition)."""
+    return {"write_buffer_size": settings.rocksdb_write_buffer_bytes,
+            "max_write_buffer_number": settings.rocksdb_max_write_buffers,
+            "block_cache_size": settings.rocksdb_block_cache_bytes}
+
+
+def rocksdb_budget_bytes(settings: Settings) -> int:
+    """The RocksDB memory budget of one state partition (see ``rocksdb_options``)."""
+    return settings.rocksdb_write_buffer_bytes * settings.rocksdb_max_write_buffers + settings.rocksdb_block_cache_bytes
+
+
 def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_letter_bytes: int) -> Runtime:
     """The faust app with its table and batch path wired; start it with a faust Worker."""
     import faust
@@ -503,10 +526,13 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     for name in names.inputs:
         app.topics.add(app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.partitions,
                                  key_serializer="raw", value_serializer="raw"))
+    # acks=False as faust gives its own changelog topics: nothing consumes the changelog as a stream (recovery
+    # reads it), and an acking topic is checked by faust's livelock detector, which took every active
+    # changelog partition for a stalled stream (an ERROR per partition every few seconds)
     changelog = app.topic(names.changelog, key_type=bytes, value_type=bytes, partitions=settings.partitions,
-                          key_serializer="raw", value_serializer="raw", compacting=True, deleting=False)
+                          key_serializer="raw", value_serializer="raw", compacting=True, deleting=False, acks=False)
     table = app.Table(STATE_TABLE_NAME, key_type=bytes, value_type=bytes, partitions=settings.partitions,
-                      default=None, changelog_topic=changelog)
+                      default=None, changelog_topic=changelog, options=rocksdb_options(settings))
     store = TableStore(table, settings.partitions)
     if exactly_once:
         sink: Any = TransactionalSink(app, names.clicks, names.recommendations, names.changelog, names.dlq)
@@ -520,6 +546,10 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     consumer.batch_topics = frozenset(names.inputs)
     consumer.batch_max_events = settings.batch_max_events
     consumer.batch_max_s = settings.batch_max_ms / 1000.0
+
+    @table.on_recover
+    async def _count_users() -> None:
+        pipeline.count_users()
 
     @app.timer(2.0)
     async def _gauges() -> None:

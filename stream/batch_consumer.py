@@ -260,6 +260,11 @@ class BatchConsumer(AIOKafkaConsumer):
                             prev = r.offset
                 assert self.batch_handler is not None, "BatchConsumer.batch_handler is not set"
                 handed_over = time.monotonic()
+                # what a faust stream records per event: the livelock detector reports a partition whose
+                # records wait while this time gets old, and one that never had any as never started
+                inbound = self.app.monitor.stream_inbound_time
+                for tp in batch:
+                    inbound[tp] = handed_over
                 await self.batch_handler(list(batch.items()), generation)
                 if self.app.consumer_generation_id == generation and self._seeks == seeks:
                     for tp, recs in batch.items():

@@ -224,7 +224,7 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
         _log(f"{name}: worker ready on :{s.web_port}")
         try:
             if online:
-                trainer = Trainer(s, Metrics.create(), serve_http=False).start()
+                trainer = Trainer(s, Metrics.create(role="trainer"), serve_http=False).start()
                 if not trainer.ready.wait(120):
                     raise RuntimeError("trainer consumer not assigned within 120 s")
             sent = 0

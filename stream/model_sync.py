@@ -51,6 +51,7 @@ R_CORRUPT = "corrupt"
 R_STATE = "incompatible_state"
 R_VOCAB = "incompatible_vocab"
 R_PROTOCOL = "unknown_protocol"
+REFUSAL_REASONS = (R_HEADER, R_CHECKSUM, R_CORRUPT, R_STATE, R_VOCAB, R_PROTOCOL)
 
 log = logging.getLogger("gruflow.model_sync")
 

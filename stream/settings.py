@@ -7,7 +7,10 @@ Every field maps to exactly one variable: ``GRUFLOW_`` + the field name in upper
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import logging
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Mapping, get_args, get_type_hints
@@ -16,6 +19,13 @@ ENV_PREFIX = "GRUFLOW_"
 # the input topics' max.message.bytes (stream/topics.py): far above any valid event, so an oversize one still
 # reaches the worker and goes to the dlq with its reason, whose own limit leaves room for the headers
 INPUT_MESSAGE_MAX_BYTES = 1024 * 1024
+
+log = logging.getLogger("gruflow.settings")
+# The kubelet injects Docker-link variables for every Service of the pod's namespace (unless the pod
+# spec sets enableServiceLinks: false): a Service "gruflow-trainer" yields GRUFLOW_TRAINER_SERVICE_HOST,
+# GRUFLOW_TRAINER_PORT, GRUFLOW_TRAINER_PORT_6066_TCP_ADDR, ... Their suffixes after the Service's prefix:
+_LINK_SUFFIX = re.compile(r"SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?")
+_LINK_URL = re.compile(r"(tcp|udp|sctp)://\[?[0-9A-Fa-f.:]+\]?:[0-9]+")
 
 
 def cache_root() -> Path:
@@ -68,6 +78,10 @@ class Settings:
     max_message_bytes: int = 65536
     max_id_bytes: int = 256
     state_ttl_s: float = 0.0  # 0 = never evict idle users
+    # RocksDB memory per state partition the worker holds (docs/operations.md): memtables + block cache
+    rocksdb_write_buffer_bytes: int = 8 * 1024 * 1024
+    rocksdb_max_write_buffers: int = 2
+    rocksdb_block_cache_bytes: int = 16 * 1024 * 1024
     log_level: str = "INFO"
 
     # --- online learning (trainer)
@@ -116,7 +130,12 @@ class Settings:
         environ = os.environ if environ is None else environ
         hints = get_type_hints(cls)
         values: dict[str, Any] = {}
-        unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in cls.env_names())
+        links = service_link_names(environ, cls.env_names())
+        if links:
+            log.warning("ignoring %d Kubernetes service-link variable(s) %s (set enableServiceLinks: false in the "
+                        "pod spec to keep them out)", len(links), ", ".join(sorted(links)))
+        unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in cls.env_names()
+                         and k not in links)
         if unknown:
             raise SettingsError(f"unknown setting(s): {', '.join(unknown)}; known: {sorted(cls.env_names())}")
         for f in fields(cls):
@@ -138,6 +157,10 @@ class Settings:
             (self.scoring_threads >= 1, "GRUFLOW_SCORING_THREADS must be >= 1"),
             (0 < self.web_port < 65536, "GRUFLOW_WEB_PORT must be a TCP port"),
             (self.session_gap_s > 0, "GRUFLOW_SESSION_GAP_S must be > 0"),
+            (self.rocksdb_write_buffer_bytes >= 64 * 1024, "GRUFLOW_ROCKSDB_WRITE_BUFFER_BYTES must be >= 65536"),
+            (self.rocksdb_max_write_buffers >= 2, "GRUFLOW_ROCKSDB_MAX_WRITE_BUFFERS must be >= 2 (one to fill while "
+             "another is flushed; RocksDB raises smaller values to 2)"),
+            (self.rocksdb_block_cache_bytes >= 0, "GRUFLOW_ROCKSDB_BLOCK_CACHE_BYTES must be >= 0"),
             (0 < self.max_message_bytes <= INPUT_MESSAGE_MAX_BYTES,
              f"GRUFLOW_MAX_MESSAGE_BYTES must be between 1 and {INPUT_MESSAGE_MAX_BYTES} (the input topics' "
              "max.message.bytes)"),
@@ -145,6 +168,43 @@ class Settings:
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message)
+
+
+def service_link_names(environ: Mapping[str, str], known: set[str]) -> set[str]:
+    """The ``GRUFLOW_*`` names in ``environ`` that the kubelet injected for a Service, not a setting.
+
+    A name counts only when its Service's ``<PREFIX>_SERVICE_HOST`` holds an IP address (the kubelet always
+    sets it) and its own value has the kubelet's shape, so a misspelt setting is still refused."""
+    hosts = {k[:-len("SERVICE_HOST")] for k, v in environ.items()
+             if k.startswith(ENV_PREFIX) and k.endswith("_SERVICE_HOST") and _is_ip(v)}
+    links = set()
+    for name, value in environ.items():
+        if name in known or not name.startswith(ENV_PREFIX):
+            continue
+        for prefix in hosts:
+            if name.startswith(prefix) and _LINK_SUFFIX.fullmatch(name[len(prefix):]) \
+                    and _link_value_fits(name[len(prefix):], value):
+                links.add(name)
+                break
+    return links
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _link_value_fits(suffix: str, value: str) -> bool:
+    if suffix == "SERVICE_HOST" or suffix.endswith("_ADDR"):
+        return _is_ip(value)
+    if suffix.startswith("SERVICE_PORT") or suffix.endswith("_PORT"):
+        return value.isdigit()
+    if suffix.endswith("_PROTO"):
+        return value in ("tcp", "udp", "sctp")
+    return _LINK_URL.fullmatch(value) is not None  # <PREFIX>_PORT and <PREFIX>_PORT_<n>_<PROTO>
 
 
 def _parse(name: str, raw: str, hint: Any) -> Any:

@@ -6,12 +6,17 @@ one RocksDB WriteBatch per partition. The changelog records are produced by the 
 bulk, before the local write); ``mark_changelog_offsets`` then records how far the local store has
 caught up with the changelog, exactly as faust does after its own changelog sends, so recovery after
 a restart only replays what is newer.
+
+The number of users per partition is exact and cheap to read: ``count_partitions`` counts the keys of
+the active partitions once after each recovery (faust's changelog replay writes around this class), and
+``write_partition`` keeps the counts up to date from then on. RocksDB's own key estimate is no user
+count (it counts overwritten and deleted keys until a compaction drops them).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 from aiokafka.partitioner import murmur2
 from faust.types import TP
@@ -24,6 +29,8 @@ class TableStore:
         self.table = table
         self.partitions = partitions
         self.corrupt = 0  # undecodable records met (treated as absent, overwritten by the next event)
+        self._corrupt_keys: set[bytes] = set()  # stored but undecodable: overwriting one creates no user
+        self._users: dict[int, int] = {}  # partition -> user records, for the partitions counted since recovery
 
     @property
     def _store(self) -> Any:
@@ -47,15 +54,29 @@ class TableStore:
                     out[key] = decode(raw)
                 except StateCodecError:
                     self.corrupt += 1
+                    self._corrupt_keys.add(key)
         return out
 
-    def write_partition(self, partition: int, records: Sequence[tuple[bytes, bytes | None]]) -> None:
-        """Apply encoded records (None = delete) to the local RocksDB of one partition."""
+    def write_partition(self, partition: int, records: Sequence[tuple[bytes, bytes | None]],
+                        created: Collection[bytes] | None = None) -> None:
+        """Apply encoded records (None = delete) to the local RocksDB of one partition.
+
+        ``created``: the keys of ``records`` the caller read as absent, which the records create; the
+        caller then deletes only keys it read as present. None: each key is looked up here instead."""
         import rocksdict
 
         store = self._store
+        db = self._db(partition)
+        counted = partition in self._users
+        if counted and created is None:
+            present = db[[key for key, _ in records]]
+            created = {key for (key, value), old in zip(records, present) if old is None and value is not None}
+            deleted = sum(1 for (_, value), old in zip(records, present) if old is not None and value is None)
+        else:
+            deleted = sum(1 for _, value in records if value is None)
         batch = rocksdict.WriteBatch(raw_mode=True)
         index = store._key_index
+        new = 0
         for key, value in records:
             if value is None:
                 batch.delete(key)
@@ -63,7 +84,14 @@ class TableStore:
             else:
                 batch.put(key, value)
                 index[key] = partition
-        self._db(partition).write(batch)
+                if counted and key in created:  # type: ignore[operator]
+                    if key in self._corrupt_keys:
+                        self._corrupt_keys.discard(key)  # it was stored already
+                    else:
+                        new += 1
+        db.write(batch)
+        if counted:
+            self._users[partition] += new - deleted
 
     def mark_changelog_offsets(self, offsets: Mapping[int, int], *, on_commit: bool = False) -> None:
         topic = self.table.changelog_topic.get_topic_name()
@@ -86,16 +114,27 @@ class TableStore:
                 yield key, it.value()
             it.next()
 
-    def entries(self, partitions: Sequence[int]) -> int:
-        """Users in these partitions (RocksDB's estimate, less faust's offset record)."""
-        total = 0
+    def count_partitions(self, partitions: Sequence[int]) -> None:
+        """Count the users of these partitions (a key scan each) and forget the counts of all others.
+        Synchronous on purpose: no write can land between the scan and the count taking over."""
         offset_key = self._store.offset_key
+        counts = {}
         for p in partitions:
+            counts[p] = sum(1 for key in self._db(p).keys() if key != offset_key)
+        self._users = counts
+
+    def users(self, partitions: Sequence[int]) -> int:
+        """Users in these partitions, exactly (0 for a partition not counted since the last recovery)."""
+        return sum(self._users.get(p, 0) for p in partitions)
+
+    def memory_bytes(self) -> int:
+        """Memtables + block cache in use, over every partition database open (actives and standbys)."""
+        total = 0
+        for db in list(self._store._dbs.values()):
             try:
-                db = self._db(p)
-                n = int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
-                total += max(0, n - (1 if db.get(offset_key) is not None else 0))
-            except Exception:  # noqa: BLE001 - a metric; a closed DB just counts as 0
+                for prop in ("rocksdb.cur-size-all-mem-tables", "rocksdb.block-cache-usage"):
+                    total += int(db.property_int_value(prop) or 0)
+            except Exception:  # noqa: BLE001 - a metric; a database closing in a rebalance counts as 0
                 pass
         return total
 

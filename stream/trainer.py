@@ -52,7 +52,7 @@ class Trainer:
     def __init__(self, settings: Settings, metrics: Metrics | None = None, *, serve_http: bool = True,
                  config: FineTuneConfig | None = None, progress: bool = False) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics.create()
+        self.metrics = metrics or Metrics.create(role="trainer")
         self.serve_http = serve_http
         self.config = config or FineTuneConfig.from_settings(settings)
         self.progress = progress

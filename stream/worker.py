@@ -102,7 +102,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     # three busy threads share the GIL (event loop, compute, faust's consumer thread): hand it over
     # every 1 ms instead of 5 ms so fetched records are not left waiting behind a long Python stretch
     sys.setswitchinterval(0.001)
-    metrics = Metrics.create()
+    metrics = Metrics.create(role="worker")
 
     # the endpoints come up first, on the loop faust will run on: /livez answers while Kafka is
     # unreachable, /readyz says what the worker is waiting for

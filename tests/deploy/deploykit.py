@@ -96,6 +96,22 @@ def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> di
     return hits[0]
 
 
+def pod_env(objects: list[dict[str, Any]], workload: dict[str, Any]) -> dict[str, str]:
+    """The GRUFLOW_* environment a pod of ``workload`` gets from its ConfigMap(s) and env, with placeholder
+    values for the Secret-backed variables."""
+    env: dict[str, str] = {}
+    container = workload["spec"]["template"]["spec"]["containers"][0]
+    for source in container.get("envFrom", []):
+        cm = one(objects, "ConfigMap", source["configMapRef"]["name"])
+        env.update(cm["data"])
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif "secretKeyRef" in var.get("valueFrom", {}):
+            env[var["name"]] = f"secret-{var['valueFrom']['secretKeyRef']['key']}"
+    return env
+
+
 def all_of(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [o for o in objects if o["kind"] == kind]
 

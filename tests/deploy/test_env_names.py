@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from deploykit import COMPOSE_FILE, GRUFLOW_NAME, K8S, ROOT, all_of, compose_config, one
+from deploykit import COMPOSE_FILE, GRUFLOW_NAME, K8S, ROOT, all_of, compose_config, pod_env
 from stream.settings import Settings
 
 SOURCES = [COMPOSE_FILE, ROOT / "Dockerfile", *sorted(K8S.rglob("*.yaml"))]
@@ -54,19 +54,8 @@ def test_compose_environments_parse(profiles: tuple[str, ...]) -> None:
 
 
 def pod_settings(objects: list[dict[str, Any]], workload: dict[str, Any]) -> Settings:
-    """The Settings a pod of ``workload`` would build: its ConfigMap(s) plus its env, with placeholder values
-    for the Secret-backed variables."""
-    env: dict[str, str] = {}
-    container = workload["spec"]["template"]["spec"]["containers"][0]
-    for source in container.get("envFrom", []):
-        cm = one(objects, "ConfigMap", source["configMapRef"]["name"])
-        env.update(cm["data"])
-    for var in container.get("env", []):
-        if "value" in var:
-            env[var["name"]] = var["value"]
-        elif "secretKeyRef" in var.get("valueFrom", {}):
-            env[var["name"]] = f"secret-{var['valueFrom']['secretKeyRef']['key']}"
-    return Settings.from_env(env)
+    """The Settings a pod of ``workload`` would build from its ConfigMap(s) and env."""
+    return Settings.from_env(pod_env(objects, workload))
 
 
 def test_k8s_environments_parse(rendered: tuple[str, list[dict[str, Any]]]) -> None:

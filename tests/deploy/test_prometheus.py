@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from deploykit import DEPLOY, load_yaml
-from stream.metrics import Metrics
+from stream.metrics import ROLES, Metrics
 
 PROM = DEPLOY / "prometheus"
 RULES = PROM / "rules" / "gruflow-alerts.yml"
@@ -35,7 +35,7 @@ def known_series() -> set[str]:
     suffixes = {"counter": ["_total", "_created"], "gauge": [""], "summary": ["", "_count", "_sum", "_created"],
                 "histogram": ["_bucket", "_count", "_sum", "_created"]}
     names = set()
-    for family in Metrics.create().registry.collect():
+    for family in (f for role in ROLES for f in Metrics.create(role=role).registry.collect()):
         names.update(family.name + s for s in suffixes[family.type])
     return names
 

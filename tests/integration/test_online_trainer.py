@@ -99,7 +99,7 @@ def test_trainer_finetunes_publishes_and_rolls_back(kafka, small_model, tmp_path
                               finetune_interval_s=0.0, guardrail_tolerance=1.0, new_item_min_count=2,
                               models_keep=3, buffer_max_age_s=1e9)
     ensure_topics(settings)
-    metrics = Metrics.create()
+    metrics = Metrics.create(role="trainer")
     trainer = Trainer(settings, metrics, serve_http=False)
     trainer.start()
     try:
