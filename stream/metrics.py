@@ -27,6 +27,7 @@ class Metrics:
     end_to_end_latency: Histogram
     state_entries: Gauge
     state_evictions: Counter
+    state_resets: Counter
     rocksdb_bytes: Gauge
     consumer_lag: Gauge
     model_version: Gauge
@@ -42,6 +43,7 @@ class Metrics:
     finetune_loss: Gauge
     promotions: Counter
     rejections: Counter
+    finetune_diverged: Counter
     buffer_events: Gauge
     buffer_bytes: Gauge
     vocabulary_size: Gauge
@@ -72,12 +74,16 @@ class Metrics:
             state_entries=Gauge(p + "state_entries", "Users held in this worker's state table", registry=r),
             state_evictions=Counter(p + "state_evictions", "Idle users evicted from the state table (TTL)",
                                     registry=r),
+            state_resets=Counter(p + "state_resets", "Users whose hidden state was dropped (a new session starts) "
+                                 "because it was NaN or infinite, by reason: non_finite_step (the GRU step made "
+                                 "it), non_finite_stored (read back from the state table)", ["reason"], registry=r),
             rocksdb_bytes=Gauge(p + "rocksdb_bytes", "On-disk size of this worker's RocksDB state", registry=r),
             consumer_lag=Gauge(p + "consumer_lag_messages", "Messages behind the log end, summed over assigned"
                                " input partitions", registry=r),
             model_version=Gauge(p + "model_version", "Version of the model currently served", registry=r),
             model_swaps=Counter(p + "model_swaps", "Model versions swapped in", registry=r),
-            model_refusals=Counter(p + "model_refusals", "Model versions refused (corrupt or incompatible)",
+            model_refusals=Counter(p + "model_refusals", "Model versions refused (corrupt, incompatible, non-finite or "
+                                   "absurd weights, not newer than the served one), by reason",
                                    ["reason"], registry=r),
             prequential_events=Counter(p + "prequential_events", "Events checked against the recommendations"
                                        " published before them, by recommender (gru|popularity) and model version", ["model", "version"], registry=r),
@@ -93,6 +99,8 @@ class Metrics:
             finetune_loss=Gauge(p + "finetune_loss", "Mean training loss of the last fine-tune round", registry=r),
             promotions=Counter(p + "model_promotions", "Candidate models promoted", registry=r),
             rejections=Counter(p + "model_rejections", "Candidate models rejected by the guardrail", registry=r),
+            finetune_diverged=Counter(p + "finetune_diverged", "Fine-tune rounds discarded because training "
+                                      "diverged (non-finite loss) or left non-finite or absurd weights", registry=r),
             buffer_events=Gauge(p + "trainer_buffer_events", "Events held in the trainer's buffer", registry=r),
             buffer_bytes=Gauge(p + "trainer_buffer_bytes", "Approximate memory of the trainer's buffer", registry=r),
             vocabulary_size=Gauge(p + "vocabulary_items", "Items in the model vocabulary", registry=r),

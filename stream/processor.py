@@ -11,6 +11,10 @@ Rules (the worker's contract, see the issue):
   layers) is dropped the same way;
 - an item the model does not know is counted, moves the user's time on, and does not step the GRU;
   a user without a hidden state in the current session is shown the model's popular items;
+- a hidden state that is NaN or infinite is never kept: a stored one is dropped when read, one made by
+  the GRU step is dropped right after it (the event is answered with the popular items), and the user
+  starts a new session; ``BatchResult.state_resets`` counts both. Such a state would make every later
+  answer of the user NaN until the session gap, and would be replicated through the changelog;
 - a re-delivered event (offset at or below the user's applied offset for its topic) is answered from
   the current state but changes nothing (at-least-once redelivery keeps state exact);
 - prequential (test-then-train): before an event updates the state, its item is looked up in the
@@ -37,6 +41,11 @@ TopK = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 _PAD = -2  # fills rec matrices; never equal to a row or to -1 (unknown item)
 _TOPK_CHUNK = 512  # rows scored at once: bounds the [chunk, n_items] score matrix
 
+# reasons a user's hidden state is dropped (label values of gruflow_state_resets_total)
+RESET_NON_FINITE_STEP = "non_finite_step"  # the GRU step produced NaN/inf
+RESET_NON_FINITE_STORED = "non_finite_stored"  # the stored state was NaN/inf
+STATE_RESET_REASONS = (RESET_NON_FINITE_STEP, RESET_NON_FINITE_STORED)
+
 
 @dataclass(frozen=True)
 class ProcessorConfig:
@@ -57,6 +66,7 @@ class BatchResult:
     states: dict[bytes, UserState]  # final state of every user in the batch
     unknown_items: int = 0
     duplicates: int = 0  # re-delivered events already applied: answered, state untouched
+    state_resets: dict[str, int] = field(default_factory=dict)  # reason -> users whose hidden state was dropped
     # (model, version) -> counts; model is "gru" or "popularity" (version "")
     prequential: dict[tuple[str, str], Prequential] = field(default_factory=dict)
     step_seconds: float = 0.0
@@ -107,6 +117,7 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     # per-user working state: [hidden|None, last_ts, session_events, offsets]; prev_event[i] = the
     # user's previous event in this batch; dup[i] = re-delivered event already applied (no state change)
     work: dict[bytes, list] = {}
+    resets = dict.fromkeys(STATE_RESET_REASONS, 0)
     prev_event = np.full(n, -1, dtype=np.int64)
     last_idx: dict[bytes, int] = {}
     wave_of = np.zeros(n, dtype=np.int64)
@@ -138,6 +149,9 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
                     st = [None, e.ts_ms, 0, [-1] * N_SOURCES]
                 else:
                     h = old.hidden if old.hidden is not None and old.hidden.shape[0] == size else None
+                    if h is not None and not np.isfinite(h).all():
+                        h = None
+                        resets[RESET_NON_FINITE_STORED] += 1
                     st = [h, old.last_ts_ms, old.session_events, list(old.offsets)]
                 work[e.key] = st
             if 0 <= e.offset <= st[3][e.source]:
@@ -165,10 +179,14 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
                 H[known] = np.stack([step_h[r] for r in known])
             si = np.asarray(step_i, dtype=np.int64)
             H = model.step(H, rows[si], types[si])
+            finite = np.isfinite(H).all(axis=1)
+            if not finite.all():
+                resets[RESET_NON_FINITE_STEP] += int((~finite).sum())
+                H[~finite] = 0.0  # never copied out: those users get no hidden state below
             post_hidden[si] = H
-            has_hidden[si] = True
+            has_hidden[si] = finite
             for r, i in enumerate(step_i):
-                work[events[i].key][0] = H[r]
+                work[events[i].key][0] = H[r] if finite[r] else None
 
     # one top-K pass for every event with a hidden state; popular items for the rest
     kk = min(k, model.n_items)
@@ -195,6 +213,7 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     fresh = ~dup
     result.unknown_items = int(((rows < 0) & fresh).sum())
     result.duplicates = int(dup.sum())
+    result.state_resets = {reason: n for reason, n in resets.items() if n}
     _prequential(result, events, states, rows, rec_rows, prev_event, fresh, model.version, k, popularity)
 
     # outputs, in event order
