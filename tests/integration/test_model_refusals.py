@@ -1,0 +1,205 @@
+"""Poisoned models on a real broker: NaN and absurd versions, and lower version numbers, published the way
+the trainer publishes (model_sync.publish_version with real checkpoint bytes), are refused by a running
+worker process and by a running trainer; no non-finite hidden state reaches the changelog, and one that
+is already there (left by an earlier incident) is dropped when its user comes back."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes, load_checkpoint, save_checkpoint
+from model.weight_check import weight_problem
+from state.codec import UserState, encode
+from stream import model_sync
+from stream.metrics import Metrics
+from stream.model_store import ModelStore
+from stream.replay import replay
+from stream.topics import TopicNames, changelog_topic, ensure_topics
+from workerkit import Ev, TopicReader, WorkerProc, make_events, produce, read_states, save_tiny_model
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """A model trained on the first part of a synthetic stream (some items held back), and the rest."""
+    from model.params import GRU4RecParams
+    from model.synthetic import generate
+    from model.train import train_model
+
+    torch.set_num_threads(1)
+    df = generate(n_sessions=1000, n_items=100, seed=13, span_days=1.0)
+    first = df.groupby("SessionId")["Time"].transform("min") < float(df["Time"].quantile(0.4))
+    base = df[first & ~df["ItemId"].isin(sorted(df["ItemId"].unique())[:10])]
+    params = GRU4RecParams(layers=(16,), n_sample=32, batch_size=16, n_epochs=1)
+    net, vocab, pop = train_model(base, params, progress=False)
+    return net, vocab, pop, params, df[~first]
+
+
+def _poisoned(net, name: str, index: object, value: float):
+    bad = copy.deepcopy(net)
+    with torch.no_grad():
+        bad.state_dict()[name][index] = value
+    return bad
+
+
+def _ckpt_bytes(ckpt, net, version: int) -> bytes:
+    return checkpoint_to_bytes(net, ckpt.vocab, ckpt.params, ckpt.popularity, {"version": version})
+
+
+def _wait(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _all_scores_finite(recs: list[dict]) -> bool:
+    return all(it["score"] is not None and math.isfinite(it["score"]) for r in recs for it in r["items"])
+
+
+def _put_state(settings, user: str, state: UserState) -> None:
+    """Write one record into the worker's changelog the way the worker does (keyed, murmur2)."""
+    from confluent_kafka import Producer
+
+    from stream.kafka_config import producer_config
+
+    p = Producer(producer_config(settings))
+    p.produce(changelog_topic(settings), encode(state), user.encode())
+    assert p.flush(30) == 0
+
+
+def test_worker_refuses_poisoned_and_lower_versions_and_keeps_states_finite(kafka, tmp_path) -> None:
+    settings = kafka.settings(partitions=2, batch_max_ms=10.0)
+    ensure_topics(settings)
+    path = save_tiny_model(tmp_path / "v5.gfc", version=5)
+    ckpt = load_checkpoint(path)
+    model_sync.publish_version(settings, _ckpt_bytes(ckpt, ckpt.net, 5), 5, 4)
+    t0 = int(time.time() * 1000) - 3_600_000
+    # what an earlier NaN model left behind: a user whose stored hidden state is NaN
+    hidden = np.full(ckpt.net.state_size, np.nan, dtype=np.float32)
+    _put_state(settings, "poisoned", UserState(hidden, t0, 3, 6, np.zeros(0, dtype=np.int32)))
+
+    names = TopicNames.from_settings(settings)
+    reader = TopicReader(settings, names.recommendations)
+    try:
+        with WorkerProc(kafka, settings, path, tmp_path) as w:
+            first = make_events(20, 3, seed=1, t0=t0) + [Ev("poisoned", "i7", t0 + 1000)]
+            produce(settings, first)
+            reader.poll_until(lambda c: len(c.answered()) >= len(first), 120, "answers to the first events")
+            assert w.metric("gruflow_state_resets_total", reason="non_finite_stored") == 1
+
+            # NaN in 25 output rows, NaN in one GRU weight, one absurd weight: all newer than the served 5
+            poisons = {6: ("Wy.weight", slice(0, 25), math.nan), 7: ("G.0.weight_hh", (2, 3), math.nan),
+                       8: ("G.0.weight_ih", (0, 0), 1e6)}
+            for version, (name, index, value) in poisons.items():
+                data = _ckpt_bytes(ckpt, _poisoned(ckpt.net, name, index, value), version)
+                model_sync.publish_version(settings, data, version, version - 1)
+            assert w.wait_metric("gruflow_model_refusals_total", lambda v: v >= 2, 60, reason=model_sync.R_NON_FINITE), \
+                w.log_tail()
+            assert w.wait_metric("gruflow_model_refusals_total", lambda v: v >= 1, 60, reason=model_sync.R_ABSURD)
+            # a sane model under a lower number than the served one
+            model_sync.publish_version(settings, _ckpt_bytes(ckpt, ckpt.net, 3), 3, 2)
+            assert w.wait_metric("gruflow_model_refusals_total", lambda v: v >= 1, 60, reason=model_sync.R_LOWER), \
+                w.log_tail()
+            assert w.metric("gruflow_model_version") == 5 and w.metric("gruflow_model_swaps_total") == 0
+
+            second = make_events(30, 3, seed=2, t0=t0 + 10_000)  # users u0..u19 again, and ten new ones
+            produce(settings, second)
+            everything = first + second
+            reader.poll_until(lambda c: len(c.answered()) >= len(everything), 120, "answers to the second events")
+            recs = reader.drain().recommendations()
+            assert {r["model_version"] for r in recs} == {5}
+            assert _all_scores_finite(recs)
+            assert len({tuple(it["item_id"] for it in r["items"]) for r in recs}) > 10  # not one list for everyone
+            assert "refused model" in w.log_path.read_text()
+            assert w.metric("gruflow_state_resets_total", reason="non_finite_step") == 0
+        states = read_states(settings, read_committed=False)
+        assert set(states) == {e.user for e in everything}
+        assert all(st.hidden is None or np.isfinite(st.hidden).all() for st in states.values())
+        assert states["poisoned"].hidden is not None  # stepped from a fresh session
+    finally:
+        reader.close()
+
+
+def test_worker_refuses_to_start_on_a_nan_checkpoint_file(kafka, tmp_path) -> None:
+    settings = kafka.settings(partitions=1)
+    ensure_topics(settings)  # an empty models topic: the worker falls back to GRUFLOW_MODEL_PATH
+    ckpt = load_checkpoint(save_tiny_model(tmp_path / "good.gfc"))
+    bad = save_checkpoint(tmp_path / "nan.gfc", _poisoned(ckpt.net, "By.weight", (4, 0), math.nan), ckpt.vocab,
+                          ckpt.params, ckpt.popularity, {"version": 1})
+    w = WorkerProc(kafka, settings, bad, tmp_path)
+    w.start(wait_ready=False)
+    try:
+        assert w.proc.wait(120) == 2, w.log_tail()
+        assert "refused to serve" in w.log_tail() and model_sync.R_NON_FINITE in w.log_tail()
+    finally:
+        w.kill()
+        w._log.close()
+
+
+def test_trainer_refuses_poisoned_versions_survives_divergence_and_publishes_only_finite(
+        kafka, small_model, tmp_path) -> None:
+    from stream.trainer import Trainer
+
+    net, vocab, pop, params, later = small_model
+    path = save_checkpoint(tmp_path / "base.gfc", net, vocab, params, pop, {})
+    settings = kafka.settings(partitions=2, model_path=str(path), finetune_every_events=10**9,
+                              finetune_interval_s=0.0, guardrail_tolerance=1.0, new_item_min_count=2,
+                              buffer_max_age_s=1e9)
+    ensure_topics(settings)
+    metrics = Metrics.create()
+    trainer = Trainer(settings, metrics, serve_http=False).start()
+    refusals = metrics.registry.get_sample_value
+    try:
+        _wait(trainer.ready.is_set, 60, "trainer consumer to be assigned")
+        _wait(trainer._subscriber.caught_up.is_set, 30, "the trainer's subscriber to read the models topic")
+        assert trainer.tuner.current.version == 1
+        # "someone else" publishes a NaN version and an absurd one: not adopted, counted
+        base = load_checkpoint(path)
+        for version, (name, index, value) in {2: ("G.0.weight_ih", (1, 1), math.nan),
+                                              3: ("Wy.weight", (0, 0), -1e8)}.items():
+            data = _ckpt_bytes(base, _poisoned(net, name, index, value), version)
+            model_sync.publish_version(settings, data, version, 1)
+        _wait(lambda: (refusals("gruflow_model_refusals_total", {"reason": model_sync.R_NON_FINITE}) or 0) >= 1
+              and (refusals("gruflow_model_refusals_total", {"reason": model_sync.R_ABSURD}) or 0) >= 1,
+              60, "the trainer to refuse versions 2 and 3")
+        assert trainer.tuner.current.version == 1 and trainer.error is None
+
+        stats = replay(settings, later, progress=False)
+        assert stats.failed == 0 and trainer.wait_consumed(stats.delivered, 60)
+        # a round whose training diverges is discarded; the trainer goes on
+        sane = trainer.tuner.config
+        trainer.tuner.config = dataclasses.replace(sane, learning_rate=1e30)
+        trainer.request_round()
+        assert trainer.wait_rounds(1, 300), trainer.error
+        assert trainer.results[-1].status == "diverged" and trainer.error is None
+        assert refusals("gruflow_finetune_diverged_total") == 1 and trainer.tuner.current.version == 1
+        trainer.tuner.config = sane
+        trainer.request_round()
+        assert trainer.wait_rounds(2, 300), trainer.error
+        assert trainer.results[-1].promoted, trainer.results[-1].summary()
+        assert trainer.tuner.current.version == 4  # past the refused numbers 2 and 3: none is reused
+
+        # a lower number than the one the trainer follows: refused with its own reason
+        model_sync.publish_version(settings, _ckpt_bytes(base, net, 2), 2, 1)
+        _wait(lambda: (refusals("gruflow_model_refusals_total", {"reason": model_sync.R_LOWER}) or 0) >= 1,
+              60, "the lower version to be refused")
+        assert trainer.tuner.current.version == 4 and trainer.error is None
+
+        # everything the trainer published (topic and local store) is finite and sane
+        assert trainer._own_versions == {1, 4}
+        for version in sorted(trainer._own_versions):
+            for data in (model_sync.read_version_bytes(settings, version), ModelStore.from_settings(settings).load(version)):
+                ckpt = checkpoint_from_bytes(data)
+                assert weight_problem(ckpt.net, ckpt.popularity) is None, version
+    finally:
+        trainer.stop()
