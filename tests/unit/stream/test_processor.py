@@ -207,19 +207,24 @@ def test_a_non_finite_step_resets_the_user_and_is_counted(model: Recommender, na
 
 def test_a_non_finite_stored_state_is_dropped_when_read(model: Recommender) -> None:
     store = MemoryStore()
-    _run(model, store, [_ev("a", "i1", 1000, offset=1), _ev("b", "i1", 1000, offset=1)])
-    poisoned = store.get_many([b"a", b"b"])
+    users = [b"a", b"b", b"c"]
+    _run(model, store, [_ev(u.decode(), "i1", 1000, offset=1) for u in users])
+    poisoned = store.get_many(users)
     for st in poisoned.values():
         st.hidden = np.full_like(st.hidden, np.nan)
+    poisoned[b"c"].hidden[0] = np.inf
     store.put_many(poisoned)
-    # "a" comes back with a new event, "b" with a redelivered one (answered, not applied)
-    result = _run(model, store, [_ev("a", "i5", 2000, offset=2), _ev("b", "i1", 1000, offset=1)])
+    # "a" comes back with a new event, "b" with a redelivered one (answered, not applied), "c" with an
+    # unknown item (shown without a step) and then a known one
+    result = _run(model, store, [_ev("a", "i5", 2000, offset=2), _ev("b", "i1", 1000, offset=1),
+                                 _ev("c", "nope", 2000, offset=2), _ev("c", "i6", 2100, offset=3)])
     assert all(s is not None and np.isfinite(s) for s in _scores(result))
-    states = store.get_many([b"a", b"b"])
+    states = store.get_many(users)
     np.testing.assert_allclose(states[b"a"].hidden, _reference_hidden(model, ["i5"], [1]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(states[b"c"].hidden, _reference_hidden(model, ["i6"], [1]), rtol=1e-5, atol=1e-6)
     assert states[b"b"].hidden is None  # the NaN record is overwritten, not kept
     assert states[b"a"].session_events == 2 and states[b"a"].offsets == [2, -1]
-    assert result.state_resets == {"non_finite_stored": 2}
+    assert result.state_resets == {"non_finite_stored": 3}  # users, each counted once
 
 
 def test_finite_batches_report_no_resets(model: Recommender) -> None:
