@@ -7,15 +7,13 @@ enormous finite values do the same one step later (overflow) or saturate every g
 :func:`weight_problem` and refuse the model when it returns a problem.
 
 "Absurd" is concrete: some parameter with ``|w| > MAX_ABS_WEIGHT``. GRU4Rec's weights stay small:
-they start uniform within sqrt(6 / (fan_in + fan_out)) (< 1), Adagrad steps are bounded by the
-learning rate, and the losses saturate long before weights reach the tens. The largest |w| measured on
-models trained by ``gruflow train`` on the YooChoose 100k sample is below 10 for every configuration
-(docs/model-safety.md has the figures), so a bound of 1,000 leaves two orders of magnitude of margin
-for longer training or other data, while still catching a value no training run produces. A weight
-of 1,000 already pins a sigmoid or tanh gate at its limit for any input.
+they start uniform within sqrt(6 / (fan_in + fan_out)) (< 1) and Adagrad steps are bounded by the
+learning rate; a weight of 1,000 already pins a sigmoid or tanh gate at its limit for any input. The
+bound sits two orders of magnitude above what offline training and online fine-tuning produce
+(docs/model-safety.md has the measurements), so it only catches models no training run makes.
 
-Cost: one ``torch.aminmax`` pass per tensor (no copy; NaN propagates into both results, an infinity
-shows up as the min or the max), ~60 ms for a 1M x 100 table on one core.
+Cost: one ``torch.aminmax`` pass per tensor, without a copy (NaN propagates into both results, an
+infinity shows up as the min or the max); the per-element count runs only for a refused tensor.
 """
 
 from __future__ import annotations
