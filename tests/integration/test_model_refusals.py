@@ -22,25 +22,10 @@ from stream.metrics import Metrics
 from stream.model_store import ModelStore
 from stream.replay import replay
 from stream.topics import TopicNames, changelog_topic, ensure_topics
+from test_online_trainer import _wait, small_model  # noqa: F401 - the trainer tests' model fixture
 from workerkit import Ev, TopicReader, WorkerProc, make_events, produce, read_states, save_tiny_model
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def small_model():
-    """A model trained on the first part of a synthetic stream (some items held back), and the rest."""
-    from model.params import GRU4RecParams
-    from model.synthetic import generate
-    from model.train import train_model
-
-    torch.set_num_threads(1)
-    df = generate(n_sessions=1000, n_items=100, seed=13, span_days=1.0)
-    first = df.groupby("SessionId")["Time"].transform("min") < float(df["Time"].quantile(0.4))
-    base = df[first & ~df["ItemId"].isin(sorted(df["ItemId"].unique())[:10])]
-    params = GRU4RecParams(layers=(16,), n_sample=32, batch_size=16, n_epochs=1)
-    net, vocab, pop = train_model(base, params, progress=False)
-    return net, vocab, pop, params, df[~first]
 
 
 def _poisoned(net, name: str, index: object, value: float):
@@ -52,14 +37,6 @@ def _poisoned(net, name: str, index: object, value: float):
 
 def _ckpt_bytes(ckpt, net, version: int) -> bytes:
     return checkpoint_to_bytes(net, ckpt.vocab, ckpt.params, ckpt.popularity, {"version": version})
-
-
-def _wait(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def _all_scores_finite(recs: list[dict]) -> bool:
@@ -173,7 +150,7 @@ def test_worker_refuses_to_start_on_a_nan_checkpoint_file(kafka, tmp_path) -> No
 
 
 def test_trainer_refuses_poisoned_versions_survives_divergence_and_publishes_only_finite(
-        kafka, small_model, tmp_path) -> None:
+        kafka, small_model, tmp_path) -> None:  # noqa: F811 - the imported fixture
     from stream.trainer import Trainer
 
     net, vocab, pop, params, later = small_model
