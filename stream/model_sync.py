@@ -582,6 +582,7 @@ def rollback(settings: Any, version: int, store: Any = None) -> int:
 
     from model.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
     from model.finetune import ITEM_ROW_PARAMS, grow_net
+    from model.weight_check import weight_problem
 
     infos = [i for i in list_versions(settings) if i.complete]
     if not infos:
@@ -595,6 +596,9 @@ def rollback(settings: Any, version: int, store: Any = None) -> int:
         raise LookupError(f"model version {version} is not on {where}; available: "
                           f"{sorted({i.version for i in infos} | set(store.versions() if store else []))}")
     old = checkpoint_from_bytes(data)
+    problem = weight_problem(old.net, old.popularity)
+    if problem is not None:  # every reader would refuse it: say so here instead of publishing it
+        raise ModelSyncError(problem.reason, f"cannot roll back to version {version}: {problem}")
     latest_data = read_version_bytes(settings, newest)
     if latest_data is None:
         raise LookupError(f"the newest model version {newest} could not be read from {_topic(settings)}")

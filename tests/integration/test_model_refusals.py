@@ -199,6 +199,12 @@ def test_trainer_refuses_poisoned_versions_survives_divergence_and_publishes_onl
               60, "the lower version to be refused")
         assert trainer.tuner.current.version == 4 and trainer.error is None
 
+        # rolling back to the absurd version is refused before anything is published
+        with pytest.raises(model_sync.ModelSyncError) as info:
+            model_sync.rollback(settings, 3, ModelStore.from_settings(settings))
+        assert info.value.reason == model_sync.R_ABSURD
+        assert max(i.version for i in model_sync.list_versions(settings)) == 4
+
         # everything the trainer published (topic and local store) is finite and sane
         assert trainer._own_versions == {1, 4}
         for version in sorted(trainer._own_versions):
