@@ -74,9 +74,9 @@ class Metrics:
             state_entries=Gauge(p + "state_entries", "Users held in this worker's state table", registry=r),
             state_evictions=Counter(p + "state_evictions", "Idle users evicted from the state table (TTL)",
                                     registry=r),
-            state_resets=Counter(p + "state_resets", "Users whose hidden state was dropped (a new session starts) "
-                                 "because it was NaN or infinite, by reason: non_finite_step (the GRU step made "
-                                 "it), non_finite_stored (read back from the state table)", ["reason"], registry=r),
+            state_resets=Counter(p + "state_resets", "Hidden states dropped because they were NaN or infinite (the "
+                                 "user starts a new session), by reason: non_finite_step (made by a GRU step), "
+                                 "non_finite_stored (read back from the state table)", ["reason"], registry=r),
             rocksdb_bytes=Gauge(p + "rocksdb_bytes", "On-disk size of this worker's RocksDB state", registry=r),
             consumer_lag=Gauge(p + "consumer_lag_messages", "Messages behind the log end, summed over assigned"
                                " input partitions", registry=r),

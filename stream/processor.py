@@ -68,7 +68,8 @@ class BatchResult:
     states: dict[bytes, UserState]  # final state of every user in the batch
     unknown_items: int = 0
     duplicates: int = 0  # re-delivered events already applied: answered, state untouched
-    state_resets: dict[str, int] = field(default_factory=dict)  # reason -> users whose hidden state was dropped
+    # reason -> hidden states dropped: non_finite_stored counts users, non_finite_step counts steps
+    state_resets: dict[str, int] = field(default_factory=dict)
     # (model, version) -> counts; model is "gru" or "popularity" (version "")
     prequential: dict[tuple[str, str], Prequential] = field(default_factory=dict)
     step_seconds: float = 0.0
@@ -256,7 +257,7 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
 
 def _non_finite_rows(H: np.ndarray) -> np.ndarray | None:
     """Indices of the rows of ``H`` holding a NaN or an infinity, or None when there is none. One
-    whole-array test; the per-row reduction (ten times dearer) only runs when something is wrong."""
+    whole-array test; the dearer per-row reduction only runs when something is wrong."""
     finite = np.isfinite(H)
     if finite.all():
         return None
