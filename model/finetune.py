@@ -27,6 +27,7 @@ import torch
 from model.network import GRU4RecNet
 from model.params import GRU4RecParams
 from model.vocab import Vocabulary
+from model.weight_check import weight_problem
 
 # parameters with one row per item: grown when the vocabulary grows
 ITEM_ROW_PARAMS = ("Wy.weight", "By.weight", "E.weight", "GE.Wx0.weight")
@@ -244,7 +245,10 @@ class ModelState:
 
 @dataclass(frozen=True)
 class RoundResult:
-    status: str  # "promoted" | "rejected" | "skipped"
+    """One round's verdict. Invariant: a "promoted" candidate has passed ``model.weight_check`` (finite,
+    bounded weights); a round whose training diverged is "diverged" and carries no candidate."""
+
+    status: str  # "promoted" | "rejected" | "skipped" | "diverged"
     reason: str
     candidate: ModelState | None = None
     current_scores: dict = field(default_factory=dict)
@@ -409,9 +413,17 @@ class FineTuner:
         known = known[known.groupby("SessionId")["SessionId"].transform("size") >= 2]
         params = cur.params if cfg.learning_rate is None else replace(cur.params, learning_rate=cfg.learning_rate)
         # each round draws its own negatives and dropout masks (fit never touches torch's global generator)
-        fit_out = fit(candidate, known.drop(columns=["Recent"], errors="ignore").reset_index(drop=True), params,
-                      n_epochs=cfg.n_epochs, item_rows=vocab, progress=progress, seed=cfg.seed + self.rounds)
+        try:
+            fit_out = fit(candidate, known.drop(columns=["Recent"], errors="ignore").reset_index(drop=True), params,
+                          n_epochs=cfg.n_epochs, item_rows=vocab, progress=progress, seed=cfg.seed + self.rounds)
+        except FloatingPointError as exc:  # fit's non-finite loss: the candidate is garbage, the current stays
+            return RoundResult("diverged", str(exc), train_events=int(len(known)),
+                               duration_s=time.perf_counter() - t0)
         loss = _loss_of(fit_out)
+        problem = weight_problem(candidate)
+        if problem is not None:
+            return RoundResult("diverged", f"training left unfit weights ({problem.reason}): {problem}", loss=loss,
+                               train_events=int(len(known)), duration_s=time.perf_counter() - t0)
 
         # --- guardrail: both models on the held-out recent sessions (items the served model knows)
         hold_eval = hold_known.drop(columns=["Recent"], errors="ignore").reset_index(drop=True)

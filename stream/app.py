@@ -381,6 +381,12 @@ class Pipeline:
         m.step_latency.observe(result.step_seconds)
         if result.unknown_items:
             m.unknown_items.inc(result.unknown_items)
+        if result.state_resets:
+            # a model with finite, bounded weights keeps a GRU state finite, so these come from elsewhere:
+            # states written under an unchecked model, or a corrupt record
+            log.warning("dropped non-finite hidden states (new sessions started): %s", result.state_resets)
+            for reason, n in result.state_resets.items():
+                m.state_resets.labels(reason=reason).inc(n)
         for (model, version), pq in result.prequential.items():
             if pq.events:
                 self._prequential.add(model, version, pq.events, pq.hits, pq.reciprocal_rank)

@@ -22,12 +22,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from stream.events import REASONS as DLQ_REASONS
 from stream.model_sync import REFUSAL_REASONS as MODEL_REFUSAL_REASONS
+from stream.processor import STATE_RESET_REASONS
 
 Role = Literal["worker", "trainer"]
 ROLES: tuple[Role, ...] = ("worker", "trainer")
 # fields of Metrics only the trainer exports; every other field is the worker's unless it is shared
 TRAINER_FAMILIES = ("finetune_rounds", "finetune_duration", "finetune_loss", "promotions", "rejections",
-                    "buffer_events", "buffer_bytes", "vocabulary_size", "new_items", "retired_items")
+                    "buffer_events", "buffer_bytes", "vocabulary_size", "new_items", "retired_items",
+                    "finetune_diverged")
 # both load models from the models topic, so both can refuse one and both serve a version
 SHARED_FAMILIES = ("model_version", "model_refusals")
 # per-model versions whose prequential series are kept (the newest served ones); older series are removed
@@ -53,6 +55,7 @@ class Metrics:
     end_to_end_latency: Histogram
     state_entries: Gauge
     state_evictions: Counter
+    state_resets: Counter
     rocksdb_bytes: Gauge
     rocksdb_memory: Gauge
     consumer_lag: Gauge
@@ -69,6 +72,7 @@ class Metrics:
     finetune_loss: Gauge
     promotions: Counter
     rejections: Counter
+    finetune_diverged: Counter
     buffer_events: Gauge
     buffer_bytes: Gauge
     vocabulary_size: Gauge
@@ -104,6 +108,9 @@ class Metrics:
                                 "table (exact: counted after each recovery, then kept up to date)", registry=r),
             state_evictions=Counter(p + "state_evictions", "Idle users evicted from the state table (TTL)",
                                     registry=r),
+            state_resets=Counter(p + "state_resets", "Hidden states dropped because they were NaN or infinite (the "
+                                 "user starts a new session), by reason: non_finite_step (made by a GRU step), "
+                                 "non_finite_stored (read back from the state table)", ["reason"], registry=r),
             rocksdb_bytes=Gauge(p + "rocksdb_bytes", "On-disk size of this worker's RocksDB state", registry=r),
             rocksdb_memory=Gauge(p + "rocksdb_memory_bytes", "Memory of this worker's RocksDB state: memtables and "
                                  "block caches of every open partition (GRUFLOW_ROCKSDB_* bound it)", registry=r),
@@ -111,7 +118,8 @@ class Metrics:
                                " input partitions", registry=r),
             model_version=Gauge(p + "model_version", "Version of the model currently served", registry=r),
             model_swaps=Counter(p + "model_swaps", "Model versions swapped in", registry=r),
-            model_refusals=Counter(p + "model_refusals", "Model versions refused (corrupt or incompatible)",
+            model_refusals=Counter(p + "model_refusals", "Model versions refused (corrupt, incompatible, non-finite or "
+                                   "absurd weights, not newer than the served one), by reason",
                                    ["reason"], registry=r),
             prequential_events=Counter(p + "prequential_events", "Events checked against the recommendations"
                                        " published before them, by recommender (gru|popularity) and model version", ["model", "version"], registry=r),
@@ -127,6 +135,8 @@ class Metrics:
             finetune_loss=Gauge(p + "finetune_loss", "Mean training loss of the last fine-tune round", registry=r),
             promotions=Counter(p + "model_promotions", "Candidate models promoted", registry=r),
             rejections=Counter(p + "model_rejections", "Candidate models rejected by the guardrail", registry=r),
+            finetune_diverged=Counter(p + "finetune_diverged", "Fine-tune rounds discarded because training "
+                                      "diverged (non-finite loss) or left non-finite or absurd weights", registry=r),
             buffer_events=Gauge(p + "trainer_buffer_events", "Events held in the trainer's buffer", registry=r),
             buffer_bytes=Gauge(p + "trainer_buffer_bytes", "Approximate memory of the trainer's buffer", registry=r),
             vocabulary_size=Gauge(p + "vocabulary_items", "Items in the model vocabulary", registry=r),
@@ -153,6 +163,8 @@ def init_label_values(m: Metrics) -> None:
         m.dlq.labels(reason=reason)
     for reason in MODEL_REFUSAL_REASONS:
         m.model_refusals.labels(reason=reason)
+    for reason in STATE_RESET_REASONS:
+        m.state_resets.labels(reason=reason)
 
 
 class PrequentialVersions:

@@ -15,8 +15,11 @@ message size limit (1 MB) holds them. Every chunk has
 
 A reader groups chunks by version, and once all ``count`` chunks are there concatenates them,
 checks size and sha256, parses the checkpoint and checks that it fits the model being served (same
-hidden-state layout, a vocabulary that extends the served one, since rows are append-only). Anything
-else is refused (``gruflow_model_refusals_total{reason}``) and the current model stays.
+hidden-state layout, a vocabulary that extends the served one, since rows are append-only) and that
+its weights are finite and of a sane size (``model.weight_check``). A version not newer than the one
+served is refused too, once the reader has caught up with the topic (older versions kept on the topic
+are history, not news). Anything else is refused (``gruflow_model_refusals_total{reason}``, and a
+warning in the log) and the current model stays.
 Rollback republishes an old version's weights as a new, higher version with ``rollback_of`` set.
 """
 
@@ -51,7 +54,13 @@ R_CORRUPT = "corrupt"
 R_STATE = "incompatible_state"
 R_VOCAB = "incompatible_vocab"
 R_PROTOCOL = "unknown_protocol"
-REFUSAL_REASONS = (R_HEADER, R_CHECKSUM, R_CORRUPT, R_STATE, R_VOCAB, R_PROTOCOL)
+# model.weight_check's reasons, spelled out so that reading the topic (`gruflow model list`) needs no torch
+R_NON_FINITE = "non_finite"  # NaN or infinite weights (or popularity counts)
+R_ABSURD = "absurd_weights"  # a weight beyond model.weight_check.MAX_ABS_WEIGHT
+R_LOWER = "lower_version"  # published after a higher version was served
+R_SAME = "same_version"  # the served version's number, published again
+REFUSAL_REASONS = (R_HEADER, R_CHECKSUM, R_CORRUPT, R_STATE, R_VOCAB, R_PROTOCOL, R_NON_FINITE, R_ABSURD, R_LOWER,
+                   R_SAME)
 
 log = logging.getLogger("gruflow.model_sync")
 
@@ -183,15 +192,19 @@ class Assembler:
 
 
 def to_recommender(asm: Assembled) -> Any:
-    """Parse an assembled version into a Recommender; ModelSyncError(corrupt) when it does not parse."""
+    """Parse an assembled version into a Recommender; ModelSyncError(corrupt) when it does not parse,
+    ModelSyncError(non_finite/absurd_weights) when its weights are unfit to serve or train from."""
     from model.checkpoint import CheckpointError, checkpoint_from_bytes
+    from model.weight_check import weight_problem
 
     try:
         ckpt = checkpoint_from_bytes(asm.data)
     except CheckpointError as exc:
         raise ModelSyncError(R_CORRUPT, f"model version {asm.version}: {exc}") from None
-    rec = ckpt.recommender(asm.version)
-    return rec
+    problem = weight_problem(ckpt.net, ckpt.popularity)
+    if problem is not None:
+        raise ModelSyncError(problem.reason, f"model version {asm.version}: {problem}")
+    return ckpt.recommender(asm.version)
 
 
 def check_compatible(current: Any, new: Any) -> None:
@@ -421,14 +434,25 @@ def _refuse(metrics: Any, exc: ModelSyncError) -> None:
 class ModelSubscriber:
     """Background thread: follows the models topic, assembles and verifies new versions and swaps
     them into ``holder`` (a ModelHolder); the worker picks the new model up at its next micro-batch,
-    so consumption never pauses. Corrupt or incompatible versions are refused, the old model stays."""
+    so consumption never pauses. Corrupt, incompatible, non-finite or absurd versions are refused, and
+    so is a version not newer than the served one once the subscriber has caught up with the topic;
+    the old model stays.
+
+    ``serving``: the holder is what this process serves (a worker), so a swap sets
+    ``gruflow_model_version`` and counts ``gruflow_model_swaps``; the trainer follows the topic
+    without serving and keeps those for its own promotions. Refusals are counted either way."""
+
+    _STALE_MEMORY = 1024  # versions refused as stale, remembered so each is counted once (not per chunk)
 
     def __init__(self, settings: Any, holder: Any, metrics: Any = None,
-                 on_version: Callable[[Any], None] | None = None) -> None:
+                 on_version: Callable[[Any], None] | None = None, serving: bool = True) -> None:
         self.settings = settings
         self.holder = holder
         self.metrics = metrics
         self.on_version = on_version
+        self.serving = serving
+        self._stale: set[int] = set()
+        self.highest_seen = 0  # highest version number on the topic, refused ones included
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.swapped: list[int] = []
@@ -493,8 +517,11 @@ class ModelSubscriber:
         try:
             c = decode_chunk(m.key(), m.value(), m.headers())
             version = c.version
-            if c.version <= self._current_version():
+            self.highest_seen = max(self.highest_seen, c.version)
+            served = self._current_version()
+            if c.version <= served:
                 asm.forget(c.version)
+                self._check_not_stale(c.version, served)
                 return
             got = asm.add(c)
             if got is None:
@@ -507,12 +534,28 @@ class ModelSubscriber:
             return
         self.holder.swap(rec)
         self.swapped.append(rec.version)
-        if self.metrics is not None:
+        if self.metrics is not None and self.serving:
             self.metrics.model_swaps.inc()
             self.metrics.model_version.set(rec.version)
         log.info("swapped in model version %d", rec.version)
         if self.on_version is not None:
             self.on_version(rec)
+
+    def _check_not_stale(self, version: int, served: int) -> None:
+        """Raise ModelSyncError(lower_version/same_version) for a chunk of a version that is not newer
+        than the served one, once per version. Before the first catch-up the chunks read are the
+        topic's history (the versions kept before the served one): skipped without a word."""
+        if not self.caught_up.is_set() or version in self._stale:
+            return
+        if len(self._stale) >= self._STALE_MEMORY:
+            self._stale.discard(min(self._stale))
+        self._stale.add(version)
+        if version < served:
+            raise ModelSyncError(R_LOWER, f"model version {version} was published after version {served}, which "
+                                          f"is served: a lower number never replaces it (`gruflow model rollback` "
+                                          f"republishes an old version under a new, higher number)")
+        raise ModelSyncError(R_SAME, f"model version {version} was published again while it is served: the "
+                                     f"served one stays (are two trainers publishing?)")
 
 
 def header_meta(meta: dict) -> dict:
@@ -539,6 +582,7 @@ def rollback(settings: Any, version: int, store: Any = None) -> int:
 
     from model.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
     from model.finetune import ITEM_ROW_PARAMS, grow_net
+    from model.weight_check import weight_problem
 
     infos = [i for i in list_versions(settings) if i.complete]
     if not infos:
@@ -552,6 +596,9 @@ def rollback(settings: Any, version: int, store: Any = None) -> int:
         raise LookupError(f"model version {version} is not on {where}; available: "
                           f"{sorted({i.version for i in infos} | set(store.versions() if store else []))}")
     old = checkpoint_from_bytes(data)
+    problem = weight_problem(old.net, old.popularity)
+    if problem is not None:  # every reader would refuse it: say so here instead of publishing it
+        raise ModelSyncError(problem.reason, f"cannot roll back to version {version}: {problem}")
     latest_data = read_version_bytes(settings, newest)
     if latest_data is None:
         raise LookupError(f"the newest model version {newest} could not be read from {_topic(settings)}")

@@ -11,6 +11,12 @@ Rules (the worker's contract, see the issue):
   layers) is dropped the same way;
 - an item the model does not know is counted, moves the user's time on, and does not step the GRU;
   a user without a hidden state in the current session is shown the model's popular items;
+- a hidden state that is NaN or infinite is never used or kept: a stored one is dropped before it is
+  stepped or scored, one made by the GRU step right after it (that event is answered with the popular
+  items), and the user starts a new session; ``BatchResult.state_resets`` counts both. Such a state
+  would make every later answer of the user NaN until the session gap, and would be replicated through
+  the changelog. The tests are whole-array (the wave's states before and after the step, then every
+  state the batch scores), so they cost next to nothing while all is finite;
 - a re-delivered event (offset at or below the user's applied offset for its topic) is answered from
   the current state but changes nothing (at-least-once redelivery keeps state exact);
 - prequential (test-then-train): before an event updates the state, its item is looked up in the
@@ -37,6 +43,11 @@ TopK = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 _PAD = -2  # fills rec matrices; never equal to a row or to -1 (unknown item)
 _TOPK_CHUNK = 512  # rows scored at once: bounds the [chunk, n_items] score matrix
 
+# reasons a user's hidden state is dropped (label values of gruflow_state_resets_total)
+RESET_NON_FINITE_STEP = "non_finite_step"  # the GRU step produced NaN/inf
+RESET_NON_FINITE_STORED = "non_finite_stored"  # the stored state was NaN/inf
+STATE_RESET_REASONS = (RESET_NON_FINITE_STEP, RESET_NON_FINITE_STORED)
+
 
 @dataclass(frozen=True)
 class ProcessorConfig:
@@ -57,6 +68,8 @@ class BatchResult:
     states: dict[bytes, UserState]  # final state of every user in the batch
     unknown_items: int = 0
     duplicates: int = 0  # re-delivered events already applied: answered, state untouched
+    # reason -> hidden states dropped: non_finite_stored counts users, non_finite_step counts steps
+    state_resets: dict[str, int] = field(default_factory=dict)
     # (model, version) -> counts; model is "gru" or "popularity" (version "")
     prequential: dict[tuple[str, str], Prequential] = field(default_factory=dict)
     step_seconds: float = 0.0
@@ -107,6 +120,8 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     # per-user working state: [hidden|None, last_ts, session_events, offsets]; prev_event[i] = the
     # user's previous event in this batch; dup[i] = re-delivered event already applied (no state change)
     work: dict[bytes, list] = {}
+    stored_resets: set[bytes] = set()  # users whose stored hidden state was not finite
+    step_resets = 0
     prev_event = np.full(n, -1, dtype=np.int64)
     last_idx: dict[bytes, int] = {}
     wave_of = np.zeros(n, dtype=np.int64)
@@ -163,12 +178,30 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
             known = [r for r, h in enumerate(step_h) if h is not None]
             if known:  # one copy for the wave instead of one per user
                 H[known] = np.stack([step_h[r] for r in known])
+            bad = _non_finite_rows(H)
+            if bad is not None:  # stored states (step outputs are checked below): step from a new session
+                H[bad] = 0.0
+                stored_resets.update(events[step_i[r]].key for r in bad.tolist())
             si = np.asarray(step_i, dtype=np.int64)
             H = model.step(H, rows[si], types[si])
             post_hidden[si] = H
             has_hidden[si] = True
             for r, i in enumerate(step_i):
                 work[events[i].key][0] = H[r]
+            bad = _non_finite_rows(H)
+            if bad is not None:  # the step made them: those users have no state (a new session) from here
+                step_resets += len(bad)
+                post_hidden[si[bad]] = 0.0
+                has_hidden[si[bad]] = False
+                for r in bad.tolist():
+                    work[events[step_i[r]].key][0] = None
+    # a stored state shown without a step (unknown item, redelivery) is the one case left: dropped here.
+    # The final states are built from post_hidden/has_hidden, so none of them is stored either
+    bad = _non_finite_rows(post_hidden)
+    if bad is not None:
+        post_hidden[bad] = 0.0
+        has_hidden[bad] = False
+        stored_resets.update(events[i].key for i in bad.tolist())
 
     # one top-K pass for every event with a hidden state; popular items for the rest
     kk = min(k, model.n_items)
@@ -195,6 +228,8 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     fresh = ~dup
     result.unknown_items = int(((rows < 0) & fresh).sum())
     result.duplicates = int(dup.sum())
+    result.state_resets = {reason: n for reason, n in ((RESET_NON_FINITE_STEP, step_resets),
+                                                      (RESET_NON_FINITE_STORED, len(stored_resets))) if n}
     _prequential(result, events, states, rows, rec_rows, prev_event, fresh, model.version, k, popularity)
 
     # outputs, in event order
@@ -218,6 +253,15 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
         popularity.update(rows[fresh])
     result.step_seconds = time.perf_counter() - t0
     return result
+
+
+def _non_finite_rows(H: np.ndarray) -> np.ndarray | None:
+    """Indices of the rows of ``H`` holding a NaN or an infinity, or None when there is none. One
+    whole-array test; the dearer per-row reduction only runs when something is wrong."""
+    finite = np.isfinite(H)
+    if finite.all():
+        return None
+    return np.flatnonzero(~finite.all(axis=1))
 
 
 class _ItemPrefixes(dict):

@@ -93,7 +93,10 @@ class Trainer:
         self.metrics.vocabulary_size.set(len(rec.vocab))
         self.metrics.model_version.set(rec.version)
         holder = ModelHolder(rec)
-        self._subscriber = model_sync.ModelSubscriber(self.settings, holder, None, on_version=self._on_version)
+        # refusals (corrupt, non-finite, absurd, stale versions) are counted here too; swaps are not: the
+        # trainer's gruflow_model_version follows its own promotions and adoptions
+        self._subscriber = model_sync.ModelSubscriber(self.settings, holder, self.metrics, on_version=self._on_version,
+                                                      serving=False)
         self._subscriber.start()
         if self.serve_http:
             self._start_http()
@@ -137,12 +140,17 @@ class Trainer:
     def _publish_initial(self) -> Any:
         """First start of a deployment: serve GRUFLOW_MODEL_PATH as version 1 through the topic."""
         from model.checkpoint import load_checkpoint
+        from model.weight_check import weight_problem
 
         path = self.settings.model_path
         if not path:
             raise TrainerError("no model to fine-tune: the models topic is empty and GRUFLOW_MODEL_PATH is not set; "
                                "train one with `gruflow train` and set GRUFLOW_MODEL_PATH")
         ckpt = load_checkpoint(path)
+        problem = weight_problem(ckpt.net, ckpt.popularity)
+        if problem is not None:
+            self.metrics.model_refusals.labels(reason=problem.reason).inc()
+            raise TrainerError(f"refused to fine-tune or publish {path} ({problem.reason}): {problem}")
         version = self._max_version + 1
         meta = {**(ckpt.metadata or {}), "version": version, "parent_version": 0, "source": str(path),
                 "created_at": time.time()}
@@ -270,7 +278,9 @@ class Trainer:
                                  result.train_events, result.holdout_events, (), 0, result.duration_s)
         if result.promoted:
             cand = result.candidate
-            version = self._max_version + 1
+            # past every number on the topic, refused versions included: a number is never published twice
+            seen = self._subscriber.highest_seen if self._subscriber is not None else 0
+            version = max(self._max_version, seen) + 1
             meta = {**cand.metadata, "version": version}
             cand.metadata = meta
             self._publish(checkpoint_bytes(cand, meta), version, base.version, meta)
@@ -284,6 +294,9 @@ class Trainer:
                      version, self.config.guardrail_cutoff, result.current_scores["recall"],
                      result.candidate_scores["recall"], result.current_scores["mrr"],
                      result.candidate_scores["mrr"], len(result.new_items), result.loss, result.duration_s)
+        elif result.status == "diverged":
+            m.finetune_diverged.inc()
+            log.warning("discarded a fine-tune round (%s); version %d stays current", result.reason, base.version)
         elif result.status == "rejected":
             m.rejections.inc()
             log.warning("rejected candidate (%s): current recall %.4f mrr %.4f, candidate recall %.4f mrr %.4f",

@@ -49,9 +49,15 @@ def load_initial_model(settings: Settings, metrics: Metrics | None = None) -> Re
             return rec
     if settings.model_path:
         from model.checkpoint import load_checkpoint
+        from model.weight_check import weight_problem
 
         ckpt = load_checkpoint(settings.model_path)
         version = int(ckpt.metadata.get("version", 0) or 0)
+        problem = weight_problem(ckpt.net, ckpt.popularity)
+        if problem is not None:
+            if metrics is not None:
+                metrics.model_refusals.labels(reason=problem.reason).inc()
+            raise WorkerError(f"refused to serve {settings.model_path} ({problem.reason}): {problem}")
         log.info("serving model %s (version %d)", settings.model_path, version)
         return ckpt.recommender(version)
     raise WorkerError("no model to serve: the models topic has none and GRUFLOW_MODEL_PATH is not set. Train one "

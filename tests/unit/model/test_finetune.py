@@ -227,6 +227,22 @@ def test_retirement_marks_rows_unseen_for_long(stream_setup) -> None:
     assert not any(result.candidate.vocab.item_id(r) in recent for r in retired)
 
 
+@pytest.mark.parametrize("learning_rate,why", [
+    (1e30, "loss is nan"),  # fit raises FloatingPointError
+    (1e6, "absurd_weights"),  # the loss stays finite, the weights do not stay sane
+])
+def test_a_diverged_round_is_discarded_and_the_next_one_goes_on(stream_setup, learning_rate: float, why: str) -> None:
+    tuner, state, result, later = _round(stream_setup, guardrail_tolerance=1.0, learning_rate=learning_rate)
+    assert result.status == "diverged" and not result.promoted and result.candidate is None
+    assert why in result.reason, result.reason
+    assert tuner.current is state
+    # the same tuner, a sane rate: the next round trains from the unchanged current model and promotes
+    tuner.config = dataclasses.replace(tuner.config, learning_rate=0.05)
+    buf = _buffer_from(later)
+    again = tuner.run_round(buf.to_frame(), buf.drain_stats(), buf.first_time)
+    assert again.status == "promoted", again.summary()
+
+
 def test_round_skips_when_the_buffer_is_too_small(stream_setup) -> None:
     net, vocab, pop, params, later = stream_setup
     tuner = FineTuner(ModelState(net, vocab, params, pop, {}, 1), FineTuneConfig())

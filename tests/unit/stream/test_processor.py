@@ -170,6 +170,68 @@ def test_state_from_a_model_with_another_hidden_size_is_dropped(model: Recommend
     np.testing.assert_allclose(st.hidden, _reference_hidden(model, ["i2"], [1]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def nan_cart_model(model: Recommender) -> Recommender:
+    """``model`` whose event-type embedding of "cart" is NaN: a cart event's GRU step makes a NaN state,
+    every other step and every score stays finite."""
+    import copy
+
+    net = copy.deepcopy(model.net)
+    with torch.no_grad():
+        net.T.weight[2] = float("nan")
+    return Recommender(net, model.vocab, version=model.version, popularity=model.popularity)
+
+
+def _scores(result) -> list[float]:
+    return [it["score"] for _, value in result.outputs for it in orjson.loads(value)["items"]]
+
+
+def test_a_non_finite_step_resets_the_user_and_is_counted(model: Recommender, nan_cart_model: Recommender) -> None:
+    store = MemoryStore()
+    events = [_ev("a", "i1", 1000), _ev("b", "i1", 1000), _ev("a", "i2", 1100, etype=2), _ev("c", "i4", 1100, etype=2),
+              _ev("a", "i3", 1200)]
+    result = _run(nan_cart_model, store, events)
+    scores = _scores(result)
+    assert all(s is not None and np.isfinite(s) for s in scores), scores
+    # the cart event is answered like a user without a state: the popular items
+    cart_items = [it["item_id"] for it in orjson.loads(result.outputs[2][1])["items"]]
+    assert cart_items == model.vocab.item_ids(model.popular(CFG.k)[0].tolist())
+    states = store.get_many([b"a", b"b", b"c"])
+    # "a" starts over after the reset: its state is i3 stepped from zero; "c" ended on the reset
+    np.testing.assert_allclose(states[b"a"].hidden, _reference_hidden(model, ["i3"], [1]), rtol=1e-5, atol=1e-6)
+    assert states[b"c"].hidden is None and states[b"c"].session_events == 1
+    np.testing.assert_allclose(states[b"b"].hidden, _reference_hidden(model, ["i1"], [1]), rtol=1e-5, atol=1e-6)
+    assert all(st.hidden is None or np.isfinite(st.hidden).all() for st in states.values())
+    assert result.state_resets == {"non_finite_step": 2}
+
+
+def test_a_non_finite_stored_state_is_dropped_when_read(model: Recommender) -> None:
+    store = MemoryStore()
+    users = [b"a", b"b", b"c"]
+    _run(model, store, [_ev(u.decode(), "i1", 1000, offset=1) for u in users])
+    poisoned = store.get_many(users)
+    for st in poisoned.values():
+        st.hidden = np.full_like(st.hidden, np.nan)
+    poisoned[b"c"].hidden[0] = np.inf
+    store.put_many(poisoned)
+    # "a" comes back with a new event, "b" with a redelivered one (answered, not applied), "c" with an
+    # unknown item (shown without a step) and then a known one
+    result = _run(model, store, [_ev("a", "i5", 2000, offset=2), _ev("b", "i1", 1000, offset=1),
+                                 _ev("c", "nope", 2000, offset=2), _ev("c", "i6", 2100, offset=3)])
+    assert all(s is not None and np.isfinite(s) for s in _scores(result))
+    states = store.get_many(users)
+    np.testing.assert_allclose(states[b"a"].hidden, _reference_hidden(model, ["i5"], [1]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(states[b"c"].hidden, _reference_hidden(model, ["i6"], [1]), rtol=1e-5, atol=1e-6)
+    assert states[b"b"].hidden is None  # the NaN record is overwritten, not kept
+    assert states[b"a"].session_events == 2 and states[b"a"].offsets == [2, -1]
+    assert result.state_resets == {"non_finite_stored": 3}  # users, each counted once
+
+
+def test_finite_batches_report_no_resets(model: Recommender) -> None:
+    result = _run(model, MemoryStore(), [_ev("a", "i1", 1000), _ev("a", "i2", 1100, etype=2)])
+    assert result.state_resets == {}
+
+
 @pytest.mark.parametrize("n_items", [5000, 5003])
 def test_fast_top_k_equals_the_recommenders(n_items: int, same_top_k) -> None:
     from stream.scoring import TopKScorer, block_topk
