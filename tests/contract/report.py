@@ -45,10 +45,16 @@ def pinned(main_python: str, names: tuple[str, ...]) -> dict[str, str | None]:
     return json.loads(res.stdout)
 
 
+def log_tail(path: Path, lines: int = 5) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
 def parse_junit(path: Path) -> list[dict[str, str]]:
-    """(test id, outcome, message) of every test case; a missing file (pytest crashed) is one error."""
+    """(test id, outcome, message) of every test case; a missing file (pytest did not run or died) is one
+    error, with the end of its log (``<name>.log`` beside it)."""
     if not path.exists():
-        return [{"test": str(path), "outcome": "error", "message": "no junit report: pytest did not finish"}]
+        why = log_tail(path.with_suffix(".log")) or "pytest did not run"
+        return [{"test": path.stem, "outcome": "error", "message": f"no junit report: {why}"}]
     cases = []
     for case in ET.parse(path).getroot().iter("testcase"):
         outcome, message = "passed", ""
@@ -72,21 +78,38 @@ def version_lines(versions: dict) -> list[str]:
     return lines
 
 
-def summary(versions: dict, junits: list[Path]) -> tuple[dict, str]:
+def group_by_error(broken: list[dict[str, str]]) -> dict[str, list[str]]:
+    """First line of each error -> the tests that failed with it (one missing name fails dozens of tests)."""
+    groups: dict[str, list[str]] = {}
+    for b in broken:
+        first = b["message"].splitlines()[0] if b["message"] else "(no message)"
+        name = b["test"].split("::", 1)[-1] or b["test"]
+        groups.setdefault(first, []).append(f"[{b['suite']}] {name}")
+    return groups
+
+
+def summary(versions: dict, junits: list[Path], import_log: Path) -> tuple[dict, str]:
     suites = {p.stem: parse_junit(p) for p in junits}
+    import_error = log_tail(import_log, 1)
     counts = {s: {k: sum(1 for c in cases if c["outcome"] == k) for k in ("passed", "failed", "error", "skipped")}
               for s, cases in suites.items()}
     broken = [dict(c, suite=s) for s, cases in suites.items() for c in cases if c["outcome"] in ("failed", "error")]
-    report = {"versions": versions, "counts": counts, "broken": broken, "tests": suites}
-    lines = ["gruflow contract run: worker against the versions below", *version_lines(versions), ""]
+    report = {"versions": versions, "worker_import_error": import_error or None, "counts": counts,
+              "broken": broken, "tests": suites}
+    lines = ["gruflow contract run: worker against the versions below", *version_lines(versions)]
+    if all(info["version"] == versions["pinned"].get(name) for name, info in versions["tested"].items()):
+        lines.append("  (every tested version is the pinned one: no newer release to test)")
+    lines.append("")
     for s, n in counts.items():
         lines.append(f"{s}: " + ", ".join(f"{v} {k}" for k, v in n.items()))
     lines.append("")
+    if import_error:
+        lines += [f"the worker does not import: {import_error}", ""]
     if broken:
-        lines.append(f"BROKEN ({len(broken)}):")
-        for b in broken:
-            first = b["message"].splitlines()[0] if b["message"] else ""
-            lines.append(f"  [{b['suite']}] {b['test']}: {first[:300]}")
+        lines.append(f"BROKEN ({len(broken)}), grouped by error:")
+        for first, tests in group_by_error(broken).items():
+            shown = ", ".join(tests[:4]) + (f", ... ({len(tests) - 4} more)" if len(tests) > 4 else "")
+            lines.append(f"  {first[:300]}\n      in {len(tests)} test(s): {shown}")
     else:
         lines.append("nothing broke")
     return report, "\n".join(lines) + "\n"
@@ -100,6 +123,7 @@ def main(argv: list[str]) -> int:
     v.add_argument("--out", type=Path, required=True)
     s = sub.add_parser("summary")
     s.add_argument("--versions", type=Path, required=True)
+    s.add_argument("--import-log", type=Path, required=True)
     s.add_argument("--junit", type=Path, nargs="+", required=True)
     s.add_argument("--json", type=Path, required=True)
     s.add_argument("--text", type=Path, required=True)
@@ -111,7 +135,7 @@ def main(argv: list[str]) -> int:
         print("contract: testing with\n" + "\n".join(version_lines(versions)), flush=True)
         return 0
     versions = json.loads(args.versions.read_text())
-    report, text = summary(versions, args.junit)
+    report, text = summary(versions, args.junit, args.import_log)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     args.text.write_text(text)
     print(text, end="")

@@ -3,6 +3,7 @@ builds the fetcher), the producer's record-batch API (``BatchSink``) and the key
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from typing import Any
 
@@ -10,20 +11,17 @@ import aiokafka
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from contractkit import run
-from stream.app import Runtime
-from stream.batch_consumer import FETCH_MIN_BYTES, fetch_max_wait_ms
 
 
 class _Built(Exception):
     """Raised by the fetcher stand-in: start() got as far as building the fetcher."""
 
 
-def test_start_hands_the_private_fetch_settings_to_the_fetcher(runtime: Runtime,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """``BatchConsumerThread`` writes ``_fetch_max_wait_ms``/``_fetch_min_bytes`` after the consumer is
-    built; that only works while ``start()`` (not ``__init__``) passes them to the fetcher. The stand-ins
-    skip the broker: bootstrap and topic wait do nothing, and the fetcher records its arguments."""
+def test_start_hands_the_private_fetch_settings_to_the_fetcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``BatchConsumerThread`` writes ``_fetch_max_wait_ms``/``_fetch_min_bytes`` after aiokafka built the
+    consumer (faust builds it); that only works while ``start()`` (not ``__init__``) passes them to the
+    fetcher. The stand-ins skip the broker: bootstrap and topic wait do nothing, and the fetcher records
+    its arguments. (faust's side of it: test_faust_consumer.py.)"""
     consumer_module = importlib.import_module(aiokafka.AIOKafkaConsumer.__module__)
     seen: dict[str, Any] = {}
 
@@ -35,7 +33,9 @@ def test_start_hands_the_private_fetch_settings_to_the_fetcher(runtime: Runtime,
         return None
 
     async def start() -> None:
-        kafka = runtime.app.consumer._thread._create_worker_consumer(runtime.app.transport)
+        kafka = aiokafka.AIOKafkaConsumer(bootstrap_servers="127.0.0.1:9", fetch_max_wait_ms=1500)
+        kafka._fetch_max_wait_ms = 20
+        kafka._fetch_min_bytes = 256 * 1024
         monkeypatch.setattr(kafka._client, "bootstrap", nothing)
         monkeypatch.setattr(kafka, "_wait_topics", nothing)
         monkeypatch.setattr(consumer_module, "Fetcher", fetcher)
@@ -45,12 +45,12 @@ def test_start_hands_the_private_fetch_settings_to_the_fetcher(runtime: Runtime,
         finally:
             await kafka.stop()
 
-    run(runtime, start())
-    assert seen["fetch_max_wait_ms"] == fetch_max_wait_ms(runtime.app.consumer.batch_max_s)
-    assert seen["fetch_min_bytes"] == FETCH_MIN_BYTES
+    asyncio.run(start())
+    assert seen["fetch_max_wait_ms"] == 20
+    assert seen["fetch_min_bytes"] == 256 * 1024
 
 
-def test_record_batch_builder_appends_until_full(runtime: Runtime) -> None:
+def test_record_batch_builder_appends_until_full() -> None:
     """``BatchSink._enqueue``: ``append`` returns None once a batch is full, ``close`` seals it."""
     async def fill() -> tuple[int, int]:
         producer = aiokafka.AIOKafkaProducer(bootstrap_servers="127.0.0.1:9", max_batch_size=4096)
@@ -65,16 +65,18 @@ def test_record_batch_builder_appends_until_full(runtime: Runtime) -> None:
         finally:
             await producer.stop()
 
-    n, size = run(runtime, fill())
+    n, size = asyncio.run(fill())
     assert 0 < n < 4096 // 100
     assert 0 < size <= 4096
 
 
-def test_table_store_partitions_keys_as_the_producers_do(runtime: Runtime) -> None:
+def test_table_store_partitions_keys_as_the_producers_do() -> None:
     """``TableStore.partition_for`` hashes with aiokafka's ``murmur2`` as aiokafka's (and so faust's)
     default partitioner does: tools read a user's state from the partition its events went to."""
-    store = runtime.pipeline.store
-    partitions = list(range(store.partitions))
+    from stream.table_store import TableStore
+
+    partitions = list(range(8))
+    store = TableStore(None, len(partitions))
     for i in range(200):
         key = f"user-{i}".encode()
         assert store.partition_for(key) == DefaultPartitioner()(key, partitions, partitions)
