@@ -63,6 +63,9 @@ def parse_junit(path: Path) -> list[dict[str, str]]:
             if node is not None:
                 outcome = {"failure": "failed"}.get(tag, tag)
                 message = (node.get("message") or node.text or "").strip()
+                if tag == "error" and message == "collection failure":  # the reason is in the text
+                    reasons = [ln[1:].strip() for ln in (node.text or "").splitlines() if ln.startswith("E ")]
+                    message = f"collection failure: {reasons[-1]}" if reasons else message
                 break
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
         cases.append({"test": name, "outcome": outcome, "message": message[:2000]})
