@@ -105,8 +105,11 @@ def test_read_offset_is_none_until_a_partition_is_read(runtime: Runtime) -> None
     assert consumer._read_offset.get(tp) is None
     consumer._read_offset[tp] = 5
     assert consumer._read_offset.get(tp) == 5
-    assert isinstance(consumer._commit_every, (int, type(None)))
-    assert consumer._commit_every == runtime.app.conf.broker_commit_every
+
+
+def test_commit_every_is_the_broker_commit_every_setting(runtime: Runtime) -> None:
+    """The drain loop commits after ``_commit_every`` acks, as faust's own loop does."""
+    assert runtime.app.consumer._commit_every == runtime.app.conf.broker_commit_every
 
 
 def test_perform_seek_records_committed_and_read_offsets(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
