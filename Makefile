@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools demo test test-unit bench clean
+.PHONY: venv tools demo test test-unit bench contract clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,14 @@ bench: venv
 	mkdir -p out
 	$(VENV)/bin/gruflow bench train ../shared/data/yoochoose_rsc15_100k/yoochoose-clicks-100k_train_full.txt --format session-rec --json | tee out/bench-train.json
 	$(VENV)/bin/gruflow bench stream --json | tee out/bench-stream.json
+
+# optional, not part of `make test`: the worker against the NEWEST faust-streaming, aiokafka, mode-streaming and
+# prometheus-client on PyPI, in .cache/contract-venv (torch and the rest come from $(VENV) through a .pth).
+# Runs tests/contract and worker integration tests; writes out/contract-report.{json,txt}; never fails on
+# what breaks (docs/upgrading.md). CONTRACT_PRE=1 allows pre-releases; CONTRACT_PACKAGES / CONTRACT_TESTS
+# choose other versions or tests.
+contract: venv
+	bash tests/contract/run_contract.sh $(VENV) .cache/contract-venv out
 
 clean:
 	rm -rf $(VENV) var out .pytest_cache

@@ -1,0 +1,146 @@
+"""What gruflow's product code (model/, state/, stream/) touches below the public API of faust-streaming,
+aiokafka, mode and prometheus_client, one entry per touch; docs/upgrading.md explains each.
+
+``PRIVATE`` are names with a leading underscore (attributes read or written, methods called or overridden);
+``HOOKS`` are public names gruflow overrides or mirrors, whose signature or value its code depends on.
+Each entry says how to find the object (``owner``: "module:Class", or a sample key for instance attributes
+that only exist once ``__init__`` ran) and, for callables, the parameter names gruflow passes or receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from stream.settings import Settings
+
+PARTITIONS = 2
+Kind = Literal["method", "coroutine", "attribute", "value"]
+
+# where the objects live
+CONSUMER = "faust.transport.drivers.aiokafka:Consumer"
+CONSUMER_THREAD = "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread"
+FAUST_PRODUCER = "faust.transport.drivers.aiokafka:Producer"
+ROCKSDB_STORE = "faust.stores.rocksdb:Store"
+AIOKAFKA_CONSUMER = "aiokafka:AIOKafkaConsumer"
+HISTOGRAM = "prometheus_client:Histogram"
+SERVICE = "mode:Service"
+
+
+@dataclass(frozen=True)
+class Touch:
+    owner: str  # "module:Class" (or "module:" for a module attribute)
+    name: str
+    kind: Kind  # method/coroutine: a function on the class; attribute: on an instance (see samples)
+    params: tuple[str, ...] | None  # parameter names after self (callables), None: not checked
+    used_in: str  # gruflow file and function
+
+    @property
+    def id(self) -> str:
+        return f"{self.owner.split(':')[-1] or self.owner.rstrip(':')}.{self.name}"
+
+
+PRIVATE: tuple[Touch, ...] = (
+    # faust's consumer: the batch path replaces the drain loop and keeps faust's offset bookkeeping
+    Touch(CONSUMER, "_drain_messages", "coroutine", ("fetcher",), "stream/batch_consumer.py BatchConsumer (override)"),
+    Touch(CONSUMER, "_new_consumer_thread", "method", (), "stream/batch_consumer.py BatchConsumer (override)"),
+    Touch(CONSUMER, "_wait_next_records", "coroutine", ("timeout",), "stream/batch_consumer.py BatchConsumer._fetch"),
+    Touch(CONSUMER, "_to_message", "method", ("tp", "record"), "stream/batch_consumer.py _drain_messages"),
+    Touch(CONSUMER, "_add_gap", "coroutine", ("tp", "offset_from", "offset_to"),
+          "stream/batch_consumer.py _drain_messages"),
+    Touch(CONSUMER, "_read_offset", "attribute", None,
+          "stream/batch_consumer.py _drain_messages, perform_seek; stream/app.py Pipeline.update_gauges"),
+    Touch(CONSUMER, "_committed_offset", "attribute", None, "stream/batch_consumer.py ack_offsets"),
+    Touch(CONSUMER, "_acked_index", "attribute", None, "stream/batch_consumer.py ack_offsets"),
+    Touch(CONSUMER, "_acked", "attribute", None, "stream/batch_consumer.py ack_offsets"),
+    Touch(CONSUMER, "_n_acked", "attribute", None, "stream/batch_consumer.py ack_offsets, _drain_messages"),
+    Touch(CONSUMER, "_commit_every", "attribute", None, "stream/batch_consumer.py _drain_messages"),
+    Touch(CONSUMER, "_thread", "attribute", None, "stream/batch_consumer.py perform_seek (seek_to_beginning)"),
+    Touch(CONSUMER, "_stopped", "attribute", None, "stream/batch_consumer.py _drain_messages (mode Service)"),
+    Touch(CONSUMER_THREAD, "_create_worker_consumer", "method", ("transport",),
+          "stream/batch_consumer.py BatchConsumerThread (override)"),
+    # aiokafka's consumer: read when start() builds the fetcher
+    Touch(AIOKAFKA_CONSUMER, "_fetch_max_wait_ms", "attribute", None,
+          "stream/batch_consumer.py BatchConsumerThread._create_worker_consumer"),
+    Touch(AIOKAFKA_CONSUMER, "_fetch_min_bytes", "attribute", None,
+          "stream/batch_consumer.py BatchConsumerThread._create_worker_consumer"),
+    # faust's transactional producers (exactly_once)
+    Touch(FAUST_PRODUCER, "_transaction_producers", "attribute", None,
+          "stream/sinks.py TransactionalSink.send; stream/batch_consumer.py _flush_transactions"),
+    Touch(FAUST_PRODUCER, "_trn_locks", "attribute", None, "stream/sinks.py TransactionalSink.send"),
+    # faust's RocksDB store: bulk reads and writes per partition
+    Touch(ROCKSDB_STORE, "_db_for_partition", "method", ("partition",), "stream/table_store.py TableStore._db"),
+    Touch(ROCKSDB_STORE, "_key_index", "attribute", None, "stream/table_store.py TableStore.write_partition"),
+    # prometheus_client's histogram: many observations in one pass
+    Touch(HISTOGRAM, "_upper_bounds", "attribute", None, "stream/app.py observe_many"),
+    Touch(HISTOGRAM, "_buckets", "attribute", None, "stream/app.py observe_many"),
+    Touch(HISTOGRAM, "_sum", "attribute", None, "stream/app.py observe_many"),
+    # mode's Service (faust's Fetcher is one)
+    Touch(SERVICE, "_stopped", "attribute", None, "stream/batch_consumer.py _drain_messages (fetcher._stopped)"),
+)
+
+HOOKS: tuple[Touch, ...] = (
+    Touch(CONSUMER, "resume_partitions", "method", ("tps",), "stream/batch_consumer.py BatchConsumer (override)"),
+    Touch(CONSUMER, "perform_seek", "coroutine", (), "stream/batch_consumer.py BatchConsumer (override)"),
+    Touch(CONSUMER, "force_commit", "coroutine", ("topics", "start_new_transaction"),
+          "stream/batch_consumer.py BatchConsumer (override)"),
+    Touch(CONSUMER, "on_partitions_revoked", "coroutine", ("revoked",),
+          "stream/batch_consumer.py BatchConsumer (override)"),
+    Touch(CONSUMER, "in_transaction", "attribute", None, "stream/batch_consumer.py (set from app.in_worker)"),
+    Touch(CONSUMER, "consumer_stopped_errors", "value", None, "stream/batch_consumer.py _drain_messages"),
+    Touch(CONSUMER_THREAD, "seek_to_beginning", "coroutine", ("partitions",), "stream/batch_consumer.py perform_seek"),
+    Touch("faust.types.tuples:", "ack_lock", "value", None, "stream/batch_consumer.py ack_offsets"),
+    Touch("faust.transport.consumer:TransactionManager", "transactional_id_format", "value", None,
+          "stream/sinks.py TransactionalSink._transactional_id"),
+    Touch("faust:App", "in_worker", "value", None, "stream/app.py build_app"),
+    Touch("faust:Worker", "on_execute", "coroutine", (), "stream/worker.py GruflowWorker (override)"),
+    Touch("faust:Worker", "on_worker_shutdown", "method", (), "stream/worker.py GruflowWorker (override)"),
+    Touch("faust:Worker", "on_stop", "coroutine", (), "stream/worker.py GruflowWorker (override)"),
+    Touch("faust:Worker", "on_shutdown", "coroutine", (), "stream/worker.py GruflowWorker (override)"),
+    Touch("aiokafka.partitioner:", "murmur2", "method", ("data",), "stream/table_store.py TableStore.partition_for"),
+    Touch("aiokafka:AIOKafkaProducer", "create_batch", "method", (), "stream/sinks.py BatchSink._enqueue"),
+    Touch("aiokafka:AIOKafkaProducer", "send_batch", "coroutine", ("batch", "topic", "partition"),
+          "stream/sinks.py BatchSink._enqueue"),
+    Touch("aiokafka.producer.message_accumulator:BatchBuilder", "append", "method",
+          ("timestamp", "key", "value", "headers"), "stream/sinks.py BatchSink._enqueue"),
+    Touch("aiokafka.producer.message_accumulator:BatchBuilder", "close", "method", (),
+          "stream/sinks.py BatchSink._enqueue"),
+)
+
+
+def resolve(owner: str) -> Any:
+    """The class (or module, for "module:") an owner string names."""
+    module, _, attr = owner.partition(":")
+    obj = importlib.import_module(module)
+    return getattr(obj, attr) if attr else obj
+
+
+def param_names(fn: Any) -> tuple[str, ...]:
+    """Parameter names after ``self`` (positional, keyword and *args names alike)."""
+    names = tuple(inspect.signature(fn).parameters)
+    return names[1:] if names[:1] == ("self",) else names
+
+
+def missing_params(fn: Any, wanted: tuple[str, ...]) -> list[str]:
+    """Names gruflow passes or receives that the signature lacks (extra optional parameters are fine)."""
+    have = param_names(fn)
+    return [n for n in wanted if n not in have]
+
+
+def is_coroutine(fn: Any) -> bool:
+    return inspect.iscoroutinefunction(inspect.unwrap(fn))
+
+
+def worker_settings(data_dir: Path, guarantee: str) -> Settings:
+    # nothing listens on port 9: building the app must not need a broker
+    return Settings(bootstrap_servers="127.0.0.1:9", data_dir=data_dir, app_id=f"contract-{guarantee}",
+                    partitions=PARTITIONS, processing_guarantee=guarantee)  # type: ignore[arg-type]
+
+
+def run(runtime: Any, coro: Any) -> Any:
+    """Run a coroutine on the app's loop (the one faust's services and aiokafka's clients bind to)."""
+    return runtime.app.loop.run_until_complete(asyncio.wait_for(coro, 30.0))

@@ -1,0 +1,60 @@
+"""faust's RocksDB store as ``TableStore`` uses it: one rocksdict DB per partition from ``_db_for_partition``
+(raw bytes, multi-get, WriteBatch), and ``_key_index`` kept as faust's own writes keep it, so faust's
+reads find what the batch path wrote (stream/table_store.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import rocksdict
+from faust.types import TP
+
+from state.codec import UserState, encode
+from stream.app import Runtime
+
+
+def state(ts: int) -> UserState:
+    return dataclasses.replace(UserState.empty(), last_ts_ms=ts, session_events=1, model_version=1)
+
+
+def test_db_for_partition_is_a_raw_rocksdict_per_partition(runtime: Runtime) -> None:
+    store = runtime.pipeline.store.table.data
+    db0, db1 = store._db_for_partition(0), store._db_for_partition(1)
+    assert isinstance(db0, rocksdict.Rdict) and db0 is not db1
+    assert store._db_for_partition(0) is db0  # opened once, then cached
+    batch = rocksdict.WriteBatch(raw_mode=True)
+    batch.put(b"k", b"\x00\xffv")
+    db0.write(batch)
+    assert db0[[b"k", b"absent"]] == [b"\x00\xffv", None]  # multi-get: None for a missing key
+    assert db1.get(b"k") is None
+
+
+def test_faust_reads_what_the_batch_path_wrote(runtime: Runtime) -> None:
+    """``write_partition`` fills ``_key_index`` (key -> partition) as faust's ``_set`` does: faust's own read
+    path outside an event (``table.data[key]``) then finds the key, and a deleted key is gone for it too."""
+    ts = 1_700_000_000_000
+    store = runtime.pipeline.store
+    data = store.table.data
+    raw = encode(state(ts))
+    store.write_partition(1, [(b"alice", raw), (b"bob", raw)])
+    assert data._key_index[b"alice"] == 1
+    assert data[b"alice"] == raw
+    assert store.get_partition(1, [b"alice", b"carol"])[b"alice"].last_ts_ms == ts
+    store.write_partition(1, [(b"bob", None)])
+    assert b"bob" not in data._key_index
+    assert b"bob" not in data
+    assert [k for k, _ in store.iter_partition(1)] == [b"alice"]
+
+
+def test_changelog_offsets_persist_where_faust_recovery_reads_them(runtime: Runtime) -> None:
+    """``mark_changelog_offsets`` uses faust's ``set_persisted_offset``; recovery reads ``persisted_offset``,
+    and the offset record (``offset_key``) lives in the partition's DB, which ``iter_partition`` skips."""
+    store = runtime.pipeline.store
+    data = store.table.data
+    changelog = store.table.changelog_topic.get_topic_name()
+    assert changelog == runtime.pipeline.names.changelog
+    store.mark_changelog_offsets({0: 41, 1: 7})
+    assert data.persisted_offset(TP(changelog, 0)) == 41
+    assert data.persisted_offset(TP(changelog, 1)) == 7
+    assert store._db(0).get(data.offset_key) is not None
+    assert list(store.iter_partition(0)) == []
