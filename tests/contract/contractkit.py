@@ -75,6 +75,7 @@ PRIVATE: tuple[Touch, ...] = (
     # faust's RocksDB store: bulk reads and writes per partition
     Touch(ROCKSDB_STORE, "_db_for_partition", "method", ("partition",), "stream/table_store.py TableStore._db"),
     Touch(ROCKSDB_STORE, "_key_index", "attribute", None, "stream/table_store.py TableStore.write_partition"),
+    Touch(ROCKSDB_STORE, "_dbs", "attribute", None, "stream/table_store.py TableStore.memory_bytes"),
     # prometheus_client's histogram: many observations in one pass
     Touch(HISTOGRAM, "_upper_bounds", "attribute", None, "stream/app.py observe_many"),
     Touch(HISTOGRAM, "_buckets", "attribute", None, "stream/app.py observe_many"),

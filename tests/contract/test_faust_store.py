@@ -29,6 +29,16 @@ def test_db_for_partition_is_a_raw_rocksdict_per_partition(runtime: Runtime) -> 
     assert db1.get(b"k") is None
 
 
+def test_dbs_holds_every_open_partition_database(runtime: Runtime) -> None:
+    """``memory_bytes`` sums RocksDB's memory properties over ``_dbs``: the partition -> DB map of every
+    database faust opened (actives and standbys)."""
+    store = runtime.pipeline.store.table.data
+    db0 = store._db_for_partition(0)
+    assert store._dbs[0] is db0
+    assert int(db0.property_int_value("rocksdb.cur-size-all-mem-tables") or 0) >= 0
+    assert runtime.pipeline.store.memory_bytes() >= 0
+
+
 def test_faust_reads_what_the_batch_path_wrote(runtime: Runtime) -> None:
     """``write_partition`` fills ``_key_index`` (key -> partition) as faust's ``_set`` does: faust's own read
     path outside an event (``table.data[key]``) then finds the key, and a deleted key is gone for it too."""
