@@ -300,3 +300,4 @@ def test_transaction_markers_are_passed_and_aborted_events_follow_the_isolation_
                                f"the log end {high}")
     finally:
         recs.close()
+
