@@ -2,8 +2,8 @@
 
 Kafka's wire format lets a header name be any bytes (the Java broker decodes it leniently and stores it),
 but aiokafka's record parser decodes header names as strict UTF-8, and a batch compressed with a codec
-whose library is missing cannot be read at all. Raised inside aiokafka's fetcher, either error stopped
-the worker before gruflow saw the record, at the same offset after every restart.
+whose library is missing cannot be read at all. Raised inside aiokafka's fetcher, either error would stop
+the worker before gruflow sees the record, at the same offset on every restart.
 
 ``install`` replaces the record-set class aiokafka's fetcher builds each fetched partition's records with
 (``aiokafka.consumer.fetcher.MemoryRecords``, its only use) by ``GuardedRecords``. It hands every batch to
@@ -168,7 +168,8 @@ def read_batch(raw: bytes, after: int = -1, cause: BaseException | None = None) 
     except Exception as exc:  # noqa: BLE001 - the rest of the batch is one dead letter, not a crash
         why = f"record batch at offsets {base}..{base + last_delta} not readable from offset " \
               f"{max(base, last + 1)}: {exc}" + (f" (aiokafka: {cause!r})" if cause is not None else "")
-        yield ParsedRecord(max(base, last + 1), first_ts, ts_type, None, body, (Unreadable(why),))
+        yield ParsedRecord(max(base, last + 1), max_ts if log_append else first_ts, ts_type, None, body,
+                           (Unreadable(why),))
 
 
 def _decompress(codec_id: int, body: bytes) -> bytes:

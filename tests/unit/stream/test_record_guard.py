@@ -111,6 +111,25 @@ def test_a_batch_whose_structure_breaks_keeps_what_was_read_before_the_break() -
     assert list(read_batch(good, after=0))[0].offset == 1  # records up to ``after`` were yielded already
 
 
+def compressed(data: bytes) -> bytes:
+    """The same batch with its records section gzip-compressed, as a producer using gzip would store it."""
+    body = codec.gzip_encode(data[61:])
+    buf = bytearray(data[:61] + body)
+    struct.pack_into(">i", buf, 8, len(buf) - 12)  # batchLength
+    struct.pack_into(">h", buf, 21, struct.unpack_from(">h", buf, 21)[0] | GZIP)  # attributes: codec
+    struct.pack_into(">I", buf, 17, calc_crc32c(bytes(buf[21:])))
+    return bytes(buf)
+
+
+def test_an_unreadable_header_name_in_a_compressed_batch_is_found_after_decompressing() -> None:
+    data = compressed(batch([(b"u1", b"v0", []), (b"u2", b"v1", [(PLACEHOLDER, b"x")]), (b"u3", b"v2", [])], base=5))
+    with pytest.raises(UnicodeDecodeError):  # aiokafka decompresses it, then fails on the name
+        list(PartitionRecords(TP, MemoryRecords(data), None, 0, None, None, True, READ_UNCOMMITTED))
+    got = consumer_records(data)
+    assert [(r.offset, r.value, unreadable_detail(r) is None) for r in got] == \
+        [(5, b"v0", True), (6, b"v1", False), (7, b"v2", True)]
+
+
 def test_gzip_batches_are_read_by_aiokafka_without_the_fallback() -> None:
     data = batch([(b"u1", b"v0", [("h", None)])], codec_id=GZIP)
     assert [(r.value, r.headers) for r in consumer_records(data)] == [(b"v0", (("h", None),))]
