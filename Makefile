@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(VENV)/bin/gruflow demo
 
-# promtool for the deploy tests (Debian's prometheus package, unpacked into .cache/tools; never fails)
+# promtool for the deploy tests (Debian's prometheus package, unpacked into .cache/tools) and kcat for the
+# unreadable-record tests (apt-get install as root, else unpacked into .cache/tools); neither ever fails
 tools:
 	bash deploy/tools/install-promtool.sh .cache/tools
+	bash deploy/tools/install-kcat.sh .cache/tools
 
 test: venv tools
 	$(PY) -m pytest -q -ra

@@ -35,10 +35,11 @@ import numpy as np
 from model.events import EventType
 from state.codec import HEADER_SIZE, decode as decode_state, encode as encode_state
 from stream.batch_consumer import Batch, BatchConsumer, BatchTransport
-from stream.events import CLICKS, PURCHASES, Event, Limits, Rejected, decode_event
+from stream.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, Limits, Rejected, decode_event
 from stream.metrics import Metrics, PrequentialVersions
 from stream.model_holder import ModelHolder
 from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
+from stream.record_guard import unreadable_detail
 from stream.scoring import ScorerCache
 from stream.settings import Settings
 from stream.sinks import BatchSink, Outgoing, TransactionalSink, dead_letter
@@ -147,6 +148,12 @@ class Pipeline:
             kind = self.kinds[tp.topic]
             p = tp.partition
             for r in records:
+                unreadable = unreadable_detail(r)
+                if unreadable is not None:  # stored by the broker, not parseable by the client: what was read of it
+                    out.dlq[p].append(dead_letter(r.key, r.value, UNREADABLE_RECORD, unreadable, tp.topic, p, r.offset,
+                                                  r.timestamp, self.dead_letter_bytes))
+                    dead[UNREADABLE_RECORD] += 1
+                    continue
                 res = decode_event(r.value, r.key, kind, self.limits, topic=tp.topic, partition=p, offset=r.offset,
                                    append_ts_ms=r.timestamp or 0, now_ms=now_ms)
                 if isinstance(res, Rejected):

@@ -28,6 +28,8 @@ from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from faust.types import TP
 from faust.types.tuples import ack_lock
 
+from stream import record_guard
+
 # (tp, records) pairs; records are aiokafka ConsumerRecords of one partition, in offset order
 Batch = list[tuple[TP, list[Any]]]
 BatchHandler = Callable[[Batch, int], Awaitable[None]]
@@ -51,6 +53,9 @@ def fetch_max_wait_ms(batch_max_s: float) -> int:
 
 class BatchConsumerThread(AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
+        # records aiokafka cannot parse come out marked instead of stopping the fetcher (the worker dead-letters
+        # them); installed before the consumer builds its fetcher
+        record_guard.install()
         consumer = super()._create_worker_consumer(transport)
         # both are read when aiokafka builds its fetcher, at start()
         consumer._fetch_max_wait_ms = fetch_max_wait_ms(self.consumer.batch_max_s)
@@ -215,6 +220,14 @@ class BatchConsumer(AIOKafkaConsumer):
                                 n += len(recs)
                         else:
                             for record in recs:
+                                detail = record_guard.unreadable_detail(record)
+                                if detail is not None:
+                                    # not an input (a changelog): there is no dead letter for it; its offset is
+                                    # passed like a gap, as faust does for transaction markers
+                                    self.log.error("skipped an unreadable record at %s offset %d: %s",
+                                                   tp, record.offset, detail)
+                                    read_offset[tp] = record.offset
+                                    continue
                                 message = self._to_message(tp, record)
                                 r0 = read_offset.get(tp)
                                 if r0 is None or message.offset >= r0:

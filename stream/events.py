@@ -37,8 +37,11 @@ BAD_TIMESTAMP = "bad_timestamp"
 ABSURD_TIMESTAMP = "absurd_timestamp"
 OVERSIZE = "oversize"
 KEY_MISMATCH = "key_mismatch"  # key absent or not the user id: state would land on the wrong partition
+# stored by the broker but not parseable by the client (a header name that is not UTF-8, a batch whose codec
+# is missing): stream/record_guard.py marks it, the worker dead-letters what could be read of it
+UNREADABLE_RECORD = "unreadable_record"
 REASONS = (NOT_JSON, NOT_OBJECT, MISSING_FIELD, BAD_TYPE, EMPTY_ID, ID_TOO_LONG, UNKNOWN_EVENT_TYPE, WRONG_TOPIC,
-           BAD_TIMESTAMP, ABSURD_TIMESTAMP, OVERSIZE, KEY_MISMATCH)
+           BAD_TIMESTAMP, ABSURD_TIMESTAMP, OVERSIZE, KEY_MISMATCH, UNREADABLE_RECORD)
 
 # Timestamps before 1990 (MovieLens starts in 1995) or more than a day ahead of the wall clock are
 # taken as unit mistakes (seconds sent as milliseconds) or garbage.

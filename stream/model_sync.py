@@ -111,6 +111,21 @@ def encode_chunks(ckpt: bytes, version: int, parent: int, meta: dict | None = No
     return out
 
 
+def message_chunk(m: Any) -> Chunk:
+    """``decode_chunk`` of a consumed confluent-kafka message. confluent-kafka cannot read a header name that is
+    not UTF-8 (the broker stores one): ``Message.headers()`` raises (SystemError over the UnicodeDecodeError, or
+    the UnicodeDecodeError itself), and such a message is refused like any other bad header instead of stopping
+    the reader at its offset. Not covered: confluent-kafka 2.16.1 caches the half-built list, so a second
+    ``headers()`` on that message (never made here) returns it, and touching it crashes the process; a first
+    call has been seen to return it too (docs/unreadable-records.md)."""
+    try:
+        headers = m.headers()
+    except (SystemError, UnicodeDecodeError) as exc:
+        raise ModelSyncError(R_HEADER, f"models message {m.key()!r}: unreadable headers "
+                                       f"({exc.__cause__ or exc!r})") from None
+    return decode_chunk(m.key(), m.value(), headers)
+
+
 def decode_chunk(key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, bytes]] | None) -> Chunk:
     """Parse one message; raises ModelSyncError(bad_header/unknown_protocol) when it is not a chunk."""
     h = {k: v for k, v in (headers or [])}
@@ -358,7 +373,7 @@ def list_versions(settings: Any, timeout: float = 30.0) -> list[VersionInfo]:
             seen.get(v, set()).discard(int(m.key().decode().split("/")[1]))
             continue
         try:
-            c = decode_chunk(m.key(), m.value(), m.headers())
+            c = message_chunk(m)
         except ModelSyncError:
             continue
         info = infos.get(c.version)
@@ -388,7 +403,7 @@ def read_version_bytes(settings: Any, version: int, timeout: float = 30.0) -> by
                 asm.forget(version)
             continue
         try:
-            c = decode_chunk(m.key(), m.value(), m.headers())
+            c = message_chunk(m)
             if c.version != version:
                 continue
             got = asm.add(c)
@@ -411,7 +426,7 @@ def load_latest(settings: Any, metrics: Any = None, timeout: float = 30.0) -> An
             complete.pop(_key_version(m.key()), None)
             continue
         try:
-            got = asm.add(decode_chunk(m.key(), m.value(), m.headers()))
+            got = asm.add(message_chunk(m))
         except ModelSyncError as exc:
             _refuse(metrics, exc)
             continue
@@ -515,7 +530,7 @@ class ModelSubscriber:
             return
         version = -1
         try:
-            c = decode_chunk(m.key(), m.value(), m.headers())
+            c = message_chunk(m)
             version = c.version
             self.highest_seen = max(self.highest_seen, c.version)
             served = self._current_version()

@@ -27,6 +27,7 @@ CONSUMER_THREAD = "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread"
 FAUST_PRODUCER = "faust.transport.drivers.aiokafka:Producer"
 ROCKSDB_STORE = "faust.stores.rocksdb:Store"
 AIOKAFKA_CONSUMER = "aiokafka:AIOKafkaConsumer"
+PARTITION_RECORDS = "aiokafka.consumer.fetcher:PartitionRecords"
 HISTOGRAM = "prometheus_client:Histogram"
 SERVICE = "mode:Service"
 
@@ -68,6 +69,10 @@ PRIVATE: tuple[Touch, ...] = (
           "stream/batch_consumer.py BatchConsumerThread._create_worker_consumer"),
     Touch(AIOKAFKA_CONSUMER, "_fetch_min_bytes", "attribute", None,
           "stream/batch_consumer.py BatchConsumerThread._create_worker_consumer"),
+    # aiokafka's fetcher turns each parsed record into a ConsumerRecord here; the guard's marker header must
+    # survive it (test_record_guard pins that it copies the headers element by element)
+    Touch(PARTITION_RECORDS, "_consumer_record", "method", ("tp", "record"),
+          "stream/record_guard.py GuardedRecords (relies on it)"),
     # faust's transactional producers (exactly_once)
     Touch(FAUST_PRODUCER, "_transaction_producers", "attribute", None,
           "stream/sinks.py TransactionalSink.send; stream/batch_consumer.py _flush_transactions"),

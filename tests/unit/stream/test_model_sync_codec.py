@@ -9,7 +9,8 @@ import random
 import pytest
 
 from stream.model_sync import (H_CHUNK, H_META, H_SHA, PROTOCOL, R_CHECKSUM, R_HEADER, R_PROTOCOL, R_STATE, R_VOCAB,
-                               Assembler, ModelSyncError, check_compatible, chunk_key, decode_chunk, encode_chunks)
+                               Assembler, ModelSyncError, check_compatible, chunk_key, decode_chunk, encode_chunks,
+                               message_chunk)
 
 
 def _chunks(data: bytes, version: int = 3, parent: int = 2, chunk_bytes: int = 1000, meta: dict | None = None):
@@ -133,3 +134,28 @@ def test_compatibility_rules() -> None:
     with pytest.raises(ModelSyncError) as info:
         check_compatible(cur, _rec(["a", "b", "c"], layers=(16,), version=2))
     assert info.value.reason == R_STATE
+
+
+class _MessageWithUnreadableHeaders:
+    """A consumed message as confluent-kafka 2.16.1 gives one whose header name is not UTF-8 (seen against a
+    real broker: Message.headers() raises SystemError chained to the UnicodeDecodeError)."""
+
+    def key(self) -> bytes:
+        return b"1/0"
+
+    def value(self) -> bytes:
+        return b"chunk"
+
+    def headers(self) -> list:
+        try:
+            b"\xff\xfe".decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SystemError("<method 'headers'> returned a result with an exception set") from exc
+        return []
+
+
+def test_a_message_whose_headers_cannot_be_read_is_a_bad_header() -> None:
+    with pytest.raises(ModelSyncError) as info:
+        message_chunk(_MessageWithUnreadableHeaders())
+    assert info.value.reason == R_HEADER
+    assert "utf-8" in str(info.value)
