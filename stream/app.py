@@ -42,7 +42,7 @@ from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
 from stream.scoring import ScorerCache
 from stream.settings import Settings
 from stream.sinks import BatchSink, Outgoing, TransactionalSink, dead_letter
-from stream.table_store import TableStore
+from stream.table_store import TableStore, install_changelog_guard
 from stream.topics import DLQ_MESSAGE_MAX_BYTES, STATE_TABLE_NAME, TopicNames
 
 log = logging.getLogger("gruflow.worker")
@@ -508,6 +508,7 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     table = app.Table(STATE_TABLE_NAME, key_type=bytes, value_type=bytes, partitions=settings.partitions,
                       default=None, changelog_topic=changelog)
     store = TableStore(table, settings.partitions)
+    install_changelog_guard(app, store)
     if exactly_once:
         sink: Any = TransactionalSink(app, names.clicks, names.recommendations, names.changelog, names.dlq)
     else:

@@ -6,17 +6,29 @@ one RocksDB WriteBatch per partition. The changelog records are produced by the 
 bulk, before the local write); ``mark_changelog_offsets`` then records how far the local store has
 caught up with the changelog, exactly as faust does after its own changelog sends, so recovery after
 a restart only replays what is newer.
+
+A local store can also be AHEAD of its changelog: its persisted offset names a record the changelog
+does not have, because the cluster was replaced (an embedded broker without a data dir, a new cluster)
+or the topic was recreated. faust then raises ConsistencyError at every start, a crash loop that only
+deleting the data dir ends. ``ChangelogGuardRecovery`` catches that case first: it logs one error, wipes
+the stale partitions (their records and persisted offsets) and lets faust's recovery rebuild them from
+the changelog as it is.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from aiokafka.partitioner import murmur2
+from faust.tables.recovery import Recovery
 from faust.types import TP
 
 from state.codec import StateCodecError, UserState, decode, encode
+
+log = logging.getLogger("gruflow.worker")
+_WIPE_CHUNK = 10_000  # deletes per RocksDB write batch while wiping a partition
 
 
 class TableStore:
@@ -74,6 +86,41 @@ class TableStore:
             else:
                 self._store.set_persisted_offset(tp, offset)
 
+    def wipe_partition(self, partition: int) -> int:
+        """Delete every record of one partition's local store, faust's persisted offset included (so that
+        recovery reads its changelog from the start). Returns the number of keys deleted."""
+        import rocksdict
+
+        db = self._db(partition)
+        index = self._store._key_index
+        n = 0
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        it = db.iter()  # an implicit snapshot: the deletes below do not disturb it
+        it.seek_to_first()
+        while it.valid():
+            key = it.key()
+            batch.delete(key)
+            index.pop(key, None)
+            n += 1
+            if n % _WIPE_CHUNK == 0:
+                db.write(batch)
+                batch = rocksdict.WriteBatch(raw_mode=True)
+            it.next()
+        db.write(batch)
+        return n
+
+    def on_stale_changelog(self, stale: Mapping[TP, tuple[int, int]]) -> None:
+        """The local store is ahead of these changelog partitions: say so once, then wipe them."""
+        log.error(
+            "the changelog is behind the local state store in %s: %s. The Kafka cluster was replaced or the "
+            "changelog topic recreated since this data dir was written; these partitions are rebuilt from the "
+            "changelog as it is now (users' state the changelog lost is lost)",
+            Path(self._store.path), "; ".join(
+                f"{tp.topic}[{tp.partition}] local offset {persisted} >= changelog end offset {end}"
+                for tp, (persisted, end) in sorted(stale.items())))
+        for tp in stale:
+            self.wipe_partition(tp.partition)
+
     def iter_partition(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
         """Every stored record of one partition (TTL sweeps, tools); skips faust's offset key."""
         db = self._db(partition)
@@ -116,3 +163,53 @@ class TableStore:
         for p, ks in by_p.items():
             out.update(self.get_partition(p, ks))
         return out
+
+
+# --------------------------------------------------------------------------- a replaced cluster
+
+
+def stale_partitions(persisted: Mapping[TP, int | None], ends: Mapping[TP, int | None]
+                     ) -> dict[TP, tuple[int, int]]:
+    """Changelog partitions whose local store is ahead of the changelog, with (persisted offset, end offset).
+
+    The persisted offset is the offset of the last changelog record applied locally, so it is below the
+    partition's end offset (the next offset to be written) unless the records it counts are gone.
+    """
+    out: dict[TP, tuple[int, int]] = {}
+    for tp, offset in persisted.items():
+        end = ends.get(tp)
+        if offset is not None and offset >= 0 and end is not None and offset >= end:
+            out[tp] = (offset, end)
+    return out
+
+
+class ChangelogGuardRecovery(Recovery):
+    """faust's table recovery, with the local-store-ahead-of-changelog case repaired instead of fatal.
+
+    Hooks ``_build_offsets``, which faust awaits for the active and for the standby partitions after it
+    read their persisted offsets and before its consistency check and its seeks: a stale partition's
+    offset is reset there, so faust reads its changelog from the start, into a wiped store.
+    """
+
+    def __init__(self, app: Any, tables: Any, *, on_stale: Callable[[Mapping[TP, tuple[int, int]]], None],
+                 **kwargs: Any) -> None:
+        super().__init__(app, tables, **kwargs)
+        self._on_stale = on_stale
+
+    async def _build_offsets(self, consumer: Any, tps: Any, destination: Any, title: str) -> None:
+        if tps:
+            ends = await consumer.highwaters(*tps)
+            stale = stale_partitions({tp: destination.get(tp) for tp in tps}, ends)
+            if stale:
+                self._on_stale(stale)
+                for tp in stale:
+                    destination[tp] = None  # faust then starts from the changelog's earliest offset
+        await super()._build_offsets(consumer, tps, destination, title)
+
+
+def install_changelog_guard(app: Any, store: TableStore) -> None:
+    """Give the app's table manager a ``ChangelogGuardRecovery`` (before the worker starts: faust creates
+    its own Recovery lazily, on first use of ``app.tables.recovery``)."""
+    tables = app.tables
+    tables._recovery = ChangelogGuardRecovery(app, tables, on_stale=store.on_stale_changelog,
+                                              beacon=tables.beacon, loop=tables.loop)
