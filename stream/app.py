@@ -462,6 +462,19 @@ def observe_many(histogram: Any, values: np.ndarray) -> None:
     histogram._sum.inc(float(values.sum()))
 
 
+def _changelog_end_offsets(settings: Settings) -> Any:
+    """The changelog guard's source of end offsets: the broker's, asked off the event loop."""
+    from stream.kafka_config import end_offsets
+
+    async def ask(tps: Any, stable: bool = False) -> dict[Any, int | None]:
+        tps = list(tps)
+        ends = await asyncio.to_thread(end_offsets, settings, [(tp.topic, tp.partition) for tp in tps],
+                                       stable=stable)
+        return {tp: ends.get((tp.topic, tp.partition)) for tp in tps}
+
+    return ask
+
+
 def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_letter_bytes: int) -> Runtime:
     """The faust app with its table and batch path wired; start it with a faust Worker."""
     import faust
@@ -508,7 +521,7 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     table = app.Table(STATE_TABLE_NAME, key_type=bytes, value_type=bytes, partitions=settings.partitions,
                       default=None, changelog_topic=changelog)
     store = TableStore(table, settings.partitions)
-    install_changelog_guard(app, store)
+    install_changelog_guard(app, store, _changelog_end_offsets(settings))
     if exactly_once:
         sink: Any = TransactionalSink(app, names.clicks, names.recommendations, names.changelog, names.dlq)
     else:

@@ -298,6 +298,17 @@ def run_scenario(scenario: str, args: argparse.Namespace, broker: _Broker, work:
         fault: dict[str, Any] = {}
         injected = False
         next_progress = 10.0
+        restarted_at = 0.0
+
+        def supervise(phase: str) -> None:
+            nonlocal restarted_at
+            for w in workers:
+                note = w.supervise()
+                if note:
+                    restarted_at = time.monotonic()
+                    notes.append(f"{phase} {restarted_at - started:.0f} s: {note}")
+                    _log(f"{scenario}: {note}")
+
         while loader.is_alive():
             loader.join(1.0)
             elapsed = time.monotonic() - started
@@ -306,30 +317,24 @@ def run_scenario(scenario: str, args: argparse.Namespace, broker: _Broker, work:
                 fault = _inject(scenario, broker, workers, args.pause)
                 injected = True
                 _log(f"{scenario}: fault over at {time.monotonic() - started:.0f} s: {fault}")
-            for w in workers:
-                note = w.supervise()
-                if note:
-                    notes.append(f"{time.monotonic() - started:.0f} s: {note}")
-                    _log(f"{scenario}: {note}")
+            supervise("load")
             if elapsed >= next_progress:
                 next_progress += 10.0
                 _log(f"{scenario}: {elapsed:.0f} s, sent {len(load.acked):,}, answered {len(answers.counts):,}")
         _log(f"{scenario}: load done ({len(load.acked):,} acknowledged, {load.failed} failed); draining ...")
         deadline = time.monotonic() + args.drain
         while time.monotonic() < deadline:
-            if all(answers.counts.get(seq, 0) for seq in load.acked) and \
-                    time.monotonic() - answers.last_at > args.quiet:
+            quiet = time.monotonic() - max(answers.last_at, restarted_at)  # a restarted worker gets its time
+            if quiet > args.quiet and all(answers.counts.get(seq, 0) for seq in load.acked):
                 break
-            if time.monotonic() - answers.last_at > args.drain_quiet:
+            if quiet > args.drain_quiet:
                 break  # answers stopped: what is missing now stays missing
-            for w in workers:
-                note = w.supervise()
-                if note:
-                    notes.append(f"drain: {note}")
-                    _log(f"{scenario}: {note}")
+            supervise("drain")
             time.sleep(1.0)
+        _log(f"{scenario}: drained at {time.monotonic() - started:.0f} s")
         result = {"scenario": scenario, **tally(load.acked, answers.counts, load.failed), **fault,
-                  "worker_restarts": notes}
+                  "worker_restarts": notes,
+                  "seconds_to_drain": round(time.monotonic() - started - args.seconds, 1)}
         _log(f"{scenario}: {json.dumps(result)}")
         return result
     finally:
@@ -378,11 +383,11 @@ def add_faults_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=500.0, help="offered events per second (default 500)")
     p.add_argument("--seconds", type=float, default=60.0, help="load per scenario; the fault at its middle (default 60)")
     p.add_argument("--pause", type=float, default=20.0, help="seconds the broker stays stopped in broker-pause (default 20)")
-    p.add_argument("--drain", type=float, default=120.0, help="longest wait for answers after the load (default 120 s)")
+    p.add_argument("--drain", type=float, default=180.0, help="longest wait for answers after the load (default 180 s)")
     p.add_argument("--quiet", type=float, default=5.0,
                    help="every event answered: wait this long without new answers for duplicates (default 5 s)")
     p.add_argument("--drain-quiet", type=float, default=45.0,
-                   help="stop draining after this long without any new answer (default 45 s)")
+                   help="stop draining after this long without any new answer or worker restart (default 45 s)")
     p.add_argument("--partitions", type=int, default=4, help="partitions of the scenario's topics (default 4)")
     p.add_argument("--guarantee", choices=("at_least_once", "exactly_once"), default="at_least_once")
     p.add_argument("--broker-data-dir", default=None, help="the broker's data dir (default: a temporary one)")

@@ -68,19 +68,22 @@ def test_broker_killed_restarts_on_its_data_dir_with_its_records(needs_embedded,
     assert (data_dir / "data" / "meta.properties").is_file(), "stop() removed the data dir"
 
 
-def test_worker_meets_a_replaced_cluster_rebuilds_its_state_and_goes_on(needs_embedded, kafka, tmp_path: Path):
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_worker_meets_a_replaced_cluster_rebuilds_its_state_and_goes_on(needs_embedded, kafka, tmp_path: Path,
+                                                                       guarantee: str):
     """The worker's RocksDB was written against a broker that is gone with its data (an embedded broker
     without a data dir); the cluster it meets now (the session's broker) has empty topics. It must log one
     error, rebuild from the new changelog and process the new events like a fresh worker would."""
     model_path = save_tiny_model(tmp_path / "tiny.gfc")
-    settings = kafka.settings(partitions=2)
+    settings = kafka.settings(partitions=2, processing_guarantee=guarantee)
+    read_committed = guarantee == "exactly_once"
     before = make_events(n_users=12, per_user=8, seed=2)
     after = make_events(n_users=12, per_user=3, seed=3, t0=before[-1].ts + 1000)
 
     with EmbeddedKafka.from_settings(kafka.base, quiet=True) as old:
         old_settings = old.settings(settings)
         ensure_topics(old_settings)
-        reader = TopicReader(old_settings, old_settings.topic("recommendations"))
+        reader = TopicReader(old_settings, old_settings.topic("recommendations"), read_committed=read_committed)
         try:
             with WorkerProc(kafka, old_settings, model_path, tmp_path, name="old-cluster"):
                 produce(old_settings, before)
@@ -90,7 +93,7 @@ def test_worker_meets_a_replaced_cluster_rebuilds_its_state_and_goes_on(needs_em
             reader.close()
 
     ensure_topics(settings)
-    reader = TopicReader(settings, settings.topic("recommendations"))
+    reader = TopicReader(settings, settings.topic("recommendations"), read_committed=read_committed)
     worker = WorkerProc(kafka, settings, model_path, tmp_path, name="new-cluster")
     try:
         worker.start(timeout=180)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import faust
 from faust.tables.recovery import Recovery
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TP
 
 from stream.table_store import ChangelogGuardRecovery, TableStore, install_changelog_guard, stale_partitions
@@ -24,6 +25,10 @@ def test_stale_partitions_are_those_whose_persisted_offset_reaches_the_end_offse
     # e: faust's "nothing" marker
     assert stale_partitions(persisted, ends) == {a: (57, 0), d: (0, 0)}
     assert stale_partitions({a: 57}, {}) == {}  # no end offset known: nothing to judge
+    # no persisted offset (exactly_once before its first commit): stale only with records and an empty changelog
+    with_records = {c, e}.__contains__
+    assert stale_partitions({c: None, e: -1, b: None}, {c: 0, e: 0, b: 4}, with_records) == {c: (-1, 0), e: (-1, 0)}
+    assert stale_partitions({c: None}, {c: 0}, lambda tp: False) == {}
 
 
 def _app_with_table(tmp_path: Path, partitions: int = 2) -> tuple[faust.App, TableStore]:
@@ -45,6 +50,7 @@ def test_wipe_partition_deletes_records_and_persisted_offset_of_that_partition_o
     assert list(store.iter_partition(0)) == []
     assert store.table.data.persisted_offset(tp0) is None
     assert store.get_partition(0, [b"u1"]) == {}
+    assert not store.has_records(0) and store.has_records(1)
     assert store.table.data.persisted_offset(tp1) == 0
     assert [k for k, _ in store.iter_partition(1)] == [b"v1"]
 
@@ -52,30 +58,36 @@ def test_wipe_partition_deletes_records_and_persisted_offset_of_that_partition_o
 def test_the_guard_replaces_fausts_recovery_and_overrides_the_hook_faust_awaits():
     # faust builds its Recovery lazily into TableManager._recovery and awaits
     # _build_offsets(consumer, tps, destination, title) before its consistency check
-    params = list(inspect.signature(Recovery._build_offsets).parameters)
-    assert params == ["self", "consumer", "tps", "destination", "title"]
-    assert "_build_offsets" in ChangelogGuardRecovery.__dict__
+    for hook in ("_build_offsets", "_build_highwaters"):
+        params = list(inspect.signature(getattr(Recovery, hook)).parameters)
+        assert params == ["self", "consumer", "tps", "destination", "title"]
+        assert hook in ChangelogGuardRecovery.__dict__
     source = inspect.getsource(Recovery)
     loop = source[source.index("async def _restart_recovery"):]
-    assert loop.index("self._build_offsets") < loop.index("raise ConsistencyError")
+    assert loop.index("self._build_highwaters") < loop.index("self._build_offsets") < \
+        loop.index("raise ConsistencyError")
+    # the highwaters under exactly_once: the consumer's cached last stable offsets, None before a fetch
+    assert "last_stable_offset" in inspect.getsource(AIOKafkaConsumerThread._highwaters)
 
 
 def test_guard_wipes_stale_partitions_before_faust_reads_their_offsets(tmp_path, caplog):
     app, store = _app_with_table(tmp_path)
-    install_changelog_guard(app, store)
+    tp0, tp1 = TP(CL, 0), TP(CL, 1)
+
+    async def end_offsets(tps, stable):  # the broker's log end offsets, for a replaced cluster
+        assert not stable
+        return {tp0: 0, tp1: 10}
+
+    install_changelog_guard(app, store, end_offsets)
     recovery = app.tables.recovery
     assert isinstance(recovery, ChangelogGuardRecovery)
 
-    tp0, tp1 = TP(CL, 0), TP(CL, 1)
     store.write_partition(0, [(b"u1", b"old")])
     store.write_partition(1, [(b"v1", b"kept")])
     store.mark_changelog_offsets({0: 500, 1: 3})
     destination = {tp0: 500, tp1: 3}
 
-    class Consumer:  # the two offset queries faust's recovery makes, answered for a replaced cluster
-        async def highwaters(self, *tps):
-            return {tp0: 0, tp1: 10}
-
+    class Consumer:  # faust's own offset query in _build_offsets
         async def earliest_offsets(self, *tps):
             return {tp0: 0, tp1: 0}
 
@@ -93,3 +105,29 @@ def test_guard_wipes_stale_partitions_before_faust_reads_their_offsets(tmp_path,
     assert len(errors) == 1
     assert f"{CL}[0] local offset 500 >= changelog end offset 0" in errors[0].getMessage()
     assert f"{CL}[1]" not in errors[0].getMessage()
+
+
+def test_unknown_highwaters_under_transactions_come_from_the_brokers_stable_offsets(tmp_path):
+    app, store = _app_with_table(tmp_path)
+    tp0, tp1, tp2 = TP(CL, 0), TP(CL, 1), TP(CL, 2)
+    asked = []
+
+    async def end_offsets(tps, stable):
+        asked.append((sorted(tps), stable))
+        return {tp0: 3868, tp1: 0}
+
+    install_changelog_guard(app, store, end_offsets)
+    recovery = app.tables.recovery
+
+    class Consumer:  # exactly_once: faust reads the cached last stable offsets, unknown after an assignment
+        async def highwaters(self, *tps):
+            return {tp0: None, tp1: None, tp2: 51}
+
+    from collections import Counter
+
+    for in_transaction, want in ((False, {tp0: -1, tp1: -1, tp2: 50}), (True, {tp0: 3867, tp1: -1, tp2: 50})):
+        app.in_transaction = in_transaction
+        highwaters: Counter = Counter()
+        asyncio.run(recovery._build_highwaters(Consumer(), {tp0, tp1, tp2}, highwaters, "active"))
+        assert dict(highwaters) == want
+    assert asked == [([tp0, tp1], True)]  # only under transactions, only the unknown ones
