@@ -94,6 +94,9 @@ class _Answers:
                     self.last_at = time.monotonic()
 
     def close(self) -> None:
+        """Stop reading (idempotent); ``counts`` stays as it is from then on."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self.thread.join(10)
         self.c.close()
@@ -332,6 +335,7 @@ def run_scenario(scenario: str, args: argparse.Namespace, broker: _Broker, work:
             supervise("drain")
             time.sleep(1.0)
         _log(f"{scenario}: drained at {time.monotonic() - started:.0f} s")
+        answers.close()  # the counts are final: the reader thread no longer changes them
         result = {"scenario": scenario, **tally(load.acked, answers.counts, load.failed), **fault,
                   "worker_restarts": notes,
                   "seconds_to_drain": round(time.monotonic() - started - args.seconds, 1)}
