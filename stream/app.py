@@ -43,7 +43,7 @@ from stream.record_guard import unreadable_detail
 from stream.scoring import ScorerCache
 from stream.settings import Settings
 from stream.sinks import BatchSink, Outgoing, TransactionalSink, dead_letter
-from stream.table_store import TableStore
+from stream.table_store import TableStore, install_changelog_guard
 from stream.topics import DLQ_MESSAGE_MAX_BYTES, STATE_TABLE_NAME, TopicNames
 
 log = logging.getLogger("gruflow.worker")
@@ -498,6 +498,19 @@ def rocksdb_budget_bytes(settings: Settings) -> int:
     return settings.rocksdb_write_buffer_bytes * settings.rocksdb_max_write_buffers + settings.rocksdb_block_cache_bytes
 
 
+def _changelog_end_offsets(settings: Settings) -> Any:
+    """The changelog guard's source of end offsets: the broker's, asked off the event loop."""
+    from stream.kafka_config import end_offsets
+
+    async def ask(tps: Any, stable: bool = False) -> dict[Any, int | None]:
+        tps = list(tps)
+        ends = await asyncio.to_thread(end_offsets, settings, [(tp.topic, tp.partition) for tp in tps],
+                                       stable=stable)
+        return {tp: ends.get((tp.topic, tp.partition)) for tp in tps}
+
+    return ask
+
+
 def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_letter_bytes: int) -> Runtime:
     """The faust app with its table and batch path wired; start it with a faust Worker."""
     import faust
@@ -547,6 +560,7 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     table = app.Table(STATE_TABLE_NAME, key_type=bytes, value_type=bytes, partitions=settings.partitions,
                       default=None, changelog_topic=changelog, options=rocksdb_options(settings))
     store = TableStore(table, settings.partitions)
+    install_changelog_guard(app, store, _changelog_end_offsets(settings))
     if exactly_once:
         sink: Any = TransactionalSink(app, names.clicks, names.recommendations, names.changelog, names.dlq)
     else:

@@ -1,8 +1,12 @@
 """An embedded, single-node Apache Kafka 4.x broker (KRaft: broker + controller in one JVM).
 
 gruflow's default when no bootstrap servers are configured. The broker jars come from Maven Central
-through ``stream/kafka/pom.xml`` into a cache directory (resolved once); each start formats a fresh
-KRaft storage directory in a temp dir and runs ``kafka.Kafka`` on free loopback ports.
+through ``stream/kafka/pom.xml`` into a cache directory (resolved once). Without a data directory each
+start formats a fresh KRaft storage directory in a temp dir (removed on stop) and runs ``kafka.Kafka`` on
+free loopback ports. With ``data_dir`` the broker keeps its logs there and comes back on them: the first
+start formats it and records the ports it chose (``ports.json``); later starts skip the format (the
+cluster id stays the one in ``meta.properties``) and bind the same ports, because clients reconnect to
+the advertised listener they know and the KRaft voter set names the controller's endpoint.
 
 No orphaned JVMs: ``stop()`` runs on context exit, at interpreter exit, on SIGTERM (chained to the
 previous handler) and, should the Python parent be SIGKILLed, the kernel kills the JVM too
@@ -41,6 +45,7 @@ POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
 MIN_JAVA = 17
 MESSAGE_MAX_BYTES = 8 * 1024 * 1024 + 65536  # model checkpoints travel in chunks of up to 8 MiB
 RUN_DIR_PREFIX = "gruflow-kafka-"
+PORTS_FILE = "ports.json"  # in a data dir: the listener ports chosen at its first start
 
 _HELP = (
     "Alternatives: run any Kafka cluster (e.g. `docker compose up -d kafka` with the repo's "
@@ -330,8 +335,10 @@ def _pid_alive(pid: int) -> bool:
 class EmbeddedKafka:
     """A single-node Apache Kafka broker in a child JVM. ``start()`` returns once it answers clients.
 
-    ``port=None`` picks free loopback ports. Signal handlers are installed only when started from the
-    main thread; the atexit hook and the parent-death signal work from any thread.
+    ``port=None`` picks free loopback ports. ``data_dir`` keeps the broker's data (and its ports) across
+    restarts, a kill -9 of the JVM included; without it every start is a new, empty cluster. Signal
+    handlers are installed only when started from the main thread; the atexit hook and the parent-death
+    signal work from any thread.
     """
 
     def __init__(
@@ -345,9 +352,11 @@ class EmbeddedKafka:
         log_level: str = "INFO",
         keep_run_dir: bool = False,
         quiet: bool = False,
+        data_dir: Path | str | None = None,
     ) -> None:
         self.host = "127.0.0.1"
         self._want_port, self._want_controller_port = port, controller_port
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir is not None else None
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.heap = heap
         self.startup_timeout = startup_timeout
@@ -409,29 +418,54 @@ class EmbeddedKafka:
         java = find_java()
         lib = resolve_jars(self.cache_dir)
         _sweep_stale_run_dirs()
-        attempts = 1 if self._want_port else 3  # a free port can be taken between probe and bind
+        # a free port can be taken between probe and bind; ports a data dir recorded are not re-chosen
+        attempts = 1 if self._want_port or self._stored_ports() else 3
         for attempt in range(attempts):
             self._prepare_run_dir()
-            self._launch(java, lib)
+            formatted = self._launch(java, lib)
             try:
                 self._wait_ready()
                 break
             except BrokerError as exc:
                 port_clash = "Address already in use" in self._log_tail(200)
                 self.stop()
+                if port_clash and self.data_dir is not None:
+                    if formatted:  # a fresh data dir: its format named these ports; start over on others
+                        _forget_storage(self.data_dir)
+                    else:
+                        raise BrokerError(
+                            f"port {self.port} or {self.controller_port}, recorded in {self.data_dir / PORTS_FILE} "
+                            f"for this data directory, is taken by another process; the broker must come back "
+                            f"on the same ports so that its clients and its KRaft quorum find it. Stop that "
+                            f"process, or start on a new data directory."
+                        ) from exc
                 if not port_clash or attempt == attempts - 1:
                     raise exc
                 _log("port taken while starting; retrying on other ports")
         return self
 
+    def _stored_ports(self) -> tuple[int, int] | None:
+        return _read_ports(self.data_dir) if self.data_dir is not None else None
+
     def _prepare_run_dir(self) -> None:
-        self.port = self._want_port or free_port(self.host)
-        self.controller_port = self._want_controller_port or free_port(self.host)
+        stored = self._stored_ports()
+        if stored is not None and self._want_port and self._want_port != stored[0]:
+            raise BrokerError(
+                f"{self.data_dir} belongs to a broker on port {stored[0]} (see {PORTS_FILE}); its clients "
+                f"reconnect there. Start it without --port, or with --port {stored[0]}."
+            )
+        self.port = self._want_port or (stored[0] if stored else free_port(self.host))
+        self.controller_port = self._want_controller_port or (stored[1] if stored else free_port(self.host))
         while self.controller_port == self.port:
             self.controller_port = free_port(self.host)
-        self.run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
-        (self.run_dir / "owner.pid").write_text(str(os.getpid()))
-        (self.run_dir / "logs").mkdir()
+        if self.data_dir is not None:
+            self.run_dir = self.data_dir
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "logs").mkdir(exist_ok=True)
+        else:
+            self.run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
+            (self.run_dir / "owner.pid").write_text(str(os.getpid()))
+            (self.run_dir / "logs").mkdir()
         (self.run_dir / "server.properties").write_text(
             server_properties(self.port, self.controller_port, self.run_dir / "data", self.host)
         )
@@ -481,19 +515,18 @@ class EmbeddedKafka:
             *args,
         ]
 
-    def _launch(self, java: str, lib: Path) -> None:
+    def _launch(self, java: str, lib: Path) -> bool:
+        """Format the storage unless it was formatted before (a data dir's restart), then start the JVM.
+        Returns whether this call formatted."""
         assert self.run_dir is not None
         props = str(self.run_dir / "server.properties")
-        cluster_id = _random_cluster_id()
-        cds, dump = self._cds("storage-tool", java)
-        fmt = subprocess.run(
-            self._java_cmd(java, lib, "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id, "-c", props,
-                           short_lived=True, cds=cds),
-            capture_output=True, text=True, timeout=120,
-        )
-        if fmt.returncode != 0:
-            raise BrokerError(f"formatting the KRaft storage failed (exit {fmt.returncode}):\n{fmt.stdout}{fmt.stderr}")
-        self._publish_cds(dump, "storage-tool", java)
+        formatted = not _is_formatted(self.run_dir / "data")
+        if formatted:
+            self._format(java, lib, props)
+            if self.data_dir is not None:  # the format wrote the controller's endpoint into the voter set
+                _write_ports(self.data_dir, self.port, self.controller_port)
+        elif not self.quiet:
+            _log(f"reusing the Kafka data in {self.run_dir / 'data'} (cluster id {_cluster_id(self.run_dir / 'data')})")
         out = open(self.run_dir / "logs" / "stdout.log", "wb")
         cds, self._server_dump = self._cds("server", java)
         self._java = java
@@ -504,6 +537,18 @@ class EmbeddedKafka:
         )
         out.close()
         self._register()
+        return formatted
+
+    def _format(self, java: str, lib: Path, props: str) -> None:
+        cds, dump = self._cds("storage-tool", java)
+        fmt = subprocess.run(
+            self._java_cmd(java, lib, "kafka.tools.StorageTool", "format", "--standalone", "-t", _random_cluster_id(),
+                           "-c", props, short_lived=True, cds=cds),
+            capture_output=True, text=True, timeout=120,
+        )
+        if fmt.returncode != 0:
+            raise BrokerError(f"formatting the KRaft storage failed (exit {fmt.returncode}):\n{fmt.stdout}{fmt.stderr}")
+        self._publish_cds(dump, "storage-tool", java)
 
     def _wait_ready(self) -> None:
         from confluent_kafka import KafkaException
@@ -547,7 +592,8 @@ class EmbeddedKafka:
         return "\n".join(lines[-n:])
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Controlled shutdown (SIGTERM), SIGKILL after ``timeout``; removes the run directory. Idempotent."""
+        """Controlled shutdown (SIGTERM), SIGKILL after ``timeout``; removes the run directory unless it is a
+        data dir (or ``keep_run_dir``). Idempotent."""
         with self._stop_lock:
             proc, self.proc = self.proc, None
             if proc is not None and proc.poll() is None:
@@ -562,7 +608,7 @@ class EmbeddedKafka:
             if proc is not None and not self.quiet:
                 _log(f"Kafka on {self.host}:{self.port} stopped")
             self._unregister()
-            if self.run_dir is not None and not self.keep_run_dir:
+            if self.run_dir is not None and not self.keep_run_dir and self.data_dir is None:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
                 self.run_dir = None
 
@@ -641,6 +687,47 @@ def _mb(size: str) -> int:
     return int(float(size.rstrip("kmg")) * factor)
 
 
+def _is_formatted(log_dir: Path) -> bool:
+    return (log_dir / "meta.properties").is_file()
+
+
+def _cluster_id(log_dir: Path) -> str:
+    """The cluster id a formatted log dir belongs to (``cluster.id`` in its meta.properties)."""
+    for line in (log_dir / "meta.properties").read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "cluster.id":
+            return value.strip()
+    return ""
+
+
+def _read_ports(data_dir: Path) -> tuple[int, int] | None:
+    """(listener port, controller port) a data dir's broker was started on, or None before its first start."""
+    import json
+
+    try:
+        ports = json.loads((data_dir / PORTS_FILE).read_text())
+        return int(ports["port"]), int(ports["controller_port"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BrokerError(f"{data_dir / PORTS_FILE} is unreadable ({exc!r}); it names the ports this data "
+                          f"directory's broker must come back on") from exc
+
+
+def _write_ports(data_dir: Path, port: int, controller_port: int) -> None:
+    import json
+
+    tmp = data_dir / f"{PORTS_FILE}.tmp"
+    tmp.write_text(json.dumps({"port": port, "controller_port": controller_port}) + "\n")
+    os.replace(tmp, data_dir / PORTS_FILE)
+
+
+def _forget_storage(data_dir: Path) -> None:
+    """Undo a format that never served (its ports were taken): the next attempt formats on new ports."""
+    shutil.rmtree(data_dir / "data", ignore_errors=True)
+    (data_dir / PORTS_FILE).unlink(missing_ok=True)
+
+
 def _random_cluster_id() -> str:
     """What `kafka-storage.sh random-uuid` prints: a URL-safe base64 UUID without padding, never starting
     with "-" (the tool's argument parser would read that as an option)."""
@@ -652,12 +739,14 @@ def _random_cluster_id() -> str:
             return cluster_id
 
 
-def run_forever(settings: Settings | None = None, *, port: int | None = None, create_topics: bool = True) -> int:
-    """``gruflow broker``: run the embedded broker until SIGTERM/Ctrl-C, with gruflow's topics created."""
+def run_forever(settings: Settings | None = None, *, port: int | None = None, create_topics: bool = True,
+                data_dir: Path | str | None = None) -> int:
+    """``gruflow broker``: run the embedded broker until SIGTERM/Ctrl-C, with gruflow's topics created;
+    with ``data_dir``, on the data (and ports) of its previous run there."""
     settings = settings if settings is not None else Settings.from_env()
     stop = threading.Event()
     try:
-        with EmbeddedKafka.from_settings(settings, port=port) as kafka:
+        with EmbeddedKafka.from_settings(settings, port=port, data_dir=data_dir) as kafka:
             if create_topics:
                 from stream.topics import ensure_topics
 

@@ -1,4 +1,4 @@
-"""CLI commands of the stream area: worker, replay, tail, demo, broker, and ``bench stream``.
+"""CLI commands of the stream area: worker, replay, tail, demo, broker, ``bench stream`` and ``lab faults``.
 
 Every command reads its settings from GRUFLOW_* variables; ``--bootstrap`` overrides
 GRUFLOW_BOOTSTRAP_SERVERS. Imports stay inside the handlers so ``gruflow --help`` is instant.
@@ -42,7 +42,7 @@ def _tail(args: argparse.Namespace) -> int:
 def _broker(args: argparse.Namespace) -> int:
     from stream.broker import run_forever
 
-    return run_forever(_settings(args), port=args.port, create_topics=not args.no_topics)
+    return run_forever(_settings(args), port=args.port, create_topics=not args.no_topics, data_dir=args.data_dir)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -55,6 +55,12 @@ def _bench(args: argparse.Namespace) -> int:
     from stream.bench import run_bench
 
     return run_bench(args)
+
+
+def _faults(args: argparse.Namespace) -> int:
+    from stream.faults import run_faults
+
+    return run_faults(args)
 
 
 def register(sub: Any, bench_sub: Any) -> None:
@@ -75,6 +81,9 @@ def register(sub: Any, bench_sub: Any) -> None:
     p = sub.add_parser("broker", help="run the embedded Apache Kafka broker until Ctrl-C")
     p.add_argument("--port", type=int, default=None, help="listener port (default: a free one)")
     p.add_argument("--no-topics", action="store_true", help="do not create gruflow's topics")
+    p.add_argument("--data-dir", default=None,
+                   help="keep the broker's data (and its ports) here and come back on them at the next start, "
+                        "also after a kill -9 (default: a temporary directory, removed on stop)")
     p.set_defaults(func=_broker)
 
     p = sub.add_parser("demo", help="embedded broker + quick model + worker + replay, with a live summary")
@@ -84,7 +93,18 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--seconds", type=float, default=90.0,
                    help="stop the replay after this long even if events remain (default 90)")
     p.add_argument("--rate", type=float, default=None, help="cap on replayed events per second")
+    p.add_argument("--broker-data-dir", default=None,
+                   help="the embedded broker keeps its data here across runs (see `gruflow broker --data-dir`)")
     p.set_defaults(func=_demo)
+
+    lab = sub.add_parser("lab", help="experiments on the running system that print JSON")
+    lab_sub = lab.add_subparsers(dest="lab_command", metavar="WHAT")
+    p = lab_sub.add_parser("faults", help="worker SIGKILL, broker pause, broker kill -9 + restart under load: "
+                                          "events sent, answered, duplicated, missing")
+    from stream.faults import add_faults_args
+
+    add_faults_args(p)
+    p.set_defaults(func=_faults)
 
     p = bench_sub.add_parser("stream", help="end-to-end worker throughput and latency on the embedded broker")
     p.add_argument("--json", action="store_true", help="print one JSON object (the default output)")

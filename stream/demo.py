@@ -249,7 +249,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         if base.embedded:
             _say("starting the embedded Apache Kafka broker ...")
-            kafka = EmbeddedKafka.from_settings(base).start()
+            kafka = EmbeddedKafka.from_settings(base, data_dir=args.broker_data_dir).start()
             base = kafka.settings(base)
         run_id = time.strftime("%H%M%S")
         settings = base.replace(topic_prefix=f"demo{run_id}.", app_id=f"gruflow-demo-{run_id}",

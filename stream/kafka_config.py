@@ -191,6 +191,29 @@ def assign_whole_topic(consumer: Any, topic: str, offset: int, timeout: float = 
     return len(info.partitions)
 
 
+def end_offsets(settings: Settings, partitions: list[tuple[str, int]], *, stable: bool = False,
+                timeout: float = 10.0) -> dict[tuple[str, int], int | None]:
+    """Log end offsets (next offset to be written) of these partitions, read from the broker; with
+    ``stable``, the last stable offsets instead (where a read_committed reader ends: the first record of
+    the oldest open transaction). None where the broker did not answer. Blocking: one short-lived
+    group-less consumer."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    level = "read_committed" if stable else "read_uncommitted"
+    consumer = Consumer(consumer_config(settings, group_id=None, **{"isolation.level": level}))
+    out: dict[tuple[str, int], int | None] = {}
+    try:
+        for topic, partition in partitions:
+            try:
+                out[(topic, partition)] = consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                                         timeout=timeout)[1]
+            except KafkaException:
+                out[(topic, partition)] = None
+    finally:
+        consumer.close()
+    return out
+
+
 def admin_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     return confluent_config(settings, **extra)
 

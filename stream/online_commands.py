@@ -107,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
         if settings.embedded:
             from stream.broker import EmbeddedKafka
 
-            broker = EmbeddedKafka.from_settings(settings).start()
+            broker = EmbeddedKafka.from_settings(settings, data_dir=args.broker_data_dir).start()
             settings = broker.settings(settings)
             os.environ["GRUFLOW_BOOTSTRAP_SERVERS"] = settings.bootstrap_servers
         ensure_topics(settings)
@@ -202,6 +202,9 @@ def _experiment(args: argparse.Namespace) -> int:
 def register(sub: Any, bench_sub: Any) -> None:
     p = _bootstrap_arg(sub.add_parser("run", help="worker + trainer in one process (embedded broker by default)"))
     p.add_argument("--trainer-port", type=int, default=0, help="trainer /metrics port (default: web port + 1)")
+    p.add_argument("--broker-data-dir", default=None,
+                   help="the embedded broker (no cluster set) keeps its data here across runs, so that it comes "
+                        "back with the worker's state (see `gruflow broker --data-dir`)")
     p.set_defaults(func=_run)
 
     p = _bootstrap_arg(sub.add_parser("trainer", help="run the online fine-tuning trainer (needs a Kafka cluster)"))

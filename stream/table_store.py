@@ -11,17 +11,29 @@ The number of users per partition is exact and cheap to read: ``count_partitions
 the active partitions once after each recovery (faust's changelog replay writes around this class), and
 ``write_partition`` keeps the counts up to date from then on. RocksDB's own key estimate is no user
 count (it counts overwritten and deleted keys until a compaction drops them).
+
+A local store can also be AHEAD of its changelog: its persisted offset names a record the changelog
+does not have, because the cluster was replaced (an embedded broker without a data dir, a new cluster)
+or the topic was recreated. faust then raises ConsistencyError at every start, a crash loop that only
+deleting the data dir ends. ``ChangelogGuardRecovery`` catches that case first: it logs one error, wipes
+the stale partitions (their records and persisted offsets) and lets faust's recovery rebuild them from
+the changelog as it is.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, Collection, Iterator, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 from aiokafka.partitioner import murmur2
+from faust.tables.recovery import Recovery
 from faust.types import TP
 
 from state.codec import StateCodecError, UserState, decode, encode
+
+log = logging.getLogger("gruflow.worker")
+_WIPE_CHUNK = 10_000  # deletes per RocksDB write batch while wiping a partition
 
 
 class TableStore:
@@ -102,6 +114,46 @@ class TableStore:
             else:
                 self._store.set_persisted_offset(tp, offset)
 
+    def wipe_partition(self, partition: int) -> int:
+        """Delete every record of one partition's local store, faust's persisted offset included (so that
+        recovery reads its changelog from the start). Returns the number of keys deleted."""
+        import rocksdict
+
+        db = self._db(partition)
+        index = self._store._key_index
+        n = 0
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        it = db.iter()  # an implicit snapshot: the deletes below do not disturb it
+        it.seek_to_first()
+        while it.valid():
+            key = it.key()
+            batch.delete(key)
+            index.pop(key, None)
+            n += 1
+            if n % _WIPE_CHUNK == 0:
+                db.write(batch)
+                batch = rocksdict.WriteBatch(raw_mode=True)
+            it.next()
+        db.write(batch)
+        return n
+
+    def has_records(self, partition: int) -> bool:
+        """Whether the partition's local store holds any user record (faust's offset key aside)."""
+        return next(iter(self.iter_partition(partition)), None) is not None
+
+    def on_stale_changelog(self, stale: Mapping[TP, tuple[int, int]]) -> None:
+        """The local store is ahead of these changelog partitions: say so once, then wipe them."""
+        log.error(
+            "the changelog is behind the local state store in %s: %s. The Kafka cluster was replaced or the "
+            "changelog topic recreated since this data dir was written; these partitions are rebuilt from the "
+            "changelog as it is now (users' state the changelog lost is lost)",
+            Path(self._store.path), "; ".join(
+                f"{tp.topic}[{tp.partition}] local offset {persisted} >= changelog end offset {end}" if persisted >= 0
+                else f"{tp.topic}[{tp.partition}] local records (no persisted offset), changelog empty"
+                for tp, (persisted, end) in sorted(stale.items())))
+        for tp in stale:
+            self.wipe_partition(tp.partition)
+
     def iter_partition(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
         """Every stored record of one partition (TTL sweeps, tools); skips faust's offset key."""
         db = self._db(partition)
@@ -155,3 +207,86 @@ class TableStore:
         for p, ks in by_p.items():
             out.update(self.get_partition(p, ks))
         return out
+
+
+# --------------------------------------------------------------------------- a replaced cluster
+
+
+def stale_partitions(persisted: Mapping[TP, int | None], ends: Mapping[TP, int | None],
+                     has_records: Callable[[TP], bool] = lambda tp: False) -> dict[TP, tuple[int, int]]:
+    """Changelog partitions whose local store is ahead of the changelog, with (persisted offset, end offset);
+    -1 for "records but no persisted offset".
+
+    The persisted offset is the offset of the last changelog record applied locally, so it is below the
+    partition's end offset (the next offset to be written) unless the records it counts are gone. A store
+    with records but no persisted offset yet (exactly_once persists offsets at commits, so a worker
+    stopped before its first commit leaves none) is stale when the changelog is empty: its records are
+    not in it. ``has_records`` is asked only for that case.
+    """
+    out: dict[TP, tuple[int, int]] = {}
+    for tp, offset in persisted.items():
+        end = ends.get(tp)
+        if end is None:
+            continue
+        if offset is not None and offset >= 0:
+            if offset >= end:
+                out[tp] = (offset, end)
+        elif end == 0 and has_records(tp):
+            out[tp] = (-1, end)
+    return out
+
+
+# (partitions, stable) -> the broker's log end offsets, or with stable=True its last stable offsets
+EndOffsets = Callable[[Iterable[TP], bool], Awaitable[Mapping[TP, int | None]]]
+
+
+class ChangelogGuardRecovery(Recovery):
+    """faust's table recovery, with the local-store-ahead-of-changelog case repaired instead of fatal.
+
+    Hooks ``_build_offsets``, which faust awaits for the active and for the standby partitions after it
+    read their persisted offsets and before its consistency check and its seeks: a stale partition's
+    offset is reset there, so faust reads its changelog from the start, into a wiped store.
+
+    The end offsets come from ``end_offsets`` (the broker's log end), not from faust's consumer: under
+    exactly_once faust's ``highwaters`` are the last stable offsets its consumer has cached, unknown
+    (None) for a partition it has not fetched since its assignment. faust turns such an unknown
+    highwater into -1, and then fails its own consistency check for any partition with a persisted
+    offset, i.e. every worker that holds state crashed at every rebalance. ``_build_highwaters`` fills
+    those in from the broker's last stable offsets.
+    """
+
+    def __init__(self, app: Any, tables: Any, *, on_stale: Callable[[Mapping[TP, tuple[int, int]]], None],
+                 has_records: Callable[[TP], bool], end_offsets: EndOffsets, **kwargs: Any) -> None:
+        super().__init__(app, tables, **kwargs)
+        self._on_stale = on_stale
+        self._has_records = has_records
+        self._end_offsets = end_offsets
+
+    async def _build_highwaters(self, consumer: Any, tps: Any, destination: Any, title: str) -> None:
+        await super()._build_highwaters(consumer, tps, destination, title)
+        if not tps or not self.app.in_transaction:
+            return  # outside transactions faust asked the broker for the end offsets itself
+        unknown = [tp for tp in tps if destination.get(tp, -1) < 0]  # faust's -1: unknown, or truly empty
+        if unknown:
+            for tp, stable in (await self._end_offsets(unknown, True)).items():
+                if stable is not None and stable > 0:
+                    destination[tp] = stable - 1  # faust's convention: the last offset, not the next
+
+    async def _build_offsets(self, consumer: Any, tps: Any, destination: Any, title: str) -> None:
+        if tps:
+            ends = await self._end_offsets(tps, False)
+            stale = stale_partitions({tp: destination.get(tp) for tp in tps}, ends, self._has_records)
+            if stale:
+                self._on_stale(stale)
+                for tp in stale:
+                    destination[tp] = None  # faust then starts from the changelog's earliest offset
+        await super()._build_offsets(consumer, tps, destination, title)
+
+
+def install_changelog_guard(app: Any, store: TableStore, end_offsets: EndOffsets) -> None:
+    """Give the app's table manager a ``ChangelogGuardRecovery`` (before the worker starts: faust creates
+    its own Recovery lazily, on first use of ``app.tables.recovery``)."""
+    tables = app.tables
+    tables._recovery = ChangelogGuardRecovery(app, tables, on_stale=store.on_stale_changelog,
+                                              has_records=lambda tp: store.has_records(tp.partition),
+                                              end_offsets=end_offsets, beacon=tables.beacon, loop=tables.loop)

@@ -28,6 +28,8 @@ FAUST_PRODUCER = "faust.transport.drivers.aiokafka:Producer"
 ROCKSDB_STORE = "faust.stores.rocksdb:Store"
 AIOKAFKA_CONSUMER = "aiokafka:AIOKafkaConsumer"
 PARTITION_RECORDS = "aiokafka.consumer.fetcher:PartitionRecords"
+RECOVERY = "faust.tables.recovery:Recovery"
+TABLE_MANAGER = "faust.tables.manager:TableManager"
 HISTOGRAM = "prometheus_client:Histogram"
 SERVICE = "mode:Service"
 
@@ -81,6 +83,13 @@ PRIVATE: tuple[Touch, ...] = (
     Touch(ROCKSDB_STORE, "_db_for_partition", "method", ("partition",), "stream/table_store.py TableStore._db"),
     Touch(ROCKSDB_STORE, "_key_index", "attribute", None, "stream/table_store.py TableStore.write_partition"),
     Touch(ROCKSDB_STORE, "_dbs", "attribute", None, "stream/table_store.py TableStore.memory_bytes"),
+    # faust's table recovery: the changelog guard checks the persisted offsets against the changelog's end
+    # before faust's own check raises ConsistencyError, and is installed in place of faust's Recovery
+    Touch(RECOVERY, "_build_highwaters", "coroutine", ("consumer", "tps", "destination", "title"),
+          "stream/table_store.py ChangelogGuardRecovery (override)"),
+    Touch(RECOVERY, "_build_offsets", "coroutine", ("consumer", "tps", "destination", "title"),
+          "stream/table_store.py ChangelogGuardRecovery (override)"),
+    Touch(TABLE_MANAGER, "_recovery", "value", None, "stream/table_store.py install_changelog_guard"),
     # prometheus_client's histogram: many observations in one pass
     Touch(HISTOGRAM, "_upper_bounds", "attribute", None, "stream/app.py observe_many"),
     Touch(HISTOGRAM, "_buckets", "attribute", None, "stream/app.py observe_many"),

@@ -108,3 +108,35 @@ def test_stale_run_dirs_of_dead_owners_are_swept(monkeypatch, tmp_path):
         (path / "owner.pid").write_text(str(pid))
     broker._sweep_stale_run_dirs()
     assert not dead.exists() and alive.exists()
+
+
+def test_a_data_dir_brings_back_its_ports_and_keeps_its_files(tmp_path):
+    data_dir = tmp_path / "kafka"
+    first = broker.EmbeddedKafka(data_dir=data_dir)
+    first._prepare_run_dir()  # first start: free ports, chosen now
+    assert first.run_dir == data_dir.resolve() and first.port and first.controller_port != first.port
+    broker._write_ports(data_dir, first.port, first.controller_port)  # what a successful format records
+
+    again = broker.EmbeddedKafka(data_dir=data_dir)
+    again._prepare_run_dir()
+    assert (again.port, again.controller_port) == (first.port, first.controller_port)
+    props = (data_dir / "server.properties").read_text()
+    assert f"PLAINTEXT://127.0.0.1:{first.port}," in props and str(data_dir.resolve() / "data") in props
+    again.stop()
+    assert (data_dir / broker.PORTS_FILE).is_file(), "stop() removed a data dir"
+
+    with pytest.raises(BrokerError, match=f"--port {first.port}"):
+        broker.EmbeddedKafka(data_dir=data_dir, port=first.port + 1)._prepare_run_dir()
+
+
+def test_a_formatted_log_dir_is_recognised_with_its_cluster_id(tmp_path):
+    assert not broker._is_formatted(tmp_path)
+    (tmp_path / "meta.properties").write_text("#\nnode.id=1\ncluster.id=AbC-123_xyz\nversion=1\n")
+    assert broker._is_formatted(tmp_path)
+    assert broker._cluster_id(tmp_path) == "AbC-123_xyz"
+
+
+def test_an_unreadable_ports_file_is_an_error_not_new_ports(tmp_path):
+    (tmp_path / broker.PORTS_FILE).write_text("{not json")
+    with pytest.raises(BrokerError, match="unreadable"):
+        broker.EmbeddedKafka(data_dir=tmp_path)._prepare_run_dir()
