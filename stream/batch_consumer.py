@@ -44,6 +44,7 @@ import asyncio
 import time
 from typing import Any, Awaitable, Callable, Mapping, Sequence, Set
 
+from faust.transport.consumer import TransactionManager
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
@@ -331,7 +332,28 @@ class BatchConsumer(AIOKafkaConsumer):
             raise
 
 
+class FreshTransactionManager(TransactionManager):
+    """exactly_once: every rebalance starts every transactional producer afresh.
+
+    faust keeps the producer of a transactional id across a rebalance unless it counts the partition as
+    revoked, and it kept the producers of the partitions a worker handed over when a second worker joined
+    (no stop was logged). That worker fenced them (a new producer epoch for the same transactional id),
+    and when the partitions came back (that worker killed), faust reused the fenced producers: begin
+    failed ("Invalid state transition IN_TRANSACTION", logged and ignored) and the first batch's send
+    failed ("Can't send messages while not in transaction"), which stopped the worker. A producer that
+    lost its partition for a while (a network cut) is fenced the same way. A new producer per rebalance
+    is always valid, and nothing is lost: the revocation committed every acked batch, and nothing is sent
+    between the revocation and the next generation's seek."""
+
+    async def on_rebalance(self, assigned: Set[TP], revoked: Set[TP], newly_assigned: Set[TP]) -> None:
+        producers = getattr(self.producer, "_transaction_producers", {})
+        for transactional_id in list(producers):
+            await self.producer.stop_transaction(transactional_id)
+        await super().on_rebalance(assigned, revoked, newly_assigned)
+
+
 class BatchTransport(AIOKafkaTransport):
     """faust's aiokafka transport with the batching consumer (``app.transport = BatchTransport(...)``)."""
 
     Consumer = BatchConsumer
+    TransactionManager = FreshTransactionManager

@@ -101,6 +101,11 @@ class Load(threading.Thread):
             self.error = exc
 
 
+def _alive(worker: WorkerProc) -> bool:
+    assert worker.proc is not None and worker.proc.poll() is None, f"the survivor exited:\n{worker.log_tail()}"
+    return True
+
+
 def _missing(load: Load, keys: set[tuple[str, int]]) -> str:
     """Where the unanswered events were: (topic, partition) -> how many, first and last offset."""
     where: dict[tuple[str, int], list[int]] = defaultdict(list)
@@ -159,14 +164,14 @@ def test_sigkill_of_one_of_two_workers_under_load_loses_nothing(kafka, tmp_path:
 
         want = {(e.user, e.ts) for e in events}
         try:
-            seen = recs.poll_until(lambda c: want <= set(c.answered()), 120, "an answer to every event")
+            seen = recs.poll_until(lambda c: _alive(survivor) and want <= set(c.answered()), 120,
+                                   "an answer to every event")
         except AssertionError as exc:
             offsets = committed_offsets(settings, [settings.topic("clicks"), settings.topic("purchases")])
             raise AssertionError(f"{exc}\n{_missing(load, want - set(recs.seen.answered()))}\n"
                                  f"(committed, end): {offsets}") from None
         seen = recs.drain(quiet_s=3.0)
-        assert survivor.proc is not None and survivor.proc.poll() is None, \
-            f"the survivor exited:\n{survivor.log_tail()}"
+        assert _alive(survivor)
 
         # answers, in each partition's order (a user's answers are in one partition): the first to each
         # event is the offline one; a re-answer shows that user's state as of the event or later
