@@ -182,27 +182,11 @@ def read_states(settings: Settings, read_committed: bool = True) -> dict[str, Us
         c.close()
 
 
-def expected_states(model_path: Path, events: list[Ev], settings: Settings) -> dict[str, UserState]:
-    """The states a single uninterrupted worker must end with: the pure processor, one event at a time per
-    user (batching does not change results), without Kafka."""
-    model = load_checkpoint(model_path).recommender(1)
-    cfg = ProcessorConfig(k=settings.top_k, session_gap_ms=int(settings.session_gap_s * 1000))
-    store = MemoryStore()
-    from model.events import EventType
-
-    batch = [Event(e.user, e.item, int(EventType.parse(e.etype)), e.ts, e.user.encode(), e.kind, 0, -1, e.ts,
-                   1 if e.kind == "purchases" else 0) for e in events]
-    for i in range(0, len(batch), 64):
-        part = batch[i:i + 64]
-        keys = list(dict.fromkeys(e.key for e in part))
-        result = process_batch(model, part, store.get_many(keys), cfg)
-        store.put_many(result.states)
-    return {k.decode(): v for k, v in store.get_many(list(store)).items()}
-
-
-def expected_answers(model_path: Path, events: list[Ev], settings: Settings) -> dict[tuple[str, int], list]:
-    """Every event's answer in an uninterrupted run, keyed (user, ts): the same pure processor as
-    ``expected_states``, one event at a time per user; an answer is its ``[(item_id, score)]``."""
+def offline_run(model_path: Path, events: list[Ev], settings: Settings
+                ) -> tuple[dict[str, UserState], dict[tuple[str, int], list]]:
+    """An uninterrupted run without Kafka: the pure processor, one event at a time per user (batching
+    does not change results). Returns the final states and every event's answer, keyed (user, ts); an
+    answer is its ``[(item_id, score)]``."""
     from model.events import EventType
 
     model = load_checkpoint(model_path).recommender(1)
@@ -218,7 +202,17 @@ def expected_answers(model_path: Path, events: list[Ev], settings: Settings) -> 
         store.put_many(result.states)
         for e, (_key, value) in zip(part, result.outputs):
             answers[(e.user_id, e.ts_ms)] = answer_items(orjson.loads(value))
-    return answers
+    return {k.decode(): v for k, v in store.get_many(list(store)).items()}, answers
+
+
+def expected_states(model_path: Path, events: list[Ev], settings: Settings) -> dict[str, UserState]:
+    """The states a single uninterrupted worker must end with (``offline_run``)."""
+    return offline_run(model_path, events, settings)[0]
+
+
+def expected_answers(model_path: Path, events: list[Ev], settings: Settings) -> dict[tuple[str, int], list]:
+    """Every event's answer in an uninterrupted run (``offline_run``)."""
+    return offline_run(model_path, events, settings)[1]
 
 
 def answer_items(recommendation: dict) -> list[tuple[str, float]]:
