@@ -152,7 +152,9 @@ def test_sigkill_of_one_of_two_workers_under_load_loses_nothing(kafka, tmp_path:
                         tmp_path, name="victim")
     load = Load(settings, events, bad)
     try:
-        survivor.start(wait_ready=False)
+        # the survivor serves every partition first, then hands half of them to the victim: the group as it
+        # grows, and a survivor that held the victim's partitions (and their transactional ids) before
+        survivor.start()
         victim.start(wait_ready=False)
         _wait_both_serving(survivor, victim)
         load.start()
