@@ -441,14 +441,9 @@ class Pipeline:
             pass
         m.rocksdb_memory.set(self.store.memory_bytes())
         consumer = self.app.consumer
-        lag = 0
         try:
-            for tp in consumer.assignment():
-                if tp.topic in self.kinds:
-                    hw = consumer.highwater(tp)
-                    pos = consumer._read_offset.get(tp)
-                    if hw is not None:
-                        lag += max(0, hw - (pos + 1 if pos is not None else 0))
+            ends = {tp: consumer.highwater(tp) for tp in consumer.assignment() if tp.topic in self.kinds}
+            lag = committed_lag(ends, {tp: consumer._committed_offset.get(tp) for tp in ends})
         except Exception:  # noqa: BLE001 - a gauge: skip this round while the consumer is rebalancing
             return
         m.consumer_lag.set(lag)
@@ -467,6 +462,13 @@ class Pipeline:
     async def stop_output(self) -> None:
         """After faust has stopped: deliver what is still queued and close the output producer."""
         await self.sink.stop()
+
+
+def committed_lag(ends: dict[Any, int | None], committed: dict[Any, int | None]) -> int:
+    """Records after the group's committed offset, summed over partitions: what KEDA and the lag alert
+    act on, and what a restart would process again. A partition whose end is not known yet counts 0;
+    one without a committed offset counts from offset 0."""
+    return sum(max(0, end - (committed.get(tp) or 0)) for tp, end in ends.items() if end is not None)
 
 
 def observe_many(histogram: Any, values: np.ndarray) -> None:
@@ -502,10 +504,9 @@ def _changelog_end_offsets(settings: Settings) -> Any:
     """The changelog guard's source of end offsets: the broker's, asked off the event loop."""
     from stream.kafka_config import end_offsets
 
-    async def ask(tps: Any, stable: bool = False) -> dict[Any, int | None]:
+    async def ask(tps: Any) -> dict[Any, int | None]:
         tps = list(tps)
-        ends = await asyncio.to_thread(end_offsets, settings, [(tp.topic, tp.partition) for tp in tps],
-                                       stable=stable)
+        ends = await asyncio.to_thread(end_offsets, settings, [(tp.topic, tp.partition) for tp in tps])
         return {tp: ends.get((tp.topic, tp.partition)) for tp in tps}
 
     return ask

@@ -13,15 +13,38 @@ commit logic (gaps, consecutive offsets, transactions) works unchanged. In exact
 handler holds ``commit_lock`` while it sends a batch's outputs and acks its offsets, and commits (the
 choice of offsets included) and revocations take the same lock, so a transaction never holds a batch's
 outputs without its offsets (or the reverse).
+
+Takeover (kill -9 of another member, a network cut, any rebalance during a batch) relies on one invariant:
+
+    an input record that aiokafka returns is either handed to ``batch_handler`` or lies at or after a
+    position that a seek sets LATER; records are never dropped otherwise.
+
+aiokafka advances a partition's position as it returns records and only returns records from the current
+position (a seek discards what it had buffered), so a record returned and then dropped is skipped for good
+unless a later seek rewinds the partition. faust's rebalance flow is: revoke (every partition; the flow
+stops), assign (new generation), table recovery (changelogs), then ``perform_seek`` of the input
+partitions to the committed offsets. Here:
+
+- The consumer thread counts the seeks of the input partitions (``BatchConsumerThread.seeks``) and tags
+  every fetch result with the count at the moment aiokafka returned it; both happen on the thread's loop,
+  so the tag says exactly which seek's positions the records come from. During a seek the input
+  partitions are paused in aiokafka (paused partitions are neither fetched nor returned, nor their
+  positions moved), and they are resumed only once the event loop has taken note of the seek
+  (``_ready_seek``).
+- A revocation clears ``_ready_seek``; the generation's seek sets it. Input records are handed over only
+  if their tag is ``_ready_seek``, when collected and again when handed over. Anything else was returned
+  before a seek that is still to come or has happened since, which rewinds to the committed offsets, at or
+  before those records (nothing past the committed offset is forgotten: acked offsets are what gets
+  committed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable, Sequence, Set
+from typing import Any, Awaitable, Callable, Mapping, Sequence, Set
 
-from aiokafka import TopicPartition
+from faust.transport.consumer import TransactionManager
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
@@ -43,7 +66,6 @@ BatchHandler = Callable[[Batch, int], Awaitable[None]]
 # it has FETCH_MIN_BYTES or the batch time bound has passed: the batch fills at the broker, and a backlog
 # still comes back at once.
 FETCH_MIN_BYTES = 256 * 1024
-SEEK_WAIT_S = 30.0  # how long a dropped batch waits for a running seek before seeking back itself
 
 
 def fetch_max_wait_ms(batch_max_s: float) -> int:
@@ -51,7 +73,49 @@ def fetch_max_wait_ms(batch_max_s: float) -> int:
     return int(min(500.0, max(5.0, batch_max_s * 1000.0)))
 
 
+class Fetched(dict):
+    """A fetch result (tp -> records) and the number of input seeks done when aiokafka returned it."""
+
+    def __init__(self, records: Mapping[Any, list[Any]], seeks: int) -> None:
+        super().__init__(records)
+        self.seeks = seeks
+
+
 class BatchConsumerThread(AIOKafkaConsumerThread):
+    seeks = 0  # seeks of the input partitions so far; read and written on this thread's loop only
+
+    async def _fetch_records(self, consumer: Any, active_partitions: Any, timeout: float | None = None,
+                             max_records: int | None = None) -> Fetched:
+        records = await super()._fetch_records(consumer, active_partitions, timeout=timeout,
+                                               max_records=max_records)
+        return Fetched(records, self.seeks)  # no await in between: the count these records were returned under
+
+    async def seek_inputs_to_committed(self, topics: frozenset[str]) -> tuple[Mapping[Any, int | None], int]:
+        """Pause the input partitions (aiokafka then neither fetches nor returns them), seek them to the
+        committed offsets, those without one to their beginning (auto_offset_reset=earliest: aiokafka
+        leaves them where they are), and count the seek. They stay paused until ``resume_inputs``.
+        Returns the committed offsets of every assigned partition (what faust's seek_to_committed
+        returns) and the seek's count."""
+        return await self.call_thread(self._seek_inputs, topics)
+
+    async def _seek_inputs(self, topics: frozenset[str]) -> tuple[Mapping[Any, int | None], int]:
+        consumer = self._ensure_consumer()
+        inputs = [tp for tp in consumer.assignment() if tp.topic in topics]
+        consumer.pause(*inputs)
+        committed = await consumer.seek_to_committed()
+        fresh = [tp for tp in inputs if not (committed.get(tp) or 0) > 0]
+        if fresh:
+            await consumer.seek_to_beginning(*fresh)
+        self.seeks += 1
+        return committed, self.seeks
+
+    async def resume_inputs(self, topics: frozenset[str]) -> None:
+        await self.call_thread(self._resume_inputs, topics)
+
+    async def _resume_inputs(self, topics: frozenset[str]) -> None:
+        consumer = self._ensure_consumer()
+        consumer.resume(*(tp for tp in consumer.assignment() if tp.topic in topics))
+
     def _create_worker_consumer(self, transport: Any) -> Any:
         # records aiokafka cannot parse come out marked instead of stopping the fetcher (the worker dead-letters
         # them); installed before the consumer builds its fetcher
@@ -61,6 +125,14 @@ class BatchConsumerThread(AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = fetch_max_wait_ms(self.consumer.batch_max_s)
         consumer._fetch_min_bytes = FETCH_MIN_BYTES
         return consumer
+
+    async def _highwaters(self, partitions: list[TP]) -> Mapping[TP, int]:
+        """The log end offsets, asked of the broker. faust's exactly_once path reads aiokafka's cached last
+        stable offset instead, which is None until a fetch of that partition came back: right after a
+        rebalance, recovery read -1 as the changelog's end, found the local store "ahead" of it and
+        stopped the worker (ConsistencyError). A read_committed consumer's end offsets are the last
+        stable offsets."""
+        return await self._ensure_consumer().end_offsets(partitions)
 
 
 class BatchConsumer(AIOKafkaConsumer):
@@ -72,9 +144,10 @@ class BatchConsumer(AIOKafkaConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.commit_lock = asyncio.Lock()
-        self._seeks = 0  # perform_seek calls started so far
-        self._sought_generation = -1  # the generation whose stream partitions were last sought
-        self._held: set[TP] = set()  # input partitions whose resume waits for that seek
+        self._seek_lock = asyncio.Lock()  # one seek of the input partitions at a time
+        self._last_seek: int | None = None  # count of the seek just done by the consumer thread
+        self._ready_seek: int | None = None  # count of this generation's seek, once done; None before
+        self._next: dict[TP, int] = {}  # input partition -> offset of the next record to hand over, if known
 
     def _new_consumer_thread(self) -> BatchConsumerThread:
         return BatchConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -96,42 +169,29 @@ class BatchConsumer(AIOKafkaConsumer):
             self._n_acked += n
         return n
 
-    def resume_partitions(self, tps: Any) -> None:
-        """faust resumes the input partitions when recovery ends BEFORE it seeks them to the committed
-        offsets: records fetched in between were processed, then fetched and processed again after the
-        seek (the same outputs twice in one transaction). Input partitions stay paused until this
-        generation's seek is done (``perform_seek`` resumes them)."""
-        tpset = set(tps)
-        if self.in_transaction and self._sought_generation != self.app.consumer_generation_id:
-            held = {tp for tp in tpset if tp.topic in self.batch_topics}
-            self._held |= held
-            tpset -= held
-        super().resume_partitions(tpset)
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        """faust's seek (``perform_seek`` calls it), with the input partitions paused and counted."""
+        committed, self._last_seek = await self._thread.seek_inputs_to_committed(self.batch_topics)
+        return committed
 
     async def perform_seek(self) -> None:
-        """Seek to the committed offsets, then resume the held input partitions. A batch collected while
-        a seek ran is dropped by the drain loop, which then seeks again (records fetched after the first
-        seek would otherwise be skipped). ``_seeks`` is odd while a seek runs. exactly_once only
-        (at-least-once keeps faust's behaviour)."""
-        if not self.in_transaction:
-            await super().perform_seek()
-            return
-        self._seeks += 1
+        """Seek to the committed offsets, note the seek's count, then resume the input partitions in
+        aiokafka: records returned from then on come from the positions this seek set."""
         generation = self.app.consumer_generation_id
-        try:
-            await super().perform_seek()
-            # aiokafka leaves partitions without a committed offset where they are, so records fetched before
-            # the seek and dropped would be skipped: start those at the beginning (auto_offset_reset=earliest)
-            fresh = [tp for tp in self.assignment()
-                     if tp.topic in self.batch_topics and not self._read_offset.get(tp)]
-            if fresh:
-                await self._thread.seek_to_beginning(*(TopicPartition(tp.topic, tp.partition) for tp in fresh))
-        finally:
-            self._seeks += 1
-        if generation == self.app.consumer_generation_id:
-            self._sought_generation = generation
-            held, self._held = self._held, set()
-            super().resume_partitions(held & self.assignment())
+        async with self._seek_lock:
+            self._ready_seek = None
+            try:
+                await super().perform_seek()
+                if generation == self.app.consumer_generation_id:
+                    inputs = sorted(tp for tp in self.assignment() if tp.topic in self.batch_topics)
+                    self._next.clear()
+                    self._next.update({tp: self._read_offset[tp] for tp in inputs if self._read_offset.get(tp)})
+                    self._ready_seek = self._last_seek
+                    self.log.info("input partitions sought (generation %s): %s", generation,
+                                  ", ".join(f"{tp.topic}[{tp.partition}]@{self._next.get(tp, 'beginning')}"
+                                            for tp in inputs))
+            finally:
+                await self._thread.resume_inputs(self.batch_topics)
 
     async def force_commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
         """faust's commit with the offsets CHOSEN under ``commit_lock`` too: choosing them before the lock
@@ -153,11 +213,16 @@ class BatchConsumer(AIOKafkaConsumer):
             await producer.flush()
 
     async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
-        """exactly_once: commit what was acked before faust forgets the acks. faust drops the acked
+        """A revocation first stops input records from being handed over until the next generation's seek
+        (a batch being collected is dropped: that seek rewinds its partitions to the committed offsets).
+
+        exactly_once: then commit what was acked before faust forgets the acks. faust drops the acked
         offsets of revoked partitions but keeps the open transactions of partitions assigned again
         to this worker, so those outputs would later be committed without their offsets (and be
         produced again when the batch is reprocessed). Holding ``commit_lock`` until the revocation is
         done also keeps a batch from sending outputs in between (``Pipeline`` re-checks the flow)."""
+        self._ready_seek = None
+        self._next.clear()
         if not self.in_transaction:
             await super().on_partitions_revoked(revoked)
             return
@@ -172,15 +237,10 @@ class BatchConsumer(AIOKafkaConsumer):
             await super().on_partitions_revoked(revoked)
 
     async def _fetch(self, timeout: float) -> dict[TP, list[Any]] | None:
+        """Records returned by aiokafka; None when stopping, or when the flow was stopped meanwhile (a
+        revocation: its input records are not handed over, and recovery seeks the changelogs again)."""
         records, _active = await self._wait_next_records(timeout)
-        if records is None or self.should_stop:
-            return None
-        if not self.flow_active:
-            # fetched while a rebalance stopped the flow: drop, and go back to the committed offsets
-            try:
-                await self.perform_seek()
-            except Exception as exc:  # noqa: BLE001 - faust does the same: the next fetch retries
-                self.log.warning("seek after stopped flow failed: %r", exc)
+        if records is None or self.should_stop or not self.flow_active:
             return None
         return records
 
@@ -189,6 +249,7 @@ class BatchConsumer(AIOKafkaConsumer):
         consumer_should_stop = self._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
         read_offset = self._read_offset
+        next_offset = self._next
         acks_enabled_for = self.app.topics.acks_enabled_for
         # The size/time bound counts from when the previous batch was handed over, not from when this one's
         # first record is seen: records that arrived while the previous batch was computed have waited
@@ -197,8 +258,7 @@ class BatchConsumer(AIOKafkaConsumer):
         handed_over = 0.0
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
-                generation = self.app.consumer_generation_id
-                seeks = self._seeks
+                seek: int | None = None  # the seek count of the records collected
                 batch: dict[TP, list[Any]] = {}
                 n = 0
                 deadline = 0.0
@@ -207,14 +267,18 @@ class BatchConsumer(AIOKafkaConsumer):
                     records = await self._fetch(timeout)
                     if records is None or self.should_stop:
                         break
-                    if self.app.consumer_generation_id != generation:
-                        break  # rebalanced under us: this batch is stale, the next loop refetches
+                    fetched_under = getattr(records, "seeks", seek) if records else seek
+                    if fetched_under != seek:
+                        batch, n, deadline, seek = {}, 0, 0.0, fetched_under  # see the module docstring
+                    ready = seek is not None and seek == self._ready_seek
                     before = n
                     for tp, recs in records.items():
                         if tp.topic in self.batch_topics:
-                            r0 = read_offset.get(tp)
-                            if r0 is not None:
-                                recs = [r for r in recs if r.offset >= r0]
+                            if not ready:
+                                continue  # returned before a seek that rewinds past them
+                            first = next_offset.get(tp)
+                            if first is not None and recs and recs[0].offset < first:
+                                recs = [r for r in recs if r.offset >= first]
                             if recs:
                                 batch.setdefault(tp, []).extend(recs)
                                 n += len(recs)
@@ -243,24 +307,7 @@ class BatchConsumer(AIOKafkaConsumer):
                     timeout = max(0.0, deadline - now)
                     if n >= self.batch_max_events:
                         break
-                if not batch or self.app.consumer_generation_id != generation or self.should_stop \
-                        or self._seeks != seeks:
-                    if batch and self._seeks != seeks and not self.should_stop \
-                            and self.app.consumer_generation_id == generation:
-                        # a seek ran while this batch was collected: some of its records may come from the new
-                        # position, where the fetcher has moved past them. Once that seek is done (it may still
-                        # be running: a batch dropped then, without seeking back, was skipped for good and its
-                        # offsets later acked as a gap), go back to the committed offsets so that dropping the
-                        # batch skips nothing.
-                        waited = time.monotonic() + SEEK_WAIT_S
-                        while self._seeks % 2 and not self.should_stop and time.monotonic() < waited:
-                            await asyncio.sleep(0.01)
-                        self.log.info("a batch of %d records was collected across a seek: dropped, seeking back "
-                                      "to the committed offsets", n)
-                        try:
-                            await self.perform_seek()
-                        except Exception as exc:  # noqa: BLE001 - as in _fetch: a failed seek is retried later
-                            self.log.warning("seek after a dropped batch failed: %r", exc)
+                if not batch or seek != self._ready_seek or self.should_stop:
                     await asyncio.sleep(0)
                     continue
                 # gaps (transaction markers, compaction) must be known before the offsets are acked
@@ -271,6 +318,11 @@ class BatchConsumer(AIOKafkaConsumer):
                             if prev and r.offset - prev > 1:
                                 await self._add_gap(tp, prev + 1, r.offset)
                             prev = r.offset
+                if seek != self._ready_seek:
+                    continue  # revoked while the gaps were added
+                for tp, recs in batch.items():
+                    read_offset[tp] = recs[-1].offset
+                    next_offset[tp] = recs[-1].offset + 1
                 assert self.batch_handler is not None, "BatchConsumer.batch_handler is not set"
                 handed_over = time.monotonic()
                 # what a faust stream records per event: the livelock detector reports a partition whose
@@ -278,10 +330,7 @@ class BatchConsumer(AIOKafkaConsumer):
                 inbound = self.app.monitor.stream_inbound_time
                 for tp in batch:
                     inbound[tp] = handed_over
-                await self.batch_handler(list(batch.items()), generation)
-                if self.app.consumer_generation_id == generation and self._seeks == seeks:
-                    for tp, recs in batch.items():
-                        read_offset[tp] = recs[-1].offset
+                await self.batch_handler(list(batch.items()), self.app.consumer_generation_id)
                 commit_every = self._commit_every
                 if commit_every is not None and self._n_acked >= commit_every:
                     self._n_acked = 0
@@ -301,7 +350,28 @@ class BatchConsumer(AIOKafkaConsumer):
             raise
 
 
+class FreshTransactionManager(TransactionManager):
+    """exactly_once: every rebalance starts every transactional producer afresh.
+
+    faust keeps the producer of a transactional id across a rebalance unless it counts the partition as
+    revoked, and it kept the producers of the partitions a worker handed over when a second worker joined
+    (no stop was logged). That worker fenced them (a new producer epoch for the same transactional id),
+    and when the partitions came back (that worker killed), faust reused the fenced producers: begin
+    failed ("Invalid state transition IN_TRANSACTION", logged and ignored) and the first batch's send
+    failed ("Can't send messages while not in transaction"), which stopped the worker. A producer that
+    lost its partition for a while (a network cut) is fenced the same way. A new producer per rebalance
+    is always valid, and nothing is lost: the revocation committed every acked batch, and nothing is sent
+    between the revocation and the next generation's seek."""
+
+    async def on_rebalance(self, assigned: Set[TP], revoked: Set[TP], newly_assigned: Set[TP]) -> None:
+        producers = getattr(self.producer, "_transaction_producers", {})
+        for transactional_id in list(producers):
+            await self.producer.stop_transaction(transactional_id)
+        await super().on_rebalance(assigned, revoked, newly_assigned)
+
+
 class BatchTransport(AIOKafkaTransport):
     """faust's aiokafka transport with the batching consumer (``app.transport = BatchTransport(...)``)."""
 
     Consumer = BatchConsumer
+    TransactionManager = FreshTransactionManager

@@ -191,16 +191,13 @@ def assign_whole_topic(consumer: Any, topic: str, offset: int, timeout: float = 
     return len(info.partitions)
 
 
-def end_offsets(settings: Settings, partitions: list[tuple[str, int]], *, stable: bool = False,
+def end_offsets(settings: Settings, partitions: list[tuple[str, int]], *,
                 timeout: float = 10.0) -> dict[tuple[str, int], int | None]:
-    """Log end offsets (next offset to be written) of these partitions, read from the broker; with
-    ``stable``, the last stable offsets instead (where a read_committed reader ends: the first record of
-    the oldest open transaction). None where the broker did not answer. Blocking: one short-lived
-    group-less consumer."""
+    """Log end offsets (next offset to be written) of these partitions, read from the broker; None where
+    the broker did not answer. Blocking: one short-lived group-less consumer."""
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-    level = "read_committed" if stable else "read_uncommitted"
-    consumer = Consumer(consumer_config(settings, group_id=None, **{"isolation.level": level}))
+    consumer = Consumer(consumer_config(settings, group_id=None, **{"isolation.level": "read_uncommitted"}))
     out: dict[tuple[str, int], int | None] = {}
     try:
         for topic, partition in partitions:

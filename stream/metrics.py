@@ -114,8 +114,9 @@ class Metrics:
             rocksdb_bytes=Gauge(p + "rocksdb_bytes", "On-disk size of this worker's RocksDB state", registry=r),
             rocksdb_memory=Gauge(p + "rocksdb_memory_bytes", "Memory of this worker's RocksDB state: memtables and "
                                  "block caches of every open partition (GRUFLOW_ROCKSDB_* bound it)", registry=r),
-            consumer_lag=Gauge(p + "consumer_lag_messages", "Messages behind the log end, summed over assigned"
-                               " input partitions", registry=r),
+            consumer_lag=Gauge(p + "consumer_lag_messages", "Committed lag: input messages after the consumer"
+                               " group's committed offset, summed over this worker's input partitions",
+                               registry=r),
             model_version=Gauge(p + "model_version", "Version of the model currently served", registry=r),
             model_swaps=Counter(p + "model_swaps", "Model versions swapped in", registry=r),
             model_refusals=Counter(p + "model_refusals", "Model versions refused (corrupt, incompatible, non-finite or "

@@ -236,8 +236,8 @@ def stale_partitions(persisted: Mapping[TP, int | None], ends: Mapping[TP, int |
     return out
 
 
-# (partitions, stable) -> the broker's log end offsets, or with stable=True its last stable offsets
-EndOffsets = Callable[[Iterable[TP], bool], Awaitable[Mapping[TP, int | None]]]
+# partitions -> the broker's log end offsets (None where it did not answer)
+EndOffsets = Callable[[Iterable[TP]], Awaitable[Mapping[TP, int | None]]]
 
 
 class ChangelogGuardRecovery(Recovery):
@@ -247,12 +247,8 @@ class ChangelogGuardRecovery(Recovery):
     read their persisted offsets and before its consistency check and its seeks: a stale partition's
     offset is reset there, so faust reads its changelog from the start, into a wiped store.
 
-    The end offsets come from ``end_offsets`` (the broker's log end), not from faust's consumer: under
-    exactly_once faust's ``highwaters`` are the last stable offsets its consumer has cached, unknown
-    (None) for a partition it has not fetched since its assignment. faust turns such an unknown
-    highwater into -1, and then fails its own consistency check for any partition with a persisted
-    offset, i.e. every worker that holds state crashed at every rebalance. ``_build_highwaters`` fills
-    those in from the broker's last stable offsets.
+    The end offsets come from ``end_offsets``: the broker's log end, asked of the broker itself, so the
+    check does not depend on what faust's consumer has cached.
     """
 
     def __init__(self, app: Any, tables: Any, *, on_stale: Callable[[Mapping[TP, tuple[int, int]]], None],
@@ -262,19 +258,9 @@ class ChangelogGuardRecovery(Recovery):
         self._has_records = has_records
         self._end_offsets = end_offsets
 
-    async def _build_highwaters(self, consumer: Any, tps: Any, destination: Any, title: str) -> None:
-        await super()._build_highwaters(consumer, tps, destination, title)
-        if not tps or not self.app.in_transaction:
-            return  # outside transactions faust asked the broker for the end offsets itself
-        unknown = [tp for tp in tps if destination.get(tp, -1) < 0]  # faust's -1: unknown, or truly empty
-        if unknown:
-            for tp, stable in (await self._end_offsets(unknown, True)).items():
-                if stable is not None and stable > 0:
-                    destination[tp] = stable - 1  # faust's convention: the last offset, not the next
-
     async def _build_offsets(self, consumer: Any, tps: Any, destination: Any, title: str) -> None:
         if tps:
-            ends = await self._end_offsets(tps, False)
+            ends = await self._end_offsets(tps)
             stale = stale_partitions({tp: destination.get(tp) for tp in tps}, ends, self._has_records)
             if stale:
                 self._on_stale(stale)

@@ -85,8 +85,6 @@ PRIVATE: tuple[Touch, ...] = (
     Touch(ROCKSDB_STORE, "_dbs", "attribute", None, "stream/table_store.py TableStore.memory_bytes"),
     # faust's table recovery: the changelog guard checks the persisted offsets against the changelog's end
     # before faust's own check raises ConsistencyError, and is installed in place of faust's Recovery
-    Touch(RECOVERY, "_build_highwaters", "coroutine", ("consumer", "tps", "destination", "title"),
-          "stream/table_store.py ChangelogGuardRecovery (override)"),
     Touch(RECOVERY, "_build_offsets", "coroutine", ("consumer", "tps", "destination", "title"),
           "stream/table_store.py ChangelogGuardRecovery (override)"),
     Touch(TABLE_MANAGER, "_recovery", "value", None, "stream/table_store.py install_changelog_guard"),

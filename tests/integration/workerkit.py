@@ -182,14 +182,17 @@ def read_states(settings: Settings, read_committed: bool = True) -> dict[str, Us
         c.close()
 
 
-def expected_states(model_path: Path, events: list[Ev], settings: Settings) -> dict[str, UserState]:
-    """The states a single uninterrupted worker must end with: the pure processor, one event at a time per
-    user (batching does not change results), without Kafka."""
+def offline_run(model_path: Path, events: list[Ev], settings: Settings
+                ) -> tuple[dict[str, UserState], dict[tuple[str, int], list]]:
+    """An uninterrupted run without Kafka: the pure processor, one event at a time per user (batching
+    does not change results). Returns the final states and every event's answer, keyed (user, ts); an
+    answer is its ``[(item_id, score)]``."""
+    from model.events import EventType
+
     model = load_checkpoint(model_path).recommender(1)
     cfg = ProcessorConfig(k=settings.top_k, session_gap_ms=int(settings.session_gap_s * 1000))
     store = MemoryStore()
-    from model.events import EventType
-
+    answers: dict[tuple[str, int], list] = {}
     batch = [Event(e.user, e.item, int(EventType.parse(e.etype)), e.ts, e.user.encode(), e.kind, 0, -1, e.ts,
                    1 if e.kind == "purchases" else 0) for e in events]
     for i in range(0, len(batch), 64):
@@ -197,7 +200,56 @@ def expected_states(model_path: Path, events: list[Ev], settings: Settings) -> d
         keys = list(dict.fromkeys(e.key for e in part))
         result = process_batch(model, part, store.get_many(keys), cfg)
         store.put_many(result.states)
-    return {k.decode(): v for k, v in store.get_many(list(store)).items()}
+        for e, (_key, value) in zip(part, result.outputs):
+            answers[(e.user_id, e.ts_ms)] = answer_items(orjson.loads(value))
+    return {k.decode(): v for k, v in store.get_many(list(store)).items()}, answers
+
+
+def expected_states(model_path: Path, events: list[Ev], settings: Settings) -> dict[str, UserState]:
+    """The states a single uninterrupted worker must end with (``offline_run``)."""
+    return offline_run(model_path, events, settings)[0]
+
+
+def expected_answers(model_path: Path, events: list[Ev], settings: Settings) -> dict[tuple[str, int], list]:
+    """Every event's answer in an uninterrupted run (``offline_run``)."""
+    return offline_run(model_path, events, settings)[1]
+
+
+def answer_items(recommendation: dict) -> list[tuple[str, float]]:
+    return [(str(i["item_id"]), float(i["score"])) for i in recommendation["items"]]
+
+
+def same_answer(got: list[tuple[str, float]], want: list[tuple[str, float]], tol: float = 1e-4) -> bool:
+    """The same top-K up to rounding: the scores agree position by position, and items may differ only
+    where scores tie within ``tol`` (their order among near-equal scores, or which tied item made the
+    cut at the K-th place)."""
+    if len(got) != len(want):
+        return False
+    if any(abs(g[1] - w[1]) > tol for g, w in zip(got, want)):
+        return False
+    g_scores, w_scores = dict(got), dict(want)
+    cut = want[-1][1] if want else 0.0
+    for item in set(g_scores) ^ set(w_scores):
+        score = g_scores.get(item, w_scores.get(item))
+        if abs(score - cut) > tol:  # only a tie at the cut may swap an item in or out
+            return False
+    return all(abs(g_scores[i] - w_scores[i]) <= tol for i in set(g_scores) & set(w_scores))
+
+
+def committed_offsets(settings: Settings, topics: Iterable[str]) -> dict[tuple[str, int], tuple[int, int]]:
+    """(topic, partition) -> (offset the worker group committed, -1001 if none; end offset). Reads the group's
+    offsets without joining it (no subscribe, no commits of its own)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from stream.kafka_config import consumer_config
+
+    c = Consumer(consumer_config(settings, group_id=settings.app_id, **{"enable.auto.commit": False}))
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in range(settings.partitions)]
+        return {(tp.topic, tp.partition): (tp.offset, c.get_watermark_offsets(tp, timeout=10)[1])
+                for tp in c.committed(tps, timeout=15)}
+    finally:
+        c.close()
 
 
 def assert_same_states(got: dict[str, UserState], want: dict[str, UserState],

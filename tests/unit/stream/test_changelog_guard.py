@@ -9,7 +9,6 @@ from pathlib import Path
 
 import faust
 from faust.tables.recovery import Recovery
-from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TP
 
 from stream.table_store import ChangelogGuardRecovery, TableStore, install_changelog_guard, stale_partitions
@@ -58,24 +57,20 @@ def test_wipe_partition_deletes_records_and_persisted_offset_of_that_partition_o
 def test_the_guard_replaces_fausts_recovery_and_overrides_the_hook_faust_awaits():
     # faust builds its Recovery lazily into TableManager._recovery and awaits
     # _build_offsets(consumer, tps, destination, title) before its consistency check
-    for hook in ("_build_offsets", "_build_highwaters"):
-        params = list(inspect.signature(getattr(Recovery, hook)).parameters)
-        assert params == ["self", "consumer", "tps", "destination", "title"]
-        assert hook in ChangelogGuardRecovery.__dict__
+    params = list(inspect.signature(Recovery._build_offsets).parameters)
+    assert params == ["self", "consumer", "tps", "destination", "title"]
+    assert "_build_offsets" in ChangelogGuardRecovery.__dict__
     source = inspect.getsource(Recovery)
     loop = source[source.index("async def _restart_recovery"):]
     assert loop.index("self._build_highwaters") < loop.index("self._build_offsets") < \
         loop.index("raise ConsistencyError")
-    # the highwaters under exactly_once: the consumer's cached last stable offsets, None before a fetch
-    assert "last_stable_offset" in inspect.getsource(AIOKafkaConsumerThread._highwaters)
 
 
 def test_guard_wipes_stale_partitions_before_faust_reads_their_offsets(tmp_path, caplog):
     app, store = _app_with_table(tmp_path)
     tp0, tp1 = TP(CL, 0), TP(CL, 1)
 
-    async def end_offsets(tps, stable):  # the broker's log end offsets, for a replaced cluster
-        assert not stable
+    async def end_offsets(tps):  # the broker's log end offsets, for a replaced cluster
         return {tp0: 0, tp1: 10}
 
     install_changelog_guard(app, store, end_offsets)
@@ -105,29 +100,3 @@ def test_guard_wipes_stale_partitions_before_faust_reads_their_offsets(tmp_path,
     assert len(errors) == 1
     assert f"{CL}[0] local offset 500 >= changelog end offset 0" in errors[0].getMessage()
     assert f"{CL}[1]" not in errors[0].getMessage()
-
-
-def test_unknown_highwaters_under_transactions_come_from_the_brokers_stable_offsets(tmp_path):
-    app, store = _app_with_table(tmp_path)
-    tp0, tp1, tp2 = TP(CL, 0), TP(CL, 1), TP(CL, 2)
-    asked = []
-
-    async def end_offsets(tps, stable):
-        asked.append((sorted(tps), stable))
-        return {tp0: 3868, tp1: 0}
-
-    install_changelog_guard(app, store, end_offsets)
-    recovery = app.tables.recovery
-
-    class Consumer:  # exactly_once: faust reads the cached last stable offsets, unknown after an assignment
-        async def highwaters(self, *tps):
-            return {tp0: None, tp1: None, tp2: 51}
-
-    from collections import Counter
-
-    for in_transaction, want in ((False, {tp0: -1, tp1: -1, tp2: 50}), (True, {tp0: 3867, tp1: -1, tp2: 50})):
-        app.in_transaction = in_transaction
-        highwaters: Counter = Counter()
-        asyncio.run(recovery._build_highwaters(Consumer(), {tp0, tp1, tp2}, highwaters, "active"))
-        assert dict(highwaters) == want
-    assert asked == [([tp0, tp1], True)]  # only under transactions, only the unknown ones
