@@ -25,6 +25,8 @@ Kind = Literal["method", "coroutine", "attribute", "value"]
 CONSUMER = "faust.transport.drivers.aiokafka:Consumer"
 CONSUMER_THREAD = "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread"
 FAUST_PRODUCER = "faust.transport.drivers.aiokafka:Producer"
+FAUST_TRANSPORT = "faust.transport.drivers.aiokafka:Transport"
+TRANSACTION_MANAGER = "faust.transport.consumer:TransactionManager"
 ROCKSDB_STORE = "faust.stores.rocksdb:Store"
 AIOKAFKA_CONSUMER = "aiokafka:AIOKafkaConsumer"
 PARTITION_RECORDS = "aiokafka.consumer.fetcher:PartitionRecords"
@@ -62,10 +64,19 @@ PRIVATE: tuple[Touch, ...] = (
     Touch(CONSUMER, "_acked", "attribute", None, "stream/batch_consumer.py ack_offsets"),
     Touch(CONSUMER, "_n_acked", "attribute", None, "stream/batch_consumer.py ack_offsets, _drain_messages"),
     Touch(CONSUMER, "_commit_every", "attribute", None, "stream/batch_consumer.py _drain_messages"),
-    Touch(CONSUMER, "_thread", "attribute", None, "stream/batch_consumer.py perform_seek (seek_to_beginning)"),
+    Touch(CONSUMER, "_thread", "attribute", None,
+          "stream/batch_consumer.py seek_to_committed, perform_seek (the BatchConsumerThread)"),
     Touch(CONSUMER, "_stopped", "attribute", None, "stream/batch_consumer.py _drain_messages (mode Service)"),
     Touch(CONSUMER_THREAD, "_create_worker_consumer", "method", ("transport",),
           "stream/batch_consumer.py BatchConsumerThread (override)"),
+    # faust's consumer thread: every fetch of the Fetcher service ends in _fetch_records on the thread's loop
+    # (tagged with the seek count there); _highwaters is what faust's highwaters runs on the thread
+    Touch(CONSUMER_THREAD, "_fetch_records", "coroutine", ("consumer", "active_partitions", "timeout", "max_records"),
+          "stream/batch_consumer.py BatchConsumerThread (override)"),
+    Touch(CONSUMER_THREAD, "_highwaters", "coroutine", ("partitions",),
+          "stream/batch_consumer.py BatchConsumerThread (override)"),
+    Touch(CONSUMER_THREAD, "_ensure_consumer", "method", (),
+          "stream/batch_consumer.py BatchConsumerThread._seek_inputs, _resume_inputs, _highwaters"),
     # aiokafka's consumer: read when start() builds the fetcher
     Touch(AIOKAFKA_CONSUMER, "_fetch_max_wait_ms", "attribute", None,
           "stream/batch_consumer.py BatchConsumerThread._create_worker_consumer"),
@@ -77,7 +88,8 @@ PRIVATE: tuple[Touch, ...] = (
           "stream/record_guard.py GuardedRecords (relies on it)"),
     # faust's transactional producers (exactly_once)
     Touch(FAUST_PRODUCER, "_transaction_producers", "attribute", None,
-          "stream/sinks.py TransactionalSink.send; stream/batch_consumer.py _flush_transactions"),
+          "stream/sinks.py TransactionalSink.send; stream/batch_consumer.py _flush_transactions, "
+          "FreshTransactionManager.on_rebalance"),
     Touch(FAUST_PRODUCER, "_trn_locks", "attribute", None, "stream/sinks.py TransactionalSink.send"),
     # faust's RocksDB store: bulk reads and writes per partition
     Touch(ROCKSDB_STORE, "_db_for_partition", "method", ("partition",), "stream/table_store.py TableStore._db"),
@@ -97,7 +109,7 @@ PRIVATE: tuple[Touch, ...] = (
 )
 
 HOOKS: tuple[Touch, ...] = (
-    Touch(CONSUMER, "resume_partitions", "method", ("tps",), "stream/batch_consumer.py BatchConsumer (override)"),
+    Touch(CONSUMER, "seek_to_committed", "coroutine", (), "stream/batch_consumer.py BatchConsumer (override)"),
     Touch(CONSUMER, "perform_seek", "coroutine", (), "stream/batch_consumer.py BatchConsumer (override)"),
     Touch(CONSUMER, "force_commit", "coroutine", ("topics", "start_new_transaction"),
           "stream/batch_consumer.py BatchConsumer (override)"),
@@ -105,9 +117,27 @@ HOOKS: tuple[Touch, ...] = (
           "stream/batch_consumer.py BatchConsumer (override)"),
     Touch(CONSUMER, "in_transaction", "attribute", None, "stream/batch_consumer.py (set from app.in_worker)"),
     Touch(CONSUMER, "consumer_stopped_errors", "value", None, "stream/batch_consumer.py _drain_messages"),
-    Touch(CONSUMER_THREAD, "seek_to_beginning", "coroutine", ("partitions",), "stream/batch_consumer.py perform_seek"),
+    Touch(CONSUMER_THREAD, "call_thread", "coroutine", ("fun", "args", "kwargs"),
+          "stream/batch_consumer.py BatchConsumerThread.seek_inputs_to_committed, resume_inputs"),
+    # aiokafka's consumer, called on the consumer thread's loop: the takeover invariant rests on their semantics
+    Touch(AIOKAFKA_CONSUMER, "seek_to_committed", "coroutine", ("partitions",),
+          "stream/batch_consumer.py BatchConsumerThread._seek_inputs"),
+    Touch(AIOKAFKA_CONSUMER, "seek_to_beginning", "coroutine", ("partitions",),
+          "stream/batch_consumer.py BatchConsumerThread._seek_inputs"),
+    Touch(AIOKAFKA_CONSUMER, "pause", "method", ("partitions",), "stream/batch_consumer.py BatchConsumerThread._seek_inputs"),
+    Touch(AIOKAFKA_CONSUMER, "resume", "method", ("partitions",),
+          "stream/batch_consumer.py BatchConsumerThread._resume_inputs"),
+    Touch(AIOKAFKA_CONSUMER, "end_offsets", "coroutine", ("partitions",),
+          "stream/batch_consumer.py BatchConsumerThread._highwaters"),
+    # faust's transactional producers, started afresh at every rebalance (exactly_once)
+    Touch(TRANSACTION_MANAGER, "on_rebalance", "coroutine", ("assigned", "revoked", "newly_assigned"),
+          "stream/batch_consumer.py FreshTransactionManager (override)"),
+    Touch(FAUST_PRODUCER, "stop_transaction", "coroutine", ("transactional_id",),
+          "stream/batch_consumer.py FreshTransactionManager.on_rebalance"),
+    Touch(FAUST_TRANSPORT, "Consumer", "value", None, "stream/batch_consumer.py BatchTransport"),
+    Touch(FAUST_TRANSPORT, "TransactionManager", "value", None, "stream/batch_consumer.py BatchTransport"),
     Touch("faust.types.tuples:", "ack_lock", "value", None, "stream/batch_consumer.py ack_offsets"),
-    Touch("faust.transport.consumer:TransactionManager", "transactional_id_format", "value", None,
+    Touch(TRANSACTION_MANAGER, "transactional_id_format", "value", None,
           "stream/sinks.py TransactionalSink._transactional_id"),
     Touch("faust:App", "in_worker", "value", None, "stream/app.py build_app"),
     Touch("faust:Worker", "on_execute", "coroutine", (), "stream/worker.py GruflowWorker (override)"),

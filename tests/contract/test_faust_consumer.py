@@ -4,6 +4,8 @@ and the ack bookkeeping that faust's commit reads (stream/batch_consumer.py)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
+import re
 import threading
 from typing import Any
 
@@ -112,40 +114,146 @@ def test_commit_every_is_the_broker_commit_every_setting(runtime: Runtime) -> No
     assert runtime.app.consumer._commit_every == runtime.app.conf.broker_commit_every
 
 
-def test_perform_seek_records_committed_and_read_offsets(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
-    """faust's ``perform_seek`` leaves ``_read_offset`` falsy for a partition without a committed offset:
-    ``BatchConsumer.perform_seek`` (exactly_once) seeks exactly those to the beginning."""
+def _in_order(source: str, *calls: str) -> list[int]:
+    """Where each call first occurs in ``source``, after the previous one (-1: absent or out of order)."""
+    at, found = 0, []
+    for call in calls:
+        i = source.find(call, at)
+        found.append(i)
+        at = max(at, i)
+    return found
+
+
+def test_perform_seek_seeks_through_seek_to_committed_and_records_its_offsets(
+        runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """faust's ``Consumer.perform_seek`` gets the committed offsets from ``self.seek_to_committed()`` (the
+    override that seeks, pauses and counts on the consumer thread) and sets ``_read_offset`` and
+    ``_committed_offset`` from them, a partition without a committed offset (aiokafka: None) falsy; the
+    override then knows where each input partition's next record starts. The consumer thread only runs
+    with a broker: its seek is replaced here by the offsets it returns (tests/integration/
+    test_worker_takeover.py runs it for real)."""
     consumer = runtime.app.consumer
     committed, fresh = input_tps(runtime)
+    resumed: list[frozenset[str]] = []
 
-    async def seek_to_committed() -> dict[TP, int]:
-        return {committed: 5, fresh: -1}
+    async def seek_inputs_to_committed(topics: frozenset[str]) -> tuple[dict[TP, int | None], int]:
+        assert topics == consumer.batch_topics
+        return {committed: 5, fresh: None}, 7
 
-    monkeypatch.setattr(consumer, "seek_to_committed", seek_to_committed)
+    async def resume_inputs(topics: frozenset[str]) -> None:
+        resumed.append(topics)
+
+    monkeypatch.setattr(consumer._thread, "seek_inputs_to_committed", seek_inputs_to_committed)
+    monkeypatch.setattr(consumer._thread, "resume_inputs", resume_inputs)
+    monkeypatch.setattr(consumer, "assignment", lambda: {committed, fresh})
     run(runtime, consumer.perform_seek())
     assert consumer._read_offset[committed] == 5
     assert not consumer._read_offset.get(fresh)
     assert consumer._committed_offset[committed] == 5
+    assert consumer._ready_seek == 7  # the seek faust's call went through
+    assert consumer._next == {committed: 5}
+    assert resumed == [consumer.batch_topics]
 
 
-def test_exactly_once_seek_starts_fresh_partitions_at_the_beginning(eos_runtime: Runtime,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    consumer = eos_runtime.app.consumer
-    committed, fresh = input_tps(eos_runtime)
-    sought: list[Any] = []
+def test_recovery_seeks_the_inputs_after_the_changelogs_and_before_the_flow_resumes() -> None:
+    """The takeover invariant counts on faust's rebalance order: the assignment starts the transactional
+    producers (``transactions.on_rebalance``, where ``FreshTransactionManager`` replaces them) before table
+    recovery; recovery reads the changelogs, then ``perform_seek`` of the stream partitions, then resumes the
+    flow. So the seek that sets ``_ready_seek`` comes after every record of the revoked generation, and
+    nothing is sent before the fresh producers exist. Only a broker runs the flow itself; this pins its order
+    in faust's source."""
+    from faust.app.base import App
+    from faust.tables.recovery import Recovery
 
-    async def seek_to_committed() -> dict[TP, int]:
-        return {committed: 5, fresh: -1}
+    assigned = inspect.getsource(App._on_partitions_assigned)
+    order = _in_order(assigned, "consumer.pause_partitions", "consumer.transactions.on_rebalance",
+                      "self.tables.on_rebalance")
+    assert -1 not in order and order == sorted(order), order
+    for fn in (Recovery._resume_streams, Recovery.on_recovery_completed):
+        order = _in_order(inspect.getsource(fn), "consumer.resume_partitions", "consumer.perform_seek()",
+                          "consumer.resume_flow()")
+        assert -1 not in order and order == sorted(order), (fn.__qualname__, order)
+    # faust's own perform_seek is where the override is called from
+    assert "await self.seek_to_committed()" in inspect.getsource(resolve(CONSUMER).perform_seek)
 
-    async def seek_to_beginning(*partitions: Any) -> None:
-        sought.extend(partitions)
 
-    monkeypatch.setattr(consumer, "seek_to_committed", seek_to_committed)
-    monkeypatch.setattr(consumer, "assignment", lambda: {committed, fresh})
-    monkeypatch.setattr(consumer._thread, "seek_to_beginning", seek_to_beginning)
-    run(eos_runtime, consumer.perform_seek())
-    assert [(p.topic, p.partition) for p in sought] == [(fresh.topic, fresh.partition)]
-    assert all(isinstance(p, aiokafka.TopicPartition) for p in sought)
+def test_faust_never_pauses_or_resumes_partitions_in_aiokafka() -> None:
+    """faust's ``pause_partitions``/``resume_partitions`` only filter which partitions its fetch asks for; the
+    aiokafka pause of the input partitions during a seek is ``BatchConsumerThread``'s alone, so faust cannot
+    resume them while the seek is still to be noted (``_ready_seek``)."""
+    import faust.app.base
+    import faust.tables.recovery
+    import faust.transport.consumer
+    import faust.transport.drivers.aiokafka
+
+    base = resolve(CONSUMER)
+    for name in ("pause_partitions", "resume_partitions"):
+        source = inspect.getsource(getattr(base, name))
+        assert "_thread" not in source and "call_thread" not in source, name
+    for module in (faust.transport.drivers.aiokafka, faust.transport.consumer, faust.tables.recovery,
+                   faust.app.base):
+        # app.flow_control is faust's own gate (a mode FlowControlEvent), not a consumer
+        calls = re.findall(r"(?<!flow_control)\.(pause|resume)\(", inspect.getsource(module))
+        assert not calls, f"{module.__name__} now calls aiokafka's pause/resume"
+
+
+def test_faust_fetches_through_the_thread_fetch_records(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every fetch of faust's consumer (``_wait_next_records`` -> thread ``getmany``) runs
+    ``self._fetch_records(consumer, active_partitions, timeout=, max_records=)`` on the consumer thread:
+    the override tags the result with the seek count there. The thread's loop needs a broker; here
+    ``call_thread`` runs the call in place and faust's base ``_fetch_records`` (aiokafka's fetcher) returns
+    fixed records."""
+    consumer = runtime.app.consumer
+    thread = consumer._thread
+    tp, _ = input_tps(runtime)
+    records = {tp: [record(tp, 0)]}
+    calls: list[tuple[Any, ...]] = []
+
+    async def base_fetch_records(self: Any, kafka: Any, active_partitions: Any, timeout: float | None = None,
+                                 max_records: int | None = None) -> Any:
+        calls.append((kafka, set(active_partitions), timeout, max_records))
+        return records
+
+    async def in_place(fun: Any, *args: Any, **kwargs: Any) -> Any:
+        return await fun(*args, **kwargs)
+
+    async def build() -> Any:
+        return aiokafka.AIOKafkaConsumer(bootstrap_servers="127.0.0.1:9", max_poll_records=123)
+
+    kafka = run(runtime, build())
+    try:
+        monkeypatch.setattr(resolve(CONSUMER_THREAD), "_fetch_records", base_fetch_records)
+        monkeypatch.setattr(thread, "call_thread", in_place)
+        monkeypatch.setattr(thread, "_consumer", kafka)
+        monkeypatch.setattr(thread, "seeks", 3)
+        consumer.resume_partitions([tp])
+        got, active = run(runtime, consumer._wait_next_records(0.25))
+    finally:
+        run(runtime, kafka.stop())
+    assert calls == [(kafka, {tp}, 0.25, 123)]
+    assert got == records and getattr(got, "seeks", None) == 3
+
+
+def test_highwaters_runs_the_thread_highwaters(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """faust's recovery reads a changelog's end through ``consumer.highwaters``, which runs the thread's
+    ``_highwaters(partitions)`` (the override asks the broker: ``end_offsets``)."""
+    consumer = runtime.app.consumer
+    thread = consumer._thread
+    tp, _ = input_tps(runtime)
+    asked: list[Any] = []
+
+    class Kafka:
+        async def end_offsets(self, partitions: Any) -> dict[Any, int]:
+            asked.append(list(partitions))
+            return {p: 41 for p in partitions}
+
+    async def in_place(fun: Any, *args: Any, **kwargs: Any) -> Any:
+        return await fun(*args, **kwargs)
+
+    monkeypatch.setattr(thread, "call_thread", in_place)
+    monkeypatch.setattr(thread, "_consumer", Kafka())
+    assert run(runtime, consumer.highwaters(tp)) == {tp: 41}
+    assert [list(a) for a in asked] == [[tp]]
 
 
 def test_wait_next_records_fetches_the_active_partitions(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,7 @@ from faust.types import TP
 
 from contractkit import run
 from stream.app import Runtime
+from stream.batch_consumer import FreshTransactionManager
 from stream.sinks import Outgoing, TransactionalSink
 
 
@@ -110,3 +111,23 @@ def test_flush_before_commit_reaches_every_open_transaction(eos_runtime: Runtime
         run(eos_runtime, producer.begin_transaction(tid))
     run(eos_runtime, eos_runtime.app.consumer._flush_transactions())
     assert all(made[tid].calls[-1] == "flush" for tid in tids)
+
+
+def test_every_rebalance_starts_the_transactional_producers_afresh(eos_runtime: Runtime, transactions: Any) -> None:
+    """faust builds the consumer's transaction manager from ``Transport.TransactionManager`` (so
+    ``BatchTransport`` installs ``FreshTransactionManager``), whose ``on_rebalance`` stops every open
+    transactional producer with faust's ``stop_transaction`` (it drops it from ``_transaction_producers``)
+    before faust's own ``on_rebalance`` begins those of the assigned partitions: a partition this worker
+    keeps gets a new producer too."""
+    producer, made = transactions
+    manager = eos_runtime.app.consumer.transactions
+    assert isinstance(manager, FreshTransactionManager)
+    clicks = eos_runtime.pipeline.names.clicks
+    kept, dropped = (eos_runtime.pipeline.sink._transactional_id(p) for p in range(2))
+    for tid in (kept, dropped):
+        run(eos_runtime, producer.begin_transaction(tid))
+    old = {tid: made[tid] for tid in (kept, dropped)}
+    run(eos_runtime, manager.on_rebalance({TP(clicks, 0)}, set(), set()))
+    assert all(p.calls[-1] == "stop" for p in old.values())
+    assert made[kept] is not old[kept] and made[kept].calls == ["start", "begin_transaction"]
+    assert producer._transaction_producers == {kept: made[kept]}
