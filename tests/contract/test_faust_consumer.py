@@ -197,6 +197,11 @@ def test_faust_never_pauses_or_resumes_partitions_in_aiokafka() -> None:
         assert not calls, f"{module.__name__} now calls aiokafka's pause/resume"
 
 
+async def _in_place(fun: Any, *args: Any, **kwargs: Any) -> Any:
+    """``call_thread`` without the consumer thread (its loop only runs with a broker): the call, awaited here."""
+    return await fun(*args, **kwargs)
+
+
 def test_faust_fetches_through_the_thread_fetch_records(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every fetch of faust's consumer (``_wait_next_records`` -> thread ``getmany``) runs
     ``self._fetch_records(consumer, active_partitions, timeout=, max_records=)`` on the consumer thread:
@@ -214,16 +219,13 @@ def test_faust_fetches_through_the_thread_fetch_records(runtime: Runtime, monkey
         calls.append((kafka, set(active_partitions), timeout, max_records))
         return records
 
-    async def in_place(fun: Any, *args: Any, **kwargs: Any) -> Any:
-        return await fun(*args, **kwargs)
-
     async def build() -> Any:
         return aiokafka.AIOKafkaConsumer(bootstrap_servers="127.0.0.1:9", max_poll_records=123)
 
     kafka = run(runtime, build())
     try:
         monkeypatch.setattr(resolve(CONSUMER_THREAD), "_fetch_records", base_fetch_records)
-        monkeypatch.setattr(thread, "call_thread", in_place)
+        monkeypatch.setattr(thread, "call_thread", _in_place)
         monkeypatch.setattr(thread, "_consumer", kafka)
         monkeypatch.setattr(thread, "seeks", 3)
         consumer.resume_partitions([tp])
@@ -234,12 +236,13 @@ def test_faust_fetches_through_the_thread_fetch_records(runtime: Runtime, monkey
     assert got == records and getattr(got, "seeks", None) == 3
 
 
-def test_highwaters_runs_the_thread_highwaters(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_highwaters_runs_the_thread_highwaters(eos_runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     """faust's recovery reads a changelog's end through ``consumer.highwaters``, which runs the thread's
-    ``_highwaters(partitions)`` (the override asks the broker: ``end_offsets``)."""
-    consumer = runtime.app.consumer
+    ``_highwaters(partitions)``: in exactly_once the override asks the broker (``end_offsets``) where faust's
+    own reads aiokafka's cached ``last_stable_offset`` (the stand-in has none)."""
+    consumer = eos_runtime.app.consumer
     thread = consumer._thread
-    tp, _ = input_tps(runtime)
+    tp, _ = input_tps(eos_runtime)
     asked: list[Any] = []
 
     class Kafka:
@@ -247,12 +250,9 @@ def test_highwaters_runs_the_thread_highwaters(runtime: Runtime, monkeypatch: py
             asked.append(list(partitions))
             return {p: 41 for p in partitions}
 
-    async def in_place(fun: Any, *args: Any, **kwargs: Any) -> Any:
-        return await fun(*args, **kwargs)
-
-    monkeypatch.setattr(thread, "call_thread", in_place)
+    monkeypatch.setattr(thread, "call_thread", _in_place)
     monkeypatch.setattr(thread, "_consumer", Kafka())
-    assert run(runtime, consumer.highwaters(tp)) == {tp: 41}
+    assert run(eos_runtime, consumer.highwaters(tp)) == {tp: 41}
     assert [list(a) for a in asked] == [[tp]]
 
 
