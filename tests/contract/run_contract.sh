@@ -20,7 +20,7 @@ contract_venv=$(abspath "${2:?contract venv}")
 out=$(abspath "${3:?output dir}")
 cd "$(dirname "$0")/../.." || exit 2  # the repo: tests and the stream package are found from here
 packages=${CONTRACT_PACKAGES:-"faust-streaming[rocksdict] aiokafka mode-streaming prometheus-client"}
-tests=${CONTRACT_TESTS:-"tests/integration/test_worker.py tests/integration/test_sinks.py tests/integration/test_worker_recovery.py"}
+tests=${CONTRACT_TESTS:-"tests/integration/test_worker.py tests/integration/test_sinks.py tests/integration/test_worker_recovery.py tests/integration/test_worker_takeover.py"}
 pre=${CONTRACT_PRE:-0}
 pip_flags=(--upgrade --upgrade-strategy eager --disable-pip-version-check -q)
 [ "$pre" = 1 ] && pip_flags+=(--pre)
