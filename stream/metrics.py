@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 # from 0.1 ms: a micro-batch GRU step is sub-millisecond per event
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -22,6 +22,7 @@ class Metrics:
     recommendations_out: Counter
     unknown_items: Counter
     topk_rows: Counter
+    scorer: Info
     batch_size: Histogram
     step_latency: Histogram
     end_to_end_latency: Histogram
@@ -62,6 +63,8 @@ class Metrics:
                                   registry=r),
             topk_rows=Counter(p + "topk_rows", "Events scored against the whole catalogue, by path: int8 (answered "
                               "from the int8 pre-filter's proven candidates) or float32", ["path"], registry=r),
+            scorer=Info(p + "scorer", "Top-K path of the model served (label path: float32, int8 or compiled), "
+                        "chosen by timing each on this machine unless GRUFLOW_SCORER_PATH forces one", registry=r),
             batch_size=Histogram(p + "batch_size_events", "Events per processed micro-batch",
                                  buckets=BATCH_BUCKETS, registry=r),
             step_latency=Histogram(p + "step_latency_seconds", "GRU step + top-K scoring time per micro-batch",
