@@ -392,9 +392,9 @@ def block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 @dataclass(frozen=True)
 class Calibration:
-    """What ``calibrate`` found: the path kept; rows/s of each path whose answers were exact (its best timed
-    pass, or its first small pass where that was already far behind, so it was not timed); the paths
-    refused for a wrong answer; whether the path was forced by a setting."""
+    """What ``calibrate`` found: the path kept; rows/s of one thread for each path whose answers were exact
+    (its best timed pass, or its first small pass where that was already far behind, so it was not timed);
+    the paths refused for a wrong answer; whether the path was forced by a setting."""
 
     path: ScorerPath
     rows_per_s: Mapping[str, float]
@@ -467,36 +467,47 @@ def _probe_size(n_items: int) -> int:
     return max(low, min(high, _CALIBRATION_SCORES // max(1, n_items)))
 
 
+def _cpu_clock() -> Callable[[], float]:
+    """The clock that calibration times with: CPU time of the calling thread where torch computes in that
+    thread alone (the worker's setting), so that other processes of a busy machine, which take turns on
+    the CPUs, and the worker's other threads do not skew the comparison; else wall time."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def calibrate(model: Recommender, k: int, *, threads: int = 1, compiled: bool = True,
               path: ScorerPath | Literal["auto"] = "auto") -> tuple[TopKScorer, Calibration]:
     """The scorer of the fastest exact path for ``model`` on this machine, and what was measured.
 
     Each path first answers a few probe states, checked against float64 scores (a path that errs is
-    refused and logged); then the paths are timed in turns on the same probe states, so that a busy
-    moment of a shared machine hits all of them, and each path's best pass counts. A path far behind
-    the best after a pass is not timed again, and no pass starts once the timing budget is spent: the
-    slowest path is the one that costs time. ``path`` other than "auto" keeps that path without timing
-    where it can run (else the others are calibrated)."""
+    refused and logged) and timed a first time once warm; then the paths are timed in turns on the same
+    probe states, and each path's best pass counts. A path far behind the best is not timed again, and
+    no pass starts once the timing budget is spent: the slowest path is the one that costs time. Paths
+    are timed on one thread (each of the ``threads`` does the same work per row), the kept one scores on
+    ``threads``. ``path`` other than "auto" keeps that path without timing where it can run (else the
+    others are calibrated)."""
     t0 = time.perf_counter()
-    scorers = candidate_scorers(model, k, threads=threads, compiled=compiled)
+    scorers = candidate_scorers(model, k, threads=1, compiled=compiled)
     if path != "auto" and path in scorers:
+        scorers[path].threads = max(1, int(threads))
         return scorers[path], Calibration(path, {}, forced=True, seconds=time.perf_counter() - t0)
     if path != "auto":
         log.warning("top-K path %r cannot run here (paths available: %s); choosing among those", path,
                     ", ".join(scorers))
     m = _probe_size(model.n_items)
     hidden = probe_states(model, m)
-    check = hidden[:_CALIBRATION_CHECK_ROWS]
+    check, first = hidden[:_CALIBRATION_CHECK_ROWS // 2], hidden[_CALIBRATION_CHECK_ROWS // 2:_CALIBRATION_CHECK_ROWS]
+    clock = _cpu_clock()
     rejected = []
-    warm: dict[str, float] = {}  # rows/s of the checked pass (few rows, first call): only to drop a path early
+    warm: dict[str, float] = {}  # rows/s of a small pass once warm: only to drop a far slower path early
     for name, scorer in list(scorers.items()):
-        t = time.perf_counter()
-        answer = scorer.top_k(check, k)
-        warm[name] = len(check) / max(time.perf_counter() - t, 1e-9)
-        if not is_exact_top_k(scorer, check, k, *answer) and name != "float32":
+        if not is_exact_top_k(scorer, check, k, *scorer.top_k(check, k)) and name != "float32":
             log.error("the %s top-K path gave a wrong answer on the probe states; it is not used", name)
             rejected.append(name)
-            del scorers[name], warm[name]
+            del scorers[name]
+            continue
+        t = clock()
+        scorer.top_k(first, k)
+        warm[name] = len(first) / max(clock() - t, 1e-9)
     best: dict[str, float] = {}  # rows/s of the best timed pass
     spent = 0.0
     for _ in range(_CALIBRATION_PASSES):
@@ -504,20 +515,21 @@ def calibrate(model: Recommender, k: int, *, threads: int = 1, compiled: bool = 
             rates = best if name in best else warm  # compare like with like
             if rates[name] * _CALIBRATION_DROP < max(rates.values()):
                 continue
-            t = time.perf_counter()
+            t = clock()
             scorer.top_k(hidden, k)
-            rate = m / max(time.perf_counter() - t, 1e-9)
+            rate = m / max(clock() - t, 1e-9)
             spent += m / rate
             best[name] = max(best.get(name, 0.0), rate)
         if spent > _CALIBRATION_BUDGET_S:
             break
     chosen: ScorerPath = max(best, key=best.__getitem__)  # type: ignore[assignment]
     scorer = scorers[chosen]
+    scorer.threads = max(1, int(threads))
     scorer.rows_scored = scorer.rows_int8 = 0  # the probe is not the worker's traffic
     result = Calibration(chosen, {name: round(best.get(name, rate), 1) for name, rate in warm.items()}, probe_rows=m,
                          rejected=tuple(rejected), seconds=time.perf_counter() - t0)
-    log.info("top-K path for model version %s (%d items, k=%d): %s; rows/s on %d probe states: %s (%.2f s)",
-             getattr(model, "version", "?"), model.n_items, k, chosen, m,
+    log.info("top-K path for model version %s (%d items, k=%d): %s; rows/s of one thread on %d probe states: %s "
+             "(%.2f s)", getattr(model, "version", "?"), model.n_items, k, chosen, m,
              ", ".join(f"{name} {rate:,.0f}" for name, rate in result.rows_per_s.items()), result.seconds)
     return scorer, result
 

@@ -218,22 +218,33 @@ def test_calibration_picks_a_path_that_can_run_and_resets_its_counts() -> None:
     assert scorer.rows_scored == scorer.rows_int8 == 0
 
 
-def _slowed(scorers: dict, slow: set[str], seconds: float = 0.3) -> dict:
-    """The same scorers, those named in ``slow`` made far slower by a sleep in each call (so far that
-    calibration drops them after their first small pass: the test stays short)."""
+def _slowed(scorers: dict, slow: set[str], times: int = 100) -> dict:
+    """The same scorers, those named in ``slow`` made ``times`` times slower (they repeat their work), so
+    far that calibration drops them after their first small pass whatever else runs on the machine."""
     for name in slow:
         scorer, fast = scorers[name], scorers[name].top_k
 
         def top_k(hidden, k, fast=fast):
-            time.sleep(seconds)
+            for _ in range(times - 1):
+                fast(hidden, k)
             return fast(hidden, k)
         scorer.top_k = top_k
     return scorers
 
 
+@pytest.fixture(params=[1, 2], ids=["torch-1-thread", "torch-2-threads"])
+def torch_threads(request):
+    """Calibration times CPU time of its thread where torch computes in it alone (the worker), else wall time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("slow", [{"float32"}, {"int8", "compiled"}, {"float32", "compiled"}],
                          ids=["float32-slow", "int8-slow", "only-torch-int8-fast"])
-def test_calibration_keeps_the_fastest_path(monkeypatch, slow: set[str]) -> None:
+def test_calibration_keeps_the_fastest_path(monkeypatch, slow: set[str], torch_threads: int) -> None:
+    assert scoring._cpu_clock() is (time.thread_time if torch_threads == 1 else time.perf_counter)
     rec = _spread_model(8000)
     real = candidate_scorers
     monkeypatch.setattr(scoring, "candidate_scorers", lambda *a, **kw: _slowed(real(*a, **kw), slow))
