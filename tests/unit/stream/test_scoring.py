@@ -315,6 +315,9 @@ def test_an_int8_product_that_saturates_keeps_the_int8_path_off(monkeypatch, sam
     hidden = _states(rec, 100)
     same_top_k(rec, hidden, 20, *scorer.top_k(hidden, 20))
     assert "int8" not in candidate_scorers(rec, 20, compiled=False)
+    # the compiled kernel computes its own products: it stays where it runs
+    assert ("compiled" in candidate_scorers(rec, 20)) is (native.topk_kernel() is not None)
+    assert "int8" not in candidate_scorers(rec, 20)
 
 
 _AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
