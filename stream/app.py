@@ -39,7 +39,7 @@ from stream.events import CLICKS, PURCHASES, Event, Limits, Rejected, decode_eve
 from stream.metrics import Metrics
 from stream.model_holder import ModelHolder
 from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
-from stream.scoring import ScorerCache
+from stream.calibration import ScorerCache
 from stream.settings import Settings
 from stream.sinks import BatchSink, Outgoing, TransactionalSink, dead_letter
 from stream.table_store import TableStore

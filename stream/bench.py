@@ -125,7 +125,7 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
     from stream.events import CLICKS, PURCHASES, Limits, Rejected, decode_event
     from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
     from stream.replay import iter_messages
-    from stream.scoring import calibrate
+    from stream.calibration import calibrate
 
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.torch_threads)

@@ -20,11 +20,13 @@ from model.recommender import Recommender
 from model.vocab import Vocabulary
 from prometheus_client import generate_latest
 
-from stream import native, scoring
+from stream import calibration as calibration_module
+from stream import native
+from stream.calibration import (Calibration, ScorerCache, calibrate, candidate_scorers, is_exact_top_k,
+                                probe_states)
 from stream.metrics import Metrics
 from stream.model_holder import ModelHolder
-from stream.scoring import (PATHS, Calibration, Int8Prefilter, ScorerCache, TopKScorer, calibrate, candidate_scorers,
-                            is_exact_top_k, probe_states)
+from stream.scoring import PATHS, Int8Prefilter, TopKScorer
 from stream.settings import Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -244,10 +246,10 @@ def torch_threads(request):
 @pytest.mark.parametrize("slow", [{"float32"}, {"int8", "compiled"}, {"float32", "compiled"}],
                          ids=["float32-slow", "int8-slow", "only-torch-int8-fast"])
 def test_calibration_keeps_the_fastest_path(monkeypatch, slow: set[str], torch_threads: int) -> None:
-    assert scoring._cpu_clock() is (time.thread_time if torch_threads == 1 else time.perf_counter)
+    assert calibration_module._cpu_clock() is (time.thread_time if torch_threads == 1 else time.perf_counter)
     rec = _spread_model(8000)
     real = candidate_scorers
-    monkeypatch.setattr(scoring, "candidate_scorers", lambda *a, **kw: _slowed(real(*a, **kw), slow))
+    monkeypatch.setattr(calibration_module, "candidate_scorers", lambda *a, **kw: _slowed(real(*a, **kw), slow))
     available = set(real(rec, 20))
     scorer, calibration = calibrate(rec, 20)
     assert calibration.path in available - slow, calibration
@@ -270,7 +272,7 @@ def test_calibration_refuses_a_path_that_gives_a_wrong_answer(monkeypatch, same_
         scorers["int8"].top_k = wrong
         return _slowed(scorers, {"float32"})  # the wrong one is also the fastest
 
-    monkeypatch.setattr(scoring, "candidate_scorers", with_a_wrong_int8)
+    monkeypatch.setattr(calibration_module, "candidate_scorers", with_a_wrong_int8)
     scorer, calibration = calibrate(rec, 20)
     assert calibration.path == "float32" and calibration.rejected == ("int8",)
     hidden = _states(rec, 50)
@@ -282,7 +284,7 @@ def test_a_forced_path_is_kept_where_it_can_run(caplog) -> None:
     scorer, calibration = calibrate(rec, 20, path="float32")
     assert scorer.path == calibration.path == "float32" and calibration.forced
     assert calibration.rows_per_s == {}
-    with caplog.at_level("WARNING", logger="stream.scoring"):
+    with caplog.at_level("WARNING", logger="stream.calibration"):
         scorer, calibration = calibrate(rec, 20, compiled=False, path="compiled")
     assert not calibration.forced and calibration.path in ("float32", "int8")
     assert "cannot run here" in caplog.text
