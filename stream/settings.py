@@ -65,7 +65,7 @@ class Settings:
     scoring_threads: int = 2  # threads that score the chunks of a batch's top-K at once
     compiled_topk: bool = True  # the compiled int8 top-K kernel where it runs (stream/native.py); else torch
     # top-K path: "auto" times each path that can run here on the served model and keeps the fastest exact
-    # one (stream/scoring.py calibrate); a path name forces that path where it can run
+    # one (stream/calibration.py); a path name forces that path where it can run
     scorer_path: Literal["auto", "float32", "int8", "compiled"] = "auto"
     model_path: str = ""  # checkpoint to serve when the models topic has none
     max_message_bytes: int = 65536
