@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 venv: $(STAMP)
 
 # pip keeps what is already installed (torch is several GB): re-run only when pyproject.toml changes.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade-strategy only-if-needed -e '.[test]'
 	touch $(STAMP)

@@ -35,12 +35,12 @@ import numpy as np
 from model.events import EventType
 from state.codec import HEADER_SIZE, decode as decode_state, encode as encode_state
 from stream.batch_consumer import Batch, BatchConsumer, BatchTransport
+from stream.calibration import ScorerCache
 from stream.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, Limits, Rejected, decode_event
 from stream.metrics import Metrics, PrequentialVersions
 from stream.model_holder import ModelHolder
 from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
 from stream.record_guard import unreadable_detail
-from stream.scoring import ScorerCache
 from stream.settings import Settings
 from stream.sinks import BatchSink, Outgoing, TransactionalSink, dead_letter
 from stream.table_store import TableStore, install_changelog_guard
@@ -118,9 +118,12 @@ class Pipeline:
         # torch's own do the maths
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-compute")
         self.state_lock = asyncio.Lock()
-        self.scorers = ScorerCache(s.scoring_threads, min_items=_FAST_TOPK_MIN_ITEMS, compiled=s.compiled_topk)
-        self.holder.on_prepare(self._prepare_scorer)  # a swapped-in model's scorer: built in the swapping thread
         m = self.metrics
+        self.scorers = ScorerCache(s.scoring_threads, min_items=_FAST_TOPK_MIN_ITEMS, compiled=s.compiled_topk,
+                                   k=s.top_k, path=s.scorer_path,
+                                   on_choice=lambda c: m.scorer.info({"path": c.path}))
+        # a swapped-in model's scorer: calibrated in the swapping thread, before the model is served
+        self.holder.on_prepare(self.prepare_scorer)
         self._topk_rows = (m.topk_rows.labels(path="int8"), m.topk_rows.labels(path="float32"))
         self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
                            for k in (CLICKS, PURCHASES) for t, n in _TYPE_NAMES.items()}
@@ -270,9 +273,12 @@ class Pipeline:
         int8 = scorer.rows_int8 - int8_before
         return result, int8, scorer.rows_scored - scored_before - int8
 
-    def _prepare_scorer(self, model: Any) -> None:
+    def prepare_scorer(self, model: Any, serve: bool = False) -> None:
+        """Calibrates ``model``'s top-K scorer (about a second at 20,000 items): in the thread that swaps a
+        model in, and at start-up (``serve``: the model already served) in an executor, never on the event
+        loop."""
         try:
-            self.scorers.prepare(model)
+            self.scorers.prepare(model, serve=serve)
         except Exception as exc:  # noqa: BLE001 - the swap goes on; the first batch builds it instead
             log.warning("could not prepare the top-K scorer of model version %s: %r",
                         getattr(model, "version", "?"), exc)

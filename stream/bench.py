@@ -29,7 +29,10 @@ same shop as the events (scoring speed depends on a trained model's spread of sc
 stream/scoring.py); ``topk_int8_fraction`` = share of the ceiling run's rows that the int8 path proved.
 ``*_cpu_steal``: CPUs per second that the hypervisor gave to other guests during that part (/proc/stat
 steal time; the 2-vCPU VM of gruflow's first sessions lost up to 0.8 of a CPU so in its host's busy phases).
-``cpu_model``: the processor's name, since figures compare only between runs on the same kind of machine.
+``cpu_model``: the processor's name, since figures compare only between runs on the same kind of machine;
+``cpu_flags``: which of the SIMD features that decide the top-K path it has. ``scorer_path``: the top-K path
+that calibration kept for the ceiling run (``scorer_calibration_rows_per_s``: what it measured of each);
+``worker_scorer_path``: the one the worker kept (its ``gruflow_scorer_info`` metric).
 Prints one JSON object. No assertions: goals are written in the issue note, not enforced here.
 """
 
@@ -122,13 +125,14 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
     from stream.events import CLICKS, PURCHASES, Limits, Rejected, decode_event
     from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
     from stream.replay import iter_messages
-    from stream.scoring import TopKScorer
+    from stream.calibration import calibrate
 
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.torch_threads)
     try:
         model = load_checkpoint(model_path).recommender(1)
-        scorer = TopKScorer(model, threads=settings.scoring_threads, compiled=settings.compiled_topk)
+        scorer, calibration = calibrate(model, settings.top_k, threads=settings.scoring_threads,
+                                        compiled=settings.compiled_topk, path=settings.scorer_path)
         limits, cfg, popularity = Limits(), ProcessorConfig(k=settings.top_k), PopularityBaseline()
         purchases = settings.topic("purchases")
         messages = list(iter_messages(settings, df, limit=n))
@@ -160,7 +164,10 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
     return {"compute_ceiling_events_per_s": round(events_done / compute_s, 1) if compute_s else float("nan"),
             "topk_ceiling_events_per_s": round(events_done / scoring_s, 1) if scoring_s else float("nan"),
             "topk_int8_fraction": round(scorer.rows_int8 / scorer.rows_scored, 4) if scorer.rows_scored else None,
-            "compiled_topk": scorer.native is not None}
+            "compiled_topk": scorer.native is not None,
+            "scorer_path": calibration.path,
+            "scorer_calibration_rows_per_s": dict(calibration.rows_per_s),
+            "scorer_calibration_s": round(calibration.seconds, 3)}
 
 
 def _raw_consume(settings: Settings, n: int) -> float:
@@ -293,6 +300,23 @@ def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     return None
 
 
+_CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "neon", "asimddp")
+
+
+def _cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> dict[str, bool] | None:
+    """The SIMD features that decide which top-K path is fastest (Linux; x86 "flags", Arm "Features" of the
+    first processor): the int8 paths need VNNI-class instructions to beat float32."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            name, sep, value = line.partition(":")
+            if sep and name.strip() in ("flags", "Features"):
+                present = set(value.split())
+                return {flag: flag in present for flag in _CPU_FLAGS}
+    except OSError:
+        pass
+    return None
+
+
 class _StealMeter:
     """CPUs stolen per second of wall time between ``start`` and ``stop`` (None where not measurable)."""
 
@@ -356,6 +380,20 @@ def _scrape(port: int, name: str) -> float | None:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def _scrape_label(port: int, name: str, label: str) -> str | None:
+    """The value of ``label`` on the first sample of ``name`` at a /metrics endpoint (an Info metric)."""
+    import re
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    found = re.search(rf'^{re.escape(name)}{{[^}}]*\b{re.escape(label)}="([^"]*)"', text, re.MULTILINE)
+    return found.group(1) if found else None
 
 
 def _start_trainer(env: dict[str, str], port: int, args: argparse.Namespace, log_path: Path,
@@ -459,7 +497,7 @@ def run_bench(args: argparse.Namespace) -> int:
         ceiling = _compute_ceiling(settings, model_path, df)
         _log(f"compute ceiling (no Kafka, no state): {ceiling['compute_ceiling_events_per_s']:,.0f} events/s; "
              f"top-K alone {ceiling['topk_ceiling_events_per_s']:,.0f} events/s "
-             f"(int8 path proved {ceiling['topk_int8_fraction'] or 0:.1%} of the rows)")
+             f"({ceiling['scorer_path']} path; int8 proved {ceiling['topk_int8_fraction'] or 0:.1%} of the rows)")
 
         reader = _RecReader(settings)
         env = settings.subprocess_env(**{ENV_PREFIX + "MODEL_PATH": str(model_path)})
@@ -478,6 +516,7 @@ def run_bench(args: argparse.Namespace) -> int:
         if not reader.wait_count(n, 600):
             raise RuntimeError(f"only {reader.count} of {n} recommendations arrived; worker log: {work / 'worker.log'}")
         throughput_steal = steal.stop()
+        worker_scorer_path = _scrape_label(settings.web_port, "gruflow_scorer_info", "path")
         pub = np.asarray(reader.published, dtype=np.float64)
         span_s = (pub.max() - pub.min()) / 1000.0
         events_per_s = n / span_s if span_s > 0 else float("nan")
@@ -538,6 +577,8 @@ def run_bench(args: argparse.Namespace) -> int:
             "processing_guarantee": settings.processing_guarantee,
             "cpus": os.cpu_count(),
             "cpu_model": _cpu_model(),
+            "cpu_flags": _cpu_flags(),
+            "worker_scorer_path": worker_scorer_path,
             "load_avg_1m": round(os.getloadavg()[0], 2),
             "latency_cpu_steal": latency_steal,
             **training,

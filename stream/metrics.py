@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from stream.events import REASONS as DLQ_REASONS
 from stream.model_sync import REFUSAL_REASONS as MODEL_REFUSAL_REASONS
@@ -50,6 +50,7 @@ class Metrics:
     recommendations_out: Counter
     unknown_items: Counter
     topk_rows: Counter
+    scorer: Info
     batch_size: Histogram
     step_latency: Histogram
     end_to_end_latency: Histogram
@@ -97,6 +98,8 @@ class Metrics:
                                   registry=r),
             topk_rows=Counter(p + "topk_rows", "Events scored against the whole catalogue, by path: int8 (answered "
                               "from the int8 pre-filter's proven candidates) or float32", ["path"], registry=r),
+            scorer=Info(p + "scorer", "Top-K path of the model served (label path: float32, int8 or compiled), "
+                        "chosen by timing each on this machine unless GRUFLOW_SCORER_PATH forces one", registry=r),
             batch_size=Histogram(p + "batch_size_events", "Events per processed micro-batch",
                                  buckets=BATCH_BUCKETS, registry=r),
             step_latency=Histogram(p + "step_latency_seconds", "GRU step + top-K scoring time per micro-batch",

@@ -3,14 +3,17 @@ ctypes (which releases the GIL during each call: the scoring threads run in para
 runs while a batch is encoded).
 
 Where the library comes from, first found wins:
-1. a library built ahead of time next to the source, ``native-<source digest>.so``
-   (``python -m stream.native --prebuild``: the Docker image does this, its runtime stage has no compiler);
-2. a build with the system C compiler (``$CC``, else ``cc``), cached per source, compiler and platform
-   under ``$XDG_CACHE_HOME/gruflow/native`` (``~/.cache`` by default).
+1. a library built ahead of time next to the source, ``native-<source digest>.so``: ``pip install`` builds
+   it (setup.py; ``-e`` too, next to the source), as does ``python -m stream.native --prebuild`` (the
+   Docker image, whose runtime stage has no compiler);
+2. where the install had no compiler: a build with the system C compiler (``$CC``, else ``cc``) on first
+   use, cached per source, compiler and platform under ``$XDG_CACHE_HOME/gruflow/native`` (``~/.cache``
+   by default).
 
 Optional by design: without a library ``library()`` returns None (the reason logged once) and the
 callers keep their Python paths, which give the same answers; ``topk_kernel()`` also needs a CPU with
-AVX-512 VNNI (``stream.scoring`` uses torch elsewhere).
+AVX-512 VNNI (``stream.scoring`` uses torch elsewhere, and keeps the kernel only where calibration finds
+it fastest).
 """
 
 from __future__ import annotations

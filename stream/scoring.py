@@ -18,6 +18,9 @@ top-K over N items per event. ``TopKScorer`` makes both cheaper without changing
   the [B, N] int32 matrix and the passes over it are never made. Same bound, same answers; elsewhere
   torch runs the same steps.
 
+Which of these paths is fastest depends on the CPU, not only on the model: ``stream.calibration`` times
+them on the served weights and keeps the fastest exact one (``ScorerCache``).
+
 Same results as ``Recommender.top_k`` (retired items masked the same way), up to float32 rounding:
 two products of the same numbers may differ in their last bits (the kernel, so the order of the sums,
 depends on the shapes), so items whose scores are that close may swap places or trade the K-th slot.
@@ -26,9 +29,11 @@ Weights are read once per served model; a model swap builds a new scorer.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,6 +41,10 @@ import torch
 from model.recommender import Recommender
 from stream import native
 
+log = logging.getLogger(__name__)
+
+ScorerPath = Literal["float32", "int8", "compiled"]
+PATHS: tuple[ScorerPath, ...] = ("float32", "int8", "compiled")
 _BLOCK = 32
 _CHUNK = 128  # rows scored at once by the float32 path: a [128, N] score block
 _QMAX = 127  # int8 codes are kept symmetric: -127..127
@@ -141,6 +150,33 @@ class Int8Prefilter:
         return torch._int_mm(codes, self.codes), eps
 
 
+def int8_product_is_exact(pf: Int8Prefilter, items: int = 512) -> bool:
+    """Whether ``torch._int_mm`` gives the exact int32 products of ``pf``'s item codes on this machine.
+
+    The error bound assumes exact integer products. oneDNN's int8 product without VNNI (AVX2 only)
+    adds pairs of 8-bit products in 16 bits with saturation, so sums of large codes of one sign come out
+    wrong: there torch's int8 path must not be used (the compiled kernel computes its own products).
+    Checked on the codes of the first ``items`` items (and of the items most likely to saturate) against
+    hidden codes chosen to saturate: all +127, all -127, random signs, and the signs of those items' own
+    codes."""
+    codes, const, hidden = pf.codes, pf.const, pf.hidden
+    n = codes.shape[1]
+    largest = torch.topk(codes[:hidden].abs().sum(dim=0, dtype=torch.int64), min(8, n)).indices
+    cols = torch.unique(torch.cat([torch.arange(min(items, n)), largest]))
+    w = codes.index_select(1, cols)
+    g = torch.Generator().manual_seed(0)
+    signs = [torch.ones(hidden), -torch.ones(hidden), *(torch.randint(0, 2, (hidden,), generator=g) * 2.0 - 1
+                                                        for _ in range(16)),
+             *(torch.sign(codes[:hidden, j].float()) for j in largest.tolist())]
+    x = const.expand(len(signs), -1).clone()
+    x[:, :hidden] = (torch.stack(signs) * _QMAX).to(torch.int8)
+    try:
+        got = torch._int_mm(x, w)
+    except RuntimeError:
+        return False
+    return bool(torch.equal(got.long(), x.long() @ w.long()))
+
+
 class NativeInt8TopK:
     """The int8 path of ``TopKScorer`` in one compiled pass (``native.c``), with the same bound
     and the same answers: the item codes packed 16 items x 4 codes per vector, stored + 128 (unsigned),
@@ -216,8 +252,18 @@ class TopKScorer:
         lib = native.topk_kernel() if compiled and self.prefilter is not None else None
         if lib is not None:
             self.native = NativeInt8TopK(lib, self.prefilter, self.W, self.b, self.n, self.retired)
+        elif self.prefilter is not None and not int8_product_is_exact(self.prefilter):
+            log.warning("torch's int8 product is not exact on this CPU (it saturates): top-K in float32")
+            self.prefilter = None
         self.rows_scored = 0  # rows answered, and how many of them the int8 path proved
         self.rows_int8 = 0
+
+    @property
+    def path(self) -> ScorerPath:
+        """The path that answers rows first: the float32 path takes only the rows it leaves."""
+        if self.prefilter is None:
+            return "float32"
+        return "compiled" if self.native is not None else "int8"
 
     def top_k(self, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.n)
@@ -333,41 +379,3 @@ def block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
         cand = torch.cat([cand, torch.arange(nb * _BLOCK, n).expand(m, -1)], dim=1)
     values, pick = torch.topk(torch.gather(scores, 1, cand), k, dim=1, sorted=True)
     return values, torch.gather(cand, 1, pick)
-
-
-class ScorerCache:
-    """The scorer of the model served. ``prepare`` builds a new model's scorer in the thread that swaps it
-    in (``ModelHolder.on_prepare``), so the worker's event loop and its batches never wait for one; ``get``
-    builds one itself only for a model nobody prepared (the first one). Models of fewer than ``min_items``
-    items get no scorer (``get`` returns None): their plain top-K is as fast."""
-
-    def __init__(self, threads: int = 1, min_items: int = 0, compiled: bool = True) -> None:
-        self.threads = threads
-        self.min_items = min_items
-        self.compiled = compiled
-        self._lock = threading.Lock()
-        self._model: Recommender | None = None
-        self._scorer: TopKScorer | None = None
-        self._prepared: tuple[Recommender, TopKScorer] | None = None
-
-    def prepare(self, model: Recommender) -> None:
-        if model.n_items < self.min_items:
-            return
-        scorer = TopKScorer(model, threads=self.threads, compiled=self.compiled)
-        with self._lock:
-            self._prepared = (model, scorer)
-
-    def get(self, model: Recommender) -> TopKScorer | None:
-        if model.n_items < self.min_items:
-            return None
-        with self._lock:
-            if self._model is model and self._scorer is not None:
-                return self._scorer
-            if self._prepared is not None and self._prepared[0] is model:
-                self._model, self._scorer = self._prepared
-                self._prepared = None
-                return self._scorer
-        scorer = TopKScorer(model, threads=self.threads, compiled=self.compiled)
-        with self._lock:
-            self._model, self._scorer = model, scorer
-        return scorer

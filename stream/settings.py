@@ -74,6 +74,9 @@ class Settings:
     torch_threads: int = 1  # torch's own (OpenMP) threads in the worker
     scoring_threads: int = 2  # threads that score the chunks of a batch's top-K at once
     compiled_topk: bool = True  # the compiled int8 top-K kernel where it runs (stream/native.py); else torch
+    # top-K path: "auto" times each path that can run here on the served model and keeps the fastest exact
+    # one (stream/calibration.py); a path name forces that path where it can run
+    scorer_path: Literal["auto", "float32", "int8", "compiled"] = "auto"
     model_path: str = ""  # checkpoint to serve when the models topic has none
     max_message_bytes: int = 65536
     max_id_bytes: int = 256
@@ -155,6 +158,8 @@ class Settings:
             (self.batch_max_ms >= 0, "GRUFLOW_BATCH_MAX_MS must be >= 0"),
             (self.torch_threads >= 1, "GRUFLOW_TORCH_THREADS must be >= 1"),
             (self.scoring_threads >= 1, "GRUFLOW_SCORING_THREADS must be >= 1"),
+            (self.compiled_topk or self.scorer_path != "compiled",
+             "GRUFLOW_SCORER_PATH=compiled needs GRUFLOW_COMPILED_TOPK=true"),
             (0 < self.web_port < 65536, "GRUFLOW_WEB_PORT must be a TCP port"),
             (self.session_gap_s > 0, "GRUFLOW_SESSION_GAP_S must be > 0"),
             (self.rocksdb_write_buffer_bytes >= 64 * 1024, "GRUFLOW_ROCKSDB_WRITE_BUFFER_BYTES must be >= 65536"),

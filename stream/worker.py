@@ -172,6 +172,8 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     holder = ModelHolder(model)
     _wipe_if_dirty(settings)
     runtime = build_app(settings, holder, metrics, dead_letter_bytes)
+    phase["why"] = "choosing the top-K path"
+    loop.run_until_complete(loop.run_in_executor(None, runtime.pipeline.prepare_scorer, model, True))
     phase["runtime"] = runtime
     subscriber: Any = None
     try:

@@ -33,7 +33,7 @@ def run(promtool: Path, *args: str, cwd: Path = PROM, stdin: str | None = None) 
 def known_series() -> set[str]:
     """Every series name gruflow exports (a counter foo exports foo_total, a histogram foo_bucket ...)."""
     suffixes = {"counter": ["_total", "_created"], "gauge": [""], "summary": ["", "_count", "_sum", "_created"],
-                "histogram": ["_bucket", "_count", "_sum", "_created"]}
+                "histogram": ["_bucket", "_count", "_sum", "_created"], "info": ["_info"]}
     names = set()
     for family in (f for role in ROLES for f in Metrics.create(role=role).registry.collect()):
         names.update(family.name + s for s in suffixes[family.type])

@@ -190,3 +190,39 @@ def test_health_endpoints_and_metric_names(kafka, tmp_path: Path, model_path: Pa
         assert all(n.startswith("gruflow_") for n in names)
         assert worker.metric("gruflow_model_version") == 1
         assert worker.metric("gruflow_ready") == 1
+
+
+def _catalogue_model(path: Path, n_items: int = 8000, hidden: int = 32) -> Path:
+    """A model large enough for the worker's fast top-K, with scores spread out like a trained one's."""
+    import numpy as np
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.network import GRU4RecNet
+    from model.params import GRU4RecParams
+    from model.vocab import Vocabulary
+
+    params = GRU4RecParams(layers=(hidden,), seed=5)
+    net = GRU4RecNet(n_items, params)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        net.Wy.weight.copy_(torch.randn(net.Wy.weight.shape, generator=g) * 0.3)
+        net.By.weight.copy_(torch.randn(net.By.weight.shape, generator=g) * 0.5)
+    vocab = Vocabulary(f"i{r}" for r in range(n_items))
+    return save_checkpoint(path, net, vocab, params, np.linspace(n_items, 1, n_items), {"version": 1})
+
+
+def test_the_worker_reports_the_top_k_path_it_chose(kafka, tmp_path: Path) -> None:
+    """Chosen by calibration at start-up, before the worker is ready; a setting can force it."""
+    from stream.scoring import PATHS
+
+    settings = kafka.settings(partitions=1)
+    ensure_topics(settings)
+    model = _catalogue_model(tmp_path / "catalogue.gfc")
+    for forced in ("auto", "float32"):
+        with WorkerProc(kafka, settings, model, tmp_path, name=f"worker-{forced}",
+                        GRUFLOW_SCORER_PATH=forced) as worker:
+            _, text = worker.get("/metrics")
+            paths = [p for p in PATHS if worker.metric("gruflow_scorer_info", path=p) == 1.0]
+            assert len(paths) == 1, text
+            assert forced == "auto" or paths == [forced]

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +18,18 @@ from model.network import GRU4RecNet
 from model.params import GRU4RecParams
 from model.recommender import Recommender
 from model.vocab import Vocabulary
+from prometheus_client import generate_latest
+
+from stream import calibration as calibration_module
 from stream import native
+from stream.calibration import (Calibration, ScorerCache, calibrate, candidate_scorers, is_exact_top_k,
+                                probe_states)
+from stream.metrics import Metrics
 from stream.model_holder import ModelHolder
-from stream.scoring import Int8Prefilter, ScorerCache, TopKScorer
+from stream.scoring import PATHS, Int8Prefilter, TopKScorer
+from stream.settings import Settings, SettingsError
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(params=[True, False], ids=["compiled", "torch"])
@@ -177,3 +192,193 @@ def test_a_swapped_in_model_gets_its_scorer_before_it_is_served(same_top_k) -> N
     small = ScorerCache(min_items=10_000)  # below the size bound: no scorer, prepared or built
     small.prepare(new)
     assert small.get(new) is None and small._prepared is None
+
+
+# --- choosing the path: calibration on the served weights ---------------------------------------------
+
+def test_every_path_gives_the_exact_top_k_on_the_same_states(same_top_k) -> None:
+    rec = _spread_model(8003, hidden=100)
+    scorers = candidate_scorers(rec, 20, threads=2)
+    assert {"float32", "int8"} <= set(scorers) <= set(PATHS)
+    assert ("compiled" in scorers) is (native.topk_kernel() is not None)
+    for hidden in (probe_states(rec, 300, seed=1), _states(rec, 300, seed=2)):
+        for name, scorer in scorers.items():
+            assert scorer.path == name
+            same_top_k(rec, hidden, 20, *scorer.top_k(hidden, 20))
+            assert is_exact_top_k(scorer, hidden, 20, *scorer.top_k(hidden, 20)), name
+
+
+def test_calibration_picks_a_path_that_can_run_and_resets_its_counts() -> None:
+    rec = _spread_model(8000)
+    scorer, calibration = calibrate(rec, 20, threads=2)
+    assert calibration.path == scorer.path
+    assert calibration.path in candidate_scorers(rec, 20)
+    assert set(calibration.rows_per_s) == set(candidate_scorers(rec, 20))
+    assert calibration.rows_per_s[calibration.path] == max(calibration.rows_per_s.values())
+    assert calibration.rejected == () and not calibration.forced
+    assert calibration.probe_rows > 0 and 0 < calibration.seconds < 60
+    assert scorer.rows_scored == scorer.rows_int8 == 0
+
+
+def _slowed(scorers: dict, slow: set[str], times: int = 100) -> dict:
+    """The same scorers, those named in ``slow`` made ``times`` times slower (they repeat their work), so
+    far that calibration drops them after their first small pass whatever else runs on the machine."""
+    for name in slow:
+        scorer, fast = scorers[name], scorers[name].top_k
+
+        def top_k(hidden, k, fast=fast):
+            for _ in range(times - 1):
+                fast(hidden, k)
+            return fast(hidden, k)
+        scorer.top_k = top_k
+    return scorers
+
+
+@pytest.fixture(params=[1, 2], ids=["torch-1-thread", "torch-2-threads"])
+def torch_threads(request):
+    """Calibration times CPU time of its thread where torch computes in it alone (the worker), else wall time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("slow", [{"float32"}, {"int8", "compiled"}, {"float32", "compiled"}],
+                         ids=["float32-slow", "int8-slow", "only-torch-int8-fast"])
+def test_calibration_keeps_the_fastest_path(monkeypatch, slow: set[str], torch_threads: int) -> None:
+    assert calibration_module._cpu_clock() is (time.thread_time if torch_threads == 1 else time.perf_counter)
+    rec = _spread_model(8000)
+    real = candidate_scorers
+    monkeypatch.setattr(calibration_module, "candidate_scorers", lambda *a, **kw: _slowed(real(*a, **kw), slow))
+    available = set(real(rec, 20))
+    scorer, calibration = calibrate(rec, 20)
+    assert calibration.path in available - slow, calibration
+    assert scorer.path == calibration.path
+
+
+def test_calibration_refuses_a_path_that_gives_a_wrong_answer(monkeypatch, same_top_k) -> None:
+    rec = _spread_model(8000)
+    real = candidate_scorers
+
+    def with_a_wrong_int8(*args, **kwargs):
+        scorers = real(*args, **kwargs)
+        scorers.pop("compiled", None)
+        right = scorers["int8"].top_k
+
+        def wrong(hidden, k):
+            rows, values = right(hidden, k)
+            rows[:, -1] = rows[:, 0]  # the best item twice, the k-th left out
+            return rows, values
+        scorers["int8"].top_k = wrong
+        return _slowed(scorers, {"float32"})  # the wrong one is also the fastest
+
+    monkeypatch.setattr(calibration_module, "candidate_scorers", with_a_wrong_int8)
+    scorer, calibration = calibrate(rec, 20)
+    assert calibration.path == "float32" and calibration.rejected == ("int8",)
+    hidden = _states(rec, 50)
+    same_top_k(rec, hidden, 20, *scorer.top_k(hidden, 20))
+
+
+def test_a_forced_path_is_kept_where_it_can_run(caplog) -> None:
+    rec = _spread_model(8000)
+    scorer, calibration = calibrate(rec, 20, path="float32")
+    assert scorer.path == calibration.path == "float32" and calibration.forced
+    assert calibration.rows_per_s == {}
+    with caplog.at_level("WARNING", logger="stream.calibration"):
+        scorer, calibration = calibrate(rec, 20, compiled=False, path="compiled")
+    assert not calibration.forced and calibration.path in ("float32", "int8")
+    assert "cannot run here" in caplog.text
+
+
+def test_a_large_k_leaves_only_the_float32_path() -> None:
+    rec = _spread_model(8000)
+    assert list(candidate_scorers(rec, 48)) == ["float32"]
+    assert calibrate(rec, 60)[1].path == "float32"
+
+
+def _saturating_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """An int8 product as oneDNN computes it without VNNI: the signed inputs shifted to unsigned (+128),
+    adjacent pairs of 8-bit products added in 16 bits with saturation, the shift taken off again."""
+    u = a.long() + 128
+    w = b.long()
+    if u.shape[1] % 2:
+        u, w = torch.nn.functional.pad(u, (0, 1)), torch.nn.functional.pad(w, (0, 0, 0, 1))
+    pairs = u.view(u.shape[0], -1, 2).unsqueeze(3) * w.view(-1, 2, w.shape[1]).unsqueeze(0)
+    saturated = pairs.sum(dim=2).clamp(-(1 << 15), (1 << 15) - 1).sum(dim=1)
+    return (saturated - 128 * w.sum(dim=0)).to(torch.int32)
+
+
+def test_an_int8_product_that_saturates_keeps_the_int8_path_off(monkeypatch, same_top_k) -> None:
+    rec = _spread_model(8000, hidden=64)
+    assert TopKScorer(rec, compiled=False).path == "int8"
+    monkeypatch.setattr(torch, "_int_mm", _saturating_int_mm)
+    scorer = TopKScorer(rec, compiled=False)
+    assert scorer.path == "float32" and scorer.prefilter is None
+    hidden = _states(rec, 100)
+    same_top_k(rec, hidden, 20, *scorer.top_k(hidden, 20))
+    assert "int8" not in candidate_scorers(rec, 20, compiled=False)
+    # the compiled kernel computes its own products: it stays where it runs
+    assert ("compiled" in candidate_scorers(rec, 20)) is (native.topk_kernel() is not None)
+    assert "int8" not in candidate_scorers(rec, 20)
+
+
+_AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+_SATURATION_PROBE = """
+import json, torch
+from tests.unit.stream.test_scoring import _spread_model, _states
+from tests.unit.stream.conftest import check_top_k
+from stream.scoring import TopKScorer
+g = torch.Generator().manual_seed(0)
+a = torch.randint(-127, 128, (32, 104), dtype=torch.int8, generator=g)
+b = torch.randint(-127, 128, (104, 512), dtype=torch.int8, generator=g)
+saturates = not torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+rec = _spread_model(8000, hidden=100)
+scorer = TopKScorer(rec, compiled=False)
+hidden = _states(rec, 200)
+check_top_k(rec, hidden, 20, *scorer.top_k(hidden, 20))
+print(json.dumps({"saturates": saturates, "path": scorer.path}))
+"""
+
+
+@pytest.mark.skipif(not _cpu_has_vnni(), reason="emulates an AVX2-only machine on one with AVX-512 VNNI")
+def test_on_an_emulated_avx2_machine_torch_int8_is_refused_where_it_saturates() -> None:
+    """oneDNN limited to AVX2 computes torch's int8 product without VNNI, where it saturates: the int8
+    path must not be used there, and the answers stay exact."""
+    env = {**os.environ, **_AVX2_ONLY, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", _SATURATION_PROBE], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["saturates"], "oneDNN limited to AVX2 no longer saturates here: emulate differently"
+    assert result["path"] == "float32"
+
+
+def test_the_scorer_cache_reports_each_served_choice() -> None:
+    old, new = _spread_model(8000, seed=3), _spread_model(8000, seed=4)
+    metrics = Metrics.create()
+    choices: list[Calibration] = []
+
+    def on_choice(calibration: Calibration) -> None:
+        choices.append(calibration)
+        metrics.scorer.info({"path": calibration.path})
+
+    holder = ModelHolder(old)
+    cache = ScorerCache(threads=2, on_choice=on_choice, path="float32")
+    holder.on_prepare(cache.prepare)
+    cache.prepare(old, serve=True)  # start-up: calibrated and served at once
+    assert len(choices) == 1 and cache.calibration is choices[0] and cache._prepared is None
+    assert cache.get(old) is not None and len(choices) == 1  # served again: not reported again
+    holder.swap(new)
+    assert len(choices) == 1  # prepared, not yet served
+    assert cache.get(new).path == "float32" and len(choices) == 2
+    text = generate_latest(metrics.registry).decode()
+    assert 'gruflow_scorer_info{path="float32"} 1.0' in text
+
+
+def test_the_scorer_path_setting() -> None:
+    assert Settings.from_env({}).scorer_path == "auto"
+    assert Settings.from_env({"GRUFLOW_SCORER_PATH": "int8"}).scorer_path == "int8"
+    with pytest.raises(SettingsError, match="GRUFLOW_SCORER_PATH"):
+        Settings.from_env({"GRUFLOW_SCORER_PATH": "fastest"})
+    with pytest.raises(SettingsError, match="GRUFLOW_COMPILED_TOPK"):
+        Settings.from_env({"GRUFLOW_SCORER_PATH": "compiled", "GRUFLOW_COMPILED_TOPK": "false"})
