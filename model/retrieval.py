@@ -3,7 +3,10 @@
 An item's score for a hidden state ``h`` is ``h . W[i] + b[i]``. Appending the bias as one more
 dimension turns that into a pure inner product, ``[h, 1] . [W[i], b[i]]``, so a maximum-inner-product
 (MIPS) index from faiss (``METRIC_INNER_PRODUCT``: IVF with flat or 8-bit scalar-quantised lists, or
-HNSW) proposes ``n_candidates`` rows per query. Those candidates are then scored again from the float32
+HNSW) proposes ``n_candidates`` rows per query. The ``n_popular`` rows of largest bias are kept out of
+that index and are candidates for every query: a trained model's biases carry popularity, so its most
+popular items compete for almost every state, yet they are spread over the whole space and an index
+partitioned by direction misses them. Those candidates are then scored again from the float32
 weights themselves, so every reported score is the model's true score and the order is the true order
 among the candidates; only recall (whether the true top-K was among the candidates) is approximate.
 
@@ -14,7 +17,8 @@ Invariants:
   fingerprint of the weights, so a worker can refuse to pair a model with another version's index.
 - An ``ItemIndex`` is immutable once built: ``updated`` returns a new index for the new version and
   leaves the old one serving the old model until the swap.
-- Exhaustive search is exact: with ``nprobe == nlist`` on an IVF index every live row is visited; the
+- Every live row is either in the faiss index or among the popular rows, never both (no duplicates).
+- Exhaustive search is exact: with ``nprobe == nlist`` on an IVF index every indexed row is visited; the
   candidates are then a top-``n_candidates`` by the index's scores (float32 for ``ivf_flat``, 8-bit
   for ``ivf_sq8``), so with ``ivf_flat``, or with ``n_candidates`` at least the catalogue size, the
   answer is the exact top-K up to float32 rounding.
@@ -47,8 +51,9 @@ class RetrievalConfig:
     """How the candidate index is built and searched.
 
     ``nlist``/``nprobe`` apply to the IVF kinds (``nprobe == nlist`` visits every list: exhaustive),
-    ``hnsw_m``/``ef_construction``/``ef_search`` to HNSW. ``n_candidates`` rows per query are re-scored
-    exactly (at least ``k`` are always fetched)."""
+    ``hnsw_m``/``ef_construction``/``ef_search`` to HNSW. ``n_candidates`` rows per query from the index
+    (at least ``k``) plus the ``n_popular`` rows of largest bias are re-scored exactly. ``n_popular`` is
+    fixed at build time."""
 
     kind: IndexKind = "ivf_sq8"
     nlist: int = 1024
@@ -57,6 +62,7 @@ class RetrievalConfig:
     ef_construction: int = 80
     ef_search: int = 64
     n_candidates: int = 100
+    n_popular: int = 200
 
     def __post_init__(self) -> None:
         if self.kind not in ("ivf_flat", "ivf_sq8", "hnsw"):
@@ -64,6 +70,8 @@ class RetrievalConfig:
         for name in ("nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search", "n_candidates"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if int(self.n_popular) < 0:
+            raise ValueError(f"n_popular must not be negative, got {self.n_popular}")
 
     def exhaustive(self) -> RetrievalConfig:
         """The same index searched over every list (IVF kinds): the exact answer, slowly."""
@@ -136,6 +144,15 @@ def _train_sample(vectors: np.ndarray, nlist: int) -> np.ndarray:
     return vectors[pick]
 
 
+def _split_live(b: np.ndarray, retired: np.ndarray, n_popular: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows for the faiss index, popular rows): the live rows, the ``n_popular`` of largest bias apart."""
+    live = np.setdiff1d(np.arange(b.shape[0], dtype=np.int64), retired, assume_unique=True)
+    if n_popular >= len(live):
+        return live[:0], live
+    top = live[np.argpartition(-b[live], n_popular - 1)[:n_popular]] if n_popular else live[:0]
+    return np.setdiff1d(live, top, assume_unique=True), np.sort(top)
+
+
 def _with_ids(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
     if len(ids):
         index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
@@ -144,9 +161,10 @@ def _with_ids(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
 class ItemIndex:
     """Candidate index of one model version plus the float32 tables that re-score the candidates."""
 
-    def __init__(self, index: faiss.Index, W: np.ndarray, b: np.ndarray, retired: np.ndarray, version: int,
-                 config: RetrievalConfig) -> None:
+    def __init__(self, index: faiss.Index, W: np.ndarray, b: np.ndarray, retired: np.ndarray,
+                 popular: np.ndarray, version: int, config: RetrievalConfig) -> None:
         self._index = index
+        self.popular = popular
         self.W = W
         self.b = b
         self.retired = retired
@@ -163,15 +181,15 @@ class ItemIndex:
         config = config or RetrievalConfig()
         W, b = _checked_tables(W, b)
         retired_rows = _retired_rows(retired, W.shape[0])
-        live = np.setdiff1d(np.arange(W.shape[0], dtype=np.int64), retired_rows, assume_unique=True)
-        vectors = _augmented(W, b, live)
-        index = _new_faiss_index(config, W.shape[1] + 1, len(live))
-        if not index.is_trained:
-            if len(live) == 0:
-                raise ValueError("every item is retired: nothing to index")
+        indexed, popular = _split_live(b, retired_rows, config.n_popular)
+        if len(indexed) + len(popular) == 0:
+            raise ValueError("every item is retired: nothing to index")
+        vectors = _augmented(W, b, indexed)
+        index = _new_faiss_index(config, W.shape[1] + 1, len(indexed))
+        if not index.is_trained and len(indexed):
             index.train(_train_sample(vectors, index.nlist))
-        _with_ids(index, vectors, live)
-        return cls(index, W, b, retired_rows, int(version), config)
+        _with_ids(index, vectors, indexed)
+        return cls(index, W, b, retired_rows, popular, int(version), config)
 
     @classmethod
     def for_model(cls, model, config: RetrievalConfig | None = None) -> ItemIndex:
@@ -186,6 +204,11 @@ class ItemIndex:
     @property
     def n_indexed(self) -> int:
         return int(self._index.ntotal)
+
+    @property
+    def n_live(self) -> int:
+        """Rows that can be returned: indexed plus popular (every row that is not retired)."""
+        return self.n_indexed + len(self.popular)
 
     @property
     def supports_update(self) -> bool:
@@ -216,10 +239,13 @@ class ItemIndex:
         m = x.shape[0]
         k = max(0, min(int(k), self.n_items))
         extra = max((len(e) for e in exclude if e is not None), default=0) if exclude is not None else 0
-        n_fetch = min(max(cfg.n_candidates, k) + extra, max(self.n_indexed, 1))
-        query = np.hstack([x, np.ones((m, 1), dtype=np.float32)])
-        _, cand = self._index.search(query, n_fetch, params=self._search_params(cfg))
-        return self._rescore(x, cand, k, exclude)
+        n_fetch = min(max(cfg.n_candidates, k) + extra, self.n_indexed)
+        cand = np.broadcast_to(self.popular, (m, len(self.popular)))
+        if n_fetch > 0:
+            query = np.hstack([x, np.ones((m, 1), dtype=np.float32)])
+            _, found = self._index.search(query, n_fetch, params=self._search_params(cfg))
+            cand = np.hstack([found, cand])
+        return self._rescore(x, np.ascontiguousarray(cand), k, exclude)
 
     def _search_params(self, cfg: RetrievalConfig) -> faiss.SearchParameters:
         if self.config.kind == "hnsw":
@@ -266,14 +292,17 @@ class ItemIndex:
         n = W.shape[0]
         new_retired = _retired_rows(retired, n)
         changed = np.union1d(np.asarray(rows, dtype=np.int64), np.arange(self.n_items, n, dtype=np.int64))
-        changed = np.union1d(changed, np.setxor1d(self.retired, new_retired))
         if len(changed) and (changed.min() < 0 or changed.max() >= n):
             raise ValueError(f"changed rows must lie in [0, {n})")
+        _, popular = _split_live(b, new_retired, self.config.n_popular)
+        # rows whose place changed (retired, popular or indexed) are re-placed with the changed ones
+        changed = np.union1d(changed, np.setxor1d(self.retired, new_retired))
+        changed = np.union1d(changed, np.setxor1d(self.popular, popular))
         index = faiss.clone_index(self._index)
         index.remove_ids(np.ascontiguousarray(changed, dtype=np.int64))
-        live = np.setdiff1d(changed, new_retired, assume_unique=True)
-        _with_ids(index, _augmented(W, b, live), live)
-        return ItemIndex(index, W, b, new_retired, int(version), self.config)
+        add = np.setdiff1d(np.setdiff1d(changed, new_retired), popular)
+        _with_ids(index, _augmented(W, b, add), add)
+        return ItemIndex(index, W, b, new_retired, popular, int(version), self.config)
 
 
 def _checked_tables(W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -61,6 +61,7 @@ def tables():
 
 @pytest.mark.parametrize("config", [
     RetrievalConfig(kind="ivf_flat", nlist=32, nprobe=32, n_candidates=K),
+    RetrievalConfig(kind="ivf_flat", nlist=32, nprobe=32, n_candidates=K, n_popular=0),
     RetrievalConfig(kind="ivf_sq8", nlist=32, nprobe=32, n_candidates=N),
 ])
 def test_exhaustive_search_is_the_exact_top_k(tables, config):
@@ -93,7 +94,7 @@ def test_retired_rows_are_never_returned(tables, kind):
     model = make_model(W, b, version=3, retired=retired)
     config = RetrievalConfig(kind=kind, nlist=16, nprobe=16, n_candidates=200, ef_search=400)
     index = ItemIndex.for_model(model, config)
-    assert index.n_indexed == N - len(retired)
+    assert index.n_live == N - len(retired)
     rows, scores = index.search(hidden, K)
     assert not np.isin(rows, retired).any()
     if kind != "hnsw":  # exhaustive IVF: still the exact top-K of the live items
@@ -144,7 +145,8 @@ def test_incremental_update_equals_a_rebuild(tables, kind):
     retired2 = [8, 11, 12]
     new = old.updated(changed, W2, b2, retired2, version=2)
     rebuilt = ItemIndex.build(W2, b2, retired2, version=2, config=config)
-    assert new.version == 2 and new.n_indexed == rebuilt.n_indexed == N + 50 - 3
+    assert new.version == 2 and new.n_live == rebuilt.n_live == N + 50 - 3
+    np.testing.assert_array_equal(new.popular, rebuilt.popular)
     assert new.matches(make_model(W2, b2, version=2)) and not old.matches(make_model(W2, b2, version=2))
     hidden = states(48, H, seed=8)
     got, want = new.search(hidden, K), rebuilt.search(hidden, K)
@@ -153,7 +155,7 @@ def test_incremental_update_equals_a_rebuild(tables, kind):
         assert_exact_top_k(W2, b2, hidden, K, *want, masked=[retired2] * len(hidden))
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
     # the old index still answers for the old version
-    assert old.n_indexed == N - 2 and old.version == 1
+    assert old.n_live == N - 2 and old.version == 1
     if kind != "hnsw":
         assert_exact_top_k(W, b, hidden, K, *old.search(hidden, K), masked=[[7, 8]] * len(hidden))
 
