@@ -55,10 +55,11 @@ class RetrievalConfig:
     ``nlist``/``nprobe`` apply to the IVF kinds (``nprobe == nlist`` visits every list: exhaustive),
     ``hnsw_m``/``ef_construction``/``ef_search`` to HNSW. ``n_candidates`` rows per query from the index
     (at least ``k``) plus the ``n_popular`` rows of largest bias are re-scored exactly. ``n_popular`` is
-    fixed at build time."""
+    fixed at build time. The defaults suit catalogues of about a million items (docs/retrieval.md);
+    ``nlist`` near 2-4 sqrt(N) and ``nprobe`` are to be chosen per catalogue by the benchmark."""
 
     kind: IndexKind = "ivf_sq8"
-    nlist: int = 1024
+    nlist: int = 2048
     nprobe: int = 16
     hnsw_m: int = 32
     ef_construction: int = 80
