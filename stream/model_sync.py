@@ -265,7 +265,6 @@ def publish_version(settings: Any, ckpt_bytes: bytes, version: int, parent: int,
                     producer: Any = None, timeout: float = 60.0) -> int:
     """Publish one version (all chunks, flushed); returns the number of chunks."""
     topic = _topic(settings)
-    own = producer is None
     producer = producer or _producer(settings)
     errors: list[str] = []
 

@@ -27,7 +27,6 @@ Rules (the worker's contract, see the issue):
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 

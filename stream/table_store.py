@@ -30,7 +30,7 @@ from aiokafka.partitioner import murmur2
 from faust.tables.recovery import Recovery
 from faust.types import TP
 
-from state.codec import StateCodecError, UserState, decode, encode
+from state.codec import StateCodecError, UserState, decode
 
 log = logging.getLogger("gruflow.worker")
 _WIPE_CHUNK = 10_000  # deletes per RocksDB write batch while wiping a partition
