@@ -78,7 +78,7 @@ class Load(threading.Thread):
     def run(self) -> None:
         from confluent_kafka import Producer
 
-        from stream.kafka_config import producer_config
+        from stream.kafka.config import producer_config
 
         try:
             p = Producer(producer_config(self.settings))

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from stream import model_envelope, model_sync
-from stream.topics import TopicNames, ensure_topics
+from stream.online import model_envelope, model_sync
+from stream.kafka.topics import TopicNames, ensure_topics
 from test_unreadable_records import BAD_NAME, kcat, produce_with_header
 from workerkit import TopicReader, WorkerProc, make_events, produce, save_tiny_model
 
@@ -68,7 +68,7 @@ def _wait_refusals(procs: list[WorkerProc], want: dict[str, float], timeout: flo
 
 def test_worker_and_trainer_refuse_foreign_records_on_the_models_topic_and_serve_the_next_model(
         kafka, tmp_path: Path) -> None:
-    from stream.broker import free_port
+    from stream.kafka.broker import free_port
 
     settings = kafka.settings(partitions=2, batch_max_ms=10.0)
     ensure_topics(settings)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.topics import ensure_topics
+from stream.kafka.topics import ensure_topics
 from takeoverkit import RATE, Load, alive, check_takeover, make_load, wait_serving
 from workerkit import TopicReader, WorkerProc, save_tiny_model
 
@@ -28,7 +28,7 @@ SESSION_TIMEOUT_S = 6  # WorkerProc's GRUFLOW_BROKER_SESSION_TIMEOUT_S
 def _group_members(settings) -> int:
     from confluent_kafka.admin import AdminClient
 
-    from stream.kafka_config import admin_config
+    from stream.kafka.config import admin_config
 
     admin = AdminClient(admin_config(settings))
     (future,) = admin.describe_consumer_groups([settings.app_id], request_timeout=15).values()
@@ -50,7 +50,7 @@ class _Group:
         self.workers: list[WorkerProc] = []
 
     def worker(self, name: str) -> WorkerProc:
-        from stream.broker import free_port
+        from stream.kafka.broker import free_port
 
         w = WorkerProc(self.kafka, self.settings.replace(data_dir=self.tmp_path / name, web_port=free_port()),
                        self.model_path, self.tmp_path, name=name)
