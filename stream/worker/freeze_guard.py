@@ -28,12 +28,9 @@ from typing import Callable
 class FreezeGuard:
     session_timeout_s: float
     clock: Callable[[], float] = time.monotonic
-    _last: float = field(init=False)
+    _last: float | None = field(init=False, default=None)  # None until the first look: start-up is no freeze
     _thawed_at: float | None = field(init=False, default=None)
     freezes: int = field(init=False, default=0)
-
-    def __post_init__(self) -> None:
-        self._last = self.clock()
 
     @property
     def tick_interval_s(self) -> float:
@@ -42,7 +39,7 @@ class FreezeGuard:
 
     def tick(self) -> None:
         now = self.clock()
-        if now - self._last > self.session_timeout_s / 2:  # the loop stood still: the session may have expired
+        if self._last is not None and now - self._last > self.session_timeout_s / 2:  # the loop stood still: the session may have expired
             self._thawed_at = now
             self.freezes += 1
         self._last = now

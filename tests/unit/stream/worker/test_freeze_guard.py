@@ -16,7 +16,18 @@ class Clock:
 
 def _guard(session_s: float = 6.0) -> tuple[FreezeGuard, Clock]:
     clock = Clock()
-    return FreezeGuard(session_s, clock=clock), clock
+    g = FreezeGuard(session_s, clock=clock)
+    g.tick()
+    return g, clock
+
+
+def test_the_time_before_the_first_look_is_no_freeze() -> None:
+    clock = Clock()
+    g = FreezeGuard(6.0, clock=clock)  # built with the app; the worker starts, recovers, then runs batches
+    clock.now += 60.0
+    assert g.hold_s() == 0.0 and g.freezes == 0
+    clock.now += 7.0
+    assert g.hold_s() == 6.0 and g.freezes == 1
 
 
 def test_regular_ticks_and_late_timers_hold_nothing() -> None:
