@@ -49,15 +49,29 @@ class Settings:
     # --- Kafka connection: empty bootstrap_servers means "start the embedded Apache Kafka broker"
     bootstrap_servers: str = ""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: str = ""  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
+    sasl_mechanism: str = ""  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER
     sasl_username: str = ""
     sasl_password: Secret = Secret("")
     ssl_cafile: str = ""
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
+    # any other client property, by the client's own name (stream/kafka_config.py, docs/kafka-setups.md):
+    # "name=value" lines (or ";"-separated), or a JSON object. librdkafka's names; the ones aiokafka
+    # knows too are translated for faust's clients; aiokafka_config takes aiokafka's own names
+    librdkafka_config: str = ""
+    aiokafka_config: str = ""
 
-    # --- topics
+    # --- topics: each name is the prefix + its default unless set on its own
     topic_prefix: str = "gruflow."
+    topic_clicks: str = ""
+    topic_purchases: str = ""
+    topic_recommendations: str = ""
+    topic_dlq: str = ""
+    topic_models: str = ""
+    topic_item_rules: str = ""
+    # one input topic for every event type (routed by event_type) instead of clicks + purchases;
+    # "" = the split topics. Set it to a name to use that topic.
+    topic_events: str = ""
     partitions: int = 8
     replication_factor: int = 1
 
@@ -86,7 +100,23 @@ class Settings:
     rocksdb_max_write_buffers: int = 2
     rocksdb_block_cache_bytes: int = 16 * 1024 * 1024
     log_level: str = "INFO"
+    # input field names of the shop's events: "user_id=visitorid,item_id=itemid,ts=timestamp,..."
+    field_map: str = ""
+    # event_type values of the shop's events: "addtocart=cart,transaction=purchase"
+    event_type_map: str = ""
 
+    # --- business rules at scoring time (docs/rules.md): masked before the top-K, so K items remain
+    rule_bought: Literal["off", "forever", "days"] = "off"  # items the user bought: never again, or for N days
+    rule_bought_days: float = 30.0
+    rule_session_viewed: bool = False  # items viewed or clicked in the current session
+    rule_session_cart: bool = False  # items put in the cart in the current session
+    rule_state_items: int = 32  # purchases, and session items, kept per user in the state record (each)
+    rule_exclude_categories: str = ""  # comma-separated categories (from the item-rules topic) never shown
+    rule_include_categories: str = ""  # comma-separated: only items of these categories are shown
+    rule_candidates: int = 16  # extra items the top-K fetches to replace masked ones (then a full pass)
+    exposure_cap: float = 0.0  # max share of the lists of the window an item may appear in; 0 = off
+    exposure_window_s: float = 300.0
+    exposure_damping: float = 100.0  # past the cap, the item's probability (softmax) is divided by this
     # --- online learning (trainer)
     finetune_interval_s: float = 60.0
     finetune_every_events: int = 20000
@@ -111,7 +141,9 @@ class Settings:
         return not self.bootstrap_servers
 
     def topic(self, name: str) -> str:
-        return f"{self.topic_prefix}{name}"
+        """The topic called ``name`` by gruflow ("clicks", "dlq", ...): its own setting, or prefix + name."""
+        own = getattr(self, "topic_" + name.replace("-", "_"), "") if name != "prefix" else ""
+        return own or f"{self.topic_prefix}{name}"
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -166,6 +198,12 @@ class Settings:
             (self.rocksdb_max_write_buffers >= 2, "GRUFLOW_ROCKSDB_MAX_WRITE_BUFFERS must be >= 2 (one to fill while "
              "another is flushed; RocksDB raises smaller values to 2)"),
             (self.rocksdb_block_cache_bytes >= 0, "GRUFLOW_ROCKSDB_BLOCK_CACHE_BYTES must be >= 0"),
+            (self.rule_bought_days > 0, "GRUFLOW_RULE_BOUGHT_DAYS must be > 0"),
+            (0 <= self.rule_state_items <= 255, "GRUFLOW_RULE_STATE_ITEMS must be between 0 and 255"),
+            (0 <= self.rule_candidates <= 1000, "GRUFLOW_RULE_CANDIDATES must be between 0 and 1000"),
+            (0.0 <= self.exposure_cap <= 1.0, "GRUFLOW_EXPOSURE_CAP must be between 0 (off) and 1"),
+            (self.exposure_window_s > 0, "GRUFLOW_EXPOSURE_WINDOW_S must be > 0"),
+            (self.exposure_damping >= 1.0, "GRUFLOW_EXPOSURE_DAMPING must be >= 1"),
             (0 < self.max_message_bytes <= INPUT_MESSAGE_MAX_BYTES,
              f"GRUFLOW_MAX_MESSAGE_BYTES must be between 1 and {INPUT_MESSAGE_MAX_BYTES} (the input topics' "
              "max.message.bytes)"),
@@ -173,6 +211,12 @@ class Settings:
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message)
+        from stream.events import InputShape  # pure; imported here because events imports model
+
+        try:
+            InputShape.parse(self.field_map, self.event_type_map)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
 
 
 def service_link_names(environ: Mapping[str, str], known: set[str]) -> set[str]:
