@@ -41,7 +41,7 @@ from state.codec import N_SOURCES, UserState
 from model import native
 from stream.pipeline.events import Event
 from stream.pipeline.ranking import RuleContext, UserRules, rank
-from stream.pipeline.rules import remember, user_exclusions
+from stream.pipeline.rules import as_arrays, as_lists, remember, user_exclusions
 
 TopK = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 _PAD = -2  # fills rec matrices; never equal to a row or to -1 (unknown item)
@@ -167,6 +167,8 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
                 else:
                     h = old.hidden if old.hidden is not None and old.hidden.shape[0] == size else None
                     st = [h, old.last_ts_ms, old.session_events, list(old.offsets), old.bought, old.session_items]
+                if remembers:
+                    st[4], st[5] = as_lists(st[4], st[5])
                 work[e.key] = st
             if 0 <= e.offset <= st[3][e.source]:
                 dup[i] = True
@@ -270,6 +272,8 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     states_out = result.states
     for j, key in enumerate(last_idx):
         _, last_ts, n_events, offsets, bought, session_items = work[key]
+        if remembers:
+            bought, session_items = as_arrays(bought, session_items)
         recs = final_recs[j] if n_recs[j] == kk else final_recs[j, :n_recs[j]]
         states_out[key] = UserState(final_hidden[j] if final_has[j] else None, int(last_ts), int(n_events), version,
                                     recs, offsets, bought, session_items)

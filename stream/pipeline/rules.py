@@ -185,35 +185,47 @@ def catalogue_masks(view: CatalogueView, vocab: Any, include: frozenset[str] = f
     return {name: np.unique(rows[rows >= 0]).astype(np.int64) for name, rows in masks.items()}
 
 
-def user_exclusions(cfg: RuleConfig, bought: np.ndarray, session_items: np.ndarray,
+def user_exclusions(cfg: RuleConfig, bought: list[tuple[int, int]], session_items: list[int],
                     now_s: float) -> list[tuple[str, np.ndarray]]:
-    """The rows a user's own rules mask in a list published at ``now_s`` (event time), per rule."""
+    """The rows a user's own rules mask in a list published at ``now_s`` (event time), per rule.
+    ``bought``: (row, purchase time in s) oldest first; ``session_items``: 4 * row + kind. Plain lists:
+    this runs once per event, where small numpy operations would cost more than the lists' work."""
     out = []
-    if cfg.bought != "off" and len(bought):
-        rows = bought["row"]
+    if cfg.bought != "off" and bought:
         if cfg.bought == "days":
-            rows = rows[bought["ts_s"].astype(np.int64) >= now_s - cfg.bought_days * _DAY_S]
-        out.append((BOUGHT, rows.astype(np.int64)))
-    if len(session_items):
-        kinds = session_items & 3
+            cut = now_s - cfg.bought_days * _DAY_S
+            rows = [r for r, t in bought if t >= cut]
+        else:
+            rows = [r for r, _ in bought]
+        out.append((BOUGHT, np.array(rows, dtype=np.int64)))
+    if session_items:
         if cfg.session_viewed:
-            out.append((SESSION_VIEWED, (session_items[kinds == KIND_VIEWED] >> 2).astype(np.int64)))
+            out.append((SESSION_VIEWED, np.array([c >> 2 for c in session_items if c & 3 == KIND_VIEWED],
+                                                 dtype=np.int64)))
         if cfg.session_cart:
-            out.append((SESSION_CART, (session_items[kinds == KIND_CART] >> 2).astype(np.int64)))
+            out.append((SESSION_CART, np.array([c >> 2 for c in session_items if c & 3 == KIND_CART], dtype=np.int64)))
     return out
 
 
-def remember(cfg: RuleConfig, bought: np.ndarray, session_items: np.ndarray, row: int, kind: str,
-             ts_s: int) -> tuple[np.ndarray, np.ndarray]:
-    """The user's rule lists after an event of a known item (``kind``: "purchase", "cart" or "viewed"):
-    the newest entry of an item replaces an older one, the oldest leave beyond ``cfg.state_items``."""
+def remember(cfg: RuleConfig, bought: list[tuple[int, int]], session_items: list[int], row: int, kind: str,
+             ts_s: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """The user's rule lists (new lists) after an event of a known item (``kind``: "purchase", "cart" or
+    "viewed"): the newest entry of an item replaces an older one, the oldest leave beyond
+    ``cfg.state_items``."""
     cap = cfg.state_items
     if kind == "purchase" and cfg.bought != "off":
-        kept = bought[bought["row"] != row]
-        entry = np.array([(row, ts_s)], dtype=BOUGHT_DTYPE)
-        bought = np.concatenate([kept, entry])[-cap:] if cap else kept[:0]
+        bought = ([e for e in bought if e[0] != row] + [(row, ts_s)])[-cap:] if cap else []
     elif kind in ("cart", "viewed") and cfg.tracks_session:
         code = 4 * row + (KIND_CART if kind == "cart" else KIND_VIEWED)
-        kept = session_items[session_items != code]
-        session_items = np.concatenate([kept, np.array([code], dtype=np.int32)])[-cap:] if cap else kept[:0]
+        session_items = ([c for c in session_items if c != code] + [code])[-cap:] if cap else []
     return bought, session_items
+
+
+def as_lists(bought: np.ndarray, session_items: np.ndarray) -> tuple[list[tuple[int, int]], list[int]]:
+    """A state record's rule lists as ``remember`` and ``user_exclusions`` take them."""
+    return [(int(r), int(t)) for r, t in bought.tolist()], session_items.tolist()
+
+
+def as_arrays(bought: list[tuple[int, int]], session_items: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The lists back in the state record's arrays."""
+    return np.array(bought, dtype=BOUGHT_DTYPE).reshape(-1), np.array(session_items, dtype=np.int32)

@@ -87,12 +87,15 @@ def test_librdkafka_and_aiokafka_properties_reach_the_broker(kafka) -> None:
     group = f"{settings.app_id}-pt"
     consumer = Consumer(consumer_config(settings, group))
     consumer.subscribe([names.recommendations])
-    deadline = time.monotonic() + 60
+    admin = AdminClient(admin_config(settings))
+    deadline = time.monotonic() + 120
     members = []
     while time.monotonic() < deadline and not members:
         consumer.poll(0.5)
-        desc = AdminClient(admin_config(settings)).describe_consumer_groups([group])[group].result(15)
-        members = list(desc.members)
+        try:
+            members = list(admin.describe_consumer_groups([group], request_timeout=30)[group].result(35).members)
+        except Exception:  # noqa: BLE001 - the group is still forming (or the broker slow): ask again
+            continue
     consumer.close()
     assert members and {m.client_id for m in members} == {"gruflow-passthrough"}
 

@@ -16,8 +16,8 @@ from stream.pipeline.events import Event
 from stream.pipeline.exposure import MIN_LISTS, ExposureWindow, damp, over_cap
 from stream.pipeline.processor import ProcessorConfig, process_batch
 from stream.pipeline.ranking import RuleContext, rank
-from stream.pipeline.rules import (Catalogue, CatalogueMasks, ItemRule, RuleConfig, catalogue_masks, parse_item_rule,
-                                   remember, user_exclusions)
+from stream.pipeline.rules import (Catalogue, CatalogueMasks, ItemRule, RuleConfig, as_arrays, as_lists, catalogue_masks,
+                                   parse_item_rule, remember, user_exclusions)
 
 N = 200
 T0 = 1_700_000_000_000
@@ -103,12 +103,14 @@ def test_bought_item_is_masked_from_its_own_list_and_k_items_remain(model: Recom
 
 def test_bought_for_days_and_session_items() -> None:
     cfg = RuleConfig(bought="days", bought_days=1, session_viewed=True, session_cart=True, state_items=2)
-    b, s = np.zeros(0, BOUGHT_DTYPE), np.zeros(0, np.int32)
+    b, s = as_lists(np.zeros(0, BOUGHT_DTYPE), np.zeros(0, np.int32))
     b, s = remember(cfg, b, s, 4, "purchase", 1000)
     for row in (7, 8, 9):
         b, s = remember(cfg, b, s, row, "viewed", 1000)
     b, s = remember(cfg, b, s, 9, "cart", 1000)
-    assert (s >> 2).tolist() == [9, 9] and (s & 3).tolist() == [0, 1]  # bounded to 2, newest kept
+    assert [c >> 2 for c in s] == [9, 9] and [c & 3 for c in s] == [0, 1]  # bounded to 2, newest kept
+    arrays = as_arrays(b, s)
+    assert arrays[0].dtype == BOUGHT_DTYPE and as_lists(*arrays) == (b, s)
     rules = dict(user_exclusions(cfg, b, s, 1000 + 3600))
     assert rules["bought"].tolist() == [4] and rules["session_viewed"].tolist() == [9]
     assert dict(user_exclusions(cfg, b, s, 1000 + 2 * 86400))["bought"].tolist() == []
