@@ -21,46 +21,40 @@ log = logging.getLogger("gruflow.item_rules")
 POLL_S = 0.2
 
 
-class ItemRulesReader:
+class ItemRulesReader(threading.Thread):
     """Background thread: item-rules topic -> ``catalogue``. ``caught_up`` is set once the records that
     were on the topic when it started have been applied."""
 
     def __init__(self, settings: Settings, topic: str, catalogue: Catalogue, metrics: Any = None) -> None:
+        super().__init__(name="gruflow-item-rules", daemon=True)
         self.settings, self.topic, self.catalogue, self.metrics = settings, topic, catalogue, metrics
         self.caught_up = threading.Event()
         self.applied = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> "ItemRulesReader":
-        self._thread = threading.Thread(target=self._run, name="gruflow-item-rules", daemon=True)
-        self._thread.start()
-        return self
+        self._stop_reading = threading.Event()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._stop_reading.set()
+        if self.is_alive():
+            self.join(timeout)
 
-    def _run(self) -> None:
+    def run(self) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError
 
         from stream.kafka.config import assign_whole_topic, consumer_config
 
         consumer = Consumer(consumer_config(self.settings, group_id=None, **{"enable.partition.eof": True}))
         try:
-            while not self._stop.is_set():
+            while not self._stop_reading.is_set():
                 try:
                     partitions = assign_whole_topic(consumer, self.topic, OFFSET_BEGINNING)
                     break
                 except Exception as exc:  # noqa: BLE001 - topic not there yet, cluster away: try again
                     log.warning("cannot read %s yet (%s); retrying", self.topic, exc)
-                    self._stop.wait(2.0)
+                    self._stop_reading.wait(2.0)
             else:
                 return
             at_end: set[int] = set()
-            while not self._stop.is_set():
+            while not self._stop_reading.is_set():
                 for msg in consumer.consume(1000, POLL_S):
                     err = msg.error()
                     if err is not None:
