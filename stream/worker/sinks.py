@@ -106,8 +106,8 @@ class BatchSink:
         from stream.kafka.config import aiokafka_config
 
         self.topics = (recommendations, changelog, dlq)
-        single = settings.replication_factor <= 1
-        self._config = {**aiokafka_config(settings), "client_id": f"{settings.app_id}-outputs",
+        single = settings.topics.replication_factor <= 1
+        self._config = {**aiokafka_config(settings), "client_id": f"{settings.process.app_id}-outputs",
                         # one replica: acks=1 is as durable as acks=all; more: all replicas, no duplicates
                         "acks": 1 if single else "all", "enable_idempotence": not single,
                         "linger_ms": 0, "max_batch_size": RECORD_BATCH_BYTES}

@@ -180,7 +180,7 @@ def is_coroutine(fn: Any) -> bool:
 
 def worker_settings(data_dir: Path, guarantee: str) -> Settings:
     # nothing listens on port 9: building the app must not need a broker
-    return Settings(bootstrap_servers="127.0.0.1:9", data_dir=data_dir, app_id=f"contract-{guarantee}",
+    return Settings.of(bootstrap_servers="127.0.0.1:9", data_dir=data_dir, app_id=f"contract-{guarantee}",
                     partitions=PARTITIONS, processing_guarantee=guarantee)  # type: ignore[arg-type]
 
 
