@@ -34,6 +34,7 @@ import numpy as np
 
 from model.events import EventType
 from state.codec import HEADER_SIZE, decode as decode_state, encode as encode_state
+from stream.compat import observe_many
 from stream.worker.batch_consumer import Batch, BatchConsumer, BatchTransport
 from model.topk_calibration import ScorerCache
 from stream.pipeline.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, Limits, Rejected, decode_event
@@ -450,7 +451,7 @@ class Pipeline:
         consumer = self.app.consumer
         try:
             ends = {tp: consumer.highwater(tp) for tp in consumer.assignment() if tp.topic in self.kinds}
-            lag = committed_lag(ends, {tp: consumer._committed_offset.get(tp) for tp in ends})
+            lag = committed_lag(ends, {tp: consumer.committed_offsets.get(tp) for tp in ends})
         except Exception:  # noqa: BLE001 - a gauge: skip this round while the consumer is rebalancing
             return
         m.consumer_lag.set(lag)
@@ -476,20 +477,6 @@ def committed_lag(ends: dict[Any, int | None], committed: dict[Any, int | None])
     act on, and what a restart would process again. A partition whose end is not known yet counts 0;
     one without a committed offset counts from offset 0."""
     return sum(max(0, end - (committed.get(tp) or 0)) for tp, end in ends.items() if end is not None)
-
-
-def observe_many(histogram: Any, values: np.ndarray) -> None:
-    """Histogram.observe for many values at once (one bucket pass in numpy instead of N Python calls)."""
-    if values.shape[0] == 0:
-        return
-    # prometheus_client keeps per-bucket (non-cumulative) counters and a sum
-    bounds = np.asarray(histogram._upper_bounds, dtype=np.float64)
-    idx = np.searchsorted(bounds, values, side="left")
-    counts = np.bincount(idx, minlength=bounds.shape[0])
-    for i, c in enumerate(counts.tolist()):
-        if c:
-            histogram._buckets[i].inc(c)
-    histogram._sum.inc(float(values.sum()))
 
 
 def rocksdb_options(settings: Settings) -> dict[str, int]:

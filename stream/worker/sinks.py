@@ -25,6 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from stream import compat
 from stream.settings import INPUT_MESSAGE_MAX_BYTES, Settings
 
 
@@ -199,10 +200,10 @@ class TransactionalSink:
         partitions = set(out.recommendations) | set(out.changelog) | set(out.dlq)
         for p in sorted(partitions):
             tid = self._transactional_id(p)
-            producer = faust_producer._transaction_producers.get(tid)
+            producer = compat.transaction_producers(faust_producer).get(tid)
             if producer is None:
                 raise SinkError(f"no transactional producer for {tid} (partition revoked?)")
-            async with faust_producer._trn_locks[tid]:
+            async with compat.transaction_lock(faust_producer, tid):
                 for key, value in out.changelog.get(p, ()):
                     fut = await producer.send(cl_topic, value, key=key, partition=p)
                     changelog_futs.append((p, fut))
