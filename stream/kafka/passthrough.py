@@ -69,7 +69,7 @@ def parse_properties(raw: str, name: str) -> dict[str, Any]:
 
 
 def librdkafka_properties(settings: Settings) -> dict[str, Any]:
-    props = parse_properties(settings.librdkafka_config, "GRUFLOW_LIBRDKAFKA_CONFIG")
+    props = parse_properties(settings.connection.librdkafka_config, "GRUFLOW_LIBRDKAFKA_CONFIG")
     owned = sorted(OWNED & props.keys())
     if owned:
         raise SettingsError(f"GRUFLOW_LIBRDKAFKA_CONFIG: gruflow sets {', '.join(owned)} itself (its processing "
@@ -92,7 +92,7 @@ def aiokafka_properties(settings: Settings) -> dict[str, Any]:
     """aiokafka keywords for gruflow's own aiokafka clients: translated librdkafka names, then
     GRUFLOW_AIOKAFKA_CONFIG (aiokafka's names, which win)."""
     out = {AIOKAFKA_NAMES[k]: _typed(v) for k, v in librdkafka_properties(settings).items() if k in AIOKAFKA_NAMES}
-    out.update({k: _typed(v) for k, v in parse_properties(settings.aiokafka_config, "GRUFLOW_AIOKAFKA_CONFIG").items()})
+    out.update({k: _typed(v) for k, v in parse_properties(settings.connection.aiokafka_config, "GRUFLOW_AIOKAFKA_CONFIG").items()})
     return out
 
 
@@ -165,7 +165,7 @@ class OAuthTokenProvider:
 def token_provider(settings: Settings) -> Any:
     """The aiokafka token provider of an OAUTHBEARER setup, or None. Checked here so a missing property is
     a clear start-up error, not a failed connection later."""
-    if settings.sasl_mechanism.upper() != "OAUTHBEARER":
+    if settings.connection.sasl_mechanism.upper() != "OAUTHBEARER":
         return None
     from aiokafka.abc import AbstractTokenProvider
 

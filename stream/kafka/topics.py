@@ -29,7 +29,7 @@ STATE_TABLE_NAME = "user-state"
 
 def changelog_topic(settings: Settings) -> str:
     """The per-user state table's changelog (faust's own naming, so faust needs no override)."""
-    return f"{settings.app_id}-{STATE_TABLE_NAME}-changelog"
+    return f"{settings.process.app_id}-{STATE_TABLE_NAME}-changelog"
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class TopicNames:
             models=settings.topic("models"),
             changelog=changelog_topic(settings),
             item_rules=settings.topic("item-rules"),
-            events=settings.topic_events,
+            events=settings.topics.topic_events,
         )
 
     @property
@@ -80,7 +80,7 @@ class TopicNames:
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
     names = TopicNames.from_settings(settings)
-    p = settings.partitions
+    p = settings.topics.partitions
     compact = {"cleanup.policy": "compact"}
     # explicit limits, not the cluster's default: every record an input topic accepts must fit in the dlq
     # with its headers, or the worker could not dead-letter it and would fail on it again after each restart
@@ -127,7 +127,7 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> TopicNames:
     missing = [s for s in specs if s.name not in existing]
     if missing:
         futures = admin.create_topics(
-            [NewTopic(s.name, num_partitions=s.partitions, replication_factor=settings.replication_factor,
+            [NewTopic(s.name, num_partitions=s.partitions, replication_factor=settings.topics.replication_factor,
                       config=s.config) for s in missing],
             request_timeout=timeout,
         )

@@ -55,7 +55,7 @@ class RuleConfig:
 
     @classmethod
     def from_settings(cls, settings: Any) -> "RuleConfig":
-        s = settings
+        s = settings.rules
         return cls(s.rule_bought, s.rule_bought_days, s.rule_session_viewed, s.rule_session_cart, s.rule_state_items,
                    _categories(s.rule_exclude_categories), _categories(s.rule_include_categories), s.rule_candidates,
                    s.exposure_cap, s.exposure_window_s, s.exposure_damping)

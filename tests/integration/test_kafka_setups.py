@@ -33,7 +33,7 @@ def test_one_topic_own_names_and_field_map(kafka, tmp_path: Path) -> None:
     from stream.kafka.config import producer_config
 
     base = kafka.settings(partitions=2)
-    tag = base.topic_prefix.rstrip("-")  # unique per test, like the prefix
+    tag = base.topics.topic_prefix.rstrip("-")  # unique per test, like the prefix
     settings = base.replace(
         topic_prefix="unused.", topic_events=f"shop{tag}.events", topic_recommendations=f"shop{tag}.recs",
         topic_dlq=f"shop{tag}.bad", topic_models=f"shop{tag}.models", topic_item_rules=f"shop{tag}.rules",

@@ -16,7 +16,7 @@ from stream.kafka.topics import TopicNames, topic_specs
 from stream.pipeline.events import EVENTS, MISSING_FIELD, Event, InputShape, Limits, Rejected, decode_event
 from stream.settings import Settings, SettingsError
 
-BASE = Settings(bootstrap_servers="127.0.0.1:9092")
+BASE = Settings.of(bootstrap_servers="127.0.0.1:9092")
 OAUTH = BASE.replace(security_protocol="SASL_SSL", sasl_mechanism="OAUTHBEARER", librdkafka_config=(
     "sasl.oauthbearer.method=oidc; sasl.oauthbearer.client.id=gf; sasl.oauthbearer.client.secret=s3;"
     "sasl.oauthbearer.token.endpoint.url=https://idp.example/token; sasl.oauthbearer.scope=kafka"))
