@@ -84,7 +84,7 @@ def test_librdkafka_and_aiokafka_properties_reach_the_broker(kafka) -> None:
     settings = kafka.settings(partitions=1, librdkafka_config="client.id=gruflow-passthrough\nstatistics.interval.ms=0",
                               aiokafka_config='{"request_timeout_ms": 20000}')
     names = ensure_topics(settings)
-    group = f"{settings.app_id}-pt"
+    group = f"{settings.process.app_id}-pt"
     consumer = Consumer(consumer_config(settings, group))
     consumer.subscribe([names.recommendations])
     admin = AdminClient(admin_config(settings))
