@@ -31,7 +31,7 @@ def _group_members(settings) -> int:
     from stream.kafka.config import admin_config
 
     admin = AdminClient(admin_config(settings))
-    (future,) = admin.describe_consumer_groups([settings.app_id], request_timeout=15).values()
+    (future,) = admin.describe_consumer_groups([settings.process.app_id], request_timeout=15).values()
     return len(future.result(timeout=20).members)
 
 
