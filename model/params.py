@@ -34,6 +34,11 @@ class GRU4RecParams:
     learning_rate: float = 0.07
     momentum: float = 0.0
     event_types: bool = True  # gruflow extension: add an event-type embedding to the item input
+    # gruflow extensions (model/features.py, docs/features.md): embeddings of the event's category, its
+    # log-bucketed price and the bucketed time since the previous event, summed into the item input
+    category_feature: bool = False
+    price_feature: bool = False
+    time_feature: bool = False
     seed: int = 42
 
     @classmethod
