@@ -89,9 +89,17 @@ class GRU4RecNet(nn.Module):
         # training keeps the commonest type's row fixed, so click-only data trains as without it
         self.T = nn.Embedding(N_EVENT_TYPES, n_input) if params.event_types else None
         # feature embeddings (model.features), summed into the same input as T, zero-initialised
-        self.C = nn.Embedding(max(1, n_categories), n_input) if params.category_feature else None
-        self.P = nn.Embedding(N_PRICE_BUCKETS, n_input) if params.price_feature else None
-        self.D = nn.Embedding(N_GAP_BUCKETS, n_input) if params.time_feature else None
+        # or concatenated to it (params.feature_dim > 0)
+        self.concat = params.feature_dim > 0
+        if self.concat and self.start == 1:
+            raise ValueError("feature_dim > 0 needs constrained_embedding or embedding > 0 (a GRUCell first layer)")
+        dim = params.feature_dim if self.concat else n_input
+        self.C = nn.Embedding(max(1, n_categories), dim) if params.category_feature else None
+        self.P = nn.Embedding(N_PRICE_BUCKETS, dim) if params.price_feature else None
+        self.D = nn.Embedding(N_GAP_BUCKETS, dim) if params.time_feature else None
+        self.n_input = n_input
+        if self.concat:
+            n_input += dim * len(self.feature_tables())
         self.G = nn.ModuleList()
         for i in range(self.start, len(layers)):
             self.G.append(nn.GRUCell(layers[i - 1] if i > 0 else n_input, layers[i]))
@@ -145,7 +153,7 @@ class GRU4RecNet(nn.Module):
     def extra_input(self, event_types: torch.Tensor | None, features: torch.Tensor | None) -> torch.Tensor | None:
         """Sum of the event-type and feature embeddings of B events (None when there is none)."""
         extra = self.T(event_types) if (self.T is not None and event_types is not None) else None
-        if features is not None:
+        if features is not None and not self.concat:
             for col, emb in self.feature_tables():
                 e = emb(features[:, col])
                 extra = e if extra is None else extra + e
@@ -177,7 +185,16 @@ class GRU4RecNet(nn.Module):
         extra = self.extra_input(event_types, features)
         if self.start == 1:
             return self.GE.forward_rows(rows, H[0], extra)
-        return rows + extra if extra is not None else rows
+        x = rows + extra if extra is not None else rows
+        return self.concat_features(x, features) if self.concat else x
+
+    def concat_features(self, x: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """``x`` followed by the feature embeddings (zero rows when ``features`` is None)."""
+        parts = [x]
+        for col, emb in self.feature_tables():
+            parts.append(emb(features[:, col]) if features is not None else
+                         torch.zeros(x.shape[0], emb.embedding_dim))
+        return torch.cat(parts, dim=1)
 
     def hidden_step(self, X: torch.Tensor, H: list[torch.Tensor], training: bool = False,
                     generator: torch.Generator | None = None) -> torch.Tensor:

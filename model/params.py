@@ -39,6 +39,9 @@ class GRU4RecParams:
     category_feature: bool = False
     price_feature: bool = False
     time_feature: bool = False
+    # 0: feature embeddings are summed into the item input; > 0: embeddings of this size are concatenated
+    # to it (the first GRU layer weighs them apart from the item; needs a GRUCell first layer)
+    feature_dim: int = 0
     seed: int = 42
 
     @classmethod

@@ -400,9 +400,12 @@ class _Trainer:
         net, p, gen = self.net, self.p, self.gen
         if types is not None:
             x = x + net.T.weight.index_select(0, types)
-        if F is not None:
+        if F is not None and not net.concat:
             for col, emb in net.feature_tables():
                 x = x + emb.weight.index_select(0, F[:, col])
+        if net.concat:
+            x = torch.cat([x] + [emb.weight.index_select(0, F[:, col]) if F is not None else
+                                 torch.zeros(x.shape[0], emb.embedding_dim) for col, emb in net.feature_tables()], 1)
         mask_e = _mask(x, p.dropout_p_embed, gen)
         if mask_e is not None:
             x = x * mask_e
@@ -447,6 +450,11 @@ class _Trainer:
             d_out = dgi @ cell.weight_ih
         if mask_e is not None:
             d_out = d_out * mask_e
+        d_feats = {col: d_out for col, _ in net.feature_tables()}
+        if net.concat:  # the input was [item (+type) | feature embeddings]: split its gradient
+            widths = [net.n_input] + [emb.embedding_dim for _, emb in net.feature_tables()]
+            d_out, *rest = torch.split(d_out, widths, dim=1)
+            d_feats = {col: g for (col, _), g in zip(net.feature_tables(), rest)}
         if types is not None:
             gT = torch.zeros_like(net.T.weight).index_add_(0, types, d_out)
             gT[self.reference_type] = 0.0
@@ -458,7 +466,7 @@ class _Trainer:
                 idx = F[:, col]
                 used = idx > 0  # row 0 ("absent") stays zero
                 if bool(used.any()):
-                    opt.sparse(emb.weight, idx[used], d_out[used])
+                    opt.sparse(emb.weight, idx[used], d_feats[col][used])
         return d_out
 
 
