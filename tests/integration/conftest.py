@@ -32,7 +32,7 @@ class KafkaFixture:
     def settings(self, **overrides: Any) -> Settings:
         """Settings for one test: its own topic prefix, app id (consumer group), data dir and web port, so
         tests never see each other's topics, offsets or state."""
-        from stream.broker import free_port
+        from stream.kafka.broker import free_port
 
         n = next(self._counter)
         pid = os.getpid()
@@ -47,7 +47,7 @@ class KafkaFixture:
         values.update(overrides)
         settings = self.base.replace(**values)
         settings.validate()
-        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        Path(settings.process.data_dir).mkdir(parents=True, exist_ok=True)
         return settings
 
     def env(self, settings: Settings, **extra: str) -> dict[str, str]:
@@ -60,10 +60,10 @@ class KafkaFixture:
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaFixture]:
     tmp_root = tmp_path_factory.mktemp("kafka-settings")
     base = Settings.from_env()
-    if base.bootstrap_servers:
-        yield KafkaFixture(base.bootstrap_servers, base, tmp_root, embedded=False)
+    if base.connection.bootstrap_servers:
+        yield KafkaFixture(base.connection.bootstrap_servers, base, tmp_root, embedded=False)
         return
-    from stream.broker import BrokerError, EmbeddedKafka
+    from stream.kafka.broker import BrokerError, EmbeddedKafka
 
     broker = EmbeddedKafka.from_settings(base)
     try:
