@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from model.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
@@ -51,9 +52,11 @@ def _permuted_categories(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(Category=df["Category"].map(perm))
 
 
-def test_permuting_categories_changes_the_scores_of_a_trained_model() -> None:
+@pytest.mark.parametrize("feature_dim", [0, 8], ids=["summed", "concatenated"])
+def test_permuting_categories_changes_the_scores_of_a_trained_model(feature_dim: int) -> None:
     data = generate(1500, n_items=150, seed=3)
-    net, vocab, _ = train_model(data, GRU4RecParams.parse(SMALL + ",category_feature=1"), progress=False)
+    params = GRU4RecParams.parse(SMALL + f",category_feature=1,feature_dim={feature_dim}")
+    net, vocab, _ = train_model(data, params, progress=False)
     assert len(net.categories) == data["Category"].nunique()
     weight = net.C.weight.detach()
     assert float(weight[1:].abs().sum()) > 0 and float(weight[0].abs().sum()) == 0
@@ -65,9 +68,11 @@ def test_permuting_categories_changes_the_scores_of_a_trained_model() -> None:
     assert torch.equal(_scores(plain, pvocab, probe), _scores(plain, pvocab, _permuted_categories(probe)))
 
 
-def test_checkpoint_round_trip_keeps_feature_tables_and_categories() -> None:
+@pytest.mark.parametrize("feature_dim", [0, 8], ids=["summed", "concatenated"])
+def test_checkpoint_round_trip_keeps_feature_tables_and_categories(feature_dim: int) -> None:
     data = generate(400, n_items=60, seed=4)
-    params = GRU4RecParams.parse(SMALL + ",n_epochs=1,category_feature=1,price_feature=1,time_feature=1")
+    params = GRU4RecParams.parse(SMALL + f",n_epochs=1,category_feature=1,price_feature=1,time_feature=1,"
+                                         f"feature_dim={feature_dim}")
     net, vocab, pop = train_model(data, params, progress=False)
     back = checkpoint_from_bytes(checkpoint_to_bytes(net, vocab, params, pop))
     assert back.params == params and back.net.categories.ids == net.categories.ids

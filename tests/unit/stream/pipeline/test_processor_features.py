@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from model.features import feature_matrix
@@ -13,15 +14,16 @@ from model.params import GRU4RecParams
 from model.recommender import Recommender
 from model.vocab import Vocabulary
 from state.store import MemoryStore
-from stream.events import Event
-from stream.processor import ProcessorConfig, process_batch
+from stream.pipeline.events import Event
+from stream.pipeline.processor import ProcessorConfig, process_batch
 
 GAP_MS = 60_000
 CFG = ProcessorConfig(k=5, session_gap_ms=GAP_MS)
 
 
-def _featured_model() -> Recommender:
-    params = GRU4RecParams(layers=(16,), seed=5, category_feature=True, price_feature=True, time_feature=True)
+def _featured_model(feature_dim: int) -> Recommender:
+    params = GRU4RecParams(layers=(16,), seed=5, category_feature=True, price_feature=True, time_feature=True,
+                           feature_dim=feature_dim)
     net = GRU4RecNet(30, params, n_categories=4)
     net.categories = Vocabulary(["c0", "c1", "c2"])
     gen = torch.Generator().manual_seed(1)
@@ -71,8 +73,9 @@ def _offline_states(model: Recommender) -> dict[bytes, np.ndarray]:
     return out
 
 
-def test_worker_steps_with_features_equal_offline_steps() -> None:
-    model = _featured_model()
+@pytest.mark.parametrize("feature_dim", [0, 6], ids=["summed", "concatenated"])
+def test_worker_steps_with_features_equal_offline_steps(feature_dim: int) -> None:
+    model = _featured_model(feature_dim)
     worker = _worker_states(model, _events(with_features=True))
     offline = _offline_states(model)
     for key in (b"a", b"b"):
