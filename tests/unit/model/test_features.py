@@ -92,3 +92,29 @@ def test_category_table_grows_online_and_keeps_old_rows() -> None:
     assert len(net.categories) == 2 * data["Category"].nunique()
     assert net.C.weight.shape[0] == len(net.categories) + 1
     assert not torch.equal(net.C.weight[len(before):], torch.zeros_like(net.C.weight[len(before):]))
+
+
+@pytest.mark.parametrize("feature_dim", [0, 5], ids=["summed", "concatenated"])
+def test_hand_written_backward_with_features_matches_autograd(feature_dim: int, monkeypatch) -> None:
+    """Training's hand-written backward (feature rows updated sparsely, the concatenated input's
+    gradient split) gives the same weights as autograd through GRU4RecNet.step_rows."""
+    from model.network import GRU4RecNet
+    from model.train import _Trainer
+
+    data = generate(60, n_items=20, seed=6)
+    vocab = Vocabulary(sorted(data["ItemId"].unique()))
+    params = GRU4RecParams(layers=(8,), batch_size=4, n_sample=6, dropout_p_hidden=0.0, n_epochs=1,
+                           category_feature=True, price_feature=True, time_feature=True, feature_dim=feature_dim)
+    nets = [GRU4RecNet(len(vocab), params) for _ in range(2)]
+    fit(nets[0], data, params, item_rows=vocab, progress=False, seed=7)
+    original = _Trainer.__init__
+
+    def autograd_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.manual = False
+
+    monkeypatch.setattr(_Trainer, "__init__", autograd_init)
+    fit(nets[1], data, params, item_rows=vocab, progress=False, seed=7)
+    assert float(nets[0].C.weight.detach()[1:].abs().sum()) > 0
+    for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+        assert torch.allclose(a, b, atol=2e-5), name
