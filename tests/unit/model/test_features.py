@@ -118,3 +118,18 @@ def test_hand_written_backward_with_features_matches_autograd(feature_dim: int, 
     assert float(nets[0].C.weight.detach()[1:].abs().sum()) > 0
     for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
         assert torch.allclose(a, b, atol=2e-5), name
+
+
+def test_online_buffer_carries_category_and_price_into_training() -> None:
+    from model.finetune import SessionBuffer
+
+    buf = SessionBuffer(max_events=100, max_age_s=3600.0)
+    for n, (user, item, cat, price) in enumerate([("u", "i1", "c1", 9.5), ("u", "i2", "c2", None), ("v", "i1", None, 3.0)]):
+        buf.add(user, item, 1000.0 + n, 1, cat, price)
+    frame = buf.to_frame()
+    assert frame["Category"].tolist() == ["c1", "c2", None]
+    assert frame["Price"].iloc[0] == 9.5 and np.isnan(frame["Price"].iloc[1])
+    params = GRU4RecParams.parse(SMALL + ",n_epochs=1,n_sample=0,category_feature=1")
+    net, vocab, _ = train_model(generate(100, n_items=20, seed=1), params, progress=False)
+    fit(net, frame.assign(ItemId=["i1", "i2", "i1"]).drop(columns=["Recent"]), params, item_rows=vocab, progress=False)
+    assert {"c1", "c2"} <= set(net.categories.ids)
