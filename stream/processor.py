@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 import orjson
 
+from model.attribution import NO_ITEM, attribution_for, session_rows
 from model.recommender import Recommender
 from state.codec import N_SOURCES, UserState
 from stream import native
@@ -52,6 +53,10 @@ STATE_RESET_REASONS = (RESET_NON_FINITE_STEP, RESET_NON_FINITE_STORED)
 class ProcessorConfig:
     k: int = 20
     session_gap_ms: int = 1_800_000
+    # "because": > 0 keeps the user's last ``because_history`` item rows in the state and names, for each
+    # recommended item, up to ``because_items`` of them (model/attribution.py); 0 = off
+    because_history: int = 0
+    because_items: int = 2
 
 
 @dataclass
@@ -134,6 +139,8 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     # walk waves: session gap, event count, GRU steps batched over the users of the wave
     post_hidden = np.zeros((n, size), dtype=np.float32)
     has_hidden = np.zeros(n, dtype=bool)
+    history = cfg.because_history
+    recent_at: list[list[int]] = [[]] * n if history else []  # each event's session rows after it
     dup = np.zeros(n, dtype=bool)
     known_item = (rows >= 0).tolist()
     n_waves = int(wave_of.max()) + 1
@@ -149,29 +156,36 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
             if st is None:
                 old = states.get(e.key)
                 if old is None:
-                    st = [None, e.ts_ms, 0, [-1] * N_SOURCES]
+                    st = [None, e.ts_ms, 0, [-1] * N_SOURCES, []]
                 else:
                     h = old.hidden if old.hidden is not None and old.hidden.shape[0] == size else None
-                    st = [h, old.last_ts_ms, old.session_events, list(old.offsets)]
+                    st = [h, old.last_ts_ms, old.session_events, list(old.offsets),
+                          old.recent.tolist() if h is not None and old.recent is not None else []]
                 work[e.key] = st
             if 0 <= e.offset <= st[3][e.source]:
                 dup[i] = True
                 if st[0] is not None:
                     post_hidden[i] = st[0]
                     has_hidden[i] = True
+                if history:
+                    recent_at[i] = st[4]
                 continue
             if e.offset >= 0:
                 st[3][e.source] = e.offset
             if e.ts_ms - st[1] > cfg.session_gap_ms:
-                st[0], st[2] = None, 0
+                st[0], st[2], st[4] = None, 0, []
             st[1] = max(st[1], e.ts_ms)
             st[2] += 1
             if known_item[i]:
                 step_i.append(i)
                 step_h.append(st[0])
+                if history:
+                    st[4] = session_rows([] if st[0] is None else st[4], int(rows[i]), history)
             elif st[0] is not None:
                 post_hidden[i] = st[0]
                 has_hidden[i] = True
+            if history:
+                recent_at[i] = st[4]
         if step_i:
             H = np.zeros((len(step_i), size), dtype=np.float32)
             known = [r for r, h in enumerate(step_h) if h is not None]
@@ -194,6 +208,7 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
                 has_hidden[si[bad]] = False
                 for r in bad.tolist():
                     work[events[step_i[r]].key][0] = None
+                    work[events[step_i[r]].key][4] = []
     # a stored state shown without a step (unknown item, redelivery) is the one case left: dropped here.
     # The final states are built from post_hidden/has_hidden, so none of them is stored either
     bad = _non_finite_rows(post_hidden)
@@ -202,25 +217,8 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
         has_hidden[bad] = False
         stored_resets.update(events[i].key for i in bad.tolist())
 
-    # one top-K pass for every event with a hidden state; popular items for the rest
     kk = min(k, model.n_items)
-    rec_rows = np.empty((n, kk), dtype=np.int64)
-    rec_scores = np.empty((n, kk), dtype=np.float32)
-    hid = np.flatnonzero(has_hidden)
-    if top_k is not None and hid.shape[0]:
-        rec_rows[hid], rec_scores[hid] = top_k(post_hidden[hid], kk)
-    else:
-        for s in range(0, hid.shape[0], _TOPK_CHUNK):
-            part = hid[s:s + _TOPK_CHUNK]
-            r, sc = model.top_k(post_hidden[part], kk)
-            rec_rows[part], rec_scores[part] = r, sc
-    cold = np.flatnonzero(~has_hidden)
-    if cold.shape[0]:
-        pr, ps = model.popular(kk)
-        m = pr.shape[0]
-        rec_rows[cold] = _PAD
-        rec_scores[cold] = 0.0
-        rec_rows[cold, :m], rec_scores[cold, :m] = pr, ps
+    rec_rows, rec_scores = score_states(model, post_hidden, has_hidden, kk, top_k)
     published_ms = int(time.time() * 1000)
 
     result = BatchResult([], {}, published_ms=published_ms)
@@ -232,7 +230,11 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     _prequential(result, events, states, rows, rec_rows, prev_event, fresh, model.version, k, popularity)
 
     # outputs, in event order
-    result.outputs = _encode_outputs(model, events, rec_rows, rec_scores, published_ms)
+    if history:
+        because = because_rows(model, rec_rows, recent_at, has_hidden, cfg.because_items)
+        result.outputs = _encode_outputs_because(model, events, rec_rows, rec_scores, because, published_ms)
+    else:
+        result.outputs = _encode_outputs(model, events, rec_rows, rec_scores, published_ms)
 
     # final states; the whole batch's arrays are copied once and each user gets rows of them. A user's
     # last event has a hidden state exactly when the user has one, and it is that state
@@ -244,14 +246,53 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     version = int(model.version)
     states_out = result.states
     for j, key in enumerate(last_idx):
-        _, last_ts, n_events, offsets = work[key]
+        _, last_ts, n_events, offsets, recent = work[key]
         recs = final_recs[j] if n_recs[j] == kk else final_recs[j, :n_recs[j]]
         states_out[key] = UserState(final_hidden[j] if final_has[j] else None, int(last_ts), int(n_events), version,
-                                    recs, offsets)
+                                    recs, offsets,
+                                    np.asarray(recent, dtype=np.int32) if history and final_has[j] and recent else None)
     if popularity is not None:
         popularity.update(rows[fresh])
     result.step_seconds = time.perf_counter() - t0
     return result
+
+
+def score_states(model: Recommender, hidden: np.ndarray, has_hidden: np.ndarray, kk: int,
+                 top_k: TopK | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The top-``kk`` rows and scores of each hidden state, popular items where ``has_hidden`` is False:
+    one top-K pass for the stream's batches and for requests alike (``stream/serving.py``), so whatever
+    scoring applies to one applies to the other. Rows past the popular list are ``_PAD``."""
+    n = hidden.shape[0]
+    rec_rows = np.empty((n, kk), dtype=np.int64)
+    rec_scores = np.empty((n, kk), dtype=np.float32)
+    hid = np.flatnonzero(has_hidden)
+    if top_k is not None and hid.shape[0]:
+        rec_rows[hid], rec_scores[hid] = top_k(hidden[hid], kk)
+    else:
+        for s in range(0, hid.shape[0], _TOPK_CHUNK):
+            part = hid[s:s + _TOPK_CHUNK]
+            r, sc = model.top_k(hidden[part], kk)
+            rec_rows[part], rec_scores[part] = r, sc
+    cold = np.flatnonzero(~has_hidden)
+    if cold.shape[0]:
+        pr, ps = model.popular(kk)
+        m = pr.shape[0]
+        rec_rows[cold] = _PAD
+        rec_scores[cold] = 0.0
+        rec_rows[cold, :m], rec_scores[cold, :m] = pr, ps
+    return rec_rows, rec_scores
+
+
+def because_rows(model: Recommender, rec_rows: np.ndarray, recent_at: list[list[int]], has_hidden: np.ndarray,
+                 n: int) -> np.ndarray:
+    """[B, K, n] session rows each recommendation is attributed to (model/attribution.py); NO_ITEM for
+    none (popular answers have no session to owe anything to)."""
+    width = max((len(r) for r in recent_at), default=0)
+    recent = np.full((len(recent_at), width), NO_ITEM, dtype=np.int64)
+    for i, r in enumerate(recent_at):
+        if r and has_hidden[i]:
+            recent[i, :len(r)] = r
+    return attribution_for(model.net).because(np.where(rec_rows == _PAD, -1, rec_rows), recent, n)
 
 
 def _non_finite_rows(H: np.ndarray) -> np.ndarray | None:
@@ -341,6 +382,28 @@ def _encode_outputs(model: Recommender, events: list[Event], rec_rows: np.ndarra
         items = b"},".join(map(cat, map(prefix, rr), score_rows[i].split(b",")))
         out.append((e.key, b"".join((b'{"user_id":', dumps(e.user_id), b',"items":[', items,
                                      b"}" if rr else b"", tail, b"%d" % e.ts_ms, published))))
+    return out
+
+
+def _encode_outputs_because(model: Recommender, events: list[Event], rec_rows: np.ndarray, rec_scores: np.ndarray,
+                            because: np.ndarray, published_ms: int) -> list[tuple[bytes, bytes]]:
+    """``_encode_outputs``' documents with ``"because": [item ids]`` on each item that has one."""
+    ids = _vocab_ids(model)
+    scores = np.round(rec_scores.astype(np.float64), 6).tolist()
+    version = int(model.version)
+    out = []
+    for i, e in enumerate(events):
+        items = []
+        for j, row in enumerate(rec_rows[i].tolist()):
+            if row == _PAD:
+                break
+            item: dict = {"item_id": ids[row], "score": scores[i][j]}
+            why = [ids[r] for r in because[i, j].tolist() if r >= 0]
+            if why:
+                item["because"] = why
+            items.append(item)
+        out.append((e.key, orjson.dumps({"user_id": e.user_id, "items": items, "model_version": version,
+                                         "event_ts": e.ts_ms, "published_ts": published_ms})))
     return out
 
 

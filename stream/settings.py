@@ -87,6 +87,19 @@ class Settings:
     rocksdb_block_cache_bytes: int = 16 * 1024 * 1024
     log_level: str = "INFO"
 
+    # --- recommendations on request (docs/http-api.md)
+    # this worker's web address as the other workers reach it, exchanged in faust's group assignment so a
+    # request for a user another worker owns is forwarded there ("" = http://<hostname>:<web_port>)
+    advertised_url: str = ""
+    serve_max_k: int = 100  # largest k a request may ask for
+    serve_max_items: int = 50  # items of an anonymous session (POST /recommendations)
+    serve_max_body_bytes: int = 16384  # request body
+    serve_timeout_s: float = 2.0  # a request not answered by then gets 504 (routing and waiting included)
+    # "because": each recommended item names the 1-2 recent session items most similar to it (model/attribution.py);
+    # the state record then keeps the user's last ``because_history`` item rows
+    because: bool = False
+    because_history: int = 5
+
     # --- online learning (trainer)
     finetune_interval_s: float = 60.0
     finetune_every_events: int = 20000
@@ -109,6 +122,14 @@ class Settings:
     @property
     def embedded(self) -> bool:
         return not self.bootstrap_servers
+
+    def web_url(self) -> str:
+        """Where the other workers reach this one's web port (``advertised_url``, else by host name)."""
+        if self.advertised_url:
+            return self.advertised_url.rstrip("/")
+        import socket
+
+        return f"http://{socket.gethostname()}:{self.web_port}"
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
@@ -161,6 +182,14 @@ class Settings:
             (self.compiled_topk or self.scorer_path != "compiled",
              "GRUFLOW_SCORER_PATH=compiled needs GRUFLOW_COMPILED_TOPK=true"),
             (0 < self.web_port < 65536, "GRUFLOW_WEB_PORT must be a TCP port"),
+            (1 <= self.serve_max_k <= 1000, "GRUFLOW_SERVE_MAX_K must be between 1 and 1000"),
+            (self.serve_max_items >= 1, "GRUFLOW_SERVE_MAX_ITEMS must be >= 1"),
+            (self.serve_max_body_bytes >= 256, "GRUFLOW_SERVE_MAX_BODY_BYTES must be >= 256"),
+            (self.serve_timeout_s > 0, "GRUFLOW_SERVE_TIMEOUT_S must be > 0"),
+            (1 <= self.because_history <= 16, "GRUFLOW_BECAUSE_HISTORY must be between 1 and 16 (it is kept in "
+             "every user's state record)"),
+            (not self.advertised_url or self.advertised_url.startswith(("http://", "https://")),
+             "GRUFLOW_ADVERTISED_URL must be an http:// or https:// URL"),
             (self.session_gap_s > 0, "GRUFLOW_SESSION_GAP_S must be > 0"),
             (self.rocksdb_write_buffer_bytes >= 64 * 1024, "GRUFLOW_ROCKSDB_WRITE_BUFFER_BYTES must be >= 65536"),
             (self.rocksdb_max_write_buffers >= 2, "GRUFLOW_ROCKSDB_MAX_WRITE_BUFFERS must be >= 2 (one to fill while "

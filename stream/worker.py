@@ -99,6 +99,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     import faust
 
     from stream.app import build_app
+    from stream.http_api import ServeEndpoints
     from stream.topics import TopicError, dead_letter_budget, ensure_topics
     from stream.web import WebServer
 
@@ -120,9 +121,11 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    web = WebServer(metrics, ready, settings.web_host, settings.web_port)
+    serve = ServeEndpoints(settings, metrics)  # answers 503 until the runtime below exists
+    web = WebServer(metrics, ready, settings.web_host, settings.web_port, serve)
     loop.run_until_complete(web.start())
-    log.info("health endpoints on http://%s:%d (/metrics /livez /readyz)", settings.web_host, settings.web_port)
+    log.info("health endpoints on http://%s:%d (/metrics /livez /readyz), requests as %s (/users/{id}/recommendations,"
+             " /recommendations)", settings.web_host, settings.web_port, settings.web_url())
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -159,11 +162,13 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     except WorkerError as exc:
         print(f"gruflow worker: {exc}", file=sys.stderr)
         loop.run_until_complete(web.stop())
+        loop.run_until_complete(serve.close())
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     if first is None:  # stopped while waiting for the cluster
         loop.run_until_complete(web.stop())
+        loop.run_until_complete(serve.close())
         loop.close()
         return 0
     model = first
@@ -175,6 +180,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     phase["why"] = "choosing the top-K path"
     loop.run_until_complete(loop.run_in_executor(None, runtime.pipeline.prepare_scorer, model, True))
     phase["runtime"] = runtime
+    serve.runtime = runtime
     subscriber: Any = None
     try:
         from stream.model_sync import ModelSubscriber
@@ -191,6 +197,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
         async def on_stop(self) -> None:
             await super().on_stop()
             await web.stop()
+            await serve.close()
 
         async def on_shutdown(self) -> None:
             await super().on_shutdown()
