@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from stream.topics import ensure_topics
+from stream.kafka.topics import ensure_topics
 from workerkit import (Ev, TopicReader, WorkerProc, answer_items, expected_answers, make_events, produce,
                        same_answer, save_tiny_model)
 
