@@ -33,10 +33,11 @@ from typing import Callable
 import numpy as np
 import orjson
 
-from model.attribution import NO_ITEM, attribution_for, session_rows
+from model.attribution import session_rows
 from model.recommender import Recommender
 from state.codec import N_SOURCES, UserState
 from model import native
+from stream.pipeline.because import because_rows, encode_outputs_because
 from stream.pipeline.events import Event
 
 TopK = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -231,8 +232,10 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
 
     # outputs, in event order
     if history:
-        because = because_rows(model, rec_rows, recent_at, has_hidden, cfg.because_items)
-        result.outputs = _encode_outputs_because(model, events, rec_rows, rec_scores, because, published_ms)
+        listed = np.where(rec_rows == _PAD, -1, rec_rows)
+        because = because_rows(model, listed, recent_at, has_hidden, cfg.because_items)
+        result.outputs = encode_outputs_because(_vocab_ids(model), int(model.version), events, listed, rec_scores,
+                                                because, published_ms)
     else:
         result.outputs = _encode_outputs(model, events, rec_rows, rec_scores, published_ms)
 
@@ -281,18 +284,6 @@ def score_states(model: Recommender, hidden: np.ndarray, has_hidden: np.ndarray,
         rec_scores[cold] = 0.0
         rec_rows[cold, :m], rec_scores[cold, :m] = pr, ps
     return rec_rows, rec_scores
-
-
-def because_rows(model: Recommender, rec_rows: np.ndarray, recent_at: list[list[int]], has_hidden: np.ndarray,
-                 n: int) -> np.ndarray:
-    """[B, K, n] session rows each recommendation is attributed to (model/attribution.py); NO_ITEM for
-    none (popular answers have no session to owe anything to)."""
-    width = max((len(r) for r in recent_at), default=0)
-    recent = np.full((len(recent_at), width), NO_ITEM, dtype=np.int64)
-    for i, r in enumerate(recent_at):
-        if r and has_hidden[i]:
-            recent[i, :len(r)] = r
-    return attribution_for(model.net).because(np.where(rec_rows == _PAD, -1, rec_rows), recent, n)
 
 
 def _non_finite_rows(H: np.ndarray) -> np.ndarray | None:
@@ -382,28 +373,6 @@ def _encode_outputs(model: Recommender, events: list[Event], rec_rows: np.ndarra
         items = b"},".join(map(cat, map(prefix, rr), score_rows[i].split(b",")))
         out.append((e.key, b"".join((b'{"user_id":', dumps(e.user_id), b',"items":[', items,
                                      b"}" if rr else b"", tail, b"%d" % e.ts_ms, published))))
-    return out
-
-
-def _encode_outputs_because(model: Recommender, events: list[Event], rec_rows: np.ndarray, rec_scores: np.ndarray,
-                            because: np.ndarray, published_ms: int) -> list[tuple[bytes, bytes]]:
-    """``_encode_outputs``' documents with ``"because": [item ids]`` on each item that has one."""
-    ids = _vocab_ids(model)
-    scores = np.round(rec_scores.astype(np.float64), 6).tolist()
-    version = int(model.version)
-    out = []
-    for i, e in enumerate(events):
-        items = []
-        for j, row in enumerate(rec_rows[i].tolist()):
-            if row == _PAD:
-                break
-            item: dict = {"item_id": ids[row], "score": scores[i][j]}
-            why = [ids[r] for r in because[i, j].tolist() if r >= 0]
-            if why:
-                item["because"] = why
-            items.append(item)
-        out.append((e.key, orjson.dumps({"user_id": e.user_id, "items": items, "model_version": version,
-                                         "event_ts": e.ts_ms, "published_ts": published_ms})))
     return out
 
 

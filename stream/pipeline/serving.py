@@ -18,7 +18,8 @@ import orjson
 from model.events import EventType
 from model.recommender import Recommender
 from state.codec import UserState
-from stream.pipeline.processor import _PAD, TopK, because_rows, score_states
+from stream.pipeline.because import because_rows
+from stream.pipeline.processor import _PAD, TopK, _vocab_ids, score_states
 
 # request error codes (the "error" field of a 4xx/5xx answer)
 BAD_K = "bad_k"
@@ -141,8 +142,8 @@ def answer(model: Recommender, hidden: np.ndarray | None, recent: list[int], k: 
     rows, scores = score_states(model, H, has, kk, top_k)
     because = None
     if limits.because_items and has[0] and recent:
-        because = because_rows(model, rows, [recent], has, limits.because_items)[0]
-    ids = model.vocab.ids if not hasattr(model.vocab, "_ids") else model.vocab._ids
+        because = because_rows(model, np.where(rows == _PAD, -1, rows), [recent], has, limits.because_items)[0]
+    ids = _vocab_ids(model)
     items = []
     for j, (row, score) in enumerate(zip(rows[0].tolist(), scores[0].tolist())):
         if row == _PAD:
