@@ -177,9 +177,12 @@ def run_bench_serve(args: argparse.Namespace) -> int:
                                 web_host="127.0.0.1", web_port=free_port(), partitions=args.partitions,
                                 top_k=args.k, broker_session_timeout_s=6.0)
         ensure_topics(settings)
-        model_path = work / "bench-model.gfc"
+        model_path = Path(args.model) if args.model else work / "bench-model.gfc"
         train, df = _data(args.because_events, args.items)
-        _model(model_path, train, args.items, args.hidden)
+        if model_path.exists():
+            _log(f"model: {model_path} (kept from an earlier run; --items and --hidden must match it)")
+        else:
+            _model(model_path, train, args.items, args.hidden)
         load_before = os.getloadavg()[0]
         result.update(_serve_phases(settings, args, model_path, work))
         if not args.no_because:
@@ -215,3 +218,5 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--because-events", type=int, default=40_000,
                    help="backlog of each because off/on throughput run (default 40,000)")
     p.add_argument("--no-because", action="store_true", help="skip the because off/on throughput runs")
+    p.add_argument("--model", default=None,
+                   help="checkpoint to serve: used if it exists, else trained as usual and kept there for the next run")
