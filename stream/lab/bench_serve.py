@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from stream.lab.bench import (WARMUP_PREFIX, _cpu_flags, _cpu_model, _data, _latency_window, _model, _percentiles,
-                          _RecReader, _warm_up, _log)
+from stream.lab.bench import (WARMUP_PREFIX, _cpu_flags, _cpu_model, _data, _latency_window, _log, _model,
+                              _percentiles, _RecReader, _warm_up, bench_settings)
 from stream.tools.processes import PROJECT_ROOT, stop_process
 from stream.settings import ENV_PREFIX, Settings
 
@@ -161,8 +161,7 @@ def _serve_phases(settings: Settings, args: argparse.Namespace, model_path: Path
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
-    from stream.kafka.broker import EmbeddedKafka, free_port
-    from stream.kafka.topics import ensure_topics
+    from stream.kafka.broker import EmbeddedKafka
 
     base = Settings.from_env()
     work = Path(tempfile.mkdtemp(prefix="gruflow-bench-serve-"))
@@ -172,11 +171,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         if base.embedded:
             kafka = EmbeddedKafka.from_settings(base, quiet=True).start()
             base = kafka.settings(base)
-        run = time.strftime("%H%M%S")
-        settings = base.replace(topic_prefix=f"serve{run}.", app_id=f"gruflow-serve-{run}", data_dir=work / "state",
-                                web_host="127.0.0.1", web_port=free_port(), partitions=args.partitions,
-                                top_k=args.k, broker_session_timeout_s=6.0)
-        ensure_topics(settings)
+        settings = bench_settings(base, "serve", work, args)
         model_path = Path(args.model) if args.model else work / "bench-model.gfc"
         train, df = _data(args.because_events, args.items)
         if model_path.exists():
