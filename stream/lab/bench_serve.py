@@ -137,7 +137,7 @@ def _serve_phases(settings: Settings, args: argparse.Namespace, model_path: Path
     worker = _start_worker(settings, model_path, work / "worker.log")
     reader = _RecReader(settings)
     try:
-        _wait_ready(settings.web_port, worker)
+        _wait_ready(settings.process.web_port, worker)
         _log(f"warm-up: {args.rate:,.0f} events/s for {args.warmup_seconds:.0f} s ...")
         _warm_up(settings, reader, args, args.warmup_seconds)
         _log(f"stream alone: {args.rate:,.0f} events/s for {args.latency_seconds:.0f} s ...")
@@ -145,7 +145,7 @@ def _serve_phases(settings: Settings, args: argparse.Namespace, model_path: Path
         _log(f"stream + requests: {args.request_rate:,.0f} requests/s at the same time ...")
         queue: Any = multiprocessing.get_context("spawn").Queue()
         load = multiprocessing.get_context("spawn").Process(
-            target=_request_process, args=(queue, f"http://127.0.0.1:{settings.web_port}", 5000, args.request_rate,
+            target=_request_process, args=(queue, f"http://127.0.0.1:{settings.process.web_port}", 5000, args.request_rate,
                                            args.latency_seconds, args.k, args.anonymous_share, args.items))
         load.start()
         together, _ = _latency_window(settings, reader, args)

@@ -26,7 +26,7 @@ def because_rows(model: Recommender, rec_rows: np.ndarray, recent_at: list[list[
 
 def encode_outputs_because(ids: list[str], version: int, events: list[Event], rec_rows: np.ndarray,
                            rec_scores: np.ndarray, because: np.ndarray, published_ms: int) -> list[tuple[bytes, bytes]]:
-    """The stream's recommendation documents (``processor._encode_outputs``) with ``"because": [item ids]``
+    """The stream's recommendation documents (as the processor encodes them) with ``"because": [item ids]``
     on each item that has one; rows < 0 end a list."""
     scores = np.round(rec_scores.astype(np.float64), 6).tolist()
     out = []

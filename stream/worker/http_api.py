@@ -88,10 +88,12 @@ class ServeEndpoints:
         self.settings = settings
         self.metrics = metrics
         self.runtime: Any = None
-        self.limits = ServeLimits(default_k=settings.top_k, max_k=settings.serve_max_k,
-                                  max_items=settings.serve_max_items, max_id_bytes=settings.max_id_bytes,
-                                  because_items=2 if settings.because else 0)
-        self.history = settings.because_history if settings.because else 0
+        sv = settings.serving
+        self.serving = sv
+        self.limits = ServeLimits(default_k=settings.scoring.top_k, max_k=sv.serve_max_k,
+                                  max_items=sv.serve_max_items, max_id_bytes=settings.worker.max_id_bytes,
+                                  because_items=2 if sv.because else 0)
+        self.history = sv.because_history if sv.because else 0
         self.end_offsets = EndOffsets(settings)
         self._client: aiohttp.ClientSession | None = None
 
@@ -115,11 +117,11 @@ class ServeEndpoints:
                      handler: Callable[[web.Request], Awaitable[web.Response]]) -> web.Response:
         t0 = time.perf_counter()
         try:
-            response = await asyncio.wait_for(handler(request), self.settings.serve_timeout_s)
+            response = await asyncio.wait_for(handler(request), self.serving.serve_timeout_s)
         except RequestError as exc:
             response = web.Response(body=exc.body(), status=exc.status, content_type=_JSON)
         except asyncio.TimeoutError:
-            err = RequestError(504, TIMEOUT, f"not answered within {self.settings.serve_timeout_s:g} s")
+            err = RequestError(504, TIMEOUT, f"not answered within {self.serving.serve_timeout_s:g} s")
             response = web.Response(body=err.body(), status=504, content_type=_JSON)
         self.metrics.http_requests.labels(endpoint=endpoint, status=str(response.status)).inc()
         self.metrics.http_latency.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
@@ -136,7 +138,7 @@ class ServeEndpoints:
         if _true(request.query.get("sync")):
             names = pipeline.names
             tps = [(topic, partition) for topic in names.inputs]
-            ends = await self.end_offsets.ends(tps, self.settings.serve_timeout_s)
+            ends = await self.end_offsets.ends(tps, self.serving.serve_timeout_s)
             await pipeline.wait_applied(ends)
             if partition not in pipeline.active_partitions():  # moved while waiting
                 raise RequestError(503, NOT_READY, "the user's partition is moving to another worker; retry")
@@ -146,7 +148,7 @@ class ServeEndpoints:
         return web.Response(body=orjson.dumps(doc), content_type=_JSON)
 
     async def _anonymous(self, request: web.Request) -> web.Response:
-        limit = self.settings.serve_max_body_bytes
+        limit = self.serving.serve_max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise RequestError(413, BODY_TOO_LARGE, f"the body may have at most {limit} bytes")
         body = await request.content.read(limit + 1)
@@ -193,7 +195,7 @@ class ServeEndpoints:
         if owner is None or owner.rstrip("/") == self.settings.web_url():
             raise RequestError(503, NOT_READY, "no worker owns the user's partition yet; retry")
         if self._client is None:
-            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.serve_timeout_s))
+            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.serving.serve_timeout_s))
         url = URL(owner.rstrip("/") + str(request.rel_url), encoded=True)
         self.metrics.http_routed.inc()
         try:

@@ -42,11 +42,12 @@ def test_two_workers_answer_for_each_other_and_read_your_writes(kafka, tmp_path:
     events = make_events(n_users=16, per_user=4, seed=5)
     reader = TopicReader(settings, settings.topic("recommendations"))
     a_settings = settings
-    b_settings = kafka.settings(partitions=4, top_k=5, topic_prefix=settings.topic_prefix, app_id=settings.app_id)
+    b_settings = kafka.settings(partitions=4, top_k=5, topic_prefix=settings.topics.topic_prefix,
+                                app_id=settings.process.app_id)
     a = WorkerProc(kafka, a_settings, model_path, tmp_path, name="a",
-                   GRUFLOW_ADVERTISED_URL=f"http://127.0.0.1:{a_settings.web_port}")
+                   GRUFLOW_ADVERTISED_URL=f"http://127.0.0.1:{a_settings.process.web_port}")
     b = WorkerProc(kafka, b_settings, model_path, tmp_path, name="b",
-                   GRUFLOW_ADVERTISED_URL=f"http://127.0.0.1:{b_settings.web_port}")
+                   GRUFLOW_ADVERTISED_URL=f"http://127.0.0.1:{b_settings.process.web_port}")
     try:
         with a, b:
             produce(settings, events)

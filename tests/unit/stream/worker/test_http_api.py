@@ -73,7 +73,7 @@ def _model() -> Recommender:
 
 def _run(runtime: Any, requests: list[tuple[str, str, bytes | None, dict]], **settings: Any) -> tuple[list, Metrics]:
     metrics = Metrics.create(role="worker")
-    serve = ServeEndpoints(Settings(serve_max_body_bytes=512, **settings), metrics)
+    serve = ServeEndpoints(Settings.of(serve_max_body_bytes=512, **settings), metrics)
     serve.runtime = runtime
 
     async def go() -> list:
