@@ -133,45 +133,70 @@ def step_session(model: Recommender, session: Session, history: int) -> tuple[np
     return H[0], recent[-history:] if history else []
 
 
-def answer(model: Recommender, hidden: np.ndarray | None, recent: list[int], k: int, limits: ServeLimits,
-           top_k: TopK | None = None) -> dict[str, Any]:
-    """The answer document for one hidden state (None: the cold-start answer, popular items)."""
-    has = np.array([hidden is not None and bool(np.isfinite(hidden).all())])
-    H = (np.asarray(hidden, dtype=np.float32) if has[0] else model.zero_state(1)[0])[None, :]
-    kk = min(k, model.n_items)
+@dataclass(frozen=True)
+class Query:
+    """One request ready to score: its hidden state (None: cold start), recent rows and k."""
+
+    hidden: np.ndarray | None
+    recent: list[int]
+    k: int
+    known_user: bool | None = None  # GET only: whether the user has a state record
+
+
+def user_query(model: Recommender, state: UserState | None, k: int) -> Query:
+    """A user's query from the stored state; a state of another size (another model's layers) or without a
+    hidden state is a cold start, as in the stream."""
+    if state is not None and state.hidden is not None and state.hidden.shape[0] == model.state_size:
+        recent = state.recent.tolist() if state.recent is not None else []
+        return Query(state.hidden, recent, k, True)
+    return Query(None, [], k, state is not None)
+
+
+def session_query(model: Recommender, session: Session, history: int) -> Query:
+    hidden, recent = step_session(model, session, history)
+    return Query(hidden, recent, session.k)
+
+
+def answer_many(model: Recommender, queries: list[Query], limits: ServeLimits,
+                top_k: TopK | None = None) -> list[dict[str, Any]]:
+    """The answer documents of many queries, scored together: one top-K pass (``score_states``, as the
+    stream's batches) and one attribution pass for all of them."""
+    n = len(queries)
+    has = np.array([q.hidden is not None and bool(np.isfinite(q.hidden).all()) for q in queries])
+    H = model.zero_state(n)
+    for i in np.flatnonzero(has).tolist():
+        H[i] = queries[i].hidden
+    kk = min(max(q.k for q in queries), model.n_items)
     rows, scores = score_states(model, H, has, kk, top_k)
+    listed = np.where(rows == _PAD, -1, rows)
     because = None
-    if limits.because_items and has[0] and recent:
-        because = because_rows(model, np.where(rows == _PAD, -1, rows), [recent], has, limits.because_items)[0]
+    if limits.because_items and any(q.recent for q in queries):
+        because = because_rows(model, listed, [q.recent for q in queries], has, limits.because_items)
     ids = _vocab_ids(model)
-    items = []
-    for j, (row, score) in enumerate(zip(rows[0].tolist(), scores[0].tolist())):
-        if row == _PAD:
-            break
-        item: dict[str, Any] = {"item_id": ids[row], "score": round(score, 6)}
-        if because is not None:
-            why = [ids[r] for r in because[j].tolist() if r >= 0]
+    version = int(model.version)
+    docs = []
+    for i, q in enumerate(queries):
+        items = []
+        for j, (row, score) in enumerate(zip(listed[i, :q.k].tolist(), scores[i, :q.k].tolist())):
+            if row < 0:
+                break
+            item: dict[str, Any] = {"item_id": ids[row], "score": round(score, 6)}
+            why = [ids[r] for r in because[i, j].tolist() if r >= 0] if because is not None else None
             if why:
                 item["because"] = why
-        items.append(item)
-    return {"items": items, "cold_start": not bool(has[0]), "model_version": int(model.version)}
+            items.append(item)
+        doc: dict[str, Any] = {"items": items, "cold_start": not bool(has[i]), "model_version": version}
+        if q.known_user is not None:
+            doc["known_user"] = q.known_user
+        docs.append(doc)
+    return docs
 
 
 def answer_user(model: Recommender, state: UserState | None, k: int, limits: ServeLimits,
                 top_k: TopK | None = None) -> dict[str, Any]:
-    """A known user's answer from the stored state; a state of another size (another model's layers) or
-    without a hidden state is a cold start, as in the stream."""
-    hidden = None
-    recent: list[int] = []
-    if state is not None and state.hidden is not None and state.hidden.shape[0] == model.state_size:
-        hidden = state.hidden
-        recent = state.recent.tolist() if state.recent is not None else []
-    doc = answer(model, hidden, recent, k, limits, top_k)
-    doc["known_user"] = state is not None
-    return doc
+    return answer_many(model, [user_query(model, state, k)], limits, top_k)[0]
 
 
 def answer_session(model: Recommender, session: Session, limits: ServeLimits, history: int,
                    top_k: TopK | None = None) -> dict[str, Any]:
-    hidden, recent = step_session(model, session, history)
-    return answer(model, hidden, recent, session.k, limits, top_k)
+    return answer_many(model, [session_query(model, session, history)], limits, top_k)[0]

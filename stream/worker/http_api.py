@@ -33,8 +33,9 @@ from aiohttp import web
 from yarl import URL
 
 from stream.observe.metrics import Metrics
-from stream.pipeline.serving import (BODY_TOO_LARGE, NOT_READY, OWNER_UNREACHABLE, TIMEOUT, RequestError, ServeLimits,
-                            answer_session, answer_user, check_user_id, parse_k, parse_session)
+from stream.pipeline.serving import (BODY_TOO_LARGE, NOT_READY, OWNER_UNREACHABLE, TIMEOUT, Query, RequestError,
+                                     ServeLimits, answer_many, check_user_id, parse_k, parse_session, session_query,
+                                     user_query)
 from stream.settings import Settings
 from stream.kafka.topics import STATE_TABLE_NAME
 
@@ -96,6 +97,9 @@ class ServeEndpoints:
         self.history = sv.because_history if sv.because else 0
         self.end_offsets = EndOffsets(settings)
         self._client: aiohttp.ClientSession | None = None
+        # requests waiting for the compute thread: (model, query maker, its arguments, future of the answer)
+        self._waiting: list[tuple[Any, Callable[..., Query], tuple, asyncio.Future]] = []
+        self._draining = False
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/users/{user_id}/recommendations", self.user_recommendations)
@@ -144,7 +148,7 @@ class ServeEndpoints:
                 raise RequestError(503, NOT_READY, "the user's partition is moving to another worker; retry")
         state = pipeline.read_states(partition, [key]).get(key)
         model = rt.holder.current
-        doc = await self._compute(answer_user, model, state, k, self.limits)
+        doc = await self._compute(user_query, model, state, k)
         return web.Response(body=orjson.dumps(doc), content_type=_JSON)
 
     async def _anonymous(self, request: web.Request) -> web.Response:
@@ -156,7 +160,7 @@ class ServeEndpoints:
             raise RequestError(413, BODY_TOO_LARGE, f"the body may have at most {limit} bytes")
         session = parse_session(body, self.limits)
         rt = self._ready_runtime()
-        doc = await self._compute(answer_session, rt.holder.current, session, self.limits, self.history)
+        doc = await self._compute(session_query, rt.holder.current, session, self.history)
         return web.Response(body=orjson.dumps(doc), content_type=_JSON)
 
     # --- helpers -----------------------------------------------------------------------------------------
@@ -169,15 +173,50 @@ class ServeEndpoints:
             raise RequestError(503, NOT_READY, reason)
         return rt
 
-    async def _compute(self, fn: Callable[..., dict], model: Any, *args: Any) -> dict:
-        """``fn(model, *args, top_k)`` in the compute thread, with the served model's top-K scorer."""
-        pipeline = self.runtime.pipeline
+    async def _compute(self, make: Callable[..., Query], model: Any, *args: Any) -> dict:
+        """The answer of ``make(model, *args)``. Requests that arrive while the compute thread is busy (a
+        stream batch, or earlier requests) are answered together by its next turn: one hop to the thread and
+        one top-K for all of them, so a burst costs about what one batch of events costs."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((model, make, args, future))
+        if not self._draining:
+            self._draining = True
+            asyncio.ensure_future(self._drain())
+        return await future
 
-        def run() -> dict:
-            scorer = pipeline.scorers.get(model)
-            return fn(model, *args, scorer.top_k if scorer is not None else None)
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    docs = await loop.run_in_executor(self.runtime.pipeline.executor, self._answer_batch, batch)
+                except Exception as exc:  # noqa: BLE001 - each request reports it (500) instead of hanging
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (*_, future), doc in zip(batch, docs):
+                    if not future.done():  # a request that timed out is not waiting any more
+                        future.set_result(doc)
+        finally:
+            self._draining = False
 
-        return await asyncio.get_running_loop().run_in_executor(pipeline.executor, run)
+    def _answer_batch(self, batch: list[tuple[Any, Callable[..., Query], tuple, asyncio.Future]]) -> list[dict]:
+        """In the compute thread: the queries of a batch, answered per model (a swap may split one)."""
+        scorers = self.runtime.pipeline.scorers
+        docs: list[dict | None] = [None] * len(batch)
+        by_model: dict[int, list[int]] = {}
+        for i, (model, *_) in enumerate(batch):
+            by_model.setdefault(id(model), []).append(i)
+        for idx in by_model.values():
+            model = batch[idx[0]][0]
+            scorer = scorers.get(model)
+            queries = [batch[i][1](model, *batch[i][2]) for i in idx]
+            for i, doc in zip(idx, answer_many(model, queries, self.limits,
+                                               scorer.top_k if scorer is not None else None)):
+                docs[i] = doc
+        return docs  # type: ignore[return-value]
 
     def owner_url(self, partition: int) -> str | None:
         """The canonical URL of the worker whose active partitions include ``partition`` of the state table."""

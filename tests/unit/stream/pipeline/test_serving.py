@@ -114,3 +114,22 @@ def test_because_names_recent_session_items_in_requests_and_in_the_stream(model:
     # off: no recent rows kept, no "because"
     plain = process_batch(model, events, {}, ProcessorConfig(k=5))
     assert plain.states[b"a"].recent is None and "because" not in plain.outputs[-1][1].decode()
+
+
+def test_queries_scored_together_answer_as_each_alone(model: Recommender) -> None:
+    from stream.pipeline.serving import answer_many, session_query, user_query
+
+    limits = ServeLimits(default_k=5, max_k=10, max_items=10, because_items=2)
+    result = process_batch(model, [_ev("a", "i4", 1000), _ev("a", "i9", 2000)], {}, ProcessorConfig(k=5,
+                                                                                                   because_history=3))
+    queries = [user_query(model, result.states[b"a"], 7), user_query(model, None, 2),
+               session_query(model, Session(("i1", "i30"), (0, 2), 4), 3)]
+    together = answer_many(model, queries, limits)
+    alone = [answer_many(model, [q], limits)[0] for q in queries]
+    assert [len(d["items"]) for d in together] == [7, 2, 4]
+    for t, a in zip(together, alone):
+        assert [i["item_id"] for i in t["items"]] == [i["item_id"] for i in a["items"]]
+        assert [i.get("because") for i in t["items"]] == [i.get("because") for i in a["items"]]
+        np.testing.assert_allclose([i["score"] for i in t["items"]], [i["score"] for i in a["items"]], atol=1e-5)
+    assert [d["cold_start"] for d in together] == [False, True, False]
+    assert together[0]["known_user"] is True and together[1]["known_user"] is False and "known_user" not in together[2]

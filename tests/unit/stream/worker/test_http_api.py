@@ -30,6 +30,7 @@ torch.set_num_threads(1)
 class FakePipeline:
     owned: list[int]
     delay_s: float = 0.0
+    turns: int = 0  # turns the compute thread took for requests
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
     scorers: Any = None
 
@@ -44,6 +45,7 @@ class FakePipeline:
         class Scorers:
             @staticmethod
             def get(model: Any) -> None:
+                pipeline.turns += 1
                 time.sleep(pipeline.delay_s)  # a busy compute thread
                 return None
 
@@ -123,3 +125,26 @@ def test_body_limit_and_timeout() -> None:
     assert got[1][0] == 504 and got[1][1]["error"] == "timeout"
     assert metrics.http_requests.labels(endpoint="anonymous", status="504")._value.get() == 1
     assert metrics.http_latency.labels(endpoint="anonymous")._sum.get() > 0
+
+
+def test_requests_waiting_for_the_compute_thread_are_answered_in_one_turn() -> None:
+    import threading
+
+    from stream.pipeline.serving import user_query
+
+    runtime = FakeRuntime(FakePipeline([0]), Holder())
+    serve = ServeEndpoints(Settings(), Metrics.create(role="worker"))
+    serve.runtime = runtime
+    release = threading.Event()
+
+    async def go() -> list:
+        busy = asyncio.get_running_loop().run_in_executor(runtime.pipeline.executor, release.wait)  # a stream batch
+        answers = asyncio.gather(*(serve._compute(user_query, Holder.current, None, k) for k in range(1, 6)))
+        await asyncio.sleep(0.2)
+        release.set()
+        await busy
+        return await answers
+
+    docs = asyncio.run(go())
+    assert [len(d["items"]) for d in docs] == [1, 2, 3, 4, 5] and all(d["cold_start"] for d in docs)
+    assert runtime.pipeline.turns == 1  # one hop to the compute thread, one top-K for the five
