@@ -47,7 +47,7 @@ class Attribution:
         ses_ok = (recent >= 0) & (recent < U.shape[0])
         R = U[np.where(rec_ok, rec_rows, 0)]  # [B, K, H]
         S = U[np.where(ses_ok, recent, 0)]  # [B, M, H]
-        sims = np.einsum("bkh,bmh->bkm", R, S)
+        sims = np.matmul(R, S.transpose(0, 2, 1))  # [B, K, M]: batched BLAS, not einsum's loops
         sims[~np.broadcast_to(ses_ok[:, None, :], sims.shape)] = -np.inf
         m = min(n, recent.shape[1])
         order = np.argsort(-sims, axis=2, kind="stable")[:, :, :m]

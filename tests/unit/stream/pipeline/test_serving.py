@@ -114,6 +114,13 @@ def test_because_names_recent_session_items_in_requests_and_in_the_stream(model:
     # off: no recent rows kept, no "because"
     plain = process_batch(model, events, {}, ProcessorConfig(k=5))
     assert plain.states[b"a"].recent is None and "because" not in plain.outputs[-1][1].decode()
+    for (_, with_why), (_, without) in zip(result.outputs, plain.outputs):  # the same documents but "because"
+        doc = orjson.loads(with_why)
+        for item in doc["items"]:
+            item.pop("because", None)
+        other = orjson.loads(without)
+        doc.pop("published_ts"), other.pop("published_ts")
+        assert doc == other
 
 
 def test_queries_scored_together_answer_as_each_alone(model: Recommender) -> None:
