@@ -9,6 +9,7 @@ seen, or only unknown items so far) get the model's popular items, marked ``cold
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,9 @@ from model.events import EventType
 from model.recommender import Recommender
 from state.codec import UserState
 from stream.pipeline.because import because_rows
-from stream.pipeline.processor import _PAD, TopK, _vocab_ids, score_states
+from stream.pipeline.processor import TopK, _vocab_ids, score_states
+from stream.pipeline.ranking import RuleContext
+from stream.pipeline.rules import as_lists, user_exclusions
 
 # request error codes (the "error" field of a 4xx/5xx answer)
 BAD_K = "bad_k"
@@ -141,6 +144,7 @@ class Query:
     recent: list[int]
     k: int
     known_user: bool | None = None  # GET only: whether the user has a state record
+    state: UserState | None = None  # GET only: the record, for the user's own business rules
 
 
 def user_query(model: Recommender, state: UserState | None, k: int) -> Query:
@@ -148,8 +152,8 @@ def user_query(model: Recommender, state: UserState | None, k: int) -> Query:
     hidden state is a cold start, as in the stream."""
     if state is not None and state.hidden is not None and state.hidden.shape[0] == model.state_size:
         recent = state.recent.tolist() if state.recent is not None else []
-        return Query(state.hidden, recent, k, True)
-    return Query(None, [], k, state is not None)
+        return Query(state.hidden, recent, k, True, state)
+    return Query(None, [], k, state is not None, state)
 
 
 def session_query(model: Recommender, session: Session, history: int) -> Query:
@@ -157,18 +161,24 @@ def session_query(model: Recommender, session: Session, history: int) -> Query:
     return Query(hidden, recent, session.k)
 
 
-def answer_many(model: Recommender, queries: list[Query], limits: ServeLimits,
-                top_k: TopK | None = None) -> list[dict[str, Any]]:
-    """The answer documents of many queries, scored together: one top-K pass (``score_states``, as the
-    stream's batches) and one attribution pass for all of them."""
+def answer_many(model: Recommender, queries: list[Query], limits: ServeLimits, top_k: TopK | None = None,
+                rules: RuleContext | None = None) -> list[dict[str, Any]]:
+    """The answer documents of many queries, scored together: one ranking pass (``score_states``, as the
+    stream's batches, with the business rules of ``rules`` and each known user's own) and one attribution
+    pass for all of them."""
     n = len(queries)
     has = np.array([q.hidden is not None and bool(np.isfinite(q.hidden).all()) for q in queries])
     H = model.zero_state(n)
     for i in np.flatnonzero(has).tolist():
         H[i] = queries[i].hidden
     kk = min(max(q.k for q in queries), model.n_items)
-    rows, scores = score_states(model, H, has, kk, top_k)
-    listed = np.where(rows == _PAD, -1, rows)
+    users = None
+    if rules is not None and rules.cfg.per_user:
+        now_s = time.time()
+        users = [user_exclusions(rules.cfg, *as_lists(q.state.bought, q.state.session_items), now_s)
+                 if q.state is not None else [] for q in queries]
+    rows, scores, _ = score_states(model, H, has, kk, top_k, rules, users)
+    listed = np.where(rows < 0, -1, rows)
     because = None
     if limits.because_items and any(q.recent for q in queries):
         because = because_rows(model, listed, [q.recent for q in queries], has, limits.because_items)
@@ -193,8 +203,8 @@ def answer_many(model: Recommender, queries: list[Query], limits: ServeLimits,
 
 
 def answer_user(model: Recommender, state: UserState | None, k: int, limits: ServeLimits,
-                top_k: TopK | None = None) -> dict[str, Any]:
-    return answer_many(model, [user_query(model, state, k)], limits, top_k)[0]
+                top_k: TopK | None = None, rules: RuleContext | None = None) -> dict[str, Any]:
+    return answer_many(model, [user_query(model, state, k)], limits, top_k, rules)[0]
 
 
 def answer_session(model: Recommender, session: Session, limits: ServeLimits, history: int,

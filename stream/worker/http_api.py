@@ -204,7 +204,8 @@ class ServeEndpoints:
 
     def _answer_batch(self, batch: list[tuple[Any, Callable[..., Query], tuple, asyncio.Future]]) -> list[dict]:
         """In the compute thread: the queries of a batch, answered per model (a swap may split one)."""
-        scorers = self.runtime.pipeline.scorers
+        pipeline = self.runtime.pipeline
+        scorers = pipeline.scorers
         docs: list[dict | None] = [None] * len(batch)
         by_model: dict[int, list[int]] = {}
         for i, (model, *_) in enumerate(batch):
@@ -213,8 +214,11 @@ class ServeEndpoints:
             model = batch[idx[0]][0]
             scorer = scorers.get(model)
             queries = [batch[i][1](model, *batch[i][2]) for i in idx]
+            # the stream's business rules; a request's list is not counted against the exposure cap (it
+            # damps what the stream publishes, which requests only read)
+            rules = pipeline.rule_context(model, record=False)
             for i, doc in zip(idx, answer_many(model, queries, self.limits,
-                                               scorer.top_k if scorer is not None else None)):
+                                               scorer.top_k if scorer is not None else None, rules)):
                 docs[i] = doc
         return docs  # type: ignore[return-value]
 

@@ -140,3 +140,20 @@ def test_queries_scored_together_answer_as_each_alone(model: Recommender) -> Non
         np.testing.assert_allclose([i["score"] for i in t["items"]], [i["score"] for i in a["items"]], atol=1e-5)
     assert [d["cold_start"] for d in together] == [False, True, False]
     assert together[0]["known_user"] is True and together[1]["known_user"] is False and "known_user" not in together[2]
+
+
+def test_a_users_own_business_rules_apply_to_requests(model: Recommender) -> None:
+    from stream.pipeline.ranking import RuleContext
+    from stream.pipeline.rules import RuleConfig
+    from stream.settings import Settings
+
+    cfg = RuleConfig.from_settings(Settings.of(rule_bought="forever"))
+    rules = RuleContext(cfg, {}, None, 2.0, record=False)
+    events = [_ev("a", "i4", 1000), _ev("a", "i9", 2000)]
+    plain = process_batch(model, events, {}, ProcessorConfig(k=5))
+    bought = orjson.loads(plain.outputs[-1][1])["items"][0]["item_id"]  # the user buys the item shown first
+    events.append(Event("a", bought, 3, 3000, b"a", "purchases", 0, -1, 3000, 1))
+    result = process_batch(model, events, {}, ProcessorConfig(k=5), rules=rules)
+    doc = answer_user(model, result.states[b"a"], 5, LIMITS, None, rules)
+    assert len(doc["items"]) == 5 and bought not in [i["item_id"] for i in doc["items"]]
+    assert [i["item_id"] for i in doc["items"]] == [i["item_id"] for i in orjson.loads(result.outputs[-1][1])["items"]]

@@ -51,6 +51,9 @@ class FakePipeline:
 
         self.store, self.scorers = Store(), Scorers()
 
+    def rule_context(self, model: Any, record: bool = True) -> None:
+        return None
+
     def active_partitions(self) -> list[int]:
         return self.owned
 
