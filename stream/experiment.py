@@ -29,8 +29,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -202,7 +203,9 @@ def new_items_recommended(settings: Any, known: set[str], rest: pd.DataFrame, n_
 
 
 def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int, online: bool, tmp: Path,
-                 known: set[str]) -> dict:
+                 known: set[str], readback: Callable[[Any], dict] | None = None) -> dict:
+    """One variant on its own topics; ``readback(settings)`` runs after the replay, while the broker is up
+    (e.g. to read the recommendations topic), and its result is merged into the returned dict."""
     from stream import model_sync
     from stream.broker import free_port
     from stream.metrics import Metrics
@@ -251,20 +254,36 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
         finally:
             if trainer is not None:
                 trainer.stop()
+    filtered = {} if trainer is None else {r: trainer.filtered(r) for r in trainer.filter_reasons()}
     k = s.top_k
     out = {"gru": prequential(samples, "gru", k), "popularity": prequential(samples, "popularity", k),
            "events": sent, "seconds": time.perf_counter() - t0}
     if online:
         out["rounds"] = rounds
+        out["training_filtered"] = filtered
         out["versions"] = int(_sum(samples, "gruflow_model_version"))
         out.update(new_items_recommended(s, known, rest, sent))
+    if readback is not None:
+        out.update(readback(s))
     _log(f"{name}: HR@{k} {out['gru']['hr'][str(k)]:.4f} MRR@{k} {out['gru']['mrr'][str(k)]:.4f} "
          f"(popularity {out['popularity']['hr'][str(k)]:.4f}/{out['popularity']['mrr'][str(k)]:.4f}) "
          f"in {out['seconds']:.0f} s")
     return out
 
 
-def run_online_experiment(args: argparse.Namespace) -> dict:
+@dataclass(frozen=True)
+class Prepared:
+    """The replayed stream and the warm-up model every variant starts from."""
+
+    settings: Any
+    warm: pd.DataFrame
+    rest: pd.DataFrame
+    v1: bytes
+    vocab: Any
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
+    """Load DATA, split off the warm-up days, train the warm-up model (``--params`` over OFFICIAL)."""
     import torch
 
     from model.checkpoint import checkpoint_to_bytes
@@ -285,21 +304,33 @@ def run_online_experiment(args: argparse.Namespace) -> dict:
     params = GRU4RecParams.parse(args.params, base=OFFICIAL)  # the warm-up model: official config (measured so)
     net, vocab, pop = train_model(warm, params, progress=True)
     v1 = checkpoint_to_bytes(net, vocab, params, pop, {"version": 1, "parent_version": 0, "source": "warm-up"})
-    known = set(vocab.ids)
+    return Prepared(settings, warm, rest, v1, vocab)
+
+
+def with_broker(settings: Any, run: Callable[[Any, Path], Any]) -> Any:
+    """``run(settings, tmpdir)`` against the embedded broker (started and stopped here) or the cluster
+    GRUFLOW_BOOTSTRAP_SERVERS names."""
     broker = None
     with tempfile.TemporaryDirectory(prefix="gruflow-exp-") as tmpdir:
-        tmp = Path(tmpdir)
         try:
             if settings.embedded:
                 from stream.broker import EmbeddedKafka
 
                 broker = EmbeddedKafka.from_settings(settings).start()
                 settings = broker.settings(settings)
-            frozen = _run_variant("frozen", settings, v1, rest, args.every, False, tmp, known)
-            online = _run_variant("online", settings, v1, rest, args.every, True, tmp, known)
+            return run(settings, Path(tmpdir))
         finally:
             if broker is not None:
                 broker.stop()
+
+
+def run_online_experiment(args: argparse.Namespace) -> dict:
+    prep = prepare(args)
+    warm, rest, vocab, v1 = prep.warm, prep.rest, prep.vocab, prep.v1
+    known = set(vocab.ids)
+    frozen, online = with_broker(prep.settings, lambda settings, tmp: (
+        _run_variant("frozen", settings, v1, rest, args.every, False, tmp, known),
+        _run_variant("online", settings, v1, rest, args.every, True, tmp, known)))
     details = {"frozen": frozen, "online": {k: v for k, v in online.items() if k != "rounds"},
                "rounds": online["rounds"], "warmup_events": len(warm), "warmup_items": len(vocab)}
     _log("details: " + __import__("json").dumps(details, default=str))

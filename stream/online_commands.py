@@ -198,6 +198,14 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attack(args: argparse.Namespace) -> int:
+    from stream.attack import run_attack_experiment
+
+    result = run_attack_experiment(args)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
 def register(sub: Any, bench_sub: Any) -> None:
     p = _bootstrap_arg(sub.add_parser("run", help="worker + trainer in one process (embedded broker by default)"))
     p.add_argument("--trainer-port", type=int, default=0, help="trainer /metrics port (default: web port + 1)")
@@ -230,3 +238,6 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="replay at most N events (smoke runs)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=_experiment)
+    from stream.attack import add_attack_parser
+
+    add_attack_parser(exp_sub, _attack)

@@ -100,6 +100,19 @@ class Settings:
     trainer_torch_threads: int = 1
     finetune_learning_rate: float = 0.03  # 0 = the model's own learning rate
 
+    # --- training-path defences (docs/security.md): what the trainer learns from, what it may promote
+    training_filter: bool = False  # per-user anomaly checks (stream/training_filter.py)
+    training_sources: str = ""  # comma-separated allow-list of event sources that train ("" = all)
+    filter_min_events: int = 6
+    filter_max_events_per_s: float = 0.5
+    filter_max_session_events: int = 60
+    filter_min_gap_cv: float = 0.08
+    filter_min_item_diversity: float = 0.1
+    flagged_sample_rate: float = 1.0  # share of newly flagged users whose id goes to the flagged topic
+    guardrail_max_gini_increase: float = 0.0  # 0 = off; else refuse a candidate whose exposure Gini rises more
+    guardrail_min_coverage_ratio: float = 0.0  # 0 = off; else refuse below this share of the current coverage
+    guardrail_max_item_exposure_factor: float = 0.0  # 0 = off; else refuse an item's exposure rising more
+
     # --- embedded broker: where the Apache Kafka jars are cached ("" = ~/.cache/gruflow/kafka-<version>)
     kafka_cache_dir: str = ""
 

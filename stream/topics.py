@@ -45,6 +45,8 @@ class TopicNames:
     dlq: str
     models: str
     changelog: str
+    control: str  # keyed by user id like the inputs: requests about one user (``gruflow forget``)
+    flagged: str  # a sample of the user ids the trainer's input filter flagged (never in logs or labels)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TopicNames":
@@ -55,6 +57,8 @@ class TopicNames:
             dlq=settings.topic("dlq"),
             models=settings.topic("models"),
             changelog=changelog_topic(settings),
+            control=settings.topic("control"),
+            flagged=settings.topic("flagged-users"),
         )
 
     @property
@@ -62,7 +66,8 @@ class TopicNames:
         return (self.clicks, self.purchases)
 
     def __iter__(self) -> Iterator[str]:
-        return iter((self.clicks, self.purchases, self.recommendations, self.dlq, self.models, self.changelog))
+        return iter((self.clicks, self.purchases, self.recommendations, self.dlq, self.models, self.changelog,
+                     self.control, self.flagged))
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
@@ -78,6 +83,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(names.recommendations, p, {}),
         TopicSpec(names.dlq, p, {"max.message.bytes": str(DLQ_MESSAGE_MAX_BYTES)}),
         TopicSpec(names.changelog, p, dict(compact)),
+        # co-partitioned with the inputs: a user's request reaches the worker that holds the user's state
+        TopicSpec(names.control, p, {}),
+        TopicSpec(names.flagged, 1, {}),
         # one partition keeps model chunks in order; compaction keeps the latest of each key
         TopicSpec(names.models, 1, {**compact, "max.message.bytes": str(MODEL_CHUNK_BYTES + 65536)}),
     ]

@@ -1,0 +1,95 @@
+"""Kafka-side helpers of the training-path defences: the control topic's requests (``gruflow forget``),
+the event source used by the allow-list, and the sample of flagged user ids.
+
+Flagged user ids are personal data: they go to a topic of their own (``<prefix>flagged-users``,
+readable under its own ACL), never to logs at INFO or to metric labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import orjson
+
+from stream.settings import Settings
+
+log = logging.getLogger("gruflow.trainer")
+SOURCE_HEADER = "gruflow-source"
+SOURCE_FIELD = "event_source"
+FORGET = "forget"
+
+
+def forget_request(user_id: str) -> tuple[bytes, bytes]:
+    """(key, value) of a control-topic record asking every store to drop ``user_id``."""
+    return user_id.encode("utf-8"), orjson.dumps({"action": FORGET, "requested_at": int(time.time() * 1000)})
+
+
+def control_action(key: bytes | None, value: bytes | None) -> str | None:
+    """The user id a control record asks to forget, or None for anything else (ignored, not fatal)."""
+    if not key or value is None:
+        return None
+    try:
+        obj = orjson.loads(value)
+        user = key.decode("utf-8")
+    except (orjson.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return user if isinstance(obj, dict) and obj.get("action") == FORGET else None
+
+
+def event_source(headers: list[tuple[str, bytes]] | None, value: bytes | None) -> str:
+    """An event's source for the allow-list: the ``gruflow-source`` header, else the JSON field
+    ``event_source``, else ""."""
+    for name, raw in headers or ():
+        if name == SOURCE_HEADER and raw is not None:
+            return raw.decode("utf-8", "replace")
+    try:
+        obj = orjson.loads(value) if value else None
+    except orjson.JSONDecodeError:
+        return ""
+    src = obj.get(SOURCE_FIELD) if isinstance(obj, dict) else None
+    return src if isinstance(src, str) else ""
+
+
+class FlaggedSample:
+    """Sends a sample (``flagged_sample_rate``) of newly flagged users to the flagged topic with the
+    reason. Best effort: a delivery failure is logged without the id and never stops the trainer."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.rate = float(settings.flagged_sample_rate)
+        self._rng = random.Random(0)
+        self._producer: Any = None
+        self.sent = 0
+
+    def offer(self, user_id: str, reason: str) -> None:
+        if self.rate <= 0 or self._rng.random() >= self.rate:
+            return
+        if self._producer is None:
+            from confluent_kafka import Producer
+
+            from stream.kafka_config import producer_config
+
+            self._producer = Producer(producer_config(self.settings))
+        from stream.topics import TopicNames
+
+        value = orjson.dumps({"user_id": user_id, "reason": reason, "flagged_at": int(time.time() * 1000)})
+        try:
+            self._producer.produce(TopicNames.from_settings(self.settings).flagged, value, user_id.encode("utf-8"),
+                                   on_delivery=self._delivered)
+            self._producer.poll(0)
+        except (BufferError, Exception) as exc:  # noqa: BLE001 - a sample is best effort
+            log.warning("flagged-user sample not sent: %s", type(exc).__name__)
+
+    def _delivered(self, err: Any, msg: Any) -> None:
+        if err is None:
+            self.sent += 1
+        else:
+            log.warning("flagged-user sample not delivered: %s", err.name() if hasattr(err, "name") else "error")
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(10)
+            self._producer = None
