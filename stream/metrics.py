@@ -69,6 +69,7 @@ class Metrics:
     prequential_hits: Counter
     prequential_reciprocal_rank: Counter
     ready: Gauge
+    forgotten_users: Counter
     # trainer
     finetune_rounds: Counter
     finetune_duration: Histogram
@@ -136,6 +137,8 @@ class Metrics:
             prequential_reciprocal_rank=Counter(p + "prequential_reciprocal_rank", "Sum of 1/rank of the event's"
                                                 " item in the top-K published before it (0 when absent)",
                                                 ["model", "version", "k"], registry=r),
+            forgotten_users=Counter(p + "forgotten_users", "Users whose state was tombstoned on request "
+                                    "(gruflow forget)", registry=r),
             ready=Gauge(p + "ready", "1 once state recovery is done and the worker serves", registry=r),
             finetune_rounds=Counter(p + "finetune_rounds", "Fine-tune rounds run by the trainer", registry=r),
             finetune_duration=Histogram(p + "finetune_duration_seconds", "Duration of a fine-tune round",

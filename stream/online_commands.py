@@ -198,6 +198,21 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _forget(args: argparse.Namespace) -> int:
+    from stream.training_guard import send_forget
+
+    settings = _settings(args)
+    if not _need_cluster(settings, "forget"):
+        return 2
+    if not args.user_id or len(args.user_id.encode("utf-8")) > settings.max_id_bytes:
+        print(f"gruflow forget: a user id has 1..{settings.max_id_bytes} bytes", file=sys.stderr)
+        return 2
+    topic, partition = send_forget(settings, args.user_id)
+    print(f"forget request written to {topic} (partition {partition}): the worker owning the user tombstones "
+          "its state (state table and changelog) and the trainer drops its buffered sessions at their next poll")
+    return 0
+
+
 def _attack(args: argparse.Namespace) -> int:
     from stream.attack import run_attack_experiment
 
@@ -225,6 +240,10 @@ def register(sub: Any, bench_sub: Any) -> None:
     p = _bootstrap_arg(model_sub.add_parser("rollback", help="republish an old version as the newest"))
     p.add_argument("version", type=int, help="the version to serve again (see 'gruflow model list')")
     p.set_defaults(func=_model_rollback)
+
+    p = _bootstrap_arg(sub.add_parser("forget", help="right to erasure: tombstone a user's state in every store"))
+    p.add_argument("user_id", help="the user id (the input events' user_id)")
+    p.set_defaults(func=_forget)
 
     exp = sub.add_parser("experiment", help="experiments that print JSON")
     exp_sub = exp.add_subparsers(dest="experiment_command", metavar="WHICH")

@@ -27,6 +27,25 @@ def forget_request(user_id: str) -> tuple[bytes, bytes]:
     return user_id.encode("utf-8"), orjson.dumps({"action": FORGET, "requested_at": int(time.time() * 1000)})
 
 
+def send_forget(settings: Settings, user_id: str, timeout: float = 30.0) -> tuple[str, int]:
+    """Write a forget request to the control topic (keyed like the inputs, so it reaches the worker that
+    holds the user); returns (topic, partition) once the broker has it."""
+    from confluent_kafka import KafkaException, Producer
+
+    from stream.kafka_config import producer_config
+    from stream.topics import TopicNames
+
+    topic = TopicNames.from_settings(settings).control
+    key, value = forget_request(user_id)
+    done: list[Any] = []
+    producer = Producer(producer_config(settings))
+    producer.produce(topic, value, key, on_delivery=lambda err, msg: done.append((err, msg)))
+    producer.flush(timeout)
+    if not done or done[0][0] is not None:
+        raise KafkaException(done[0][0] if done else "forget request not delivered within the timeout")
+    return topic, done[0][1].partition()
+
+
 def control_action(key: bytes | None, value: bytes | None) -> str | None:
     """The user id a control record asks to forget, or None for anything else (ignored, not fatal)."""
     if not key or value is None:
