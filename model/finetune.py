@@ -211,8 +211,10 @@ class SessionBuffer:
         self._reservoir_bytes += size
 
     def remove_user(self, key: str) -> int:
-        """Drop every session of ``key`` (recent and reservoir) and its not yet drained item counts: a
-        user flagged as a bot, or one who asked to be forgotten. Returns the events removed. O(sessions)."""
+        """Drop every session of ``key`` (recent and reservoir) and its items from the not yet drained
+        counts: a user flagged as a bot, or one who asked to be forgotten. Returns the events removed.
+        O(sessions). A session evicted without entering the reservoir is already gone; its items stay
+        in the counts until the next drain (counts never go below 0)."""
         removed = 0
         for sid in [sid for sid, s in self._sessions.items() if s.key == key]:
             s = self._sessions.pop(sid)
@@ -226,7 +228,7 @@ class SessionBuffer:
                 self._reservoir_events -= len(s)
                 self._reservoir_bytes -= _SESSION_OVERHEAD_BYTES + sys.getsizeof(s.key) + sum(
                     map(self._event_bytes, s.items))
-                removed += len(s)
+                removed += self._uncount(s)
             else:
                 kept.append(s)
         self._reservoir = kept
