@@ -19,10 +19,10 @@ import orjson
 import pytest
 import rocksdict
 
-from stream.app import table_dir
-from stream.metrics import Metrics
-from stream.topics import STATE_TABLE_NAME, TopicNames, ensure_topics
-from stream.training_filter import FILTER_REASONS, FilterConfig
+from stream.worker.app import table_dir
+from stream.observe.metrics import Metrics
+from stream.kafka.topics import STATE_TABLE_NAME, TopicNames, ensure_topics
+from stream.pipeline.training_filter import FILTER_REASONS, FilterConfig
 from workerkit import REPO, Ev, TopicReader, WorkerProc, produce, read_states, save_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ def _humans(n: int, per_user: int, t0: int, seed: int, prefix: str) -> list[Ev]:
 
 
 def _start_trainer(settings, metrics):
-    from stream.trainer import Trainer
+    from stream.online.trainer import Trainer
 
     trainer = Trainer(settings, metrics, serve_http=False).start()
     _wait(trainer.ready.is_set, 90, "trainer consumer to be assigned")
