@@ -190,12 +190,15 @@ def _model_rollback(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- experiment
 
+def _print_result(result: dict, one_line: bool) -> int:
+    print(json.dumps(result) if one_line else json.dumps(result, indent=2))
+    return 0
+
+
 def _experiment(args: argparse.Namespace) -> int:
     from stream.lab.experiment import run_online_experiment
 
-    result = run_online_experiment(args)
-    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
-    return 0
+    return _print_result(run_online_experiment(args), args.json)
 
 
 def _forget(args: argparse.Namespace) -> int:
@@ -216,9 +219,7 @@ def _forget(args: argparse.Namespace) -> int:
 def _attack(args: argparse.Namespace) -> int:
     from stream.lab.attack import run_attack_experiment
 
-    result = run_attack_experiment(args)
-    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
-    return 0
+    return _print_result(run_attack_experiment(args), args.json)
 
 
 def register(sub: Any, bench_sub: Any) -> None:

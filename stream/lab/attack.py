@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from stream.lab.experiment import _log, _run_variant, prepare, with_broker
+from stream.lab.experiment import _log, _run_variant, prepare, read_recommendations, with_broker
 
 
 @dataclass(frozen=True)
@@ -93,31 +92,9 @@ def fake_sessions(rest: pd.DataFrame, share: float, shape: AttackShape, targets:
 
 def read_lists(settings: Any, timeout: float = 120.0) -> pd.DataFrame:
     """Every published recommendation: user, event time (s), list of item ids, partition, offset."""
-    import orjson
-    from confluent_kafka import Consumer, TopicPartition
-
-    from stream.kafka.config import consumer_config
-    from stream.kafka.topics import TopicNames
-
-    topic = TopicNames.from_settings(settings).recommendations
-    consumer = Consumer(consumer_config(settings, None))
-    md = consumer.list_topics(topic, timeout=30).topics[topic]
-    parts = [TopicPartition(topic, p, 0) for p in md.partitions]
-    ends = {p.partition: consumer.get_watermark_offsets(p, timeout=30)[1] for p in parts}
-    consumer.assign(parts)
-    done = {p: ends[p] == 0 for p in ends}
-    rows = []
-    deadline = time.monotonic() + timeout
-    while not all(done.values()) and time.monotonic() < deadline:
-        for m in consumer.consume(5000, 1.0):
-            if m.error() is not None:
-                continue
-            if m.offset() >= ends[m.partition()] - 1:
-                done[m.partition()] = True
-            rec = orjson.loads(m.value())
-            rows.append((str(rec["user_id"]), float(rec.get("event_ts", 0)) / 1000.0,
-                         [str(i["item_id"]) for i in rec.get("items", ())], m.partition(), m.offset()))
-    consumer.close()
+    rows = [(str(rec["user_id"]), float(rec.get("event_ts", 0)) / 1000.0,
+             [str(i["item_id"]) for i in rec.get("items", ())], m.partition(), m.offset())
+            for m, rec in read_recommendations(settings, timeout)]
     return pd.DataFrame(rows, columns=["user", "ts", "items", "partition", "offset"])
 
 

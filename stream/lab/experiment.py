@@ -31,7 +31,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -155,10 +155,8 @@ class WorkerProcess:
             time.sleep(0.1)
 
 
-def new_items_recommended(settings: Any, known: set[str], rest: pd.DataFrame, n_expected: int,
-                          timeout: float = 120.0) -> dict:
-    """Read the recommendations topic back: which post-warm-up items were recommended, and how many
-    stream events after their first appearance."""
+def read_recommendations(settings: Any, timeout: float = 120.0) -> Iterator[tuple[Any, dict]]:
+    """Every message of the recommendations topic up to its end at the call: (message, decoded JSON)."""
     import orjson
     from confluent_kafka import Consumer, TopicPartition
 
@@ -167,28 +165,37 @@ def new_items_recommended(settings: Any, known: set[str], rest: pd.DataFrame, n_
 
     topic = TopicNames.from_settings(settings).recommendations
     consumer = Consumer(consumer_config(settings, None))
-    md = consumer.list_topics(topic, timeout=30).topics[topic]
-    parts = [TopicPartition(topic, p, 0) for p in md.partitions]
-    ends = {p.partition: consumer.get_watermark_offsets(p, timeout=30)[1] for p in parts}
-    consumer.assign(parts)
+    try:
+        md = consumer.list_topics(topic, timeout=30).topics[topic]
+        parts = [TopicPartition(topic, p, 0) for p in md.partitions]
+        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=30)[1] for p in parts}
+        consumer.assign(parts)
+        done: dict[int, bool] = {p: ends[p] == 0 for p in ends}
+        deadline = time.monotonic() + timeout
+        while not all(done.values()) and time.monotonic() < deadline:
+            for m in consumer.consume(5000, 1.0):
+                if m.error() is not None:
+                    continue
+                if m.offset() >= ends[m.partition()] - 1:
+                    done[m.partition()] = True
+                yield m, orjson.loads(m.value())
+    finally:
+        consumer.close()
+
+
+def new_items_recommended(settings: Any, known: set[str], rest: pd.DataFrame, n_expected: int,
+                          timeout: float = 120.0) -> dict:
+    """Read the recommendations topic back: which post-warm-up items were recommended, and how many
+    stream events after their first appearance."""
     first_rec: dict[str, float] = {}
-    done: dict[int, bool] = {p: ends[p] == 0 for p in ends}
     seen = 0
-    deadline = time.monotonic() + timeout
-    while not all(done.values()) and time.monotonic() < deadline:
-        for m in consumer.consume(5000, 1.0):
-            if m.error() is not None:
-                continue
-            seen += 1
-            if m.offset() >= ends[m.partition()] - 1:
-                done[m.partition()] = True
-            rec = orjson.loads(m.value())
-            ts = float(rec.get("event_ts", 0)) / 1000.0
-            for it in rec.get("items", ()):
-                item = str(it["item_id"])
-                if item not in known and ts < first_rec.get(item, math.inf):
-                    first_rec[item] = ts
-    consumer.close()
+    for _, rec in read_recommendations(settings, timeout):
+        seen += 1
+        ts = float(rec.get("event_ts", 0)) / 1000.0
+        for it in rec.get("items", ()):
+            item = str(it["item_id"])
+            if item not in known and ts < first_rec.get(item, math.inf):
+                first_rec[item] = ts
     times = rest["Time"].to_numpy()
     first_seen = rest.groupby("ItemId", sort=False)["Time"].min()
     lags = []
