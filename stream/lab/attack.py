@@ -138,7 +138,8 @@ def normal_hr(lists: pd.DataFrame, stream: pd.DataFrame, fake: set[str], k: int)
 def _summary(out: dict, organic_share: float | None) -> dict:
     res = {"target_exposure": out["exposure"]["share"], "target_mean_rank": out["exposure"]["mean_rank"],
            "exposure_over_time": out["exposure"]["over_time"], "hr": out["normal"]["hr"],
-           "hr_all_users": out["gru"]["hr"], "scored_events": out["normal"]["n"], "events": out["events"],
+           "scored_events": out["normal"]["n"], "users_skipped": out["normal"]["users_skipped"],
+           "events": out["events"],
            "seconds": round(out["seconds"], 1), "rounds": _rounds(out.get("rounds", [])),
            "training_filtered": {k: v for k, v in out.get("training_filtered", {}).items() if v},
            "max_item_factor": [r["candidate"].get("exposure", {}).get("max_item_factor") for r in out.get("rounds", [])
@@ -181,7 +182,9 @@ def run_attack_experiment(args: argparse.Namespace) -> dict:
         for shape in shapes:
             fakes = fake_sessions(rest, args.share, shape, targets, known, args.seed)
             fake_ids = set(fakes["SessionId"].astype(str))
-            stream = pd.concat([rest, fakes], ignore_index=True)
+            # in event-time order: the replay goes slice by slice in row order
+            stream = pd.concat([rest, fakes], ignore_index=True).sort_values("Time", kind="stable")
+            stream = stream.reset_index(drop=True)
             und = one(f"{shape.name}-undefended", settings, stream, fake_ids, tmp)
             dfd = one(f"{shape.name}-defended", settings.replace(**DEFENCES), stream, fake_ids, tmp)
             result["shapes"][shape.name] = {"fake_sessions": len(fake_ids), "fake_events": len(fakes),
