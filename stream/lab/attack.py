@@ -162,7 +162,7 @@ def run_attack_experiment(args: argparse.Namespace) -> dict:
     targets = pick_targets(rest, known, args.targets, args.seed) if not args.target else [args.target]
     shapes = [SHAPES[name] for name in args.shapes.split(",")]
     t0, t1 = float(rest["Time"].min()), float(rest["Time"].max())
-    k = prep.settings.top_k
+    k = prep.settings.scoring.top_k
     _log(f"targets: {len(targets)} item(s); shapes: {[s.name for s in shapes]}; share {args.share}")
 
     def one(name: str, base: Any, stream: pd.DataFrame, fake: set[str], tmp: Any) -> dict:

@@ -57,7 +57,8 @@ class Trainer:
         self.settings = settings
         self.metrics = metrics or Metrics.create(role="trainer")
         self.serve_http = serve_http
-        self.config = config or FineTuneConfig.from_settings(settings)
+        self.config = config or FineTuneConfig.from_settings(settings.trainer,
+                                                                 session_gap_s=settings.worker.session_gap_s)
         self.progress = progress
         self.store = ModelStore.from_settings(settings)
         self.buffer = SessionBuffer(self.config.buffer_max_events, self.config.buffer_max_age_s,
@@ -149,7 +150,7 @@ class Trainer:
         from model.checkpoint import load_checkpoint
         from model.weight_check import weight_problem
 
-        path = self.settings.model_path
+        path = self.settings.scoring.model_path
         if not path:
             raise TrainerError("no model to fine-tune: the models topic is empty and GRUFLOW_MODEL_PATH is not set; "
                                "train one with `gruflow train` and set GRUFLOW_MODEL_PATH")
@@ -172,14 +173,15 @@ class Trainer:
     def _consume(self) -> None:
         from confluent_kafka import Consumer, KafkaError
 
-        from stream.pipeline.events import Event, Limits, decode_event
+        from stream.pipeline.events import Event, InputShape, Limits, decode_event
         from stream.kafka.config import consumer_config
         from stream.kafka.topics import TopicNames
 
         names = TopicNames.from_settings(self.settings)
-        kinds = {names.clicks: "clicks", names.purchases: "purchases"}
-        limits = Limits(self.settings.max_message_bytes, self.settings.max_id_bytes)
-        consumer = Consumer(consumer_config(self.settings, f"{self.settings.app_id}-trainer"))
+        kinds = names.kinds()
+        shape = InputShape.parse(self.settings.worker.field_map, self.settings.worker.event_type_map)
+        limits = Limits(self.settings.worker.max_message_bytes, self.settings.worker.max_id_bytes)
+        consumer = Consumer(consumer_config(self.settings, f"{self.settings.process.app_id}-trainer"))
         assigned = threading.Event()
         consumer.subscribe([*names.inputs, names.control], on_assign=lambda c, parts: assigned.set())
         want_source = bool(self.filter.config.sources)
@@ -203,7 +205,8 @@ class Trainer:
                         if user is not None:
                             forget.append(user)
                         continue
-                    ev = decode_event(m.value(), m.key(), kinds.get(m.topic(), "clicks"), limits, topic=m.topic())
+                    ev = decode_event(m.value(), m.key(), kinds.get(m.topic(), "clicks"), limits, topic=m.topic(),
+                                      shape=shape if shape.active else None)
                     if isinstance(ev, Event):
                         batch.append((ev, event_source(m.headers(), m.value()) if want_source else ""))
                 with self._cond:
@@ -288,15 +291,15 @@ class Trainer:
             return True
         if self._events_since <= 0:
             return False
-        if self.settings.finetune_every_events > 0 and self._events_since >= self.settings.finetune_every_events:
+        t = self.settings.trainer
+        if t.finetune_every_events > 0 and self._events_since >= t.finetune_every_events:
             return True
-        return self.settings.finetune_interval_s > 0 and \
-            time.monotonic() - self._last_round >= self.settings.finetune_interval_s
+        return t.finetune_interval_s > 0 and time.monotonic() - self._last_round >= t.finetune_interval_s
 
     def _rounds(self) -> None:
         import torch
 
-        torch.set_num_threads(max(1, self.settings.trainer_torch_threads))
+        torch.set_num_threads(max(1, self.settings.trainer.trainer_torch_threads))
         while not self._stop.is_set():
             with self._cond:
                 while not self._stop.is_set() and not self._due():
@@ -369,7 +372,7 @@ class Trainer:
         self._max_version = max(self._max_version, version)
         self._published[version] = model_sync.publish_version(self.settings, data, version, parent, header_meta(meta))
         self.store.save(version, data, header_meta(meta))
-        old = sorted(self._published)[: max(0, len(self._published) - self.settings.models_keep)]
+        old = sorted(self._published)[: max(0, len(self._published) - self.settings.trainer.models_keep)]
         for v in old:
             model_sync.delete_version(self.settings, v, self._published.pop(v))
 
@@ -410,7 +413,8 @@ class Trainer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._http = http.server.ThreadingHTTPServer((self.settings.web_host, self.settings.web_port), Handler)
+        p = self.settings.process
+        self._http = http.server.ThreadingHTTPServer((p.web_host, p.web_port), Handler)
         self._http.daemon_threads = True
         t = threading.Thread(target=self._http.serve_forever, name="gruflow-trainer-http", daemon=True)
         t.start()

@@ -43,7 +43,7 @@ class FlaggedSample:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.rate = float(settings.flagged_sample_rate)
+        self.rate = float(settings.trainer.flagged_sample_rate)
         self._rng = random.Random(0)
         self._producer: Any = None
         self.sent = 0

@@ -50,14 +50,13 @@ class FilterConfig:
 
     @classmethod
     def from_settings(cls, settings: Any) -> "FilterConfig":
-        sources = frozenset(s.strip() for s in str(getattr(settings, "training_sources", "")).split(",") if s.strip())
-        return cls(enabled=bool(getattr(settings, "training_filter", False)),
-                   min_events=int(getattr(settings, "filter_min_events", cls.min_events)),
-                   max_events_per_s=float(getattr(settings, "filter_max_events_per_s", cls.max_events_per_s)),
-                   max_session_events=int(getattr(settings, "filter_max_session_events", cls.max_session_events)),
-                   min_gap_cv=float(getattr(settings, "filter_min_gap_cv", cls.min_gap_cv)),
-                   min_item_diversity=float(getattr(settings, "filter_min_item_diversity", cls.min_item_diversity)),
-                   session_gap_s=float(getattr(settings, "session_gap_s", cls.session_gap_s)), sources=sources)
+        """From ``Settings`` (its trainer section, and the worker's session gap)."""
+        t = settings.trainer
+        sources = frozenset(s.strip() for s in t.training_sources.split(",") if s.strip())
+        return cls(enabled=t.training_filter, min_events=t.filter_min_events,
+                   max_events_per_s=t.filter_max_events_per_s, max_session_events=t.filter_max_session_events,
+                   min_gap_cv=t.filter_min_gap_cv, min_item_diversity=t.filter_min_item_diversity,
+                   session_gap_s=settings.worker.session_gap_s, sources=sources)
 
 
 class _Session:

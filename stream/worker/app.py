@@ -34,13 +34,17 @@ import numpy as np
 
 from model.events import EventType
 from state.codec import HEADER_SIZE, decode as decode_state, encode as encode_state
+from stream.compat import observe_many
 from stream.worker.batch_consumer import Batch, BatchConsumer, BatchTransport
 from model.topk_calibration import ScorerCache
-from stream.pipeline.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, Limits, Rejected, decode_event
+from stream.pipeline.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, InputShape, Limits, Rejected, decode_event
 from stream.observe.metrics import Metrics, PrequentialVersions
 from stream.worker.model_holder import ModelHolder
+from stream.pipeline.exposure import ExposureWindow
 from stream.pipeline.processor import PopularityBaseline, ProcessorConfig, process_batch
+from stream.pipeline.ranking import RuleContext
 from stream.kafka.record_guard import unreadable_detail
+from stream.pipeline.rules import RULES, Catalogue, CatalogueMasks, RuleConfig
 from stream.settings import Settings
 from stream.worker.sinks import BatchSink, Outgoing, TransactionalSink, dead_letter
 from stream.worker.table_store import TableStore, install_changelog_guard
@@ -57,7 +61,7 @@ PHASE_LOG_S = 30.0  # seconds between the batch-phase log lines
 
 def table_dir(settings: Settings) -> Any:
     """Where this worker's RocksDB files live (delete it to force a rebuild from the changelog)."""
-    return settings.data_dir / settings.app_id
+    return settings.process.data_dir / settings.process.app_id
 
 
 @dataclass
@@ -97,6 +101,7 @@ class Pipeline:
     exactly_once: bool
     dead_letter_bytes: int  # of a bad record's key + value (topics.dead_letter_budget)
     popularity: PopularityBaseline = field(default_factory=PopularityBaseline)
+    catalogue: Catalogue = field(default_factory=Catalogue)  # filled by the item-rules reader
     stream_time_ms: int = 0
     evict_candidates: dict[int, set[bytes]] = field(default_factory=dict)
     batches: int = 0
@@ -109,26 +114,37 @@ class Pipeline:
     _phases: list = field(default_factory=_new_phases)
     _phases_logged: float = field(default_factory=time.monotonic)
     _gc_frozen: bool = False
+    # input (topic, partition) -> next offset whose event the states as read by ``read_states`` reflect
+    applied: dict[tuple[str, int], int] = field(default_factory=dict)
+    _advanced: asyncio.Event | None = None  # set (and replaced) after each batch: wakes read-your-writes waits
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.cfg = ProcessorConfig(k=s.top_k, session_gap_ms=int(s.session_gap_s * 1000))
-        self.limits = Limits(s.max_message_bytes, s.max_id_bytes)
-        self.kinds = {self.names.clicks: CLICKS, self.names.purchases: PURCHASES}
+        self.cfg = ProcessorConfig(k=s.scoring.top_k, session_gap_ms=int(s.worker.session_gap_s * 1000),
+                                   because_history=s.serving.because_history if s.serving.because else 0)
+        self.limits = Limits(s.worker.max_message_bytes, s.worker.max_id_bytes)
+        self.kinds = self.names.kinds()
+        shape = InputShape.parse(s.worker.field_map, s.worker.event_type_map)
+        self.shape = shape if shape.active else None
         # one compute thread: batches are sequential anyway; the top-K's threads (scoring_threads) and
         # torch's own do the maths
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-compute")
         self.state_lock = asyncio.Lock()
         m = self.metrics
-        self.scorers = ScorerCache(s.scoring_threads, min_items=_FAST_TOPK_MIN_ITEMS, compiled=s.compiled_topk,
-                                   k=s.top_k, path=s.scorer_path,
+        sc = s.scoring
+        self.scorers = ScorerCache(sc.scoring_threads, min_items=_FAST_TOPK_MIN_ITEMS, compiled=sc.compiled_topk,
+                                   k=sc.top_k, path=sc.scorer_path,
                                    on_choice=lambda c: m.scorer.info({"path": c.path}))
         # a swapped-in model's scorer: calibrated in the swapping thread, before the model is served
         self.holder.on_prepare(self.prepare_scorer)
         self._topk_rows = (m.topk_rows.labels(path="int8"), m.topk_rows.labels(path="float32"))
         self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
                            for k in (CLICKS, PURCHASES) for t, n in _TYPE_NAMES.items()}
-        self._prequential = PrequentialVersions(m, s.top_k)
+        self._prequential = PrequentialVersions(m, s.scoring.top_k)
+        self.rules = RuleConfig.from_settings(s)
+        self._catalogue_masks = CatalogueMasks()
+        self.exposure = ExposureWindow(s.rules.exposure_window_s) if s.rules.exposure_cap > 0 else None
+        self._rule_masked = {rule: m.rule_masked.labels(rule=rule) for rule in RULES}
 
     # --- the batch ---------------------------------------------------------------------------
     async def handle(self, batch: Batch, generation: int) -> None:
@@ -142,6 +158,7 @@ class Pipeline:
         if generation != self._generation:
             await self.drain()  # batches of the old generation drop themselves unacked
             self._overlay.clear()
+            self.applied.clear()
             self._generation = generation
         t0 = time.perf_counter()
         now_ms = int(time.time() * 1000)
@@ -163,7 +180,7 @@ class Pipeline:
                     dead[UNREADABLE_RECORD] += 1
                     continue
                 res = decode_event(r.value, r.key, kind, self.limits, topic=tp.topic, partition=p, offset=r.offset,
-                                   append_ts_ms=r.timestamp or 0, now_ms=now_ms)
+                                   append_ts_ms=r.timestamp or 0, now_ms=now_ms, shape=self.shape)
                 if isinstance(res, Rejected):
                     out.dlq[p].append(dead_letter(r.key, r.value, res.reason, res.detail, tp.topic, p, r.offset,
                                                   r.timestamp, self.dead_letter_bytes))
@@ -208,6 +225,8 @@ class Pipeline:
                 raw = encode_state(st)
                 out.changelog[p].append((key, raw))
                 local[p].append((key, raw))
+            observe_many(self.metrics.state_record_bytes,
+                         np.fromiter((len(raw) for recs in local.values() for _, raw in recs), dtype=np.float64))
             self.stream_time_ms = max(self.stream_time_ms, max(e.ts_ms for e in events))
         evicted = self._evictions(batch, part_of, out, local)
         if forget:
@@ -234,6 +253,7 @@ class Pipeline:
                     self.store.write_partition(p, recs, created)
                 for tp, offs in offsets:
                     consumer.ack_offsets(tp, offs)
+                self._mark_applied(offsets)
             highest: dict[int, int] = {}
             for p, fut in changelog_futs:
                 meta = fut.result()
@@ -249,6 +269,7 @@ class Pipeline:
             for p, recs in local.items():
                 for key, raw in recs:
                     self._overlay[key] = (seq, raw)
+            self._mark_applied(offsets)
             prev = self._pending[-1] if self._pending else None
             task = asyncio.ensure_future(self._finish(prev, seq, ticket, local, created, offsets, generation, events,
                                                       result, dead, evicted))
@@ -273,12 +294,25 @@ class Pipeline:
         """The compute thread's part: the batch, and how many of its rows each top-K path answered. Even
         the first batch of a model nobody prepared builds its scorer here, off the event loop."""
         scorer = self.scorers.get(model)
+        rules = self.rule_context(model)
         if scorer is None:
-            return process_batch(model, events, states, self.cfg, self.popularity, None), 0, 0
+            return process_batch(model, events, states, self.cfg, self.popularity, None, rules), 0, 0
         scored_before, int8_before = scorer.rows_scored, scorer.rows_int8
-        result = process_batch(model, events, states, self.cfg, self.popularity, scorer.top_k)
+        result = process_batch(model, events, states, self.cfg, self.popularity, scorer.top_k, rules)
         int8 = scorer.rows_int8 - int8_before
         return result, int8, scorer.rows_scored - scored_before - int8
+
+    def rule_context(self, model: Any, include: frozenset[str] | None = None,
+                     exclude: frozenset[str] | None = None, record: bool = True) -> RuleContext | None:
+        """The business rules of one ranking with ``model`` (None: no rule applies). ``include``/``exclude``
+        replace the settings' category filters (a request's own filter); ``record``: the lists count
+        against the exposure cap."""
+        cfg = self.rules
+        masks = self._catalogue_masks.get(self.catalogue.view(), model.vocab,
+                                          cfg.include_categories if include is None else include,
+                                          cfg.exclude_categories if exclude is None else exclude)
+        ctx = RuleContext(cfg, masks, self.exposure, time.time(), record)
+        return ctx if ctx.active else None
 
     def prepare_scorer(self, model: Any, serve: bool = False) -> None:
         """Calibrates ``model``'s top-K scorer (about a second at 20,000 items): in the thread that swaps a
@@ -317,6 +351,35 @@ class Pipeline:
             if self._failure is None:
                 self._failure = exc  # re-raised by the next batch: the worker crashes, nothing is acked
             raise
+
+    def _mark_applied(self, offsets: list[tuple[Any, list[int]]]) -> None:
+        """The batch's states are now what ``read_states`` returns: its offsets count as applied."""
+        for tp, offs in offsets:
+            if offs:
+                key = (tp.topic, tp.partition)
+                self.applied[key] = max(self.applied.get(key, 0), max(offs) + 1)
+        if self._advanced is not None:
+            self._advanced.set()
+            self._advanced = None
+
+    def position(self, topic: str, partition: int) -> int:
+        """Offset of one input partition below which every event is reflected in the states read here."""
+        from faust.types import TP
+
+        resumed = getattr(self.app.consumer, "resumed_at", {}).get(TP(topic, partition)) or 0
+        return max(resumed, self.applied.get((topic, partition), 0))
+
+    async def wait_applied(self, ends: dict[tuple[str, int], int]) -> None:
+        """Return once every event below ``ends`` (input partition -> offset) is reflected in the states
+        (the caller bounds the wait)."""
+        while any(self.position(t, p) < end for (t, p), end in ends.items()):
+            if self._advanced is None:
+                self._advanced = asyncio.Event()
+            await self._advanced.wait()
+
+    def read_states(self, partition: int, keys: list[bytes]) -> dict[bytes, Any]:
+        """States as the worker last decided them (see ``_read``): what requests answer from."""
+        return self._read(partition, keys)
 
     def _prune(self) -> None:
         """Forget finished batches (oldest first); a failed one fails the batch loop."""
@@ -367,9 +430,9 @@ class Pipeline:
 
     def _evictions(self, batch: Batch, part_of: dict[bytes, int], out: Outgoing,
                    local: dict[int, list[tuple[bytes, bytes | None]]]) -> int:
-        if not self.evict_candidates or self.settings.state_ttl_s <= 0:
+        if not self.evict_candidates or self.settings.worker.state_ttl_s <= 0:
             return 0
-        cutoff = self.stream_time_ms - int(self.settings.state_ttl_s * 1000)
+        cutoff = self.stream_time_ms - int(self.settings.worker.state_ttl_s * 1000)
         n = 0
         for tp, _ in batch:
             cands = self.evict_candidates.pop(tp.partition, None)
@@ -407,10 +470,12 @@ class Pipeline:
         self.batches += 1
         if not events:
             return
-        counts = Counter((e.source, e.event_type) for e in events)
-        for (source, etype), n in counts.items():
-            self._events_in[(CLICKS if source == 0 else PURCHASES, etype)].inc(n)
+        counts = Counter(e.event_type for e in events)
+        for etype, n in counts.items():  # labelled by the topic the type has when split (one events topic too)
+            self._events_in[(PURCHASES if etype == EventType.PURCHASE else CLICKS, etype)].inc(n)
         m.recommendations_out.inc(len(events))
+        for rule, n in result.rule_counts.items():
+            self._rule_masked[rule].inc(n)
         m.batch_size.observe(len(events))
         m.step_latency.observe(result.step_seconds)
         if result.unknown_items:
@@ -444,7 +509,7 @@ class Pipeline:
 
     async def scan_for_evictions(self) -> None:
         """List idle users per active partition (event time); the partition's next batch deletes them."""
-        ttl_ms = int(self.settings.state_ttl_s * 1000)
+        ttl_ms = int(self.settings.worker.state_ttl_s * 1000)
         if ttl_ms <= 0 or not self.stream_time_ms:
             return
         cutoff = self.stream_time_ms - ttl_ms
@@ -470,7 +535,7 @@ class Pipeline:
         consumer = self.app.consumer
         try:
             ends = {tp: consumer.highwater(tp) for tp in consumer.assignment() if tp.topic in self.kinds}
-            lag = committed_lag(ends, {tp: consumer._committed_offset.get(tp) for tp in ends})
+            lag = committed_lag(ends, {tp: consumer.committed_offsets.get(tp) for tp in ends})
         except Exception:  # noqa: BLE001 - a gauge: skip this round while the consumer is rebalancing
             return
         m.consumer_lag.set(lag)
@@ -498,33 +563,20 @@ def committed_lag(ends: dict[Any, int | None], committed: dict[Any, int | None])
     return sum(max(0, end - (committed.get(tp) or 0)) for tp, end in ends.items() if end is not None)
 
 
-def observe_many(histogram: Any, values: np.ndarray) -> None:
-    """Histogram.observe for many values at once (one bucket pass in numpy instead of N Python calls)."""
-    if values.shape[0] == 0:
-        return
-    # prometheus_client keeps per-bucket (non-cumulative) counters and a sum
-    bounds = np.asarray(histogram._upper_bounds, dtype=np.float64)
-    idx = np.searchsorted(bounds, values, side="left")
-    counts = np.bincount(idx, minlength=bounds.shape[0])
-    for i, c in enumerate(counts.tolist()):
-        if c:
-            histogram._buckets[i].inc(c)
-    histogram._sum.inc(float(values.sum()))
-
-
 def rocksdb_options(settings: Settings) -> dict[str, int]:
     """faust's RocksDB options for the state table. faust opens one RocksDB per partition, each with
     its own memtables and block cache, so these bound the memory of each partition the worker holds:
     write_buffer_size * max_write_buffer_number + block_cache_size (faust's defaults allow 192 MB of
     memtables and a 2 GB cache per partition)."""
-    return {"write_buffer_size": settings.rocksdb_write_buffer_bytes,
-            "max_write_buffer_number": settings.rocksdb_max_write_buffers,
-            "block_cache_size": settings.rocksdb_block_cache_bytes}
+    return {"write_buffer_size": settings.store.rocksdb_write_buffer_bytes,
+            "max_write_buffer_number": settings.store.rocksdb_max_write_buffers,
+            "block_cache_size": settings.store.rocksdb_block_cache_bytes}
 
 
 def rocksdb_budget_bytes(settings: Settings) -> int:
     """The RocksDB memory budget of one state partition (see ``rocksdb_options``)."""
-    return settings.rocksdb_write_buffer_bytes * settings.rocksdb_max_write_buffers + settings.rocksdb_block_cache_bytes
+    s = settings.store
+    return s.rocksdb_write_buffer_bytes * s.rocksdb_max_write_buffers + s.rocksdb_block_cache_bytes
 
 
 def _changelog_end_offsets(settings: Settings) -> Any:
@@ -548,24 +600,25 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     names = TopicNames.from_settings(settings)
     datadir = table_dir(settings)
     datadir.mkdir(parents=True, exist_ok=True)
-    exactly_once = settings.processing_guarantee == "exactly_once"
-    session_ms = int(settings.broker_session_timeout_s * 1000)
+    exactly_once = settings.worker.processing_guarantee == "exactly_once"
+    session_ms = int(settings.worker.broker_session_timeout_s * 1000)
     app = faust.App(
-        settings.app_id,
+        settings.process.app_id,
         **faust_broker_kwargs(settings),
         store="rocksdb://",
         datadir=str(datadir),
-        web_enabled=False,  # stream/observe/web.py serves /metrics, /livez, /readyz from process start
-        processing_guarantee=settings.processing_guarantee,
-        topic_partitions=settings.partitions,
-        topic_replication_factor=settings.replication_factor,
+        web_enabled=False,  # stream/observe/web.py serves /metrics, /livez, /readyz and requests from process start
+        canonical_url=settings.web_url(),  # the address faust's assignment gives the other workers (routing)
+        processing_guarantee=settings.worker.processing_guarantee,
+        topic_partitions=settings.topics.partitions,
+        topic_replication_factor=settings.topics.replication_factor,
         topic_allow_declare=False,  # stream.kafka.topics.ensure_topics creates every topic explicitly
         topic_disable_leader=True,
-        broker_session_timeout=settings.broker_session_timeout_s,
-        broker_heartbeat_interval=max(0.5, settings.broker_session_timeout_s / 5),
-        broker_rebalance_timeout=max(10.0, 3 * settings.broker_session_timeout_s),
+        broker_session_timeout=settings.worker.broker_session_timeout_s,
+        broker_heartbeat_interval=max(0.5, settings.worker.broker_session_timeout_s / 5),
+        broker_rebalance_timeout=max(10.0, 3 * settings.worker.broker_session_timeout_s),
         broker_request_timeout=max(30.0, session_ms / 1000 + 5),
-        broker_max_poll_records=settings.batch_max_events,
+        broker_max_poll_records=settings.worker.batch_max_events,
         consumer_auto_offset_reset="earliest",
         stream_wait_empty=False,
         producer_linger=0.002,
@@ -578,16 +631,16 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     # say so now, before the consumer below reads it
     app.in_worker = True
     for name in (*names.inputs, names.control):
-        app.topics.add(app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+        app.topics.add(app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.topics.partitions,
                                  key_serializer="raw", value_serializer="raw"))
     # acks=False as faust gives its own changelog topics: nothing consumes the changelog as a stream (recovery
     # reads it), and an acking topic is checked by faust's livelock detector, which took every active
     # changelog partition for a stalled stream (an ERROR per partition every few seconds)
-    changelog = app.topic(names.changelog, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+    changelog = app.topic(names.changelog, key_type=bytes, value_type=bytes, partitions=settings.topics.partitions,
                           key_serializer="raw", value_serializer="raw", compacting=True, deleting=False, acks=False)
-    table = app.Table(STATE_TABLE_NAME, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+    table = app.Table(STATE_TABLE_NAME, key_type=bytes, value_type=bytes, partitions=settings.topics.partitions,
                       default=None, changelog_topic=changelog, options=rocksdb_options(settings))
-    store = TableStore(table, settings.partitions)
+    store = TableStore(table, settings.topics.partitions)
     install_changelog_guard(app, store, _changelog_end_offsets(settings))
     if exactly_once:
         sink: Any = TransactionalSink(app, names.clicks, names.recommendations, names.changelog, names.dlq)
@@ -599,8 +652,8 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     assert isinstance(consumer, BatchConsumer)
     consumer.batch_handler = pipeline.handle
     consumer.batch_topics = frozenset((*names.inputs, names.control))
-    consumer.batch_max_events = settings.batch_max_events
-    consumer.batch_max_s = settings.batch_max_ms / 1000.0
+    consumer.batch_max_events = settings.worker.batch_max_events
+    consumer.batch_max_s = settings.worker.batch_max_ms / 1000.0
 
     @table.on_recover
     async def _count_users() -> None:
@@ -610,8 +663,8 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     async def _gauges() -> None:
         pipeline.update_gauges()
 
-    if settings.state_ttl_s > 0:
-        @app.timer(max(1.0, min(60.0, settings.state_ttl_s / 10)))
+    if settings.worker.state_ttl_s > 0:
+        @app.timer(max(1.0, min(60.0, settings.worker.state_ttl_s / 10)))
         async def _ttl_scan() -> None:
             await pipeline.scan_for_evictions()
 

@@ -47,18 +47,18 @@ def load_initial_model(settings: Settings, metrics: Metrics | None = None) -> Re
         if rec is not None:
             log.info("serving model version %s from the models topic", rec.version)
             return rec
-    if settings.model_path:
+    if settings.scoring.model_path:
         from model.checkpoint import load_checkpoint
         from model.weight_check import weight_problem
 
-        ckpt = load_checkpoint(settings.model_path)
+        ckpt = load_checkpoint(settings.scoring.model_path)
         version = int(ckpt.metadata.get("version", 0) or 0)
         problem = weight_problem(ckpt.net, ckpt.popularity)
         if problem is not None:
             if metrics is not None:
                 metrics.model_refusals.labels(reason=problem.reason).inc()
-            raise WorkerError(f"refused to serve {settings.model_path} ({problem.reason}): {problem}")
-        log.info("serving model %s (version %d)", settings.model_path, version)
+            raise WorkerError(f"refused to serve {settings.scoring.model_path} ({problem.reason}): {problem}")
+        log.info("serving model %s (version %d)", settings.scoring.model_path, version)
         return ckpt.recommender(version)
     raise WorkerError("no model to serve: the models topic has none and GRUFLOW_MODEL_PATH is not set. Train one "
                       "(`gruflow train ... --out model.gfc`) and set GRUFLOW_MODEL_PATH, or run `gruflow demo`.")
@@ -69,7 +69,7 @@ def _wipe_if_dirty(settings: Settings) -> None:
 
     root = Path(table_dir(settings))
     marker = root / RUNNING_MARKER
-    if settings.processing_guarantee == "exactly_once" and marker.exists():
+    if settings.worker.processing_guarantee == "exactly_once" and marker.exists():
         log.warning("previous exactly_once worker did not stop cleanly: rebuilding local state from the changelog")
         for child in root.iterdir():
             if child.is_dir():
@@ -99,12 +99,13 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     import faust
 
     from stream.worker.app import build_app
+    from stream.worker.http_api import ServeEndpoints
     from stream.kafka.topics import TopicError, dead_letter_budget, ensure_topics
     from stream.observe.web import WebServer
 
-    logging.basicConfig(level=settings.log_level.upper(),
+    logging.basicConfig(level=settings.process.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(settings.scoring.torch_threads)
     # three busy threads share the GIL (event loop, compute, faust's consumer thread): hand it over
     # every 1 ms instead of 5 ms so fetched records are not left waiting behind a long Python stretch
     sys.setswitchinterval(0.001)
@@ -120,9 +121,17 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    web = WebServer(metrics, ready, settings.web_host, settings.web_port)
+    serve = ServeEndpoints(settings, metrics)  # answers 503 until the runtime below exists
+    web = WebServer(metrics, ready, settings.process.web_host, settings.process.web_port, serve)
     loop.run_until_complete(web.start())
-    log.info("health endpoints on http://%s:%d (/metrics /livez /readyz)", settings.web_host, settings.web_port)
+    log.info("health endpoints on http://%s:%d (/metrics /livez /readyz), requests as %s (/users/{id}/recommendations,"
+             " /recommendations)", settings.process.web_host, settings.process.web_port, settings.web_url())
+    from stream.kafka.passthrough import untranslated
+
+    only_librdkafka = untranslated(settings)
+    if only_librdkafka:
+        log.info("client properties for librdkafka only (aiokafka has no counterpart; docs/kafka-setups.md): %s",
+                 ", ".join(only_librdkafka))
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -133,7 +142,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
         delay = 1.0
         while not stop.is_set():
             try:
-                phase["why"] = f"waiting for Kafka at {settings.bootstrap_servers}"
+                phase["why"] = f"waiting for Kafka at {settings.connection.bootstrap_servers}"
                 await loop.run_in_executor(None, ensure_topics, settings)
                 phase["why"] = "loading the model"
                 return model or await loop.run_in_executor(None, load_initial_model, settings, metrics)
@@ -159,11 +168,13 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     except WorkerError as exc:
         print(f"gruflow worker: {exc}", file=sys.stderr)
         loop.run_until_complete(web.stop())
+        loop.run_until_complete(serve.close())
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     if first is None:  # stopped while waiting for the cluster
         loop.run_until_complete(web.stop())
+        loop.run_until_complete(serve.close())
         loop.close()
         return 0
     model = first
@@ -175,7 +186,11 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     phase["why"] = "choosing the top-K path"
     loop.run_until_complete(loop.run_in_executor(None, runtime.pipeline.prepare_scorer, model, True))
     phase["runtime"] = runtime
+    serve.runtime = runtime
     subscriber: Any = None
+    from stream.worker.item_rules import ItemRulesReader
+
+    rules_reader = ItemRulesReader(settings, runtime.pipeline.names.item_rules, runtime.pipeline.catalogue, metrics)
     try:
         from stream.online.model_sync import ModelSubscriber
     except ImportError:
@@ -184,6 +199,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     class GruflowWorker(faust.Worker):
         async def on_execute(self) -> None:
             nonlocal subscriber
+            rules_reader.start()
             if ModelSubscriber is not None:
                 subscriber = ModelSubscriber(settings, holder, metrics)
                 subscriber.start()
@@ -191,6 +207,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
         async def on_stop(self) -> None:
             await super().on_stop()
             await web.stop()
+            await serve.close()
 
         async def on_shutdown(self) -> None:
             await super().on_shutdown()
@@ -199,9 +216,10 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
         def on_worker_shutdown(self) -> None:
             if subscriber is not None:
                 subscriber.stop()
+            rules_reader.stop()
             runtime.pipeline.close()
 
-    worker = GruflowWorker(runtime.app, loglevel=settings.log_level.lower(), quiet=True,
+    worker = GruflowWorker(runtime.app, loglevel=settings.process.log_level.lower(), quiet=True,
                            override_logging=False, redirect_stdouts=False, loop=loop)
     code = 0
     try:

@@ -120,7 +120,7 @@ def test_bot_is_answered_not_learned_and_its_id_stays_out_of_logs_and_labels(kaf
 
 def _local_users(settings) -> set[str]:
     users: set[str] = set()
-    for p in range(settings.partitions):
+    for p in range(settings.topics.partitions):
         for path in Path(table_dir(settings)).rglob(f"{STATE_TABLE_NAME}-{p}.db"):
             db = rocksdict.Rdict(str(path), options=rocksdict.Options(raw_mode=True),
                                  access_type=rocksdict.AccessType.read_only())

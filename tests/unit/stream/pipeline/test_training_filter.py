@@ -62,7 +62,7 @@ def test_source_allow_list_applies_even_without_anomaly_checks() -> None:
 def test_config_from_settings() -> None:
     from stream.settings import Settings
 
-    cfg = FilterConfig.from_settings(Settings(training_filter=True, training_sources="a, b,", filter_min_events=4))
+    cfg = FilterConfig.from_settings(Settings.of(training_filter=True, training_sources="a, b,", filter_min_events=4))
     assert cfg.enabled and cfg.sources == frozenset({"a", "b"}) and cfg.min_events == 4
 
 
