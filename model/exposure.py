@@ -61,8 +61,8 @@ def topk_exposure(net: GRU4RecNet, vocab: Vocabulary, df: pd.DataFrame, k: int, 
     use_types = net.T is not None
     kk = min(k, n)
 
-    def score(X: torch.Tensor, T: torch.Tensor, H: list[torch.Tensor]) -> torch.Tensor:
-        scores = net.score_items(net.step(X, H, T if use_types else None, training=False))
+    def score(X: torch.Tensor, T: torch.Tensor, H: list[torch.Tensor], F: torch.Tensor | None) -> torch.Tensor:
+        scores = net.score_items(net.step(X, H, T if use_types else None, training=False, features=F))
         top = torch.topk(scores[:, :n], kk, dim=1).indices
         counts.index_add_(0, top.reshape(-1), torch.ones(top.numel(), dtype=torch.int64))
         lists[0] += int(top.shape[0])
