@@ -118,9 +118,11 @@ def read_params_file(path: str) -> GRU4RecParams:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ParamsError(f"{path}: not a params file (not JSON: {exc})") from None
     if not isinstance(doc, dict) or doc.get("kind") != PARAMS_FILE_KIND or not isinstance(doc.get("params"), dict):
-        raise ParamsError(f"{path}: not a params file (expected {{\"kind\": \"{PARAMS_FILE_KIND}\", \"params\": {{...}}}})")
+        raise ParamsError(f"{path}: not a params file (expected a JSON object with \"kind\": "
+                          f"\"{PARAMS_FILE_KIND}\" and \"params\")")
     if doc.get("version") != PARAMS_FILE_VERSION:
-        raise ParamsError(f"{path}: params file version {doc.get('version')!r}; this gruflow reads {PARAMS_FILE_VERSION}")
+        raise ParamsError(f"{path}: params file version {doc.get('version')!r}; "
+                          f"this gruflow reads version {PARAMS_FILE_VERSION}")
     base = GRU4RecParams()
     known = {f.name for f in fields(GRU4RecParams)}
     changes: dict[str, Any] = {}

@@ -11,14 +11,16 @@ from typing import Callable
 
 def register(sub, add_data_args: Callable, add_threads: Callable) -> None:
     p = sub.add_parser("tune", help="search GRU4Rec hyperparameters (Optuna) on a validation split of DATA")
-    p.add_argument("data", help="TRAINING data only (or synthetic[:N]); validation is carved from its latest sessions")
+    p.add_argument("data", help="TRAINING data only (or synthetic[:N]); validation is carved from its "
+                   "latest sessions")
     add_data_args(p)
     p.add_argument("--budget-minutes", type=float, required=True, help="wall-time budget of the search")
     p.add_argument("--trials", type=int, default=None, help="at most this many trials (default: until the budget ends)")
     p.add_argument("--seed", type=int, default=42, help="seed of the sampler and of every trial's training (default 42)")
     p.add_argument("--valid-fraction", type=float, default=0.1,
                    help="share of the latest-ending sessions held out for validation (default 0.1)")
-    p.add_argument("--max-layers", type=int, default=512, help="largest GRU size tried (default 512, the official space)")
+    p.add_argument("--max-layers", type=int, default=512,
+                   help="largest GRU size tried (default 512, the official space)")
     p.add_argument("--max-epochs", type=int, default=10, help="most epochs tried (default 10)")
     p.add_argument("--out", required=True, help="params file to write (read by 'gruflow train --params-file')")
     p.add_argument("--table", default=None, help="validation table of all trials: .csv for CSV, else markdown")
