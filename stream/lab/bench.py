@@ -128,15 +128,15 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
     from model.topk_calibration import calibrate
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(settings.scoring.torch_threads)
     try:
         model = load_checkpoint(model_path).recommender(1)
-        scorer, calibration = calibrate(model, settings.top_k, threads=settings.scoring_threads,
-                                        compiled=settings.compiled_topk, path=settings.scorer_path)
-        limits, cfg, popularity = Limits(), ProcessorConfig(k=settings.top_k), PopularityBaseline()
+        scorer, calibration = calibrate(model, settings.scoring.top_k, threads=settings.scoring.scoring_threads,
+                                        compiled=settings.scoring.compiled_topk, path=settings.scoring.scorer_path)
+        limits, cfg, popularity = Limits(), ProcessorConfig(k=settings.scoring.top_k), PopularityBaseline()
         purchases = settings.topic("purchases")
         messages = list(iter_messages(settings, df, limit=n))
-        size = settings.batch_max_events
+        size = settings.worker.batch_max_events
         compute_s = scoring_s = 0.0
         events_done = 0
         for start in range(0, len(messages), size):
@@ -156,7 +156,7 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
             compute_s += time.perf_counter() - t0
             t1 = time.perf_counter()
             for hidden in scored:  # the same states again: the scoring share of the batch
-                scorer.top_k(hidden, settings.top_k)
+                scorer.top_k(hidden, settings.scoring.top_k)
             scoring_s += time.perf_counter() - t1
             events_done += len(result.outputs)
     finally:
@@ -441,7 +441,7 @@ def _echo_phase(args: argparse.Namespace, settings: Settings, work: Path) -> dic
     """The latency of ``stream.lab.echo`` in the worker's place (its own topics), same load and reader."""
     from stream.kafka.topics import ensure_topics
 
-    echo_settings = settings.replace(topic_prefix=settings.topic_prefix.rstrip(".") + "-echo.")
+    echo_settings = settings.replace(topic_prefix=settings.topics.topic_prefix.rstrip(".") + "-echo.")
     ensure_topics(echo_settings)
     log_path = work / "echo.log"
     echo = subprocess.Popen([sys.executable, "-m", "stream.lab.echo"], env=echo_settings.subprocess_env(),
@@ -516,7 +516,7 @@ def run_bench(args: argparse.Namespace) -> int:
         if not reader.wait_count(n, 600):
             raise RuntimeError(f"only {reader.count} of {n} recommendations arrived; worker log: {work / 'worker.log'}")
         throughput_steal = steal.stop()
-        worker_scorer_path = _scrape_label(settings.web_port, "gruflow_scorer_info", "path")
+        worker_scorer_path = _scrape_label(settings.process.web_port, "gruflow_scorer_info", "path")
         pub = np.asarray(reader.published, dtype=np.float64)
         span_s = (pub.max() - pub.min()) / 1000.0
         events_per_s = n / span_s if span_s > 0 else float("nan")
@@ -570,11 +570,11 @@ def run_bench(args: argparse.Namespace) -> int:
             "hidden": args.hidden,
             "k": args.k,
             "partitions": args.partitions,
-            "batch_max_events": settings.batch_max_events,
-            "batch_max_ms": settings.batch_max_ms,
-            "torch_threads": settings.torch_threads,
-            "scoring_threads": settings.scoring_threads,
-            "processing_guarantee": settings.processing_guarantee,
+            "batch_max_events": settings.worker.batch_max_events,
+            "batch_max_ms": settings.worker.batch_max_ms,
+            "torch_threads": settings.scoring.torch_threads,
+            "scoring_threads": settings.scoring.scoring_threads,
+            "processing_guarantee": settings.worker.processing_guarantee,
             "cpus": os.cpu_count(),
             "cpu_model": _cpu_model(),
             "cpu_flags": _cpu_flags(),
