@@ -86,8 +86,10 @@ def test_tune_in_one_minute_writes_a_file_train_accepts(split_files, tmp_path, c
     took = time.monotonic() - started
     captured = capsys.readouterr()
     summary = json.loads(captured.out.strip().splitlines()[-1])
-    # the budget ends the search: no trial starts after it, a running one stops at its next epoch
-    assert took < 60 + 30, took
+    # the budget ends the search: no trial starts after it, a running one stops at its next epoch (the
+    # margin is one epoch and an evaluation of a small trial, generous for a loaded machine)
+    assert took < 60 + 120, took
+    assert summary["seconds"] >= 60
     assert summary["trials"] >= 2 and summary["complete"] >= 1
     assert summary["official"]["state"] == "complete"  # the official configuration is trial 0
     assert summary["best"]["mrr"] >= summary["official"]["mrr"]
