@@ -74,19 +74,38 @@ def time_order(df: Any, limit: int | None = None) -> np.ndarray:
 def iter_messages(settings: Settings, df: Any, limit: int | None = None) -> Iterator[tuple[str, bytes, bytes, int]]:
     """(topic, key, value, ts_ms) for every event, in event-time order."""
     clicks, purchases = settings.topic("clicks"), settings.topic("purchases")
+    if settings.topics.topic_events:  # one topic for every event type
+        clicks = purchases = settings.topics.topic_events
     order = time_order(df, limit)
     sessions = df["SessionId"].to_numpy()[order]
     items = df["ItemId"].to_numpy()[order]
     types = df["EventType"].to_numpy()[order]
     ts_ms = np.rint(df["Time"].to_numpy(dtype=np.float64)[order] * 1000.0).astype(np.int64)
     purchase = int(EventType.PURCHASE)
-    for sid, item, etype, ts in zip(sessions.tolist(), items.tolist(), types.tolist(), ts_ms.tolist()):
+    categories, prices = _side_features(df, order)
+    for j, (sid, item, etype, ts) in enumerate(zip(sessions.tolist(), items.tolist(), types.tolist(), ts_ms.tolist())):
         user = str(sid)
         name = _TYPE_NAMES.get(int(etype))
         if name is None:
             raise ValueError(f"event table has unknown EventType {etype!r}")
         item_id = item if isinstance(item, (str, int)) else str(item)
-        yield (purchases if etype == purchase else clicks), user.encode(), encode_event(user, item_id, name, ts), ts
+        value = encode_event(user, item_id, name, ts, category=categories[j], price=prices[j])
+        yield (purchases if etype == purchase else clicks), user.encode(), value, ts
+
+
+def _side_features(df: Any, order: np.ndarray) -> tuple[list, list]:
+    """The optional ``category`` / ``price`` of each event (None where the table has none), so the
+    worker's feature embeddings (model.features) see what offline training saw."""
+    n = len(order)
+    categories: list = [None] * n
+    prices: list = [None] * n
+    if "Category" in df.columns:
+        c = df["Category"].to_numpy(dtype=object)[order]
+        categories = [None if (x is None or x != x or x == "") else str(x) for x in c.tolist()]
+    if "Price" in df.columns:
+        p = df["Price"].to_numpy(dtype=np.float64)[order]
+        prices = [float(x) if np.isfinite(x) and x >= 0 else None for x in p.tolist()]
+    return categories, prices
 
 
 class _Pacer:
@@ -139,7 +158,8 @@ def replay(settings: Settings, df: Any, rate: float | None = None, speedup: floa
         # log_level 3: librdkafka's transient warnings (e.g. "coordinator load in progress" on a fresh
         # broker) would cut through the progress bar; failures still show in the delivery counts.
         producer = Producer(producer_config(settings, log_level=3))
-    _check_topics(producer, [settings.topic("clicks"), settings.topic("purchases")])
+    _check_topics(producer, [settings.topics.topic_events] if settings.topics.topic_events
+                  else [settings.topic("clicks"), settings.topic("purchases")])
     stats = ReplayStats()
 
     def on_delivery(err: KafkaError | None, msg: Any) -> None:
