@@ -177,7 +177,7 @@ class Trainer:
     # training-path defences (docs/security.md): what the trainer learns from, what it may promote
     training_filter: bool = setting(False, "per-user anomaly checks on the training path: flagged users are answered "
                                            "but not learned from (stream/pipeline/training_filter.py)")
-    training_sources: str = setting("", "comma-separated allow-list of event sources (header gruflow-source or field "
+    training_sources: str = setting("", "comma-separated allow-list of event sources (the events' JSON field "
                                         "event_source) that train (empty = all)")
     filter_min_events: int = setting(6, "events a session needs before the filter judges it")
     filter_max_events_per_s: float = setting(0.5, "flag a session faster than this mean rate (events/s)")

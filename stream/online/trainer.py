@@ -208,7 +208,7 @@ class Trainer:
                     ev = decode_event(m.value(), m.key(), kinds.get(m.topic(), "clicks"), limits, topic=m.topic(),
                                       shape=shape if shape.active else None)
                     if isinstance(ev, Event):
-                        batch.append((ev, event_source(m.headers(), m.value()) if want_source else ""))
+                        batch.append((ev, event_source(m.value()) if want_source else ""))
                 with self._cond:
                     self._learn(batch)
                     self.events_consumed += len(batch)

@@ -10,7 +10,6 @@ import time
 
 import orjson
 
-SOURCE_HEADER = "gruflow-source"
 SOURCE_FIELD = "event_source"
 FORGET = "forget"
 
@@ -32,12 +31,12 @@ def control_action(key: bytes | None, value: bytes | None) -> str | None:
     return user if isinstance(obj, dict) and obj.get("action") == FORGET else None
 
 
-def event_source(headers: list[tuple[str, bytes]] | None, value: bytes | None) -> str:
-    """An event's source for the allow-list: the ``gruflow-source`` header, else the JSON field
-    ``event_source``, else ""."""
-    for name, raw in headers or ():
-        if name == SOURCE_HEADER and raw is not None:
-            return raw.decode("utf-8", "replace")
+def event_source(value: bytes | None) -> str:
+    """An event's source for the allow-list: its JSON field ``event_source``, else "".
+
+    Not a header: the trainer reads the input topics with confluent-kafka, whose ``Message.headers()``
+    can raise on, and then crash the process over, a header name that is not UTF-8 (a record the broker
+    accepts; docs/unreadable-records.md). The value is read anyway to decode the event."""
     try:
         obj = orjson.loads(value) if value else None
     except orjson.JSONDecodeError:

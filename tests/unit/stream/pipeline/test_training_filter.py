@@ -66,10 +66,10 @@ def test_config_from_settings() -> None:
     assert cfg.enabled and cfg.sources == frozenset({"a", "b"}) and cfg.min_events == 4
 
 
-def test_event_source_from_header_then_field() -> None:
-    assert event_source([("gruflow-source", b"app")], b'{"event_source": "web"}') == "app"
-    assert event_source(None, b'{"event_source": "web"}') == "web"
-    assert event_source([], b"not json") == ""
+def test_event_source_is_the_json_field() -> None:
+    assert event_source(b'{"event_source": "web"}') == "web"
+    assert event_source(b'{"event_source": 3}') == ""
+    assert event_source(b"not json") == "" and event_source(None) == ""
 
 
 def test_control_records() -> None:
