@@ -16,7 +16,7 @@ from model.events import EventType
 from model.table import COLUMNS, DEFAULT_SESSION_GAP_S, event_table, sessionize, sort_events
 
 __all__ = ["COLUMNS", "DEFAULT_SESSION_GAP_S", "FORMATS", "DataFormatError", "describe", "event_table", "load_events",
-           "sessionize", "sort_events", "split_by_time"]
+           "sessionize", "sort_events", "split_by_time", "split_latest_sessions"]
 
 FORMATS = ("session-rec", "yoochoose", "retailrocket", "diginetica", "otto", "movielens", "synthetic")
 
@@ -245,6 +245,30 @@ def split_by_time(df: pd.DataFrame, days: float = 1.0, min_test_length: int = 2,
     in_test = np.isin(df["SessionId"].to_numpy(), test_sessions.to_numpy())
     train = df[~in_test]
     test = df[in_test]
+    test = test[np.isin(test["ItemId"].to_numpy(), train["ItemId"].unique())]
+    lengths = test.groupby("SessionId").size()
+    test = test[np.isin(test["SessionId"].to_numpy(), lengths.index[lengths.to_numpy() >= min_test_length].to_numpy())]
+    return train.reset_index(drop=True), test.reset_index(drop=True)
+
+
+def split_latest_sessions(df: pd.DataFrame, fraction: float,
+                          min_test_length: int = 2) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Time-based split by share of sessions: the latest-ending ``fraction`` of sessions (ties by session
+    id) go to test, the rest to train; test is then filtered as in :func:`split_by_time`.
+
+    Unlike a split by days it suits samples whose sessions are spread thinly over months (a few late
+    outliers would leave the last days almost empty). Every train session ends no later than every
+    test session."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    if df.empty:
+        return df.copy(), df.copy()
+    last = df.groupby("SessionId")["Time"].max()
+    order = np.lexsort((last.index.to_numpy(), last.to_numpy()))
+    n_test = int(np.ceil(fraction * len(last)))
+    test_sessions = last.index.to_numpy()[order[len(order) - n_test:]]
+    in_test = np.isin(df["SessionId"].to_numpy(), test_sessions)
+    train, test = df[~in_test], df[in_test]
     test = test[np.isin(test["ItemId"].to_numpy(), train["ItemId"].unique())]
     lengths = test.groupby("SessionId").size()
     test = test[np.isin(test["SessionId"].to_numpy(), lengths.index[lengths.to_numpy() >= min_test_length].to_numpy())]

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from model.exposure import ConcentrationLimits, concentration_problem, item_jump, topk_exposure
 from model.network import GRU4RecNet
 from model.params import GRU4RecParams
 from model.vocab import Vocabulary
@@ -55,6 +56,15 @@ class FineTuneConfig:
     n_epochs: int = 1
     learning_rate: float | None = None  # None = the model's own learning rate
     seed: int = 0
+    # the concentration check of the guardrail (model/exposure.py); 0 switches a check off
+    guardrail_max_gini_increase: float = 0.0
+    guardrail_min_coverage_ratio: float = 0.0
+    guardrail_max_item_exposure_factor: float = 0.0
+
+    @property
+    def concentration(self) -> ConcentrationLimits:
+        return ConcentrationLimits(self.guardrail_max_gini_increase, self.guardrail_min_coverage_ratio,
+                                   self.guardrail_max_item_exposure_factor)
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> "FineTuneConfig":
@@ -206,6 +216,43 @@ class SessionBuffer:
         self._reservoir_events += len(s)
         self._reservoir_bytes += size
 
+    def remove_user(self, key: str) -> int:
+        """Drop every session of ``key`` (recent and reservoir) and its items from the not yet drained
+        counts: a user flagged as a bot, or one who asked to be forgotten. Returns the events removed.
+        O(sessions). A session evicted without entering the reservoir is already gone; its items stay
+        in the counts until the next drain (counts never go below 0)."""
+        removed = 0
+        for sid in [sid for sid, s in self._sessions.items() if s.key == key]:
+            s = self._sessions.pop(sid)
+            self._events -= len(s)
+            self._bytes -= _SESSION_OVERHEAD_BYTES + sys.getsizeof(s.key) + sum(map(self._event_bytes, s.items))
+            removed += self._uncount(s)
+        self._open.pop(key, None)
+        kept = []
+        for s in self._reservoir:
+            if s.key == key:
+                self._reservoir_events -= len(s)
+                self._reservoir_bytes -= _SESSION_OVERHEAD_BYTES + sys.getsizeof(s.key) + sum(
+                    map(self._event_bytes, s.items))
+                removed += self._uncount(s)
+            else:
+                kept.append(s)
+        self._reservoir = kept
+        return removed
+
+    def _uncount(self, s: _Session) -> int:
+        for item in s.items:
+            left = self._counts.get(item, 0) - 1
+            if left > 0:
+                self._counts[item] = left
+            else:
+                self._counts.pop(item, None)
+        return len(s)
+
+    def users(self) -> set[str]:
+        """Keys with at least one session held (recent or reservoir)."""
+        return {s.key for s in self._sessions.values()} | {s.key for s in self._reservoir}
+
     # --- output
     def drain_stats(self) -> tuple[Counter[str], dict[str, float]]:
         """Item counts and last-seen times accumulated since the previous call (bounded by the
@@ -268,6 +315,7 @@ class RoundResult:
     new_items: tuple[str, ...] = ()
     retired_items: int = 0
     duration_s: float = 0.0
+    concentration: str = ""  # the concentration check that refused the candidate (model.exposure), or ""
 
     @property
     def promoted(self) -> bool:
@@ -277,7 +325,8 @@ class RoundResult:
         return {"status": self.status, "reason": self.reason, "current": self.current_scores,
                 "candidate": self.candidate_scores, "loss": self.loss, "train_events": self.train_events,
                 "holdout_events": self.holdout_events, "new_items": len(self.new_items),
-                "retired_items": self.retired_items, "duration_s": round(self.duration_s, 3)}
+                "retired_items": self.retired_items, "duration_s": round(self.duration_s, 3),
+                "concentration": self.concentration}
 
 
 def split_recent(df: pd.DataFrame, fraction: float, min_events: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -441,6 +490,12 @@ class FineTuner:
         cand_s = _scores(evaluate(candidate, vocab, hold_eval, cutoffs=(k,)), k)
         tol = cfg.guardrail_tolerance
         ok = cand_s["recall"] >= cur_s["recall"] - tol and cand_s["mrr"] >= cur_s["mrr"] - tol
+        # exposure is measured even with every concentration check off: it is reported with the scores
+        cur_x = topk_exposure(cur.net, cur.vocab, hold_eval, k)
+        cand_x = topk_exposure(candidate, vocab, hold_eval, k)
+        cur_s["exposure"], cand_s["exposure"] = cur_x.summary(), cand_x.summary()
+        cand_s["exposure"]["max_item_factor"] = item_jump(cur_x, cand_x, cfg.concentration.smoothing_share)[1]
+        refusal, detail = concentration_problem(cur_x, cand_x, cfg.concentration)
 
         # --- retirement (rows kept, excluded from recommendations) and popularity
         newest = float(frame["Time"].max())
@@ -472,8 +527,10 @@ class FineTuner:
         cand_state = ModelState(candidate, vocab, cur.params, pop, meta, version=cur.version)
         status, reason = ("promoted", "not worse than current") if ok else (
             "rejected", f"worse than current beyond tolerance {tol}")
+        if ok and refusal:
+            status, reason = "rejected", f"concentration: {detail}"
         return RoundResult(status, reason, cand_state, cur_s, cand_s, loss, int(len(known)), int(len(hold_eval)),
-                           tuple(new_ids), newly_retired, time.perf_counter() - t0)
+                           tuple(new_ids), newly_retired, time.perf_counter() - t0, refusal)
 
 
 def _loss_of(out: Any) -> float:
