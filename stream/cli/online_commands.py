@@ -75,21 +75,18 @@ def _trainer(args: argparse.Namespace) -> int:
 
 def _bootstrap_model(settings: Any) -> Any:
     """`gruflow run` with no model anywhere: a quick model on synthetic data, like the demo."""
-    import dataclasses
     from pathlib import Path
 
-    from model.checkpoint import save_checkpoint
     from model.params import OFFICIAL
     from model.synthetic import generate
-    from model.train import train_model
+    from stream.tools.harness import train_quick_model
 
     print("no model on the models topic and GRUFLOW_MODEL_PATH unset: training a quick synthetic model...",
           file=sys.stderr)
     df = generate(n_sessions=3000, n_items=500, seed=0)
-    params = dataclasses.replace(OFFICIAL, layers=(64,), n_sample=256, n_epochs=2)  # quick: cross-entropy
-    net, vocab, pop = train_model(df, params, progress=True)
     path = Path(settings.process.data_dir) / "models" / "bootstrap.ckpt"
-    save_checkpoint(path, net, vocab, params, pop, {"source": "synthetic bootstrap"})
+    train_quick_model(df, path, n_sample=256, batch_size=OFFICIAL.batch_size, learning_rate=OFFICIAL.learning_rate,
+                      progress=True, metadata={"source": "synthetic bootstrap"})
     return settings.replace(model_path=str(path))
 
 

@@ -40,11 +40,11 @@ from types import FrameType
 from typing import Any, Callable
 
 from model.cache_dir import cache_root
+from stream.kafka.config import MESSAGE_MAX_BYTES
 from stream.settings import Settings
 
 POM = Path(__file__).resolve().with_name("pom.xml")
 MIN_JAVA = 17
-MESSAGE_MAX_BYTES = 8 * 1024 * 1024 + 65536  # model checkpoints travel in chunks of up to 8 MiB
 RUN_DIR_PREFIX = "gruflow-kafka-"
 PORTS_FILE = "ports.json"  # in a data dir: the listener ports chosen at its first start
 

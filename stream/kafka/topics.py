@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Iterator
 
-from stream.kafka.config import MODEL_CHUNK_BYTES, ClusterUnreachable, admin_config
+from stream.kafka.config import MESSAGE_MAX_BYTES, ClusterUnreachable, admin_config
 from stream.settings import INPUT_MESSAGE_MAX_BYTES, Settings
 
 # a dead letter is the original record plus gruflow's headers (a detail of at most 500 bytes, ids, offsets)
@@ -79,7 +79,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(names.dlq, p, {"max.message.bytes": str(DLQ_MESSAGE_MAX_BYTES)}),
         TopicSpec(names.changelog, p, dict(compact)),
         # one partition keeps model chunks in order; compaction keeps the latest of each key
-        TopicSpec(names.models, 1, {**compact, "max.message.bytes": str(MODEL_CHUNK_BYTES + 65536)}),
+        TopicSpec(names.models, 1, {**compact, "max.message.bytes": str(MESSAGE_MAX_BYTES)}),
     ]
 
 

@@ -23,17 +23,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from stream.tools.harness import GruflowProcess, Samples, total
 
 
 def _log(msg: str) -> None:
@@ -64,94 +63,35 @@ def split_warmup(df: pd.DataFrame, days: float) -> tuple[pd.DataFrame, pd.DataFr
     return warm, rest, cut
 
 
-def _env(settings: Any) -> dict[str, str]:
-    return settings.subprocess_env(PYTHONUNBUFFERED=os.environ.get("PYTHONUNBUFFERED", "1"))
-
-
-def scrape(settings: Any, timeout: float = 5.0) -> dict[tuple[str, tuple], float]:
-    """The worker's /metrics as {(sample name, sorted labels): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    url = f"http://127.0.0.1:{settings.process.web_port}/metrics"
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        text = r.read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def _sum(samples: dict, name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
-
-
-def prequential(samples: dict, model: str, k: int) -> dict:
+def prequential(samples: Samples, model: str, k: int) -> dict:
     """HR@k and MRR@k of ``model`` from the worker's counters; ``k`` must be the worker's top_k (the only
     list length its counters are labelled with)."""
-    n = _sum(samples, "gruflow_prequential_events_total", model=model)
-    hits = _sum(samples, "gruflow_prequential_hits_total", model=model, k=str(k))
-    rr = _sum(samples, "gruflow_prequential_reciprocal_rank_total", model=model, k=str(k))
+    n = total(samples, "gruflow_prequential_events_total", model=model)
+    hits = total(samples, "gruflow_prequential_hits_total", model=model, k=str(k))
+    rr = total(samples, "gruflow_prequential_reciprocal_rank_total", model=model, k=str(k))
     return {"hr": {str(k): hits / n if n else 0.0}, "mrr": {str(k): rr / n if n else 0.0}, "n": int(n)}
 
 
-class WorkerProcess:
-    """``gruflow worker`` as a subprocess configured by ``settings``; always stopped on exit."""
+def wait_processed(worker: GruflowProcess, n: int, timeout: float = 600.0) -> Samples:
+    """The worker's samples once it has taken ``n`` events (processed or dead-lettered)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = worker.scrape()
+        if total(samples, "gruflow_events_in_total") + total(samples, "gruflow_dlq_total") >= n:
+            return samples
+        if worker.exited() is not None:
+            raise RuntimeError(f"worker died; log {worker.log_path}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker processed fewer than {n} events within {timeout} s")
+        time.sleep(0.2)
 
-    def __init__(self, settings: Any, log_path: Path) -> None:
-        self.settings = settings
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> "WorkerProcess":
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=_env(self.settings),
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        url = f"http://127.0.0.1:{self.settings.process.web_port}/readyz"
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}; log {self.log_path}:\n"
-                                   + self.log_path.read_text(errors="replace")[-3000:])
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker not ready after 180 s; log {self.log_path}")
-            time.sleep(0.3)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-
-    def wait_processed(self, n: int, timeout: float = 600.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            samples = scrape(self.settings)
-            if _sum(samples, "gruflow_events_in_total") + _sum(samples, "gruflow_dlq_total") >= n:
-                return samples
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"worker died; log {self.log_path}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"worker processed fewer than {n} events within {timeout} s")
-            time.sleep(0.2)
-
-    def wait_version(self, version: int, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while _sum(scrape(self.settings), "gruflow_model_version") < version:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"worker did not swap in model version {version} within {timeout} s")
-            time.sleep(0.1)
+def wait_version(worker: GruflowProcess, version: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while total(worker.scrape(), "gruflow_model_version") < version:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker did not swap in model version {version} within {timeout} s")
+        time.sleep(0.1)
 
 
 def new_items_recommended(settings: Any, known: set[str], rest: pd.DataFrame, n_expected: int,
@@ -220,7 +160,7 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
     t0 = time.perf_counter()
     rounds: list[dict] = []
     trainer = None
-    with WorkerProcess(s, tmp / f"worker-{name}.log") as worker:
+    with GruflowProcess.worker(s, tmp / f"worker-{name}.log") as worker:
         _log(f"{name}: worker ready on :{s.process.web_port}")
         try:
             if online:
@@ -234,7 +174,7 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
                 if stats.failed:
                     raise RuntimeError(f"{stats.failed} events not delivered")
                 sent += stats.delivered
-                worker.wait_processed(sent)
+                wait_processed(worker, sent)
                 if trainer is not None:
                     if not trainer.wait_consumed(sent, 300):
                         raise RuntimeError(f"trainer consumed only {trainer.events_consumed} of {sent} events")
@@ -244,10 +184,10 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
                     r = trainer.results[-1]
                     rounds.append(r.summary())
                     if r.promoted:
-                        worker.wait_version(trainer.tuner.current.version)
+                        wait_version(worker, trainer.tuner.current.version)
                     _log(f"{name}: {sent}/{len(rest)} events, round {len(rounds)} {r.status} "
                          f"(+{len(r.new_items)} items, {r.duration_s:.1f} s)")
-            samples = worker.wait_processed(sent)
+            samples = wait_processed(worker, sent)
         finally:
             if trainer is not None:
                 trainer.stop()
@@ -256,7 +196,7 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
            "events": sent, "seconds": time.perf_counter() - t0}
     if online:
         out["rounds"] = rounds
-        out["versions"] = int(_sum(samples, "gruflow_model_version"))
+        out["versions"] = int(total(samples, "gruflow_model_version"))
         out.update(new_items_recommended(s, known, rest, sent))
     _log(f"{name}: HR@{k} {out['gru']['hr'][str(k)]:.4f} MRR@{k} {out['gru']['mrr'][str(k)]:.4f} "
          f"(popularity {out['popularity']['hr'][str(k)]:.4f}/{out['popularity']['mrr'][str(k)]:.4f}) "

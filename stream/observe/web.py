@@ -9,28 +9,36 @@ finished and a model is loaded, else 503 with the reason. faust's own web server
 
 from __future__ import annotations
 
-from typing import Callable
+import asyncio
+import threading
+from typing import Any, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from stream.observe.metrics import Metrics
 
 ReadyFn = Callable[[], "tuple[bool, str]"]
 
 
-def make_web_app(metrics: Metrics, ready: ReadyFn) -> web.Application:
+def make_web_app(registry: CollectorRegistry, ready: ReadyFn, ready_gauge: Any = None) -> web.Application:
+    """The endpoints over ``registry``; ``ready_gauge`` (the worker's gruflow_ready) follows ``ready()``."""
+
+    def check() -> tuple[bool, str]:
+        ok, reason = ready()
+        if ready_gauge is not None:
+            ready_gauge.set(1 if ok else 0)
+        return ok, reason
+
     async def metrics_handler(_: web.Request) -> web.Response:
-        ok, _reason = ready()
-        metrics.ready.set(1 if ok else 0)
-        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        check()
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def livez(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:
-        ok, reason = ready()
-        metrics.ready.set(1 if ok else 0)
+        ok, reason = check()
         return web.Response(text=reason + "\n", status=200 if ok else 503)
 
     app = web.Application()
@@ -43,9 +51,10 @@ def make_web_app(metrics: Metrics, ready: ReadyFn) -> web.Application:
 class WebServer:
     """Start/stop the endpoints on the running event loop."""
 
-    def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int) -> None:
+    def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int, *, with_ready_gauge: bool = True) -> None:
         self.host, self.port = host, port
-        self._runner = web.AppRunner(make_web_app(metrics, ready), access_log=None)
+        app = make_web_app(metrics.registry, ready, metrics.ready if with_ready_gauge else None)
+        self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> None:
         await self._runner.setup()
@@ -58,3 +67,32 @@ class WebServer:
 
     async def stop(self) -> None:
         await self._runner.cleanup()
+
+
+class WebServerThread:
+    """The same endpoints for a process without an event loop of its own (the trainer): served by a
+    daemon thread that runs one."""
+
+    def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int) -> None:
+        self._args = (metrics, ready, host, port)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="gruflow-http", daemon=True)
+        self._server: WebServer | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+
+    async def _start(self) -> None:
+        metrics, ready, host, port = self._args
+        server = WebServer(metrics, ready, host, port, with_ready_gauge=False)
+        await server.start()
+        self._server = server
+
+    def stop(self) -> None:
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(), self._loop).result(30)
+            self._server = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()

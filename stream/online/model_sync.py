@@ -2,7 +2,7 @@
 
 Protocol (version 1). A model version is one checkpoint (``model.checkpoint.checkpoint_to_bytes``:
 weights, vocabulary, metadata with version and parent version, its own sha256) sent as ``count``
-chunks on partition 0 of the models topic, each under ``CHUNK_BYTES`` so any broker's default
+chunks on partition 0 of the models topic, each under ``MODEL_CHUNK_BYTES`` so any broker's default
 message size limit (1 MB) holds them. Every chunk has
 
     key      b"<version:012d>/<index:06d>"  (distinct per chunk, so compaction keeps every chunk;
@@ -34,8 +34,9 @@ from typing import Any, Callable, Iterable
 
 import orjson
 
+from stream.kafka.config import MODEL_CHUNK_BYTES
+
 PROTOCOL = 1
-CHUNK_BYTES = 512 * 1024
 MAX_PENDING_VERSIONS = 4  # incomplete versions kept while assembling (older ones are dropped)
 
 H_PROTOCOL = "gruflow-protocol"
@@ -92,7 +93,7 @@ def chunk_key(version: int, index: int) -> bytes:
 
 
 def encode_chunks(ckpt: bytes, version: int, parent: int, meta: dict | None = None,
-                  chunk_bytes: int = CHUNK_BYTES) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+                  chunk_bytes: int = MODEL_CHUNK_BYTES) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
     """(key, value, headers) for every chunk of one version."""
     if version < 1:
         raise ValueError(f"model versions start at 1, got {version}")

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 import orjson
 
-from model.events import EventType
+from model.events import EVENT_TYPES_BY_NAME, EventType
 
 # DLQ reasons, one per kind of bad input (label values of gruflow_dlq_total{reason})
 NOT_JSON = "not_json"
@@ -50,8 +50,7 @@ MAX_FUTURE_MS = 86_400_000
 
 CLICKS, PURCHASES = "clicks", "purchases"
 SOURCES = {CLICKS: 0, PURCHASES: 1}
-_TYPES = {"view": EventType.VIEW, "click": EventType.CLICK, "cart": EventType.CART,
-          "purchase": EventType.PURCHASE}
+_TYPES = EVENT_TYPES_BY_NAME
 _OPTIONAL = {"session_id": (str, int), "price": (int, float), "category": (str, int), "quantity": (int,)}
 
 

@@ -21,7 +21,7 @@ import yaml
 
 from stream.online import model_sync
 from stream.kafka.broker import free_port
-from stream.tools.processes import stop_process
+from stream.tools.harness import stop_process
 from stream.kafka.topics import ensure_topics
 from workerkit import REPO, WorkerProc, save_tiny_model
 
