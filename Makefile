@@ -11,7 +11,7 @@ venv: $(STAMP)
 # pip keeps what is already installed (torch is several GB): re-run only when pyproject.toml changes.
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade-strategy only-if-needed -e '.[test]'
+	$(PY) -m pip install --upgrade-strategy only-if-needed -e '.[test,plot]'
 	touch $(STAMP)
 
 demo: venv

@@ -230,5 +230,8 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--every", type=int, default=4000,
                    help="events per fine-tune round (the replay waits for each round's version)")
     p.add_argument("--limit", type=int, default=None, help="replay at most N events (smoke runs)")
+    p.add_argument("--plot", metavar="FILE", default=None,
+                   help="draw the prequential HR@K of online vs frozen vs popularity, slice by slice, into FILE "
+                        "(PNG; matplotlib)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=_experiment)

@@ -72,6 +72,49 @@ def prequential(samples: Samples, model: str, k: int) -> dict:
     return {"hr": {str(k): hits / n if n else 0.0}, "mrr": {str(k): rr / n if n else 0.0}, "n": int(n)}
 
 
+def _counts(samples: Samples, model: str, k: int) -> tuple[float, float]:
+    """(events scored, hits at ``k``) of ``model`` so far."""
+    return (total(samples, "gruflow_prequential_events_total", model=model),
+            total(samples, "gruflow_prequential_hits_total", model=model, k=str(k)))
+
+
+def windowed_hit_rate(curve: list[dict], model: str) -> tuple[list[float], list[float]]:
+    """(events replayed, HR in the slice that ended there) from cumulative counts; slices where nothing
+    was scored are left out."""
+    xs, ys = [], []
+    prev_n = prev_h = 0.0
+    for point in curve:
+        n, h = point[model]
+        if n > prev_n:
+            xs.append(point["events"])
+            ys.append((h - prev_h) / (n - prev_n))
+        prev_n, prev_h = n, h
+    return xs, ys
+
+
+def plot_hit_rates(frozen: dict, online: dict, k: int, path: str) -> None:
+    """The prequential HR@k of the online and the frozen model and of popularity, slice by slice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
+    for label, run, model, style in (("online fine-tuning", online, "gru", "-"), ("frozen day-1 model", frozen, "gru", "--"),
+                                     ("popularity", online, "popularity", ":")):
+        xs, ys = windowed_hit_rate(run["curve"], model)
+        ax.plot(xs, ys, style, marker="o", markersize=3, label=f"{label} (HR@{k} {run[model]['hr'][str(k)]:.3f})")
+    ax.set_xlabel("events replayed")
+    ax.set_ylabel(f"HR@{k} per slice")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"prequential HR@{k} over the replayed stream (test-then-train)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def wait_processed(worker: GruflowProcess, n: int, timeout: float = 600.0) -> Samples:
     """The worker's samples once it has taken ``n`` events (processed or dead-lettered)."""
     deadline = time.monotonic() + timeout
@@ -168,13 +211,15 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
                 if not trainer.ready.wait(120):
                     raise RuntimeError("trainer consumer not assigned within 120 s")
             sent = 0
-            step = every if online else len(rest)
-            for a in range(0, len(rest), step):
+            curve: list[dict] = []  # cumulative prequential counts after each slice (test-then-train)
+            k = s.scoring.top_k
+            for a in range(0, len(rest), every):
                 stats = replay(s, rest.iloc[a:a + step], progress=False)
                 if stats.failed:
                     raise RuntimeError(f"{stats.failed} events not delivered")
                 sent += stats.delivered
-                wait_processed(worker, sent)
+                slice_samples = wait_processed(worker, sent)
+                curve.append({"events": sent, **{m: _counts(slice_samples, m, k) for m in ("gru", "popularity")}})
                 if trainer is not None:
                     if not trainer.wait_consumed(sent, 300):
                         raise RuntimeError(f"trainer consumed only {trainer.events_consumed} of {sent} events")
@@ -191,9 +236,8 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
         finally:
             if trainer is not None:
                 trainer.stop()
-    k = s.scoring.top_k
     out = {"gru": prequential(samples, "gru", k), "popularity": prequential(samples, "popularity", k),
-           "events": sent, "seconds": time.perf_counter() - t0}
+           "events": sent, "seconds": time.perf_counter() - t0, "curve": curve}
     if online:
         out["rounds"] = rounds
         out["versions"] = int(total(samples, "gruflow_model_version"))
@@ -213,6 +257,11 @@ def run_online_experiment(args: argparse.Namespace) -> dict:
     from stream.settings import Settings
 
     settings = Settings.from_env()
+    if getattr(args, "plot", None):
+        try:
+            import matplotlib  # noqa: F401 - checked before the long run, used at its end
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install 'gruflow[plot]'") from None
     torch.set_num_threads(max(1, settings.trainer.trainer_torch_threads))
     df = load_data(args.data, args.format)
     warm, rest, cut = split_warmup(df, args.warmup_days)
@@ -240,6 +289,9 @@ def run_online_experiment(args: argparse.Namespace) -> dict:
         finally:
             if broker is not None:
                 broker.stop()
+    if getattr(args, "plot", None):
+        plot_hit_rates(frozen, online, settings.scoring.top_k, args.plot)
+        _log(f"plot: {args.plot}")
     details = {"frozen": frozen, "online": {k: v for k, v in online.items() if k != "rounds"},
                "rounds": online["rounds"], "warmup_events": len(warm), "warmup_items": len(vocab)}
     _log("details: " + __import__("json").dumps(details, default=str))
