@@ -171,7 +171,7 @@ def _model_list(args: argparse.Namespace) -> int:
 
 
 def _model_rollback(args: argparse.Namespace) -> int:
-    from stream.online import model_sync
+    from stream.online import model_protocol, model_sync
     from stream.online.model_store import ModelStore
 
     settings = _settings(args)
@@ -179,7 +179,7 @@ def _model_rollback(args: argparse.Namespace) -> int:
         return 2
     try:
         new = model_sync.rollback(settings, args.version, ModelStore.from_settings(settings))
-    except (LookupError, model_sync.ModelSyncError) as exc:
+    except (LookupError, model_protocol.ModelSyncError) as exc:
         print(f"gruflow model rollback: {exc}", file=sys.stderr)
         return 1
     print(f"published version {new} = the weights of version {args.version}; workers swap it in at their next "

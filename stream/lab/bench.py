@@ -374,7 +374,7 @@ def _start_trainer(env: dict[str, str], port: int, args: argparse.Namespace, log
 def _training_phase(args: argparse.Namespace, settings: Settings, env: dict[str, str], reader: "_RecReader",
                     work: Path, procs: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
     """Start a trainer process, wait for its first finished round, then measure latency under training."""
-    from stream.kafka.broker import free_port
+    from stream.kafka.broker_setup import free_port
 
     rounds = ENV_PREFIX.lower() + "finetune_rounds_total"
     port = free_port()
@@ -433,7 +433,8 @@ def _echo_phase(args: argparse.Namespace, settings: Settings, work: Path) -> dic
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from stream.kafka.broker import EmbeddedKafka, free_port
+    from stream.kafka.broker import EmbeddedKafka
+    from stream.kafka.broker_setup import free_port
     from stream.tools.replay import replay
     from stream.kafka.topics import ensure_topics
 

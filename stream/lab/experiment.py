@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -187,7 +188,7 @@ def new_items_recommended(settings: Any, known: set[str], rest: pd.DataFrame, n_
 def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int, online: bool, tmp: Path,
                  known: set[str]) -> dict:
     from stream.online import model_sync
-    from stream.kafka.broker import free_port
+    from stream.kafka.broker_setup import free_port
     from stream.observe.metrics import Metrics
     from stream.tools.replay import replay
     from stream.kafka.topics import ensure_topics
@@ -214,7 +215,7 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
             curve: list[dict] = []  # cumulative prequential counts after each slice (test-then-train)
             k = s.scoring.top_k
             for a in range(0, len(rest), every):
-                stats = replay(s, rest.iloc[a:a + step], progress=False)
+                stats = replay(s, rest.iloc[a:a + every], progress=False)
                 if stats.failed:
                     raise RuntimeError(f"{stats.failed} events not delivered")
                 sent += stats.delivered
@@ -257,11 +258,8 @@ def run_online_experiment(args: argparse.Namespace) -> dict:
     from stream.settings import Settings
 
     settings = Settings.from_env()
-    if getattr(args, "plot", None):
-        try:
-            import matplotlib  # noqa: F401 - checked before the long run, used at its end
-        except ImportError:
-            raise ValueError("--plot needs matplotlib: pip install 'gruflow[plot]'") from None
+    if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:  # before the long run
+        raise ValueError("--plot needs matplotlib: pip install 'gruflow[plot]'")
     torch.set_num_threads(max(1, settings.trainer.trainer_torch_threads))
     df = load_data(args.data, args.format)
     warm, rest, cut = split_warmup(df, args.warmup_days)

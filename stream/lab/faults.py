@@ -255,7 +255,7 @@ def _inject(scenario: str, broker: _Broker, workers: list[_Worker], pause_s: flo
 
 def run_scenario(scenario: str, args: argparse.Namespace, broker: _Broker, work: Path, model_path: Path
                  ) -> dict[str, Any]:
-    from stream.kafka.broker import free_port
+    from stream.kafka.broker_setup import free_port
     from stream.kafka.topics import ensure_topics
 
     run = f"{scenario.replace('-', '')}{time.strftime('%H%M%S')}"

@@ -21,7 +21,7 @@ from typing import Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from stream.pipeline.events import REASONS as DLQ_REASONS
-from stream.online.model_sync import REFUSAL_REASONS as MODEL_REFUSAL_REASONS
+from stream.online.model_protocol import REFUSAL_REASONS as MODEL_REFUSAL_REASONS
 from stream.pipeline.processor import STATE_RESET_REASONS
 
 Role = Literal["worker", "trainer"]

@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Callable
+from typing import Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stream.observe.metrics import Metrics
 
 ReadyFn = Callable[[], "tuple[bool, str]"]
 
 
-def make_web_app(registry: CollectorRegistry, ready: ReadyFn, ready_gauge: Any = None) -> web.Application:
-    """The endpoints over ``registry``; ``ready_gauge`` (the worker's gruflow_ready) follows ``ready()``."""
+def make_web_app(metrics: Metrics, ready: ReadyFn, *, with_ready_gauge: bool = True) -> web.Application:
+    """The endpoints over ``metrics``' registry; its gruflow_ready gauge (a worker's) follows ``ready()``."""
+    registry = metrics.registry
 
     def check() -> tuple[bool, str]:
         ok, reason = ready()
-        if ready_gauge is not None:
-            ready_gauge.set(1 if ok else 0)
+        if with_ready_gauge:
+            metrics.ready.set(1 if ok else 0)
         return ok, reason
 
     async def metrics_handler(_: web.Request) -> web.Response:
@@ -53,7 +54,7 @@ class WebServer:
 
     def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int, *, with_ready_gauge: bool = True) -> None:
         self.host, self.port = host, port
-        app = make_web_app(metrics.registry, ready, metrics.ready if with_ready_gauge else None)
+        app = make_web_app(metrics, ready, with_ready_gauge=with_ready_gauge)
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> None:

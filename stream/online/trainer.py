@@ -21,7 +21,7 @@ from typing import Any
 from model.finetune import FineTuneConfig, FineTuner, ModelState, RoundResult, SessionBuffer
 from stream.observe.metrics import Metrics
 from stream.online.model_store import ModelStore
-from stream.online.model_sync import header_meta
+from stream.online.model_protocol import header_meta
 from stream.settings import Settings
 
 log = logging.getLogger("gruflow.trainer")

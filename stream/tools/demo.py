@@ -196,7 +196,8 @@ def _samples(settings: Settings, n: int = 4) -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from stream.kafka.broker import EmbeddedKafka, free_port
+    from stream.kafka.broker import EmbeddedKafka
+    from stream.kafka.broker_setup import free_port
     from stream.tools.replay import replay
     from stream.kafka.topics import ensure_topics
 

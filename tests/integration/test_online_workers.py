@@ -15,8 +15,8 @@ from model.finetune import FineTuneConfig, FineTuner, ModelState, SessionBuffer
 from model.params import GRU4RecParams
 from model.synthetic import generate
 from model.train import train_model
-from stream.online import model_sync
-from stream.kafka.broker import free_port
+from stream.online import model_protocol, model_sync
+from stream.kafka.broker_setup import free_port
 from stream.tools.harness import GruflowProcess, total as metric_total
 from stream.tools.replay import replay
 from stream.kafka.topics import TopicNames, ensure_topics
@@ -101,7 +101,7 @@ def test_version_reaches_two_workers_corrupt_refused_restart_loads_latest(kafka,
         # a corrupt version: refused by both, version 2 stays
         model_sync.publish_version(settings, b"\x00garbage" * 100, 3, 2)
         for w in (w1, w2):
-            _wait_metric(w, "gruflow_model_refusals_total", 1, reason=model_sync.R_CORRUPT)
+            _wait_metric(w, "gruflow_model_refusals_total", 1, reason=model_protocol.R_CORRUPT)
             assert metric_total(w.scrape(), "gruflow_model_version") == 2
 
         assert replay(settings, users_b, progress=False).failed == 0

@@ -133,7 +133,7 @@ def _wait_both_serving(w1: WorkerProc, w2: WorkerProc, timeout: float = 90.0) ->
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_sigkill_of_one_of_two_workers_under_load_loses_nothing(kafka, tmp_path: Path, guarantee: str) -> None:
-    from stream.kafka.broker import free_port
+    from stream.kafka.broker_setup import free_port
 
     exactly_once = guarantee == "exactly_once"
     model_path = save_tiny_model(tmp_path / "tiny.gfc")

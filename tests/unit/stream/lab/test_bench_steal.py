@@ -54,7 +54,7 @@ def test_cpu_flags_say_which_simd_features_the_first_processor_has(tmp_path):
 def test_an_info_label_is_scraped_from_a_metrics_endpoint():
     from prometheus_client import CollectorRegistry, Info, start_http_server
 
-    from stream.kafka.broker import free_port
+    from stream.kafka.broker_setup import free_port
 
     registry = CollectorRegistry()
     Info("gruflow_scorer", "top-K path", registry=registry).info({"path": "int8"})

@@ -8,7 +8,7 @@ import asyncio
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream.online import model_sync
+from stream.online import model_protocol
 from stream.pipeline.events import REASONS as DLQ_REASONS
 from stream.observe.metrics import PREQUENTIAL_VERSIONS_KEPT, Metrics, PrequentialVersions
 from stream.observe.web import make_web_app
@@ -64,18 +64,18 @@ def test_fresh_worker_exposes_every_reason_at_zero() -> None:
     refusals = {s.labels["reason"]: s.value for s in samples["gruflow_model_refusals"]
                 if s.name == "gruflow_model_refusals_total"}
     assert dlq == {reason: 0.0 for reason in DLQ_REASONS}
-    assert refusals == {reason: 0.0 for reason in model_sync.REFUSAL_REASONS}
+    assert refusals == {reason: 0.0 for reason in model_protocol.REFUSAL_REASONS}
 
 
 def test_fresh_trainer_exposes_every_refusal_reason_at_zero() -> None:
     m = Metrics.create(role="trainer")
-    for reason in model_sync.REFUSAL_REASONS:
+    for reason in model_protocol.REFUSAL_REASONS:
         assert m.registry.get_sample_value("gruflow_model_refusals_total", {"reason": reason}) == 0.0
 
 
 def test_refusal_reasons_list_every_reason_constant() -> None:
-    constants = {v for k, v in vars(model_sync).items() if k.startswith("R_") and isinstance(v, str)}
-    assert constants and constants == set(model_sync.REFUSAL_REASONS)
+    constants = {v for k, v in vars(model_protocol).items() if k.startswith("R_") and isinstance(v, str)}
+    assert constants and constants == set(model_protocol.REFUSAL_REASONS)
 
 
 def test_prequential_version_series_stay_bounded() -> None:

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from stream.online.model_sync import (H_CHUNK, H_META, H_SHA, PROTOCOL, R_CHECKSUM, R_HEADER, R_PROTOCOL, R_STATE, R_VOCAB,
+from stream.online.model_protocol import (H_CHUNK, H_META, H_SHA, PROTOCOL, R_CHECKSUM, R_HEADER, R_PROTOCOL, R_STATE, R_VOCAB,
                                Assembler, ModelSyncError, check_compatible, chunk_key, decode_chunk, encode_chunks,
                                message_chunk)
 
