@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools demo test test-unit bench contract clean
+.PHONY: venv tools demo test test-unit bench figures contract clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,12 @@ test: venv tools
 
 test-unit: venv
 	$(PY) -m pytest -q -ra -m "not integration and not slow"
+
+# the README's figures: the architecture (drawn from code) and the online-learning plot (a real run, ~4 min)
+figures: venv
+	$(PY) docs/figures/architecture.py docs/figures/architecture.svg
+	$(VENV)/bin/gruflow experiment online ../shared/data/yoochoose_rsc15_100k --format session-rec --warmup-days 1 \
+		--json --plot docs/figures/online-hr20.png
 
 bench: venv
 	mkdir -p out

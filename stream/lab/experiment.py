@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stream.tools.harness import GruflowProcess, Samples, total
+from stream.tools.harness import GruflowProcess, RunningTotals, Samples, total
 
 
 def _log(msg: str) -> None:
@@ -64,19 +64,25 @@ def split_warmup(df: pd.DataFrame, days: float) -> tuple[pd.DataFrame, pd.DataFr
     return warm, rest, cut
 
 
-def prequential(samples: Samples, model: str, k: int) -> dict:
-    """HR@k and MRR@k of ``model`` from the worker's counters; ``k`` must be the worker's top_k (the only
-    list length its counters are labelled with)."""
+PREQUENTIAL = ("gruflow_prequential_events_total", "gruflow_prequential_hits_total",
+               "gruflow_prequential_reciprocal_rank_total")
+
+
+def prequential(samples: Samples | RunningTotals, model: str, k: int) -> dict:
+    """HR@k and MRR@k of ``model`` from the worker's counters (summed over model versions); ``k`` must be
+    the worker's top_k (the only list length its counters are labelled with)."""
+    if isinstance(samples, RunningTotals):
+        samples = samples.totals
     n = total(samples, "gruflow_prequential_events_total", model=model)
     hits = total(samples, "gruflow_prequential_hits_total", model=model, k=str(k))
     rr = total(samples, "gruflow_prequential_reciprocal_rank_total", model=model, k=str(k))
     return {"hr": {str(k): hits / n if n else 0.0}, "mrr": {str(k): rr / n if n else 0.0}, "n": int(n)}
 
 
-def _counts(samples: Samples, model: str, k: int) -> tuple[float, float]:
+def _counts(totals: RunningTotals, model: str, k: int) -> tuple[float, float]:
     """(events scored, hits at ``k``) of ``model`` so far."""
-    return (total(samples, "gruflow_prequential_events_total", model=model),
-            total(samples, "gruflow_prequential_hits_total", model=model, k=str(k)))
+    return (totals.total("gruflow_prequential_events_total", model=model),
+            totals.total("gruflow_prequential_hits_total", model=model, k=str(k)))
 
 
 def windowed_hit_rate(curve: list[dict], model: str) -> tuple[list[float], list[float]]:
@@ -213,14 +219,15 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
                     raise RuntimeError("trainer consumer not assigned within 120 s")
             sent = 0
             curve: list[dict] = []  # cumulative prequential counts after each slice (test-then-train)
+            totals = RunningTotals(PREQUENTIAL)  # old versions' series disappear from /metrics
             k = s.scoring.top_k
             for a in range(0, len(rest), every):
                 stats = replay(s, rest.iloc[a:a + every], progress=False)
                 if stats.failed:
                     raise RuntimeError(f"{stats.failed} events not delivered")
                 sent += stats.delivered
-                slice_samples = wait_processed(worker, sent)
-                curve.append({"events": sent, **{m: _counts(slice_samples, m, k) for m in ("gru", "popularity")}})
+                totals.update(wait_processed(worker, sent))
+                curve.append({"events": sent, **{m: _counts(totals, m, k) for m in ("gru", "popularity")}})
                 if trainer is not None:
                     if not trainer.wait_consumed(sent, 300):
                         raise RuntimeError(f"trainer consumed only {trainer.events_consumed} of {sent} events")
@@ -234,10 +241,11 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
                     _log(f"{name}: {sent}/{len(rest)} events, round {len(rounds)} {r.status} "
                          f"(+{len(r.new_items)} items, {r.duration_s:.1f} s)")
             samples = wait_processed(worker, sent)
+            totals.update(samples)
         finally:
             if trainer is not None:
                 trainer.stop()
-    out = {"gru": prequential(samples, "gru", k), "popularity": prequential(samples, "popularity", k),
+    out = {"gru": prequential(totals, "gru", k), "popularity": prequential(totals, "popularity", k),
            "events": sent, "seconds": time.perf_counter() - t0, "curve": curve}
     if online:
         out["rounds"] = rounds

@@ -51,6 +51,31 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
 
 
+class RunningTotals:
+    """Counter totals over scrapes, for counters whose series can disappear: the worker drops the
+    prequential series of model versions it no longer serves, so a sum over one scrape undercounts.
+    Each series' growth since the previous scrape is added up (a series that restarts counts from 0);
+    what a series gained after its last scrape and before its removal is not seen."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self._last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self.totals: Samples = {}
+
+    def update(self, samples: Samples) -> "RunningTotals":
+        for (name, labels), value in samples.items():
+            if name not in self.names:
+                continue
+            prev = self._last.get((name, labels), 0.0)
+            self._last[(name, labels)] = value
+            key = (name, tuple(kv for kv in labels if kv[0] != "version"))
+            self.totals[key] = self.totals.get(key, 0.0) + (value - prev if value >= prev else value)
+        return self
+
+    def total(self, name: str, **labels: str) -> float:
+        return total(self.totals, name, **labels)
+
+
 def label_value(samples: Samples, name: str, label: str) -> str | None:
     """``label`` of the first sample of ``name`` (an Info metric), or None."""
     for (n, lab), _ in samples.items():

@@ -64,3 +64,16 @@ def test_label_value_and_total_select_by_labels() -> None:
                                 ("info", (("path", "int8"),)): 1.0}
     assert harness.total(samples, "m_total") == 7.0 and harness.total(samples, "m_total", model="gru") == 2.0
     assert harness.label_value(samples, "info", "path") == "int8" and harness.label_value(samples, "x", "y") is None
+
+
+def test_running_totals_keep_what_dropped_series_counted() -> None:
+    """The worker removes the prequential series of versions it no longer serves: totals over scrapes
+    must still include them, and a series that starts again counts from 0."""
+    totals = harness.RunningTotals(("e_total",))
+    v = lambda version: ("e_total", (("model", "gru"), ("version", version)))  # noqa: E731
+    totals.update({v("1"): 10.0})
+    totals.update({v("1"): 15.0, v("2"): 4.0})
+    totals.update({v("2"): 9.0, ("other_total", ()): 100.0})  # version 1's series removed
+    totals.update({v("1"): 2.0, v("2"): 9.0})  # version 1 served again: a new series
+    assert totals.total("e_total", model="gru") == 15 + 9 + 2
+    assert totals.total("other_total") == 0.0
