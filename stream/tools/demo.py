@@ -48,11 +48,20 @@ class Snapshot:
     model_version: float
 
 
-def scrape(url: str) -> Snapshot | None:
+PREQUENTIAL = ("gruflow_prequential_events_total", "gruflow_prequential_hits_total",
+               "gruflow_prequential_reciprocal_rank_total")
+
+
+def scrape(url: str, totals: harness.RunningTotals | None = None) -> Snapshot | None:
+    """The worker's counters now; the prequential ones summed over model versions through ``totals`` (the
+    worker drops old versions' series)."""
     try:
         samples = harness.scrape(url)
     except OSError:
         return None
+    if totals is not None:
+        totals.update(samples)
+        samples = {**{key: v for key, v in samples.items() if key[0] not in PREQUENTIAL}, **totals.totals}
     val: dict[str, float] = {}
     buckets: list[tuple[float, float]] = []
     pq: dict[tuple[str, str], float] = {}
@@ -258,12 +267,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
         thread = threading.Thread(target=_replay, name="demo-replay", daemon=True)
         thread.start()
-        prev = scrape(url)
+        totals = harness.RunningTotals(PREQUENTIAL)
+        prev = scrape(url, totals)
         deadline = time.monotonic() + args.seconds + 60
         expected = None
         while time.monotonic() < deadline:
             time.sleep(3.0)
-            cur = scrape(url)
+            cur = scrape(url, totals)
             if cur is None:
                 continue
             _say(summary_line(prev, cur))
@@ -275,7 +285,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 if cur.recs >= expected and cur.dlq >= n_bad:
                     break
         thread.join(timeout=5)
-        final = scrape(url)
+        final = scrape(url, totals)
         if final is not None:
             g, p = final.gru, final.pop
             _say(f"done: {final.recs:,.0f} recommendations for {final.events:,.0f} valid events, {final.dlq:,.0f} in "
