@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from stream.pipeline.events import REASONS as DLQ_REASONS
 from stream.online.model_protocol import REFUSAL_REASONS as MODEL_REFUSAL_REASONS
 from stream.pipeline.processor import STATE_RESET_REASONS
+from stream.pipeline.rules import RULES
 
 Role = Literal["worker", "trainer"]
 ROLES: tuple[Role, ...] = ("worker", "trainer")
@@ -67,6 +68,10 @@ class Metrics:
     prequential_hits: Counter
     prequential_reciprocal_rank: Counter
     ready: Gauge
+    rule_masked: Counter
+    item_rules: Gauge
+    item_rules_rejected: Counter
+    state_record_bytes: Histogram
     # trainer
     finetune_rounds: Counter
     finetune_duration: Histogram
@@ -133,6 +138,14 @@ class Metrics:
                                                 " item in the top-K published before it (0 when absent)",
                                                 ["model", "version", "k"], registry=r),
             ready=Gauge(p + "ready", "1 once state recovery is done and the worker serves", registry=r),
+            rule_masked=Counter(p + "rule_masked_items", "Items a business rule kept out of a published list (they "
+                                "would have been in it), by rule; exposure: items damped out by the exposure cap",
+                                ["rule"], registry=r),
+            item_rules=Gauge(p + "item_rules_items", "Items with a rule from the item-rules topic", registry=r),
+            item_rules_rejected=Counter(p + "item_rules_rejected", "item-rules records that could not be read "
+                                        "(logged with the reason; the item's previous rule stays)", registry=r),
+            state_record_bytes=Histogram(p + "state_record_bytes", "Size of the user state records written",
+                                         buckets=(256, 512, 768, 1024, 1536, 2048, 3072, 4096), registry=r),
             finetune_rounds=Counter(p + "finetune_rounds", "Fine-tune rounds run by the trainer", registry=r),
             finetune_duration=Histogram(p + "finetune_duration_seconds", "Duration of a fine-tune round",
                                         buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=r),
@@ -169,6 +182,8 @@ def init_label_values(m: Metrics) -> None:
         m.model_refusals.labels(reason=reason)
     for reason in STATE_RESET_REASONS:
         m.state_resets.labels(reason=reason)
+    for rule in RULES:
+        m.rule_masked.labels(rule=rule)
 
 
 class PrequentialVersions:

@@ -32,16 +32,19 @@ from typing import Any
 
 import numpy as np
 
-from model.events import EVENT_TYPE_NAMES
+from model.events import EVENT_TYPE_NAMES, EventType
 from state.codec import HEADER_SIZE, decode as decode_state, encode as encode_state
 from stream.compat import observe_many
 from stream.worker.batch_consumer import Batch, BatchConsumer, BatchTransport
 from model.topk_calibration import ScorerCache
-from stream.pipeline.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, Limits, Rejected, decode_event
+from stream.pipeline.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, InputShape, Limits, Rejected, decode_event
 from stream.observe.metrics import Metrics, PrequentialVersions
 from stream.worker.model_holder import ModelHolder
+from stream.pipeline.exposure import ExposureWindow
 from stream.pipeline.processor import PopularityBaseline, ProcessorConfig, process_batch
+from stream.pipeline.ranking import RuleContext
 from stream.kafka.record_guard import unreadable_detail
+from stream.pipeline.rules import RULES, Catalogue, CatalogueMasks, RuleConfig
 from stream.settings import Settings
 from stream.worker.sinks import BatchSink, Outgoing, TransactionalSink, dead_letter
 from stream.worker.table_store import TableStore, install_changelog_guard
@@ -96,6 +99,7 @@ class Pipeline:
     exactly_once: bool
     dead_letter_bytes: int  # of a bad record's key + value (topics.dead_letter_budget)
     popularity: PopularityBaseline = field(default_factory=PopularityBaseline)
+    catalogue: Catalogue = field(default_factory=Catalogue)  # filled by the item-rules reader
     stream_time_ms: int = 0
     evict_candidates: dict[int, set[bytes]] = field(default_factory=dict)
     batches: int = 0
@@ -113,7 +117,9 @@ class Pipeline:
         s = self.settings
         self.cfg = ProcessorConfig(k=s.scoring.top_k, session_gap_ms=int(s.worker.session_gap_s * 1000))
         self.limits = Limits(s.worker.max_message_bytes, s.worker.max_id_bytes)
-        self.kinds = {self.names.clicks: CLICKS, self.names.purchases: PURCHASES}
+        self.kinds = self.names.kinds()
+        shape = InputShape.parse(s.worker.field_map, s.worker.event_type_map)
+        self.shape = shape if shape.active else None
         # one compute thread: batches are sequential anyway; the top-K's threads (scoring_threads) and
         # torch's own do the maths
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-compute")
@@ -129,6 +135,10 @@ class Pipeline:
         self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
                            for k in (CLICKS, PURCHASES) for t, n in EVENT_TYPE_NAMES.items()}
         self._prequential = PrequentialVersions(m, s.scoring.top_k)
+        self.rules = RuleConfig.from_settings(s)
+        self._catalogue_masks = CatalogueMasks()
+        self.exposure = ExposureWindow(s.rules.exposure_window_s) if s.rules.exposure_cap > 0 else None
+        self._rule_masked = {rule: m.rule_masked.labels(rule=rule) for rule in RULES}
 
     # --- the batch ---------------------------------------------------------------------------
     async def handle(self, batch: Batch, generation: int) -> None:
@@ -159,7 +169,7 @@ class Pipeline:
                     dead[UNREADABLE_RECORD] += 1
                     continue
                 res = decode_event(r.value, r.key, kind, self.limits, topic=tp.topic, partition=p, offset=r.offset,
-                                   append_ts_ms=r.timestamp or 0, now_ms=now_ms)
+                                   append_ts_ms=r.timestamp or 0, now_ms=now_ms, shape=self.shape)
                 if isinstance(res, Rejected):
                     out.dlq[p].append(dead_letter(r.key, r.value, res.reason, res.detail, tp.topic, p, r.offset,
                                                   r.timestamp, self.dead_letter_bytes))
@@ -204,6 +214,8 @@ class Pipeline:
                 raw = encode_state(st)
                 out.changelog[p].append((key, raw))
                 local[p].append((key, raw))
+            observe_many(self.metrics.state_record_bytes,
+                         np.fromiter((len(raw) for recs in local.values() for _, raw in recs), dtype=np.float64))
             self.stream_time_ms = max(self.stream_time_ms, max(e.ts_ms for e in events))
         evicted = self._evictions(batch, part_of, out, local)
 
@@ -267,12 +279,25 @@ class Pipeline:
         """The compute thread's part: the batch, and how many of its rows each top-K path answered. Even
         the first batch of a model nobody prepared builds its scorer here, off the event loop."""
         scorer = self.scorers.get(model)
+        rules = self.rule_context(model)
         if scorer is None:
-            return process_batch(model, events, states, self.cfg, self.popularity, None), 0, 0
+            return process_batch(model, events, states, self.cfg, self.popularity, None, rules), 0, 0
         scored_before, int8_before = scorer.rows_scored, scorer.rows_int8
-        result = process_batch(model, events, states, self.cfg, self.popularity, scorer.top_k)
+        result = process_batch(model, events, states, self.cfg, self.popularity, scorer.top_k, rules)
         int8 = scorer.rows_int8 - int8_before
         return result, int8, scorer.rows_scored - scored_before - int8
+
+    def rule_context(self, model: Any, include: frozenset[str] | None = None,
+                     exclude: frozenset[str] | None = None, record: bool = True) -> RuleContext | None:
+        """The business rules of one ranking with ``model`` (None: no rule applies). ``include``/``exclude``
+        replace the settings' category filters (a request's own filter); ``record``: the lists count
+        against the exposure cap."""
+        cfg = self.rules
+        masks = self._catalogue_masks.get(self.catalogue.view(), model.vocab,
+                                          cfg.include_categories if include is None else include,
+                                          cfg.exclude_categories if exclude is None else exclude)
+        ctx = RuleContext(cfg, masks, self.exposure, time.time(), record)
+        return ctx if ctx.active else None
 
     def prepare_scorer(self, model: Any, serve: bool = False) -> None:
         """Calibrates ``model``'s top-K scorer (about a second at 20,000 items): in the thread that swaps a
@@ -387,10 +412,12 @@ class Pipeline:
         self.batches += 1
         if not events:
             return
-        counts = Counter((e.source, e.event_type) for e in events)
-        for (source, etype), n in counts.items():
-            self._events_in[(CLICKS if source == 0 else PURCHASES, etype)].inc(n)
+        counts = Counter(e.event_type for e in events)
+        for etype, n in counts.items():  # labelled by the topic the type has when split (one events topic too)
+            self._events_in[(PURCHASES if etype == EventType.PURCHASE else CLICKS, etype)].inc(n)
         m.recommendations_out.inc(len(events))
+        for rule, n in result.rule_counts.items():
+            self._rule_masked[rule].inc(n)
         m.batch_size.observe(len(events))
         m.step_latency.observe(result.step_seconds)
         if result.unknown_items:

@@ -124,6 +124,12 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     loop.run_until_complete(web.start())
     log.info("health endpoints on http://%s:%d (/metrics /livez /readyz)", settings.process.web_host,
              settings.process.web_port)
+    from stream.kafka.passthrough import untranslated
+
+    only_librdkafka = untranslated(settings)
+    if only_librdkafka:
+        log.info("client properties for librdkafka only (aiokafka has no counterpart; docs/kafka-setups.md): %s",
+                 ", ".join(only_librdkafka))
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -177,6 +183,9 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     loop.run_until_complete(loop.run_in_executor(None, runtime.pipeline.prepare_scorer, model, True))
     phase["runtime"] = runtime
     subscriber: Any = None
+    from stream.worker.item_rules import ItemRulesReader
+
+    rules_reader = ItemRulesReader(settings, runtime.pipeline.names.item_rules, runtime.pipeline.catalogue, metrics)
     try:
         from stream.online.model_sync import ModelSubscriber
     except ImportError:
@@ -185,6 +194,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     class GruflowWorker(faust.Worker):
         async def on_execute(self) -> None:
             nonlocal subscriber
+            rules_reader.start()
             if ModelSubscriber is not None:
                 subscriber = ModelSubscriber(settings, holder, metrics)
                 subscriber.start()
@@ -200,6 +210,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
         def on_worker_shutdown(self) -> None:
             if subscriber is not None:
                 subscriber.stop()
+            rules_reader.stop()
             runtime.pipeline.close()
 
     worker = GruflowWorker(runtime.app, loglevel=settings.process.log_level.lower(), quiet=True,
