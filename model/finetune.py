@@ -33,7 +33,8 @@ from model.weight_check import weight_problem
 ITEM_ROW_PARAMS = ("Wy.weight", "By.weight", "E.weight", "GE.Wx0.weight")
 # rough per-session bookkeeping cost in the buffer (objects, containers, ordered-dict entry)
 _SESSION_OVERHEAD_BYTES = 400
-_EVENT_FIXED_BYTES = 8 + 8 + 1  # list slot + float64 time + int8 type
+# list slot + float64 time + int8 type + category list slot (interned strings) + float64 price
+_EVENT_FIXED_BYTES = 8 + 8 + 1 + 8 + 8
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class FineTuneConfig:
 
 
 class _Session:
-    __slots__ = ("sid", "key", "items", "times", "types", "last")
+    __slots__ = ("sid", "key", "items", "times", "types", "cats", "prices", "last")
 
     def __init__(self, sid: int, key: str) -> None:
         self.sid = sid
@@ -75,6 +76,8 @@ class _Session:
         self.items: list[str] = []
         self.times = array("d")
         self.types = bytearray()
+        self.cats: list[str | None] = []  # side features (model.features): None / NaN when absent
+        self.prices = array("d")
         self.last = -math.inf
 
     def __len__(self) -> int:
@@ -137,7 +140,8 @@ class SessionBuffer:
         return _EVENT_FIXED_BYTES + sys.getsizeof(item_id)
 
     # --- input
-    def add(self, key: str, item_id: str, ts: float, event_type: int = 1) -> None:
+    def add(self, key: str, item_id: str, ts: float, event_type: int = 1, category: str | None = None,
+            price: float | None = None) -> None:
         item_id = str(item_id)
         s = self._open.get(key)
         if s is None or ts - s.last > self.session_gap_s:
@@ -151,6 +155,8 @@ class SessionBuffer:
         s.items.append(item_id)
         s.times.append(ts)
         s.types.append(int(event_type) & 0x7F)
+        s.cats.append(None if category is None else sys.intern(str(category)))
+        s.prices.append(math.nan if price is None else float(price))
         s.last = max(s.last, ts)
         self._events += 1
         self._bytes += self._event_bytes(item_id)
@@ -209,8 +215,8 @@ class SessionBuffer:
         return counts, last
 
     def to_frame(self, include_reservoir: bool = True) -> pd.DataFrame:
-        """The buffer as an event table (SessionId, ItemId, Time, EventType), sorted by session then
-        time; a column ``Recent`` marks sessions of the recent buffer (False = reservoir)."""
+        """The buffer as an event table (SessionId, ItemId, Time, EventType, Category, Price), sorted by
+        session then time; a column ``Recent`` marks sessions of the recent buffer (False = reservoir)."""
         sessions = list(self._sessions.values())
         recent = [True] * len(sessions)
         if include_reservoir:
@@ -222,8 +228,11 @@ class SessionBuffer:
         items = [i for s in sessions for i in s.items]
         times = np.concatenate([np.frombuffer(s.times, dtype=np.float64) for s in sessions]) if n else np.zeros(0)
         types = np.frombuffer(b"".join(bytes(s.types) for s in sessions), dtype=np.int8) if n else np.zeros(0, np.int8)
+        cats = pd.Series([c for s in sessions for c in s.cats], dtype=object)
+        prices = np.concatenate([np.frombuffer(s.prices, dtype=np.float64) for s in sessions]) if n else np.zeros(0)
         df = pd.DataFrame({"SessionId": sid, "ItemId": pd.Series(items, dtype=object), "Time": times,
-                           "EventType": types.astype(np.int8), "Recent": np.repeat(np.array(recent, bool), lengths)})
+                           "EventType": types.astype(np.int8), "Category": cats, "Price": prices,
+                           "Recent": np.repeat(np.array(recent, bool), lengths)})
         return df.sort_values(["SessionId", "Time"], kind="stable").reset_index(drop=True)
 
 

@@ -34,6 +34,14 @@ class GRU4RecParams:
     learning_rate: float = 0.07
     momentum: float = 0.0
     event_types: bool = True  # gruflow extension: add an event-type embedding to the item input
+    # gruflow extensions (model/features.py, docs/features.md): embeddings of the event's category, its
+    # log-bucketed price and the bucketed time since the previous event, summed into the item input
+    category_feature: bool = False
+    price_feature: bool = False
+    time_feature: bool = False
+    # 0: feature embeddings are summed into the item input; > 0: embeddings of this size are concatenated
+    # to it (the first GRU layer weighs them apart from the item; needs a GRUCell first layer)
+    feature_dim: int = 0
     seed: int = 42
 
     @classmethod

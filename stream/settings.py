@@ -184,8 +184,25 @@ class Broker:
                                        "~/.cache/gruflow/kafka-<version>)")
 
 
+@dataclass(frozen=True)
+class Serving:
+    """Recommendations on request (docs/http-api.md) and "because" attributions."""
+
+    advertised_url: str = setting("", "this worker's web address as the other workers reach it, exchanged in faust's "
+                                      "group assignment so requests for users it owns are forwarded to it (empty = "
+                                      "http://<hostname>:<web_port>)")
+    serve_max_k: int = setting(100, "largest k a request may ask for")
+    serve_max_items: int = setting(50, "most items of an anonymous session (POST /recommendations)")
+    serve_max_body_bytes: int = setting(16384, "largest request body")
+    serve_timeout_s: float = setting(2.0, "a request not answered by then gets 504 (forwarding and waiting included)")
+    because: bool = setting(False, "each recommended item names the 1-2 recent session items most similar to it "
+                                   "(model/attribution.py); the state record then keeps the user's last items")
+    because_history: int = setting(5, "recent items kept per user for \"because\" (4 bytes each in the state record)")
+
+
 SECTIONS: dict[str, type] = {"connection": Connection, "topics": Topics, "process": Process, "worker": Worker,
-                             "scoring": Scoring, "rules": Rules, "store": Store, "trainer": Trainer, "broker": Broker}
+                             "scoring": Scoring, "rules": Rules, "store": Store, "trainer": Trainer, "broker": Broker,
+                             "serving": Serving}
 # field name -> its section; names are unique across sections (one GRUFLOW_* variable each)
 SECTION_OF: dict[str, str] = {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
 
@@ -211,6 +228,7 @@ class Settings:
     store: Store = field(default_factory=Store)
     trainer: Trainer = field(default_factory=Trainer)
     broker: Broker = field(default_factory=Broker)
+    serving: Serving = field(default_factory=Serving)
 
     @classmethod
     def of(cls, **values: Any) -> "Settings":
@@ -220,6 +238,14 @@ class Settings:
     @property
     def embedded(self) -> bool:
         return not self.connection.bootstrap_servers
+
+    def web_url(self) -> str:
+        """Where the other workers reach this one's web port (``advertised_url``, else by host name)."""
+        if self.serving.advertised_url:
+            return self.serving.advertised_url.rstrip("/")
+        import socket
+
+        return f"http://{socket.gethostname()}:{self.process.web_port}"
 
     def topic(self, name: str) -> str:
         """The topic gruflow calls ``name`` ("clicks", "item-rules", ...): its own setting, or prefix + name."""
@@ -303,6 +329,14 @@ class Settings:
             (sc.compiled_topk or sc.scorer_path != "compiled",
              "GRUFLOW_SCORER_PATH=compiled needs GRUFLOW_COMPILED_TOPK=true"),
             (0 < self.process.web_port < 65536, "GRUFLOW_WEB_PORT must be a TCP port"),
+            (1 <= self.serving.serve_max_k <= 1000, "GRUFLOW_SERVE_MAX_K must be between 1 and 1000"),
+            (self.serving.serve_max_items >= 1, "GRUFLOW_SERVE_MAX_ITEMS must be >= 1"),
+            (self.serving.serve_max_body_bytes >= 256, "GRUFLOW_SERVE_MAX_BODY_BYTES must be >= 256"),
+            (self.serving.serve_timeout_s > 0, "GRUFLOW_SERVE_TIMEOUT_S must be > 0"),
+            (1 <= self.serving.because_history <= 16, "GRUFLOW_BECAUSE_HISTORY must be between 1 and 16 (it is kept "
+             "in every user's state record)"),
+            (not self.serving.advertised_url or self.serving.advertised_url.startswith(("http://", "https://")),
+             "GRUFLOW_ADVERTISED_URL must be an http:// or https:// URL"),
             (w.session_gap_s > 0, "GRUFLOW_SESSION_GAP_S must be > 0"),
             (st.rocksdb_write_buffer_bytes >= 64 * 1024, "GRUFLOW_ROCKSDB_WRITE_BUFFER_BYTES must be >= 65536"),
             (st.rocksdb_max_write_buffers >= 2, "GRUFLOW_ROCKSDB_MAX_WRITE_BUFFERS must be >= 2 (one to fill while "

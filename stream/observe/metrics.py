@@ -39,6 +39,9 @@ PREQUENTIAL_VERSIONS_KEPT = 3
 # from 0.1 ms: a micro-batch GRU step is sub-millisecond per event
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0)
+# recommendation requests (stream/worker/http_api.py): endpoints and the statuses they answer with
+HTTP_ENDPOINTS = ("user", "anonymous")
+HTTP_STATUSES = ("200", "400", "413", "503", "504")
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
@@ -68,6 +71,9 @@ class Metrics:
     prequential_hits: Counter
     prequential_reciprocal_rank: Counter
     ready: Gauge
+    http_requests: Counter
+    http_latency: Histogram
+    http_routed: Counter
     rule_masked: Counter
     item_rules: Gauge
     item_rules_rejected: Counter
@@ -138,6 +144,13 @@ class Metrics:
                                                 " item in the top-K published before it (0 when absent)",
                                                 ["model", "version", "k"], registry=r),
             ready=Gauge(p + "ready", "1 once state recovery is done and the worker serves", registry=r),
+            http_requests=Counter(p + "http_requests", "Recommendation requests answered, by endpoint (user|anonymous)"
+                                   " and HTTP status", ["endpoint", "status"], registry=r),
+            http_latency=Histogram(p + "http_request_duration_seconds", "Time to answer a recommendation request, "
+                                   "by endpoint (routing to the owning worker included)", ["endpoint"],
+                                   buckets=LATENCY_BUCKETS, registry=r),
+            http_routed=Counter(p + "http_routed_requests", "User requests forwarded to the worker that owns the "
+                                "user's partition", registry=r),
             rule_masked=Counter(p + "rule_masked_items", "Items a business rule kept out of a published list (they "
                                 "would have been in it), by rule; exposure: items damped out by the exposure cap",
                                 ["rule"], registry=r),
@@ -182,6 +195,10 @@ def init_label_values(m: Metrics) -> None:
         m.model_refusals.labels(reason=reason)
     for reason in STATE_RESET_REASONS:
         m.state_resets.labels(reason=reason)
+    for endpoint in HTTP_ENDPOINTS:
+        m.http_latency.labels(endpoint=endpoint)
+        for status in HTTP_STATUSES:
+            m.http_requests.labels(endpoint=endpoint, status=status)
     for rule in RULES:
         m.rule_masked.labels(rule=rule)
 

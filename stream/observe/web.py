@@ -1,4 +1,5 @@
-"""Health and metrics endpoints of a gruflow process: ``/metrics``, ``/livez``, ``/readyz``.
+"""Health and metrics endpoints of a gruflow process: ``/metrics``, ``/livez``, ``/readyz`` (and, on a
+worker, the recommendation requests of ``stream/worker/http_api.py``).
 
 A tiny aiohttp server started before faust connects to anything, so ``/livez`` answers 200 as long as
 the process's event loop runs — also while the broker is unreachable (a liveness probe must not
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Callable
+from typing import Callable, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,7 +22,12 @@ from stream.observe.metrics import Metrics
 ReadyFn = Callable[[], "tuple[bool, str]"]
 
 
-def make_web_app(metrics: Metrics, ready: ReadyFn, *, with_ready_gauge: bool = True) -> web.Application:
+class Routes(Protocol):
+    def add_routes(self, app: web.Application) -> None: ...
+
+
+def make_web_app(metrics: Metrics, ready: ReadyFn, extra: Routes | None = None, *,
+                 with_ready_gauge: bool = True) -> web.Application:
     """The endpoints over ``metrics``' registry; its gruflow_ready gauge (a worker's) follows ``ready()``."""
     registry = metrics.registry
 
@@ -46,15 +52,18 @@ def make_web_app(metrics: Metrics, ready: ReadyFn, *, with_ready_gauge: bool = T
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
+    if extra is not None:
+        extra.add_routes(app)
     return app
 
 
 class WebServer:
     """Start/stop the endpoints on the running event loop."""
 
-    def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int, *, with_ready_gauge: bool = True) -> None:
+    def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int, extra: Routes | None = None, *,
+                 with_ready_gauge: bool = True) -> None:
         self.host, self.port = host, port
-        app = make_web_app(metrics, ready, with_ready_gauge=with_ready_gauge)
+        app = make_web_app(metrics, ready, extra, with_ready_gauge=with_ready_gauge)
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> None:

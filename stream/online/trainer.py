@@ -195,7 +195,7 @@ class Trainer:
                         batch.append(ev)
                 with self._cond:
                     for ev in batch:
-                        self.buffer.add(ev.user_id, ev.item_id, ev.ts_ms / 1000.0, ev.event_type)
+                        self.buffer.add(ev.user_id, ev.item_id, ev.ts_ms / 1000.0, ev.event_type, ev.category, ev.price)
                     self._events_since += len(batch)
                     self.events_consumed += len(batch)
                     self.metrics.buffer_events.set(self.buffer.n_events)

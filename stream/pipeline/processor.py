@@ -35,10 +35,13 @@ from typing import Callable
 import numpy as np
 import orjson
 
+from model.attribution import session_rows
 from model.events import EventType
+from model.features import CATEGORY, GAP, N_FEATURES, PRICE, category_rows, gap_buckets, price_buckets
 from model.recommender import Recommender
 from state.codec import N_SOURCES, UserState
 from model import native
+from stream.pipeline.because import because_rows, encode_outputs_because
 from stream.pipeline.events import Event
 from stream.pipeline.ranking import RuleContext, UserRules, rank
 from stream.pipeline.rules import as_arrays, as_lists, remember, user_exclusions
@@ -60,6 +63,10 @@ STATE_RESET_REASONS = (RESET_NON_FINITE_STEP, RESET_NON_FINITE_STORED)
 class ProcessorConfig:
     k: int = 20
     session_gap_ms: int = 1_800_000
+    # "because": > 0 keeps the user's last ``because_history`` item rows in the state and names, for each
+    # recommended item, up to ``because_items`` of them (model/attribution.py); 0 = off
+    because_history: int = 0
+    because_items: int = 2
 
 
 @dataclass
@@ -125,10 +132,14 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     size = model.state_size
     rows = model.vocab.rows([e.item_id for e in events])
     types = np.fromiter((e.event_type for e in events), dtype=np.int64, count=n)
+    feats = _event_features(model, events) if model.uses_features else None
+    gap_s, first = np.zeros(n), np.zeros(n, dtype=bool)
 
     rcfg = rules.cfg if rules is not None and rules.active else None
     remembers = rcfg is not None and rcfg.per_user
     users: list[UserRules] = [[]] * n  # each list's user rules (stays empty without per-user rules)
+    history = cfg.because_history
+    recent_at: list[list[int]] = [[]] * n if history else []  # each event's recent session rows after it
     # per-user working state: [hidden|None, last_ts, session_events, offsets, bought, session items]; prev_event[i] = the
     # user's previous event in this batch; dup[i] = re-delivered event already applied (no state change)
     work: dict[bytes, list] = {}
@@ -163,10 +174,11 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
                 old = states.get(e.key)
                 if old is None:
                     empty = UserState.empty()
-                    st = [None, e.ts_ms, 0, [-1] * N_SOURCES, empty.bought, empty.session_items]
+                    st = [None, e.ts_ms, 0, [-1] * N_SOURCES, empty.bought, empty.session_items, []]
                 else:
                     h = old.hidden if old.hidden is not None and old.hidden.shape[0] == size else None
-                    st = [h, old.last_ts_ms, old.session_events, list(old.offsets), old.bought, old.session_items]
+                    st = [h, old.last_ts_ms, old.session_events, list(old.offsets), old.bought, old.session_items,
+                          old.recent.tolist() if h is not None and old.recent is not None else []]
                 if remembers:
                     st[4], st[5] = as_lists(st[4], st[5])
                 work[e.key] = st
@@ -177,12 +189,16 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
                     has_hidden[i] = True
                 if remembers:
                     users[i] = user_exclusions(rcfg, st[4], st[5], e.ts_ms / 1000)
+                if history:
+                    recent_at[i] = st[6]
                 continue
             if e.offset >= 0:
                 st[3][e.source] = e.offset
             if e.ts_ms - st[1] > cfg.session_gap_ms:
-                st[0], st[2] = None, 0
+                st[0], st[2], st[6] = None, 0, []
                 st[5] = st[5][:0]
+            if feats is not None:  # the gap since the user's previous event, as offline
+                gap_s[i], first[i] = (e.ts_ms - st[1]) / 1000.0, st[2] == 0
             st[1] = max(st[1], e.ts_ms)
             st[2] += 1
             if remembers:
@@ -193,9 +209,13 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
             if known_item[i]:
                 step_i.append(i)
                 step_h.append(st[0])
+                if history:
+                    st[6] = session_rows([] if st[0] is None else st[6], int(rows[i]), history)
             elif st[0] is not None:
                 post_hidden[i] = st[0]
                 has_hidden[i] = True
+            if history:
+                recent_at[i] = st[6]
         if step_i:
             H = np.zeros((len(step_i), size), dtype=np.float32)
             known = [r for r, h in enumerate(step_h) if h is not None]
@@ -206,7 +226,9 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
                 H[bad] = 0.0
                 stored_resets.update(events[step_i[r]].key for r in bad.tolist())
             si = np.asarray(step_i, dtype=np.int64)
-            H = model.step(H, rows[si], types[si])
+            if feats is not None:  # 0 at a session's first event (model.features)
+                feats[si, GAP] = gap_buckets(gap_s[si], first[si])
+            H = model.step(H, rows[si], types[si], feats[si] if feats is not None else None)
             post_hidden[si] = H
             has_hidden[si] = True
             for r, i in enumerate(step_i):
@@ -218,6 +240,7 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
                 has_hidden[si[bad]] = False
                 for r in bad.tolist():
                     work[events[step_i[r]].key][0] = None
+                    work[events[step_i[r]].key][6] = []
     # a stored state shown without a step (unknown item, redelivery) is the one case left: dropped here.
     # The final states are built from post_hidden/has_hidden, so none of them is stored either
     bad = _non_finite_rows(post_hidden)
@@ -226,28 +249,8 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
         has_hidden[bad] = False
         stored_resets.update(events[i].key for i in bad.tolist())
 
-    # one top-K pass for every event with a hidden state; popular items for the rest
     kk = min(k, model.n_items)
-    rec_rows = np.empty((n, kk), dtype=np.int64)
-    rec_scores = np.empty((n, kk), dtype=np.float32)
-    hid = np.flatnonzero(has_hidden)
-    rule_counts: dict[str, int] = {}
-    if rcfg is not None:
-        rec_rows, rec_scores, rule_counts = rank(model, post_hidden, has_hidden, kk, rules, users, top_k)
-    elif top_k is not None and hid.shape[0]:
-        rec_rows[hid], rec_scores[hid] = top_k(post_hidden[hid], kk)
-    else:
-        for s in range(0, hid.shape[0], _TOPK_CHUNK):
-            part = hid[s:s + _TOPK_CHUNK]
-            r, sc = model.top_k(post_hidden[part], kk)
-            rec_rows[part], rec_scores[part] = r, sc
-    cold = np.flatnonzero(~has_hidden) if rcfg is None else np.zeros(0, dtype=np.int64)
-    if cold.shape[0]:
-        pr, ps = model.popular(kk)
-        m = pr.shape[0]
-        rec_rows[cold] = _PAD
-        rec_scores[cold] = 0.0
-        rec_rows[cold, :m], rec_scores[cold, :m] = pr, ps
+    rec_rows, rec_scores, rule_counts = score_states(model, post_hidden, has_hidden, kk, top_k, rules, users)
     published_ms = int(time.time() * 1000)
 
     result = BatchResult([], {}, published_ms=published_ms, rule_counts=rule_counts)
@@ -259,7 +262,13 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     _prequential(result, events, states, rows, rec_rows, prev_event, fresh, model.version, k, popularity)
 
     # outputs, in event order
-    result.outputs = _encode_outputs(model, events, rec_rows, rec_scores, published_ms)
+    if history:
+        listed = np.where(rec_rows == _PAD, -1, rec_rows)
+        because = because_rows(model, listed, recent_at, has_hidden, cfg.because_items)
+        result.outputs = encode_outputs_because(_vocab_ids(model), int(model.version), events, listed, rec_scores,
+                                                because, published_ms)
+    else:
+        result.outputs = _encode_outputs(model, events, rec_rows, rec_scores, published_ms)
 
     # final states; the whole batch's arrays are copied once and each user gets rows of them. A user's
     # last event has a hidden state exactly when the user has one, and it is that state
@@ -271,16 +280,59 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     version = int(model.version)
     states_out = result.states
     for j, key in enumerate(last_idx):
-        _, last_ts, n_events, offsets, bought, session_items = work[key]
+        _, last_ts, n_events, offsets, bought, session_items, recent = work[key]
         if remembers:
             bought, session_items = as_arrays(bought, session_items)
         recs = final_recs[j] if n_recs[j] == kk else final_recs[j, :n_recs[j]]
         states_out[key] = UserState(final_hidden[j] if final_has[j] else None, int(last_ts), int(n_events), version,
-                                    recs, offsets, bought, session_items)
+                                    recs, offsets, bought, session_items,
+                                    np.asarray(recent, dtype=np.int32) if history and final_has[j] and recent else None)
     if popularity is not None:
         popularity.update(rows[fresh])
     result.step_seconds = time.perf_counter() - t0
     return result
+
+
+def _event_features(model: Recommender, events: list[Event]) -> np.ndarray:
+    """Category and price rows of each event (model.features); the gap column is filled per event while
+    the waves walk the users' states. Categories the model does not know map to 0 (absent)."""
+    n = len(events)
+    out = np.zeros((n, N_FEATURES), dtype=np.int64)
+    if model.net.C is not None:
+        out[:, CATEGORY] = category_rows([e.category for e in events], model.net.categories)
+    prices = np.fromiter((np.nan if e.price is None else e.price for e in events), dtype=np.float64, count=n)
+    out[:, PRICE] = price_buckets(prices)
+    return out
+
+
+def score_states(model: Recommender, hidden: np.ndarray, has_hidden: np.ndarray, kk: int, top_k: TopK | None = None,
+                 rules: RuleContext | None = None, users: list[UserRules] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """The top-``kk`` rows and scores of each hidden state (popular items where ``has_hidden`` is False), and
+    the items each business rule masked: the one ranking step of the stream's batches and of requests
+    (``stream/pipeline/serving.py``), so the rules apply to both. ``users[i]``: row i's user rules. Rows
+    past the popular list are ``_PAD``."""
+    n = hidden.shape[0]
+    if rules is not None and rules.active:
+        return rank(model, hidden, has_hidden, kk, rules, users if users is not None else [[]] * n, top_k)
+    rec_rows = np.empty((n, kk), dtype=np.int64)
+    rec_scores = np.empty((n, kk), dtype=np.float32)
+    hid = np.flatnonzero(has_hidden)
+    if top_k is not None and hid.shape[0]:
+        rec_rows[hid], rec_scores[hid] = top_k(hidden[hid], kk)
+    else:
+        for s in range(0, hid.shape[0], _TOPK_CHUNK):
+            part = hid[s:s + _TOPK_CHUNK]
+            r, sc = model.top_k(hidden[part], kk)
+            rec_rows[part], rec_scores[part] = r, sc
+    cold = np.flatnonzero(~has_hidden)
+    if cold.shape[0]:
+        pr, ps = model.popular(kk)
+        m = pr.shape[0]
+        rec_rows[cold] = _PAD
+        rec_scores[cold] = 0.0
+        rec_rows[cold, :m], rec_scores[cold, :m] = pr, ps
+    return rec_rows, rec_scores, {}
 
 
 def _non_finite_rows(H: np.ndarray) -> np.ndarray | None:

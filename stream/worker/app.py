@@ -112,10 +112,14 @@ class Pipeline:
     _phases: list = field(default_factory=_new_phases)
     _phases_logged: float = field(default_factory=time.monotonic)
     _gc_frozen: bool = False
+    # input (topic, partition) -> next offset whose event the states as read by ``read_states`` reflect
+    applied: dict[tuple[str, int], int] = field(default_factory=dict)
+    _advanced: asyncio.Event | None = None  # set (and replaced) after each batch: wakes read-your-writes waits
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.cfg = ProcessorConfig(k=s.scoring.top_k, session_gap_ms=int(s.worker.session_gap_s * 1000))
+        self.cfg = ProcessorConfig(k=s.scoring.top_k, session_gap_ms=int(s.worker.session_gap_s * 1000),
+                                   because_history=s.serving.because_history if s.serving.because else 0)
         self.limits = Limits(s.worker.max_message_bytes, s.worker.max_id_bytes)
         self.kinds = self.names.kinds()
         shape = InputShape.parse(s.worker.field_map, s.worker.event_type_map)
@@ -152,6 +156,7 @@ class Pipeline:
         if generation != self._generation:
             await self.drain()  # batches of the old generation drop themselves unacked
             self._overlay.clear()
+            self.applied.clear()
             self._generation = generation
         t0 = time.perf_counter()
         now_ms = int(time.time() * 1000)
@@ -240,6 +245,7 @@ class Pipeline:
                     self.store.write_partition(p, recs, created)
                 for tp, offs in offsets:
                     consumer.ack_offsets(tp, offs)
+                self._mark_applied(offsets)
             highest: dict[int, int] = {}
             for p, fut in changelog_futs:
                 meta = fut.result()
@@ -255,6 +261,7 @@ class Pipeline:
             for p, recs in local.items():
                 for key, raw in recs:
                     self._overlay[key] = (seq, raw)
+            self._mark_applied(offsets)
             prev = self._pending[-1] if self._pending else None
             task = asyncio.ensure_future(self._finish(prev, seq, ticket, local, created, offsets, generation, events,
                                                       result, dead, evicted))
@@ -336,6 +343,35 @@ class Pipeline:
             if self._failure is None:
                 self._failure = exc  # re-raised by the next batch: the worker crashes, nothing is acked
             raise
+
+    def _mark_applied(self, offsets: list[tuple[Any, list[int]]]) -> None:
+        """The batch's states are now what ``read_states`` returns: its offsets count as applied."""
+        for tp, offs in offsets:
+            if offs:
+                key = (tp.topic, tp.partition)
+                self.applied[key] = max(self.applied.get(key, 0), max(offs) + 1)
+        if self._advanced is not None:
+            self._advanced.set()
+            self._advanced = None
+
+    def position(self, topic: str, partition: int) -> int:
+        """Offset of one input partition below which every event is reflected in the states read here."""
+        from faust.types import TP
+
+        resumed = getattr(self.app.consumer, "resumed_at", {}).get(TP(topic, partition)) or 0
+        return max(resumed, self.applied.get((topic, partition), 0))
+
+    async def wait_applied(self, ends: dict[tuple[str, int], int]) -> None:
+        """Return once every event below ``ends`` (input partition -> offset) is reflected in the states
+        (the caller bounds the wait)."""
+        while any(self.position(t, p) < end for (t, p), end in ends.items()):
+            if self._advanced is None:
+                self._advanced = asyncio.Event()
+            await self._advanced.wait()
+
+    def read_states(self, partition: int, keys: list[bytes]) -> dict[bytes, Any]:
+        """States as the worker last decided them (see ``_read``): what requests answer from."""
+        return self._read(partition, keys)
 
     def _prune(self) -> None:
         """Forget finished batches (oldest first); a failed one fails the batch loop."""
@@ -549,7 +585,8 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
         **faust_broker_kwargs(settings),
         store="rocksdb://",
         datadir=str(datadir),
-        web_enabled=False,  # stream/observe/web.py serves /metrics, /livez, /readyz from process start
+        web_enabled=False,  # stream/observe/web.py serves /metrics, /livez, /readyz and requests from process start
+        canonical_url=settings.web_url(),  # the address faust's assignment gives the other workers (routing)
         processing_guarantee=settings.worker.processing_guarantee,
         topic_partitions=settings.topics.partitions,
         topic_replication_factor=settings.topics.replication_factor,
