@@ -4,14 +4,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools demo test test-unit bench contract clean
+.PHONY: venv tools demo test test-unit bench figures contract clean
 
 venv: $(STAMP)
 
 # pip keeps what is already installed (torch is several GB): re-run only when pyproject.toml changes.
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade-strategy only-if-needed -e '.[test]'
+	$(PY) -m pip install --upgrade-strategy only-if-needed -e '.[test,plot]'
 	touch $(STAMP)
 
 demo: venv
@@ -28,6 +28,12 @@ test: venv tools
 
 test-unit: venv
 	$(PY) -m pytest -q -ra -m "not integration and not slow"
+
+# the README's figures: the architecture (drawn from code) and the online-learning plot (a real run, ~4 min)
+figures: venv
+	$(PY) docs/figures/architecture.py docs/figures/architecture.svg
+	$(VENV)/bin/gruflow experiment online ../shared/data/yoochoose_rsc15_100k --format session-rec --warmup-days 1 \
+		--json --plot docs/figures/online-hr20.png
 
 bench: venv
 	mkdir -p out

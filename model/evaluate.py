@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 

@@ -17,3 +17,6 @@ class EventType(IntEnum):
 
 
 N_EVENT_TYPES = len(EventType)
+# the names events carry on the wire and metrics use as labels ("view", "click", "cart", "purchase")
+EVENT_TYPE_NAMES: dict[int, str] = {int(t): t.name.lower() for t in EventType}
+EVENT_TYPES_BY_NAME: dict[str, EventType] = {name: EventType(v) for v, name in EVENT_TYPE_NAMES.items()}

@@ -75,21 +75,18 @@ def _trainer(args: argparse.Namespace) -> int:
 
 def _bootstrap_model(settings: Any) -> Any:
     """`gruflow run` with no model anywhere: a quick model on synthetic data, like the demo."""
-    import dataclasses
     from pathlib import Path
 
-    from model.checkpoint import save_checkpoint
     from model.params import OFFICIAL
     from model.synthetic import generate
-    from model.train import train_model
+    from stream.tools.harness import train_quick_model
 
     print("no model on the models topic and GRUFLOW_MODEL_PATH unset: training a quick synthetic model...",
           file=sys.stderr)
     df = generate(n_sessions=3000, n_items=500, seed=0)
-    params = dataclasses.replace(OFFICIAL, layers=(64,), n_sample=256, n_epochs=2)  # quick: cross-entropy
-    net, vocab, pop = train_model(df, params, progress=True)
     path = Path(settings.process.data_dir) / "models" / "bootstrap.ckpt"
-    save_checkpoint(path, net, vocab, params, pop, {"source": "synthetic bootstrap"})
+    train_quick_model(df, path, n_sample=256, batch_size=OFFICIAL.batch_size, learning_rate=OFFICIAL.learning_rate,
+                      progress=True, metadata={"source": "synthetic bootstrap"})
     return settings.replace(model_path=str(path))
 
 
@@ -174,7 +171,7 @@ def _model_list(args: argparse.Namespace) -> int:
 
 
 def _model_rollback(args: argparse.Namespace) -> int:
-    from stream.online import model_sync
+    from stream.online import model_protocol, model_sync
     from stream.online.model_store import ModelStore
 
     settings = _settings(args)
@@ -182,7 +179,7 @@ def _model_rollback(args: argparse.Namespace) -> int:
         return 2
     try:
         new = model_sync.rollback(settings, args.version, ModelStore.from_settings(settings))
-    except (LookupError, model_sync.ModelSyncError) as exc:
+    except (LookupError, model_protocol.ModelSyncError) as exc:
         print(f"gruflow model rollback: {exc}", file=sys.stderr)
         return 1
     print(f"published version {new} = the weights of version {args.version}; workers swap it in at their next "
@@ -269,6 +266,9 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--every", type=int, default=4000,
                    help="events per fine-tune round (the replay waits for each round's version)")
     p.add_argument("--limit", type=int, default=None, help="replay at most N events (smoke runs)")
+    p.add_argument("--plot", metavar="FILE", default=None,
+                   help="draw the prequential HR@K of online vs frozen vs popularity, slice by slice, into FILE "
+                        "(PNG; matplotlib)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=_experiment)
 

@@ -22,198 +22,26 @@ Usage::
 from __future__ import annotations
 
 import atexit
-import ctypes
-import hashlib
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from types import FrameType
 from typing import Any, Callable
 
-from model.cache_dir import cache_root
 from stream.settings import Settings
-
-POM = Path(__file__).resolve().with_name("pom.xml")
-MIN_JAVA = 17
-MESSAGE_MAX_BYTES = 8 * 1024 * 1024 + 65536  # model checkpoints travel in chunks of up to 8 MiB
-RUN_DIR_PREFIX = "gruflow-kafka-"
-PORTS_FILE = "ports.json"  # in a data dir: the listener ports chosen at its first start
-
-_HELP = (
-    "Alternatives: run any Kafka cluster (e.g. `docker compose up -d kafka` with the repo's "
-    "docker-compose.yml) and point gruflow at it with GRUFLOW_BOOTSTRAP_SERVERS=host:port (or --bootstrap)."
-)
-
-
-class BrokerError(RuntimeError):
-    """The embedded broker cannot be set up or started; the message says what to do."""
-
-
-def _log(message: str) -> None:
-    print(f"[gruflow] {message}", file=sys.stderr, flush=True)
+from stream.kafka.broker_setup import BrokerError, PORTS_FILE, _cluster_id, _forget_storage, _is_formatted, _java_id, _log, _mb, _random_cluster_id, _read_ports, _write_ports, default_cache_dir, find_java, free_port, kafka_version, resolve_jars, server_properties
+from stream.kafka.broker_process import _live, _live_lock, RUN_DIR_PREFIX, _pdeathsig_preexec, _signal_group, _spawn, _stop_all, _sweep_stale_run_dirs
 
 
 # --------------------------------------------------------------------------- tools and jars
 
 
-def kafka_version(pom: Path = POM) -> str:
-    match = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", pom.read_text())
-    if not match:
-        raise BrokerError(f"{pom} has no <kafka.version> property")
-    return match.group(1).strip()
-
-
-def default_cache_dir(settings: Settings | None = None) -> Path:
-    if settings is not None and settings.broker.kafka_cache_dir:
-        return Path(settings.broker.kafka_cache_dir).expanduser()
-    return cache_root() / f"kafka-{kafka_version()}"
-
-
-def find_java() -> str:
-    """Path of a Java >= 17 executable (JAVA_HOME first, then PATH), or a BrokerError saying what to install."""
-    candidates = []
-    if os.environ.get("JAVA_HOME"):
-        candidates.append(str(Path(os.environ["JAVA_HOME"]) / "bin" / "java"))
-    which = shutil.which("java")
-    if which:
-        candidates.append(which)
-    found = []
-    for java in candidates:
-        if not os.access(java, os.X_OK):
-            continue
-        major = _java_major(java)
-        if major is not None and major >= MIN_JAVA:
-            return java
-        found.append(f"{java} (version {major})")
-    what = "found " + ", ".join(found) if found else "no `java` on PATH or in JAVA_HOME"
-    raise BrokerError(
-        f"the embedded Apache Kafka broker needs Java {MIN_JAVA} or newer ({what}). Install a JRE, e.g. "
-        f"`apt-get install openjdk-17-jre-headless` (Debian/Ubuntu) or `brew install openjdk@17` (macOS). {_HELP}"
-    )
-
-
-def _java_major(java: str) -> int | None:
-    try:
-        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r'version "([^"]+)"', out.stderr + out.stdout)
-    if not match:
-        return None
-    parts = re.split(r"[._-]", match.group(1))
-    try:
-        major = int(parts[0])
-        return int(parts[1]) if major == 1 else major  # "1.8.0_292" is Java 8
-    except (ValueError, IndexError):
-        return None
-
-
-def find_mvn() -> str:
-    mvn = shutil.which("mvn")
-    if not mvn:
-        raise BrokerError(
-            "the embedded Apache Kafka broker's jars are fetched with Maven on first use, and `mvn` is not on PATH. "
-            f"Install Maven, e.g. `apt-get install maven` (Debian/Ubuntu) or `brew install maven` (macOS). {_HELP}"
-        )
-    return mvn
-
-
-def resolve_jars(cache_dir: Path | None = None, pom: Path = POM) -> Path:
-    """Directory holding the broker's jars; runs Maven only when the cache is missing or stale.
-
-    A stamp holds the pom's hash; a file lock keeps concurrent gruflow processes (tests, demo) from
-    resolving into the same directory at once.
-    """
-    import fcntl
-
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    lib, stamp = cache_dir / "lib", cache_dir / ".resolved"
-    digest = hashlib.sha256(pom.read_bytes()).hexdigest()
-
-    def fresh() -> bool:
-        return stamp.is_file() and stamp.read_text().strip() == digest and any(lib.glob("kafka_2.13-*.jar"))
-
-    if fresh():
-        return lib
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if fresh():
-            return lib
-        mvn = find_mvn()
-        _log(f"resolving Apache Kafka {kafka_version(pom)} jars with Maven (first run only) into {lib} ...")
-        tmp = cache_dir / f"lib.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies", f"-DoutputDirectory={tmp}"]
-        started = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cache_dir)
-        if proc.returncode != 0 or not any(tmp.glob("kafka_2.13-*.jar")):
-            shutil.rmtree(tmp, ignore_errors=True)
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-            raise BrokerError(
-                f"Maven could not resolve the Kafka broker jars (exit {proc.returncode}); it needs access to "
-                f"Maven Central.\n$ {' '.join(cmd)}\n{tail}\n{_HELP}"
-            )
-        shutil.rmtree(lib, ignore_errors=True)
-        tmp.rename(lib)
-        stamp.write_text(digest + "\n")
-        _log(f"Kafka jars resolved in {time.monotonic() - started:.0f} s ({len(list(lib.glob('*.jar')))} jars)")
-    return lib
-
-
 # --------------------------------------------------------------------------- ports, config files
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def server_properties(port: int, controller_port: int, log_dir: Path, host: str = "127.0.0.1") -> str:
-    props = {
-        "process.roles": "broker,controller",
-        "node.id": "1",
-        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{host}:{port}",
-        "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-        "controller.quorum.bootstrap.servers": f"{host}:{controller_port}",
-        "log.dirs": str(log_dir),
-        "num.partitions": "1",
-        "auto.create.topics.enable": "false",
-        # single node: internal topics with one replica, fewer partitions than the defaults for a fast start
-        "offsets.topic.replication.factor": "1",
-        "offsets.topic.num.partitions": "8",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "transaction.state.log.num.partitions": "8",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
-        "group.initial.rebalance.delay.ms": "0",
-        "message.max.bytes": str(MESSAGE_MAX_BYTES),
-        "replica.fetch.max.bytes": str(MESSAGE_MAX_BYTES),
-        "log.cleaner.enable": "true",
-        "log.cleaner.backoff.ms": "1000",
-        "log.cleaner.dedupe.buffer.size": str(16 * 1024 * 1024),
-        # modest thread pools: the machine is shared with workers and tests
-        "num.network.threads": "2",
-        "num.io.threads": "4",
-        "num.recovery.threads.per.data.dir": "1",
-        "background.threads": "4",
-        "log.segment.bytes": str(256 * 1024 * 1024),
-    }
-    return "".join(f"{k}={v}\n" for k, v in props.items())
 
 
 LOG4J2_PROPERTIES = """\
@@ -237,97 +65,7 @@ logger.cleaner.level = INFO
 
 # --------------------------------------------------------------------------- process guard
 
-_PR_SET_PDEATHSIG = 1
-_live: set["EmbeddedKafka"] = set()
-_live_lock = threading.Lock()
 _atexit_registered = False
-
-
-def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None]:
-    """preexec_fn for the JVM: die with SIGKILL when the parent dies (even when the parent is SIGKILLed)."""
-
-    def preexec() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass  # not Linux: rely on stop()/atexit/signal handlers
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
-def _spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """Popen from a thread that lives as long as the process: the parent-death signal fires when the
-    *thread* that forked the child ends, so a broker started from a short-lived worker thread would
-    otherwise die with that thread."""
-    if threading.current_thread() is threading.main_thread():
-        return subprocess.Popen(cmd, **kwargs)
-    return _Launcher.instance().run(lambda: subprocess.Popen(cmd, **kwargs))
-
-
-class _Launcher:
-    """One daemon thread that only starts processes; it ends with the interpreter."""
-
-    _instance: "_Launcher | None" = None
-    _lock = threading.Lock()
-
-    def __init__(self) -> None:
-        import queue
-
-        self._jobs: "queue.Queue[tuple[Callable[[], Any], Any]]" = queue.Queue()
-        threading.Thread(target=self._loop, name="gruflow-kafka-launcher", daemon=True).start()
-
-    @classmethod
-    def instance(cls) -> "_Launcher":
-        with cls._lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
-
-    def _loop(self) -> None:
-        while True:
-            job, future = self._jobs.get()
-            try:
-                future.set_result(job())
-            except BaseException as exc:  # handed to the caller
-                future.set_exception(exc)
-
-    def run(self, job: Callable[[], Any]) -> Any:
-        from concurrent.futures import Future
-
-        future: Future[Any] = Future()
-        self._jobs.put((job, future))
-        return future.result()
-
-
-def _stop_all() -> None:
-    with _live_lock:
-        brokers = list(_live)
-    for broker in brokers:
-        broker.stop()
-
-
-def _sweep_stale_run_dirs() -> None:
-    """Remove run directories left by brokers whose Python owner was SIGKILLed (the JVM died with it)."""
-    for path in Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*"):
-        try:
-            owner = int((path / "owner.pid").read_text())
-        except (OSError, ValueError):
-            continue
-        if owner != os.getpid() and not _pid_alive(owner):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------- the broker
@@ -661,83 +399,6 @@ class _SilentLogger:
 
     def __getattr__(self, name: str) -> Callable[..., None]:
         return self.log
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # own session: pgid == pid
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        proc.send_signal(sig)
-
-
-def _java_id(java: str) -> str:
-    """Names CDS archives per JVM build: an archive only fits the JVM that wrote it."""
-    real = os.path.realpath(java)
-    try:
-        stamp = f"{real}:{os.stat(real).st_mtime_ns}"
-    except OSError:
-        stamp = real
-    return hashlib.sha1(stamp.encode()).hexdigest()[:12]
-
-
-def _mb(size: str) -> int:
-    size = size.strip().lower()
-    factor = {"k": 1 / 1024, "m": 1, "g": 1024}.get(size[-1:], 1 / (1024 * 1024))
-    return int(float(size.rstrip("kmg")) * factor)
-
-
-def _is_formatted(log_dir: Path) -> bool:
-    return (log_dir / "meta.properties").is_file()
-
-
-def _cluster_id(log_dir: Path) -> str:
-    """The cluster id a formatted log dir belongs to (``cluster.id`` in its meta.properties)."""
-    for line in (log_dir / "meta.properties").read_text().splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() == "cluster.id":
-            return value.strip()
-    return ""
-
-
-def _read_ports(data_dir: Path) -> tuple[int, int] | None:
-    """(listener port, controller port) a data dir's broker was started on, or None before its first start."""
-    import json
-
-    try:
-        ports = json.loads((data_dir / PORTS_FILE).read_text())
-        return int(ports["port"]), int(ports["controller_port"])
-    except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BrokerError(f"{data_dir / PORTS_FILE} is unreadable ({exc!r}); it names the ports this data "
-                          f"directory's broker must come back on") from exc
-
-
-def _write_ports(data_dir: Path, port: int, controller_port: int) -> None:
-    import json
-
-    tmp = data_dir / f"{PORTS_FILE}.tmp"
-    tmp.write_text(json.dumps({"port": port, "controller_port": controller_port}) + "\n")
-    os.replace(tmp, data_dir / PORTS_FILE)
-
-
-def _forget_storage(data_dir: Path) -> None:
-    """Undo a format that never served (its ports were taken): the next attempt formats on new ports."""
-    shutil.rmtree(data_dir / "data", ignore_errors=True)
-    (data_dir / PORTS_FILE).unlink(missing_ok=True)
-
-
-def _random_cluster_id() -> str:
-    """What `kafka-storage.sh random-uuid` prints: a URL-safe base64 UUID without padding, never starting
-    with "-" (the tool's argument parser would read that as an option)."""
-    import base64
-
-    while True:
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        if not cluster_id.startswith("-"):
-            return cluster_id
 
 
 def run_forever(settings: Settings | None = None, *, port: int | None = None, create_topics: bool = True,

@@ -19,8 +19,10 @@ from stream.settings import Settings, SettingsError
 
 # librdkafka defaults to CRC32; this is murmur2 for keyed messages (random for null keys), like faust.
 PARTITIONER = "murmur2_random"
-# model checkpoints travel through the models topic in chunks; the broker allows a bit more than this
-MODEL_CHUNK_BYTES = 8 * 1024 * 1024
+# a model checkpoint travels on the models topic in chunks of this size (stream/online/model_sync.py)
+MODEL_CHUNK_BYTES = 512 * 1024
+# the largest message gruflow's clients, the models topic and the embedded broker accept: far above a chunk
+MESSAGE_MAX_BYTES = 8 * 1024 * 1024 + 64 * 1024
 # librdkafka writes its log lines (``%3|…|FAIL|…``) straight to stderr unless it is given a logger: every
 # confluent client gets this one, so its lines go through Python logging (level, format, handlers) and
 # are delivered from the client's own poll()/flush() calls.
@@ -133,7 +135,7 @@ def producer_config(settings: Settings, *, compression: str | None = None, **ext
         "batch.num.messages": 10000,
         "queue.buffering.max.messages": 500000,
         "enable.idempotence": True,  # acks=all, no duplicates from internal retries
-        "message.max.bytes": MODEL_CHUNK_BYTES + 65536,
+        "message.max.bytes": MESSAGE_MAX_BYTES,
     })
     if compression:
         config["compression.type"] = compression
@@ -182,7 +184,7 @@ def consumer_config(settings: Settings, group_id: str | None = None, **extra: An
         "auto.offset.reset": "earliest",
         "enable.auto.commit": group_id is not None,
         "fetch.max.bytes": 64 * 1024 * 1024,
-        "max.partition.fetch.bytes": MODEL_CHUNK_BYTES + 65536,
+        "max.partition.fetch.bytes": MESSAGE_MAX_BYTES,
     })
     config.update(librdkafka_properties(settings))
     config.update(_normalise(extra))

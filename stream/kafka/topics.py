@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Iterator
 
-from stream.kafka.config import MODEL_CHUNK_BYTES, ClusterUnreachable, admin_config
+from stream.kafka.config import MESSAGE_MAX_BYTES, ClusterUnreachable, admin_config
 from stream.settings import INPUT_MESSAGE_MAX_BYTES, Settings
 
 # a dead letter is the original record plus gruflow's headers (a detail of at most 500 bytes, ids, offsets)
@@ -99,7 +99,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(names.control, p, {}),
         TopicSpec(names.flagged, 1, {}),
         # one partition keeps model chunks in order; compaction keeps the latest of each key
-        TopicSpec(names.models, 1, {**compact, "max.message.bytes": str(MODEL_CHUNK_BYTES + 65536)}),
+        TopicSpec(names.models, 1, {**compact, "max.message.bytes": str(MESSAGE_MAX_BYTES)}),
         # catalogue rules keyed by item id: the latest of each item is what counts (docs/rules.md)
         TopicSpec(names.item_rules, 1, dict(compact), any_partitions=True),
     ]

@@ -52,7 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from stream.tools.processes import PROJECT_ROOT, stop_process
+from stream.tools.harness import (PROJECT_ROOT, GruflowProcess, label_value, scrape, stop_process, total,
+                                  train_quick_model)
 from stream.settings import ENV_PREFIX, Settings
 
 
@@ -80,28 +81,11 @@ def _model(path: Path, train: Any, n_items: int, hidden: int) -> None:
     """A GRU4Rec of the requested size trained for one quick epoch on synthetic sessions of the same
     shop as the bench's events: the worker's int8 top-K pre-filter relies on a trained model's spread
     of scores (an untrained model's are nearly flat), so a random model would misstate its speed."""
-    import dataclasses
-
-    import torch
-
-    from model.checkpoint import save_checkpoint
-    from model.params import OFFICIAL
-    from model.train import train_model
     from model.vocab import Vocabulary
 
-    params = dataclasses.replace(OFFICIAL, layers=(hidden,), n_epochs=1, batch_size=64, n_sample=512,
-                                 learning_rate=0.08)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    t0 = time.monotonic()
-    try:
-        vocab = Vocabulary(f"i{r}" for r in range(n_items))
-        net, vocab, popularity = train_model(train, params, progress=False, vocab=vocab)
-    finally:
-        torch.set_num_threads(threads)
-    save_checkpoint(path, net, vocab, params, popularity + 1.0, {"version": 1, "source": "gruflow bench"})
-    _log(f"model: {n_items:,} items, hidden {hidden}, one epoch on {len(train):,} synthetic events in "
-         f"{time.monotonic() - t0:.0f} s")
+    n, seconds = train_quick_model(train, path, hidden=hidden, n_epochs=1, vocab=Vocabulary(f"i{r}" for r in range(n_items)),
+                                   popularity_floor=1.0, metadata={"version": 1, "source": "gruflow bench"})
+    _log(f"model: {n:,} items, hidden {hidden}, one epoch on {len(train):,} synthetic events in {seconds:.0f} s")
 
 
 def _data(n: int, n_items: int) -> tuple[Any, Any]:
@@ -368,32 +352,11 @@ def _percentiles(lat: np.ndarray) -> dict[str, float | None]:
 
 
 def _scrape(port: int, name: str) -> float | None:
-    """One sample of a Prometheus counter/gauge from a /metrics endpoint (None: not reachable)."""
-    import urllib.request
-
+    """The sum of a Prometheus counter/gauge's samples at a /metrics endpoint (None: not reachable)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            text = r.read().decode()
+        return total(scrape(f"http://127.0.0.1:{port}"), name)
     except OSError:
         return None
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def _scrape_label(port: int, name: str, label: str) -> str | None:
-    """The value of ``label`` on the first sample of ``name`` at a /metrics endpoint (an Info metric)."""
-    import re
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            text = r.read().decode()
-    except OSError:
-        return None
-    found = re.search(rf'^{re.escape(name)}{{[^}}]*\b{re.escape(label)}="([^"]*)"', text, re.MULTILINE)
-    return found.group(1) if found else None
 
 
 def _start_trainer(env: dict[str, str], port: int, args: argparse.Namespace, log_path: Path,
@@ -403,14 +366,15 @@ def _start_trainer(env: dict[str, str], port: int, args: argparse.Namespace, log
                  ENV_PREFIX + "FINETUNE_INTERVAL_S": str(args.train_interval),
                  ENV_PREFIX + "BUFFER_MAX_EVENTS": str(args.train_buffer),
                  ENV_PREFIX + "TRAINER_TORCH_THREADS": "1"})
-    return subprocess.Popen([sys.executable, "-m", "stream.cli", "trainer"], env=tenv,
-                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=cwd)
+    trainer = GruflowProcess("trainer", tenv, port, log_path, cwd=cwd).start(wait=False)
+    assert trainer.proc is not None
+    return trainer.proc
 
 
 def _training_phase(args: argparse.Namespace, settings: Settings, env: dict[str, str], reader: "_RecReader",
                     work: Path, procs: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
     """Start a trainer process, wait for its first finished round, then measure latency under training."""
-    from stream.kafka.broker import free_port
+    from stream.kafka.broker_setup import free_port
 
     rounds = ENV_PREFIX.lower() + "finetune_rounds_total"
     port = free_port()
@@ -471,7 +435,7 @@ def _echo_phase(args: argparse.Namespace, settings: Settings, work: Path) -> dic
 def bench_settings(base: Settings, name: str, work: Path, args: argparse.Namespace) -> Settings:
     """One bench run's settings on the broker of ``base``: its own topics (created here), consumer group, data
     dir and web port, the run's partitions and k."""
-    from stream.kafka.broker import free_port
+    from stream.kafka.broker_setup import free_port
     from stream.kafka.topics import ensure_topics
 
     run = time.strftime("%H%M%S")
@@ -510,9 +474,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
         reader = _RecReader(settings)
         env = settings.subprocess_env(**{ENV_PREFIX + "MODEL_PATH": str(model_path)})
-        log = open(work / "worker.log", "wb")
-        worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+        worker = GruflowProcess("worker", env, settings.process.web_port, work / "worker.log").start(wait=False).proc
+        assert worker is not None
         _log(f"worker pid {worker.pid} started; processing the backlog ...")
         steal = _StealMeter().start()
         profiler = None
@@ -525,7 +488,8 @@ def run_bench(args: argparse.Namespace) -> int:
         if not reader.wait_count(n, 600):
             raise RuntimeError(f"only {reader.count} of {n} recommendations arrived; worker log: {work / 'worker.log'}")
         throughput_steal = steal.stop()
-        worker_scorer_path = _scrape_label(settings.process.web_port, "gruflow_scorer_info", "path")
+        worker_scorer_path = label_value(scrape(f"http://127.0.0.1:{settings.process.web_port}"), "gruflow_scorer_info",
+                                         "path")
         pub = np.asarray(reader.published, dtype=np.float64)
         span_s = (pub.max() - pub.min()) / 1000.0
         events_per_s = n / span_s if span_s > 0 else float("nan")

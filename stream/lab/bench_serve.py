@@ -38,7 +38,7 @@ import numpy as np
 
 from stream.lab.bench import (WARMUP_PREFIX, _cpu_flags, _cpu_model, _data, _latency_window, _log, _model,
                               _percentiles, _RecReader, _warm_up, bench_settings)
-from stream.tools.processes import PROJECT_ROOT, stop_process
+from stream.tools.harness import PROJECT_ROOT, stop_process
 from stream.settings import ENV_PREFIX, Settings
 
 
@@ -112,7 +112,7 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 180.0
 
 def _throughput(base: Settings, model_path: Path, df: Any, work: Path, because: bool) -> float:
     """events/s of a fresh worker on a backlog of ``df`` (publication span of its recommendations)."""
-    from stream.kafka.broker import free_port
+    from stream.kafka.broker_setup import free_port
     from stream.tools.replay import replay
     from stream.kafka.topics import ensure_topics
 

@@ -21,20 +21,20 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
+
+from stream.tools.harness import GruflowProcess, RunningTotals, Samples, total
 
 
 def _log(msg: str) -> None:
@@ -65,94 +65,84 @@ def split_warmup(df: pd.DataFrame, days: float) -> tuple[pd.DataFrame, pd.DataFr
     return warm, rest, cut
 
 
-def _env(settings: Any) -> dict[str, str]:
-    return settings.subprocess_env(PYTHONUNBUFFERED=os.environ.get("PYTHONUNBUFFERED", "1"))
+PREQUENTIAL = ("gruflow_prequential_events_total", "gruflow_prequential_hits_total",
+               "gruflow_prequential_reciprocal_rank_total")
 
 
-def scrape(settings: Any, timeout: float = 5.0) -> dict[tuple[str, tuple], float]:
-    """The worker's /metrics as {(sample name, sorted labels): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    url = f"http://127.0.0.1:{settings.process.web_port}/metrics"
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        text = r.read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def _sum(samples: dict, name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
-
-
-def prequential(samples: dict, model: str, k: int) -> dict:
-    """HR@k and MRR@k of ``model`` from the worker's counters; ``k`` must be the worker's top_k (the only
-    list length its counters are labelled with)."""
-    n = _sum(samples, "gruflow_prequential_events_total", model=model)
-    hits = _sum(samples, "gruflow_prequential_hits_total", model=model, k=str(k))
-    rr = _sum(samples, "gruflow_prequential_reciprocal_rank_total", model=model, k=str(k))
+def prequential(samples: Samples | RunningTotals, model: str, k: int) -> dict:
+    """HR@k and MRR@k of ``model`` from the worker's counters (summed over model versions); ``k`` must be
+    the worker's top_k (the only list length its counters are labelled with)."""
+    if isinstance(samples, RunningTotals):
+        samples = samples.totals
+    n = total(samples, "gruflow_prequential_events_total", model=model)
+    hits = total(samples, "gruflow_prequential_hits_total", model=model, k=str(k))
+    rr = total(samples, "gruflow_prequential_reciprocal_rank_total", model=model, k=str(k))
     return {"hr": {str(k): hits / n if n else 0.0}, "mrr": {str(k): rr / n if n else 0.0}, "n": int(n)}
 
 
-class WorkerProcess:
-    """``gruflow worker`` as a subprocess configured by ``settings``; always stopped on exit."""
+def _counts(totals: RunningTotals, model: str, k: int) -> tuple[float, float]:
+    """(events scored, hits at ``k``) of ``model`` so far."""
+    return (totals.total("gruflow_prequential_events_total", model=model),
+            totals.total("gruflow_prequential_hits_total", model=model, k=str(k)))
 
-    def __init__(self, settings: Any, log_path: Path) -> None:
-        self.settings = settings
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> "WorkerProcess":
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=_env(self.settings),
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        url = f"http://127.0.0.1:{self.settings.process.web_port}/readyz"
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}; log {self.log_path}:\n"
-                                   + self.log_path.read_text(errors="replace")[-3000:])
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker not ready after 180 s; log {self.log_path}")
-            time.sleep(0.3)
+def windowed_hit_rate(curve: list[dict], model: str) -> tuple[list[float], list[float]]:
+    """(events replayed, HR in the slice that ended there) from cumulative counts; slices where nothing
+    was scored are left out."""
+    xs, ys = [], []
+    prev_n = prev_h = 0.0
+    for point in curve:
+        n, h = point[model]
+        if n > prev_n:
+            xs.append(point["events"])
+            ys.append((h - prev_h) / (n - prev_n))
+        prev_n, prev_h = n, h
+    return xs, ys
 
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
 
-    def wait_processed(self, n: int, timeout: float = 600.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            samples = scrape(self.settings)
-            if _sum(samples, "gruflow_events_in_total") + _sum(samples, "gruflow_dlq_total") >= n:
-                return samples
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"worker died; log {self.log_path}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"worker processed fewer than {n} events within {timeout} s")
-            time.sleep(0.2)
+def plot_hit_rates(frozen: dict, online: dict, k: int, path: str) -> None:
+    """The prequential HR@k of the online and the frozen model and of popularity, slice by slice."""
+    import matplotlib
 
-    def wait_version(self, version: int, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while _sum(scrape(self.settings), "gruflow_model_version") < version:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"worker did not swap in model version {version} within {timeout} s")
-            time.sleep(0.1)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
+    for label, run, model, style in (("online fine-tuning", online, "gru", "-"), ("frozen day-1 model", frozen, "gru", "--"),
+                                     ("popularity", online, "popularity", ":")):
+        xs, ys = windowed_hit_rate(run["curve"], model)
+        ax.plot(xs, ys, style, marker="o", markersize=3, label=f"{label} (HR@{k} {run[model]['hr'][str(k)]:.3f})")
+    ax.set_xlabel("events replayed")
+    ax.set_ylabel(f"HR@{k} per slice")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"prequential HR@{k} over the replayed stream (test-then-train)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def wait_processed(worker: GruflowProcess, n: int, timeout: float = 600.0) -> Samples:
+    """The worker's samples once it has taken ``n`` events (processed or dead-lettered)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = worker.scrape()
+        if total(samples, "gruflow_events_in_total") + total(samples, "gruflow_dlq_total") >= n:
+            return samples
+        if worker.exited() is not None:
+            raise RuntimeError(f"worker died; log {worker.log_path}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker processed fewer than {n} events within {timeout} s")
+        time.sleep(0.2)
+
+
+def wait_version(worker: GruflowProcess, version: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while total(worker.scrape(), "gruflow_model_version") < version:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker did not swap in model version {version} within {timeout} s")
+        time.sleep(0.1)
 
 
 def read_recommendations(settings: Any, timeout: float = 120.0) -> Iterator[tuple[Any, dict]]:
@@ -214,7 +204,7 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
     """One variant on its own topics; ``readback(settings)`` runs after the replay, while the broker is up
     (e.g. to read the recommendations topic), and its result is merged into the returned dict."""
     from stream.online import model_sync
-    from stream.kafka.broker import free_port
+    from stream.kafka.broker_setup import free_port
     from stream.observe.metrics import Metrics
     from stream.tools.replay import replay
     from stream.kafka.topics import ensure_topics
@@ -230,7 +220,7 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
     t0 = time.perf_counter()
     rounds: list[dict] = []
     trainer = None
-    with WorkerProcess(s, tmp / f"worker-{name}.log") as worker:
+    with GruflowProcess.worker(s, tmp / f"worker-{name}.log") as worker:
         _log(f"{name}: worker ready on :{s.process.web_port}")
         try:
             if online:
@@ -238,13 +228,16 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
                 if not trainer.ready.wait(120):
                     raise RuntimeError("trainer consumer not assigned within 120 s")
             sent = 0
-            step = every if online else len(rest)
-            for a in range(0, len(rest), step):
-                stats = replay(s, rest.iloc[a:a + step], progress=False)
+            curve: list[dict] = []  # cumulative prequential counts after each slice (test-then-train)
+            totals = RunningTotals(PREQUENTIAL)  # old versions' series disappear from /metrics
+            k = s.scoring.top_k
+            for a in range(0, len(rest), every):
+                stats = replay(s, rest.iloc[a:a + every], progress=False)
                 if stats.failed:
                     raise RuntimeError(f"{stats.failed} events not delivered")
                 sent += stats.delivered
-                worker.wait_processed(sent)
+                totals.update(wait_processed(worker, sent))
+                curve.append({"events": sent, **{m: _counts(totals, m, k) for m in ("gru", "popularity")}})
                 if trainer is not None:
                     if not trainer.wait_consumed(sent, 300):
                         raise RuntimeError(f"trainer consumed only {trainer.events_consumed} of {sent} events")
@@ -254,21 +247,21 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
                     r = trainer.results[-1]
                     rounds.append(r.summary())
                     if r.promoted:
-                        worker.wait_version(trainer.tuner.current.version)
+                        wait_version(worker, trainer.tuner.current.version)
                     _log(f"{name}: {sent}/{len(rest)} events, round {len(rounds)} {r.status} "
                          f"(+{len(r.new_items)} items, {r.duration_s:.1f} s)")
-            samples = worker.wait_processed(sent)
+            samples = wait_processed(worker, sent)
+            totals.update(samples)
         finally:
             if trainer is not None:
                 trainer.stop()
     filtered = {} if trainer is None else {r: trainer.filtered(r) for r in trainer.filter_reasons()}
-    k = s.scoring.top_k
-    out = {"gru": prequential(samples, "gru", k), "popularity": prequential(samples, "popularity", k),
-           "events": sent, "seconds": time.perf_counter() - t0}
+    out = {"gru": prequential(totals, "gru", k), "popularity": prequential(totals, "popularity", k),
+           "events": sent, "seconds": time.perf_counter() - t0, "curve": curve}
     if online:
         out["rounds"] = rounds
         out["training_filtered"] = filtered
-        out["versions"] = int(_sum(samples, "gruflow_model_version"))
+        out["versions"] = int(total(samples, "gruflow_model_version"))
         out.update(new_items_recommended(s, known, rest, sent))
     if readback is not None:
         out.update(readback(s))
@@ -299,6 +292,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
     from stream.settings import Settings
 
     settings = Settings.from_env()
+    if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:  # before the long run
+        raise ValueError("--plot needs matplotlib: pip install 'gruflow[plot]'")
     torch.set_num_threads(max(1, settings.trainer.trainer_torch_threads))
     df = load_data(args.data, args.format)
     warm, rest, cut = split_warmup(df, args.warmup_days)
@@ -338,6 +333,9 @@ def run_online_experiment(args: argparse.Namespace) -> dict:
     frozen, online = with_broker(prep.settings, lambda settings, tmp: (
         _run_variant("frozen", settings, v1, rest, args.every, False, tmp, known),
         _run_variant("online", settings, v1, rest, args.every, True, tmp, known)))
+    if getattr(args, "plot", None):
+        plot_hit_rates(frozen, online, prep.settings.scoring.top_k, args.plot)
+        _log(f"plot: {args.plot}")
     details = {"frozen": frozen, "online": {k: v for k, v in online.items() if k != "rounds"},
                "rounds": online["rounds"], "warmup_events": len(warm), "warmup_items": len(vocab)}
     _log("details: " + __import__("json").dumps(details, default=str))

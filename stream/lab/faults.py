@@ -26,18 +26,16 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stream.tools.processes import PROJECT_ROOT, stop_process
+from stream.tools.harness import GruflowProcess, is_ready, stop_process
 from stream.settings import ENV_PREFIX, Settings
 
 SCENARIOS = ("worker-kill", "broker-pause", "broker-kill")
@@ -169,36 +167,23 @@ def _tiny_model(path: Path) -> Path:
                            np.linspace(N_ITEMS, 1, N_ITEMS), {"source": "gruflow lab faults"})
 
 
-@dataclass
-class _Worker:
-    name: str
-    env: dict[str, str]
-    port: int
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-    keep_down: bool = False
+class _Worker(GruflowProcess):
+    """A worker the scenario's supervisor restarts when it exits on its own (unless kept down)."""
 
-    def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
-        log.close()
-        self.starts += 1
+    def __init__(self, name: str, env: dict[str, str], port: int, log_path: Path) -> None:
+        super().__init__("worker", env, port, log_path)
+        self.name = name
+        self.keep_down = False
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return is_ready(self.url)
 
     def supervise(self) -> str | None:
         """Restart the worker if it exited on its own; returns its exit code's description then."""
-        if self.keep_down or self.proc is None or self.proc.poll() is None:
+        code = self.exited()
+        if self.keep_down or code is None:
             return None
-        code = self.proc.returncode
-        self.start()
+        self.start(wait=False)
         return f"{self.name} exited with {code}; restarted"
 
 
@@ -270,7 +255,7 @@ def _inject(scenario: str, broker: _Broker, workers: list[_Worker], pause_s: flo
 
 def run_scenario(scenario: str, args: argparse.Namespace, broker: _Broker, work: Path, model_path: Path
                  ) -> dict[str, Any]:
-    from stream.kafka.broker import free_port
+    from stream.kafka.broker_setup import free_port
     from stream.kafka.topics import ensure_topics
 
     run = f"{scenario.replace('-', '')}{time.strftime('%H%M%S')}"
@@ -290,7 +275,7 @@ def run_scenario(scenario: str, args: argparse.Namespace, broker: _Broker, work:
     notes: list[str] = []
     try:
         for w in workers:
-            w.start()
+            w.start(wait=False)
         _wait_ready(workers, 180)
         _log(f"{scenario}: 2 workers ready; {args.rate:,.0f} events/s for {args.seconds:.0f} s, the fault at "
              f"{args.seconds / 2:.0f} s")

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from model.exposure import CONCENTRATION_REASONS
 from stream.pipeline.events import REASONS as DLQ_REASONS
-from stream.online.model_sync import REFUSAL_REASONS as MODEL_REFUSAL_REASONS
+from stream.online.model_protocol import REFUSAL_REASONS as MODEL_REFUSAL_REASONS
 from stream.pipeline.processor import STATE_RESET_REASONS
 from stream.pipeline.rules import RULES
 from stream.pipeline.training_filter import FILTER_REASONS
@@ -223,37 +223,24 @@ def init_label_values(m: Metrics) -> None:
 class PrequentialVersions:
     """Writes the prequential counters and keeps their ``version`` label bounded: every promoted model
     adds a series per counter, so only the ``keep`` most recently served versions of each recommender
-    keep their own series. An evicted version's counts are added to the model's ``version="older"``
-    series, so the sum over versions stays the model's total since the start (what the experiments and
-    the dashboard's hit rate add up); per model there are at most ``keep + 1`` series."""
-
-    OLDER = "older"
+    keep theirs (a removed series goes stale in Prometheus; its history stays queryable)."""
 
     def __init__(self, metrics: Metrics, k: int, keep: int = PREQUENTIAL_VERSIONS_KEPT) -> None:
         self.metrics = metrics
         self.k = str(k)
         self.keep = keep
-        # model -> version -> [events, hits, reciprocal rank] of the kept versions, least recent first
-        self._served: dict[str, OrderedDict[str, list[float]]] = {}
+        self._served: dict[str, OrderedDict[str, None]] = {}  # model -> versions, least recent first
 
     def add(self, model: str, version: str, events: int, hits: int, reciprocal_rank: float) -> None:
-        self._inc(model, version, events, hits, reciprocal_rank)
-        served = self._served.setdefault(model, OrderedDict())
-        tally = served.setdefault(version, [0, 0, 0.0])
-        tally[0] += events
-        tally[1] += hits
-        tally[2] += reciprocal_rank
-        served.move_to_end(version)
-        while len(served) > self.keep:
-            old, (old_events, old_hits, old_rr) = served.popitem(last=False)
-            m, k = self.metrics, self.k
-            m.prequential_events.remove(model, old)
-            m.prequential_hits.remove(model, old, k)
-            m.prequential_reciprocal_rank.remove(model, old, k)
-            self._inc(model, self.OLDER, old_events, old_hits, old_rr)
-
-    def _inc(self, model: str, version: str, events: int, hits: int, reciprocal_rank: float) -> None:
         m, k = self.metrics, self.k
         m.prequential_events.labels(model=model, version=version).inc(events)
         m.prequential_hits.labels(model=model, version=version, k=k).inc(hits)
         m.prequential_reciprocal_rank.labels(model=model, version=version, k=k).inc(reciprocal_rank)
+        served = self._served.setdefault(model, OrderedDict())
+        served[version] = None
+        served.move_to_end(version)
+        while len(served) > self.keep:
+            old, _ = served.popitem(last=False)
+            m.prequential_events.remove(model, old)
+            m.prequential_hits.remove(model, old, k)
+            m.prequential_reciprocal_rank.remove(model, old, k)

@@ -10,6 +10,8 @@ finished and a model is loaded, else 503 with the reason. faust's own web server
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Callable, Protocol
 
 from aiohttp import web
@@ -24,18 +26,26 @@ class Routes(Protocol):
     def add_routes(self, app: web.Application) -> None: ...
 
 
-def make_web_app(metrics: Metrics, ready: ReadyFn, extra: Routes | None = None) -> web.Application:
+def make_web_app(metrics: Metrics, ready: ReadyFn, extra: Routes | None = None, *,
+                 with_ready_gauge: bool = True) -> web.Application:
+    """The endpoints over ``metrics``' registry; its gruflow_ready gauge (a worker's) follows ``ready()``."""
+    registry = metrics.registry
+
+    def check() -> tuple[bool, str]:
+        ok, reason = ready()
+        if with_ready_gauge:
+            metrics.ready.set(1 if ok else 0)
+        return ok, reason
+
     async def metrics_handler(_: web.Request) -> web.Response:
-        ok, _reason = ready()
-        metrics.ready.set(1 if ok else 0)
-        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        check()
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def livez(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:
-        ok, reason = ready()
-        metrics.ready.set(1 if ok else 0)
+        ok, reason = check()
         return web.Response(text=reason + "\n", status=200 if ok else 503)
 
     app = web.Application()
@@ -50,9 +60,11 @@ def make_web_app(metrics: Metrics, ready: ReadyFn, extra: Routes | None = None) 
 class WebServer:
     """Start/stop the endpoints on the running event loop."""
 
-    def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int, extra: Routes | None = None) -> None:
+    def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int, extra: Routes | None = None, *,
+                 with_ready_gauge: bool = True) -> None:
         self.host, self.port = host, port
-        self._runner = web.AppRunner(make_web_app(metrics, ready, extra), access_log=None)
+        app = make_web_app(metrics, ready, extra, with_ready_gauge=with_ready_gauge)
+        self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> None:
         await self._runner.setup()
@@ -65,3 +77,32 @@ class WebServer:
 
     async def stop(self) -> None:
         await self._runner.cleanup()
+
+
+class WebServerThread:
+    """The same endpoints for a process without an event loop of its own (the trainer): served by a
+    daemon thread that runs one."""
+
+    def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int) -> None:
+        self._args = (metrics, ready, host, port)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="gruflow-http", daemon=True)
+        self._server: WebServer | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+
+    async def _start(self) -> None:
+        metrics, ready, host, port = self._args
+        server = WebServer(metrics, ready, host, port, with_ready_gauge=False)
+        await server.start()
+        self._server = server
+
+    def stop(self) -> None:
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(), self._loop).result(30)
+            self._server = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()

@@ -12,7 +12,6 @@ from it, so every worker maps item ids to the same rows.
 from __future__ import annotations
 
 import copy
-import http.server
 import logging
 import math
 import threading
@@ -22,7 +21,7 @@ from typing import Any
 from model.finetune import FineTuneConfig, FineTuner, ModelState, RoundResult, SessionBuffer
 from stream.observe.metrics import Metrics
 from stream.online.model_store import ModelStore
-from stream.online.model_sync import header_meta
+from stream.online.model_protocol import header_meta
 from stream.settings import Settings
 from stream.pipeline.training_filter import FilterConfig, TrainingFilter
 from stream.online.training_guard import FlaggedSample
@@ -77,7 +76,7 @@ class Trainer:
         self._own_versions: set[int] = set()
         self._max_version = 0
         self._subscriber: Any = None
-        self._http: http.server.ThreadingHTTPServer | None = None
+        self._http: Any = None  # stream.observe.web.WebServerThread
         self.rounds_done = 0
         self.events_consumed = 0
         self.forgotten = 0
@@ -125,8 +124,7 @@ class Trainer:
             self._subscriber.stop()
         self._flagged.close()
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.stop()
             self._http = None
 
     def __enter__(self) -> "Trainer":
@@ -389,32 +387,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ http
     def _start_http(self) -> None:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from stream.observe.web import WebServerThread
 
-        trainer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
-                if self.path.startswith("/metrics"):
-                    body, ctype, code = generate_latest(trainer.metrics.registry), CONTENT_TYPE_LATEST, 200
-                elif self.path.startswith("/livez"):
-                    body, ctype, code = b"ok\n", "text/plain", 200
-                elif self.path.startswith("/readyz"):
-                    ok = trainer.ready.is_set() and trainer.error is None
-                    body, ctype, code = (b"ready\n" if ok else b"not ready\n"), "text/plain", 200 if ok else 503
-                else:
-                    body, ctype, code = b"not found\n", "text/plain", 404
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
+        def ready() -> tuple[bool, str]:
+            ok = self.ready.is_set() and self.error is None
+            return ok, "ready" if ok else "not ready"
 
         p = self.settings.process
-        self._http = http.server.ThreadingHTTPServer((p.web_host, p.web_port), Handler)
-        self._http.daemon_threads = True
-        t = threading.Thread(target=self._http.serve_forever, name="gruflow-trainer-http", daemon=True)
-        t.start()
+        self._http = WebServerThread(self.metrics, ready, p.web_host, p.web_port)
+        self._http.start()

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 
 import orjson
 
-from model.events import EventType
+from model.events import EVENT_TYPES_BY_NAME, EventType
 
 # DLQ reasons, one per kind of bad input (label values of gruflow_dlq_total{reason})
 NOT_JSON = "not_json"
@@ -56,8 +56,7 @@ CLICKS, PURCHASES, EVENTS = "clicks", "purchases", "events"
 # index of a topic's applied offset in the user's state: the one events topic uses the clicks slot
 SOURCES = {CLICKS: 0, PURCHASES: 1, EVENTS: 0}
 FIELDS = ("user_id", "item_id", "event_type", "ts", "session_id", "price", "category", "quantity")
-_TYPES = {"view": EventType.VIEW, "click": EventType.CLICK, "cart": EventType.CART,
-          "purchase": EventType.PURCHASE}
+_TYPES = EVENT_TYPES_BY_NAME
 _OPTIONAL = {"session_id": (str, int), "price": (int, float), "category": (str, int), "quantity": (int,)}
 
 

@@ -11,20 +11,17 @@ sample recommendations -> clean shutdown of worker and broker.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stream.tools.processes import PROJECT_ROOT, stop_process
+from stream.tools import harness
+from stream.tools.harness import stop_process
 from stream.settings import Settings
 
 TRAIN_SESSIONS = 5000  # synthetic sessions the quick model trains on (a few seconds per epoch)
@@ -51,26 +48,32 @@ class Snapshot:
     model_version: float
 
 
-def scrape(url: str) -> Snapshot | None:
-    from prometheus_client.parser import text_string_to_metric_families
+PREQUENTIAL = ("gruflow_prequential_events_total", "gruflow_prequential_hits_total",
+               "gruflow_prequential_reciprocal_rank_total")
 
+
+def scrape(url: str, totals: harness.RunningTotals | None = None) -> Snapshot | None:
+    """The worker's counters now; the prequential ones summed over model versions through ``totals`` (the
+    worker drops old versions' series)."""
     try:
-        with urllib.request.urlopen(url + "/metrics", timeout=2) as r:
-            text = r.read().decode()
-    except (OSError, urllib.error.URLError):
+        samples = harness.scrape(url)
+    except OSError:
         return None
+    if totals is not None:
+        totals.update(samples)
+        samples = {**{key: v for key, v in samples.items() if key[0] not in PREQUENTIAL}, **totals.totals}
     val: dict[str, float] = {}
     buckets: list[tuple[float, float]] = []
     pq: dict[tuple[str, str], float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == "gruflow_end_to_end_latency_seconds_bucket":
-                buckets.append((float(s.labels["le"]), s.value))
-            elif s.name.startswith("gruflow_prequential_") and s.name.endswith("_total"):
-                key = (s.name, s.labels.get("model", ""))
-                pq[key] = pq.get(key, 0.0) + s.value
-            elif s.name.endswith("_total") or s.name in ("gruflow_state_entries", "gruflow_model_version"):
-                val[s.name] = val.get(s.name, 0.0) + s.value
+    for (name, labels), value in samples.items():
+        lab = dict(labels)
+        if name == "gruflow_end_to_end_latency_seconds_bucket":
+            buckets.append((float(lab["le"]), value))
+        elif name.startswith("gruflow_prequential_") and name.endswith("_total"):
+            key = (name, lab.get("model", ""))
+            pq[key] = pq.get(key, 0.0) + value
+        elif name.endswith("_total") or name in ("gruflow_state_entries", "gruflow_model_version"):
+            val[name] = val.get(name, 0.0) + value
 
     def prequential(model: str) -> tuple[float, float, float]:
         return (pq.get(("gruflow_prequential_events_total", model), 0.0),
@@ -146,44 +149,9 @@ def _data(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _train(train: Any, path: Path) -> None:
-    import torch
-
-    from model.checkpoint import save_checkpoint
-    import dataclasses
-
-    from model.params import OFFICIAL
-    from model.train import train_model
-
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    # a quick model: the official cross-entropy setup (faster per event than the BPR-max default), smaller
-    params = dataclasses.replace(OFFICIAL, layers=(64,), n_epochs=2, batch_size=64, n_sample=512, learning_rate=0.08)
-    t0 = time.monotonic()
-    net, vocab, pop = train_model(train, params, progress=True)
-    save_checkpoint(path, net, vocab, params, pop, {"version": 1, "source": "gruflow demo"})
-    _say(f"model: {len(vocab):,} items, hidden {params.layers[0]}, trained on {len(train):,} events in "
-         f"{time.monotonic() - t0:.0f} s")
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the worker exited with {proc.returncode}; its log:\n{_tail(log)}")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except (OSError, urllib.error.URLError):
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"the worker was not ready after {timeout:.0f} s; its log:\n{_tail(log)}")
-
-
-def _tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
+    n_items, seconds = harness.train_quick_model(train, path, progress=True,
+                                                 metadata={"version": 1, "source": "gruflow demo"})
+    _say(f"model: {n_items:,} items, hidden 64, trained on {len(train):,} events in {seconds:.0f} s")
 
 
 def _bad_messages(settings: Settings, t_ms: int) -> list[tuple[str, bytes | None, bytes]]:
@@ -237,7 +205,8 @@ def _samples(settings: Settings, n: int = 4) -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from stream.kafka.broker import EmbeddedKafka, free_port
+    from stream.kafka.broker import EmbeddedKafka
+    from stream.kafka.broker_setup import free_port
     from stream.tools.replay import replay
     from stream.kafka.topics import ensure_topics
 
@@ -269,16 +238,15 @@ def run_demo(args: argparse.Namespace) -> int:
         url = f"http://127.0.0.1:{settings.process.web_port}"
         # `gruflow run`: the worker plus the online trainer in one process; the trainer publishes the quick
         # model as version 1, fine-tunes on the replayed stream and the worker swaps new versions in.
-        with open(log, "wb") as logf:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "stream.cli", "run", "--trainer-port", str(free_port())],
-                env=settings.subprocess_env(GRUFLOW_MODEL_PATH=str(model_path),
-                                GRUFLOW_FINETUNE_EVERY_EVENTS=str(FINETUNE_EVERY_EVENTS),
-                                GRUFLOW_FINETUNE_INTERVAL_S=str(FINETUNE_INTERVAL_S)),
-                stdout=logf, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+        env = settings.subprocess_env(GRUFLOW_MODEL_PATH=str(model_path),
+                                      GRUFLOW_FINETUNE_EVERY_EVENTS=str(FINETUNE_EVERY_EVENTS),
+                                      GRUFLOW_FINETUNE_INTERVAL_S=str(FINETUNE_INTERVAL_S))
+        run = harness.GruflowProcess(["run", "--trainer-port", str(free_port())], env, settings.process.web_port,
+                                     log).start(wait=False)
+        worker = run.proc
         _say(f"worker + trainer pid {worker.pid}: waiting for it to join the group and restore state "
              f"({url}/readyz) ...")
-        _wait_ready(url, worker, log)
+        run.wait_ready(120.0)
 
         rate = args.rate or 4000.0
         n_bad = len(_bad_messages(settings, 0))
@@ -299,12 +267,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
         thread = threading.Thread(target=_replay, name="demo-replay", daemon=True)
         thread.start()
-        prev = scrape(url)
+        totals = harness.RunningTotals(PREQUENTIAL)
+        prev = scrape(url, totals)
         deadline = time.monotonic() + args.seconds + 60
         expected = None
         while time.monotonic() < deadline:
             time.sleep(3.0)
-            cur = scrape(url)
+            cur = scrape(url, totals)
             if cur is None:
                 continue
             _say(summary_line(prev, cur))
@@ -316,7 +285,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 if cur.recs >= expected and cur.dlq >= n_bad:
                     break
         thread.join(timeout=5)
-        final = scrape(url)
+        final = scrape(url, totals)
         if final is not None:
             g, p = final.gru, final.pop
             _say(f"done: {final.recs:,.0f} recommendations for {final.events:,.0f} valid events, {final.dlq:,.0f} in "

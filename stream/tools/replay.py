@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import orjson
 
-from model.events import EventType
+from model.events import EVENT_TYPE_NAMES, EventType
 from stream.settings import Settings, SettingsError
 
-_TYPE_NAMES = {int(t): t.name.lower() for t in EventType}
+
 _POLL_EVERY = 1000
 
 
@@ -85,7 +85,7 @@ def iter_messages(settings: Settings, df: Any, limit: int | None = None) -> Iter
     categories, prices = _side_features(df, order)
     for j, (sid, item, etype, ts) in enumerate(zip(sessions.tolist(), items.tolist(), types.tolist(), ts_ms.tolist())):
         user = str(sid)
-        name = _TYPE_NAMES.get(int(etype))
+        name = EVENT_TYPE_NAMES.get(int(etype))
         if name is None:
             raise ValueError(f"event table has unknown EventType {etype!r}")
         item_id = item if isinstance(item, (str, int)) else str(item)

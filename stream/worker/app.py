@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from model.events import EventType
+from model.events import EVENT_TYPE_NAMES, EventType
 from state.codec import HEADER_SIZE, decode as decode_state, encode as encode_state
 from stream.compat import observe_many
 from stream.worker.batch_consumer import Batch, BatchConsumer, BatchTransport
@@ -53,7 +53,6 @@ from stream.kafka.topics import DLQ_MESSAGE_MAX_BYTES, STATE_TABLE_NAME, TopicNa
 from stream.pipeline.control import control_action
 
 log = logging.getLogger("gruflow.worker")
-_TYPE_NAMES = {int(t): t.name.lower() for t in EventType}
 _LAST_TS_AT = 13
 _FAST_TOPK_MIN_ITEMS = 4096
 _MAX_IN_FLIGHT = 3  # batches produced but not yet acknowledged by the broker
@@ -140,7 +139,7 @@ class Pipeline:
         self.holder.on_prepare(self.prepare_scorer)
         self._topk_rows = (m.topk_rows.labels(path="int8"), m.topk_rows.labels(path="float32"))
         self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
-                           for k in (CLICKS, PURCHASES) for t, n in _TYPE_NAMES.items()}
+                           for k in (CLICKS, PURCHASES) for t, n in EVENT_TYPE_NAMES.items()}
         self._prequential = PrequentialVersions(m, s.scoring.top_k)
         self.rules = RuleConfig.from_settings(s)
         self._catalogue_masks = CatalogueMasks()

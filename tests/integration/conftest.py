@@ -32,7 +32,7 @@ class KafkaFixture:
     def settings(self, **overrides: Any) -> Settings:
         """Settings for one test: its own topic prefix, app id (consumer group), data dir and web port, so
         tests never see each other's topics, offsets or state."""
-        from stream.kafka.broker import free_port
+        from stream.kafka.broker_setup import free_port
 
         n = next(self._counter)
         pid = os.getpid()

@@ -13,7 +13,7 @@ from aiokafka.partitioner import murmur2
 from confluent_kafka import Producer
 
 from stream.kafka.config import producer_config
-from stream.tools.processes import stop_process
+from stream.tools.harness import stop_process
 from stream.kafka.topics import ensure_topics
 from workerkit import TopicReader
 

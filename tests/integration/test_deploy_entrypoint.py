@@ -181,7 +181,7 @@ def test_worker_as_in_the_container_serves_probes_and_valid_metrics(worker) -> N
 def test_liveness_does_not_depend_on_the_broker(kafka, model_path: Path, tmp_path: Path) -> None:
     """A worker whose broker is unreachable stays alive (/livez 200: no restart loop from the liveness
     probe) and is not ready (/readyz 503: no traffic, no recovery yet)."""
-    from stream.kafka.broker import free_port
+    from stream.kafka.broker_setup import free_port
 
     settings = kafka.settings(partitions=2, model_path=str(model_path),
                               bootstrap_servers=f"127.0.0.1:{free_port()}")  # nothing listens there

@@ -17,7 +17,7 @@ import torch
 from model.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes, load_checkpoint, save_checkpoint
 from model.weight_check import weight_problem
 from state.codec import UserState, encode
-from stream.online import model_sync
+from stream.online import model_protocol, model_sync
 from stream.observe.metrics import Metrics
 from stream.online.model_store import ModelStore
 from stream.tools.replay import replay
@@ -108,13 +108,13 @@ def test_worker_refuses_poisoned_and_lower_versions_and_keeps_states_finite(kafk
                 data = _ckpt_bytes(ckpt, _poisoned(ckpt.net, name, index, value), version)
                 model_sync.publish_version(settings, data, version, version - 1)
             _wait(lambda: w.metric("gruflow_model_version") != 5 or (
-                w.metric("gruflow_model_refusals_total", reason=model_sync.R_NON_FINITE) >= 2
-                and w.metric("gruflow_model_refusals_total", reason=model_sync.R_ABSURD) >= 1), 60,
+                w.metric("gruflow_model_refusals_total", reason=model_protocol.R_NON_FINITE) >= 2
+                and w.metric("gruflow_model_refusals_total", reason=model_protocol.R_ABSURD) >= 1), 60,
                 "versions 6, 7 and 8 to be refused")
             assert w.metric("gruflow_model_version") == 5, w.log_tail()
             # a sane model under a lower number than the served one
             model_sync.publish_version(settings, _ckpt_bytes(ckpt, ckpt.net, 3), 3, 2)
-            assert w.wait_metric("gruflow_model_refusals_total", lambda v: v >= 1, 60, reason=model_sync.R_LOWER), \
+            assert w.wait_metric("gruflow_model_refusals_total", lambda v: v >= 1, 60, reason=model_protocol.R_LOWER), \
                 w.log_tail()
             assert w.metric("gruflow_model_version") == 5 and w.metric("gruflow_model_swaps_total") == 0
 
@@ -143,7 +143,7 @@ def test_worker_refuses_to_start_on_a_nan_checkpoint_file(kafka, tmp_path) -> No
     w.start(wait_ready=False)
     try:
         assert w.proc.wait(120) == 2, w.log_tail()
-        assert "refused to serve" in w.log_tail() and model_sync.R_NON_FINITE in w.log_tail()
+        assert "refused to serve" in w.log_tail() and model_protocol.R_NON_FINITE in w.log_tail()
     finally:
         w.kill()
         w._log.close()
@@ -173,8 +173,8 @@ def test_trainer_refuses_poisoned_versions_survives_divergence_and_publishes_onl
             data = _ckpt_bytes(base, _poisoned(net, name, index, value), version)
             model_sync.publish_version(settings, data, version, 1)
         _wait(lambda: trainer.tuner.current.version != 1 or (
-            (refusals("gruflow_model_refusals_total", {"reason": model_sync.R_NON_FINITE}) or 0) >= 1
-            and (refusals("gruflow_model_refusals_total", {"reason": model_sync.R_ABSURD}) or 0) >= 1),
+            (refusals("gruflow_model_refusals_total", {"reason": model_protocol.R_NON_FINITE}) or 0) >= 1
+            and (refusals("gruflow_model_refusals_total", {"reason": model_protocol.R_ABSURD}) or 0) >= 1),
             60, "the trainer to refuse versions 2 and 3")
         assert trainer.tuner.current.version == 1 and trainer.error is None
 
@@ -195,14 +195,14 @@ def test_trainer_refuses_poisoned_versions_survives_divergence_and_publishes_onl
 
         # a lower number than the one the trainer follows: refused with its own reason
         model_sync.publish_version(settings, _ckpt_bytes(base, net, 2), 2, 1)
-        _wait(lambda: (refusals("gruflow_model_refusals_total", {"reason": model_sync.R_LOWER}) or 0) >= 1,
+        _wait(lambda: (refusals("gruflow_model_refusals_total", {"reason": model_protocol.R_LOWER}) or 0) >= 1,
               60, "the lower version to be refused")
         assert trainer.tuner.current.version == 4 and trainer.error is None
 
         # rolling back to the absurd version is refused before anything is published
-        with pytest.raises(model_sync.ModelSyncError) as info:
+        with pytest.raises(model_protocol.ModelSyncError) as info:
             model_sync.rollback(settings, 3, ModelStore.from_settings(settings))
-        assert info.value.reason == model_sync.R_ABSURD
+        assert info.value.reason == model_protocol.R_ABSURD
         assert max(i.version for i in model_sync.list_versions(settings)) == 4
 
         # everything the trainer published (topic and local store) is finite and sane

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.online import model_envelope, model_sync
+from stream.online import model_envelope, model_protocol, model_sync
 from stream.kafka.topics import TopicNames, ensure_topics
 from test_unreadable_records import BAD_NAME, kcat, produce_with_header
 from workerkit import TopicReader, WorkerProc, make_events, produce, save_tiny_model
@@ -47,11 +47,11 @@ def _send_bad_records(settings, tag: str) -> dict[str, int]:
     send("notjson", model_envelope.MAGIC + struct.pack(">BI", 2, 3) + b"{{{payload", [], how="confluent")
     send("fields", model_envelope.pack({"version": "three"}, b"payload"), [], how="confluent")
     send("future", model_envelope.MAGIC + struct.pack(">BI", 9, 2) + b"{}payload", [], how="confluent")
-    return {model_sync.R_ENVELOPE: 8, model_sync.R_PROTOCOL: 1}
+    return {model_protocol.R_ENVELOPE: 8, model_protocol.R_PROTOCOL: 1}
 
 
 def _refusals(proc: WorkerProc) -> dict[str, float]:
-    return {reason: proc.metric("gruflow_model_refusals_total", reason=reason) for reason in model_sync.REFUSAL_REASONS}
+    return {reason: proc.metric("gruflow_model_refusals_total", reason=reason) for reason in model_protocol.REFUSAL_REASONS}
 
 
 def _wait_refusals(procs: list[WorkerProc], want: dict[str, float], timeout: float = 60.0) -> None:
@@ -74,7 +74,7 @@ def test_worker_and_trainer_refuse_foreign_records_on_the_models_topic_and_serve
     ensure_topics(settings)
     model_path = save_tiny_model(tmp_path / "base.gfc")
     per_pass = _send_bad_records(settings, "before")
-    zero = {reason: 0.0 for reason in model_sync.REFUSAL_REASONS}
+    zero = {reason: 0.0 for reason in model_protocol.REFUSAL_REASONS}
 
     trainer = WorkerProc(kafka, settings.replace(data_dir=tmp_path / "trainer", web_port=free_port(),
                                                  finetune_every_events=ROUND_EVENTS, finetune_interval_s=0.0,

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from stream.online import model_sync
-from stream.kafka.config import MODEL_CHUNK_BYTES
+from stream.kafka.config import MESSAGE_MAX_BYTES, MODEL_CHUNK_BYTES
 from stream.kafka.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
@@ -17,9 +17,9 @@ def test_publish_list_read_and_delete(kafka) -> None:
     settings = kafka.settings(partitions=1)
     ensure_topics(settings)
     assert model_sync.list_versions(settings) == []
-    big = os.urandom(model_sync.CHUNK_BYTES * 2 + 123)  # three chunks
+    big = os.urandom(MODEL_CHUNK_BYTES * 2 + 123)  # three chunks
     small = os.urandom(1000)
-    assert model_sync.CHUNK_BYTES < MODEL_CHUNK_BYTES
+    assert MODEL_CHUNK_BYTES < MESSAGE_MAX_BYTES
     n_big = model_sync.publish_version(settings, big, 1, 0, {"n_items": 3})
     n_small = model_sync.publish_version(settings, small, 2, 1)
     assert (n_big, n_small) == (3, 1)

@@ -11,7 +11,7 @@ from model.checkpoint import checkpoint_to_bytes, save_checkpoint
 from model.params import GRU4RecParams
 from model.synthetic import generate
 from model.train import train_model
-from stream.online import model_sync
+from stream.online import model_protocol, model_sync
 from stream.observe.metrics import Metrics
 from stream.worker.model_holder import ModelHolder
 from stream.online.model_store import ModelStore
@@ -60,30 +60,30 @@ def test_load_latest_and_subscriber_swap_refuse(kafka, small_model) -> None:
         # a corrupt version: right envelopes, garbage bytes -> refused, the old model stays
         model_sync.publish_version(settings, b"not a checkpoint at all" * 10, 2, 1)
         _wait(lambda: sub.refused, 30, "the corrupt version to be refused")
-        assert sub.refused[-1] == (2, model_sync.R_CORRUPT)
+        assert sub.refused[-1] == (2, model_protocol.R_CORRUPT)
         assert holder.current is rec
         # a version whose checksum does not match its descriptor
-        chunks = model_sync.encode_chunks(v1, 3, 1)
+        chunks = model_protocol.encode_chunks(v1, 3, 1)
         producer = model_sync._producer(settings)
         for key, value in chunks:
             producer.produce(settings.topic("models"), value=value[:-1] + b"\x00", key=key, partition=0)
         producer.flush(10)
         _wait(lambda: len(sub.refused) >= 2, 30, "the bad-checksum version to be refused")
-        assert sub.refused[-1] == (3, model_sync.R_CHECKSUM)
+        assert sub.refused[-1] == (3, model_protocol.R_CHECKSUM)
         # an incompatible one (other hidden size)
         other_net, other_vocab, other_pop = train_model(small_model[4].head(300), GRU4RecParams(
             layers=(8,), n_sample=8, batch_size=8, n_epochs=1), progress=False)
         model_sync.publish_version(settings, checkpoint_to_bytes(other_net, other_vocab, None, other_pop, {}), 4, 1)
         _wait(lambda: len(sub.refused) >= 3, 30, "the incompatible version to be refused")
-        assert sub.refused[-1][1] in (model_sync.R_STATE, model_sync.R_VOCAB)
+        assert sub.refused[-1][1] in (model_protocol.R_STATE, model_protocol.R_VOCAB)
         assert holder.current is rec
         # a good version is swapped in
         model_sync.publish_version(settings, checkpoint_to_bytes(net, vocab, params, pop, {"version": 5}), 5, 1)
         _wait(lambda: holder.current.version == 5, 30, "version 5 to be swapped in")
     assert sub.swapped == [5]
     text = metrics.registry.get_sample_value
-    assert text("gruflow_model_refusals_total", {"reason": model_sync.R_CORRUPT}) == 1
-    assert text("gruflow_model_refusals_total", {"reason": model_sync.R_CHECKSUM}) == 1
+    assert text("gruflow_model_refusals_total", {"reason": model_protocol.R_CORRUPT}) == 1
+    assert text("gruflow_model_refusals_total", {"reason": model_protocol.R_CHECKSUM}) == 1
     assert text("gruflow_model_swaps_total") == 1
     # a fresh reader skips the invalid versions and loads the newest valid one
     assert model_sync.load_latest(settings).version == 5

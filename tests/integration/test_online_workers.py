@@ -15,9 +15,9 @@ from model.finetune import FineTuneConfig, FineTuner, ModelState, SessionBuffer
 from model.params import GRU4RecParams
 from model.synthetic import generate
 from model.train import train_model
-from stream.online import model_sync
-from stream.kafka.broker import free_port
-from stream.lab.experiment import WorkerProcess, _sum, scrape
+from stream.online import model_protocol, model_sync
+from stream.kafka.broker_setup import free_port
+from stream.tools.harness import GruflowProcess, total as metric_total
 from stream.tools.replay import replay
 from stream.kafka.topics import TopicNames, ensure_topics
 
@@ -49,9 +49,9 @@ def _read_recommendations(settings, expected: int, timeout: float = 60.0) -> lis
     return out
 
 
-def _wait_metric(worker: WorkerProcess, name: str, value: float, timeout: float = 60.0, **labels: str) -> None:
+def _wait_metric(worker: GruflowProcess, name: str, value: float, timeout: float = 60.0, **labels: str) -> None:
     deadline = time.monotonic() + timeout
-    while _sum(scrape(worker.settings), name, **labels) < value:
+    while metric_total(worker.scrape(), name, **labels) < value:
         assert time.monotonic() < deadline, f"{name}{labels} did not reach {value} on :{worker.settings.process.web_port}"
         time.sleep(0.2)
 
@@ -82,13 +82,13 @@ def test_version_reaches_two_workers_corrupt_refused_restart_loads_latest(kafka,
     s2 = settings.replace(web_port=free_port(), data_dir=tmp_path / "w2")
     users_a = df[df["SessionId"].isin(df["SessionId"].unique()[:150])]
     users_b = df[df["SessionId"].isin(df["SessionId"].unique()[150:300])]
-    with WorkerProcess(s1, tmp_path / "w1.log") as w1, WorkerProcess(s2, tmp_path / "w2.log") as w2:
+    with GruflowProcess.worker(s1, tmp_path / "w1.log") as w1, GruflowProcess.worker(s2, tmp_path / "w2.log") as w2:
         # both workers in the group before any event: no rebalance while replaying
         time.sleep(3)
         assert replay(settings, users_a, progress=False).failed == 0
         _wait_metric(w1, "gruflow_events_in_total", 1, 120)
         deadline = time.monotonic() + 120
-        while sum(_sum(scrape(w.settings), "gruflow_events_in_total") for w in (w1, w2)) < len(users_a):
+        while sum(metric_total(w.scrape(), "gruflow_events_in_total") for w in (w1, w2)) < len(users_a):
             assert time.monotonic() < deadline, "workers did not process batch A"
             time.sleep(0.2)
 
@@ -101,16 +101,16 @@ def test_version_reaches_two_workers_corrupt_refused_restart_loads_latest(kafka,
         # a corrupt version: refused by both, version 2 stays
         model_sync.publish_version(settings, b"\x00garbage" * 100, 3, 2)
         for w in (w1, w2):
-            _wait_metric(w, "gruflow_model_refusals_total", 1, reason=model_sync.R_CORRUPT)
-            assert _sum(scrape(w.settings), "gruflow_model_version") == 2
+            _wait_metric(w, "gruflow_model_refusals_total", 1, reason=model_protocol.R_CORRUPT)
+            assert metric_total(w.scrape(), "gruflow_model_version") == 2
 
         assert replay(settings, users_b, progress=False).failed == 0
         total = len(users_a) + len(users_b)
         deadline = time.monotonic() + 120
-        while sum(_sum(scrape(w.settings), "gruflow_events_in_total") for w in (w1, w2)) < total:
+        while sum(metric_total(w.scrape(), "gruflow_events_in_total") for w in (w1, w2)) < total:
             assert time.monotonic() < deadline, "workers did not process batch B"
             time.sleep(0.2)
-        per_worker = [_sum(scrape(w.settings), "gruflow_events_in_total") for w in (w1, w2)]
+        per_worker = [metric_total(w.scrape(), "gruflow_events_in_total") for w in (w1, w2)]
         assert all(n > 0 for n in per_worker), per_worker  # both workers served part of the stream
 
         recs = _read_recommendations(settings, total)
@@ -127,5 +127,5 @@ def test_version_reaches_two_workers_corrupt_refused_restart_loads_latest(kafka,
     # restart: a new worker (same group) loads the newest valid version from the topic before serving
     model_sync.publish_version(settings, checkpoint_to_bytes(v2.net, v2.vocab, v2.params, v2.popularity,
                                                              {**v2.metadata, "version": 4}), 4, 2)
-    with WorkerProcess(s1.replace(web_port=free_port()), tmp_path / "w1b.log") as w1b:
-        assert _sum(scrape(w1b.settings), "gruflow_model_version") == 4
+    with GruflowProcess.worker(s1.replace(web_port=free_port()), tmp_path / "w1b.log") as w1b:
+        assert metric_total(w1b.scrape(), "gruflow_model_version") == 4

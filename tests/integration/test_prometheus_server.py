@@ -19,9 +19,9 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from stream.online import model_sync
-from stream.kafka.broker import free_port
-from stream.tools.processes import stop_process
+from stream.online import model_protocol, model_sync
+from stream.kafka.broker_setup import free_port
+from stream.tools.harness import stop_process
 from stream.kafka.topics import ensure_topics
 from workerkit import REPO, WorkerProc, save_tiny_model
 
@@ -150,14 +150,14 @@ def test_real_prometheus_sees_what_the_rules_promise(kafka, tmp_path: Path) -> N
         # one corrupt model version: the worker refuses it once; increase() must see that first refusal
         model_sync.publish_version(settings, b"not a checkpoint at all" * 10, 1000, 1)
         assert worker.wait_metric("gruflow_model_refusals_total", lambda v: v == 1, timeout=60,
-                                  reason=model_sync.R_CORRUPT), "the worker did not refuse the corrupt version"
+                                  reason=model_protocol.R_CORRUPT), "the worker did not refuse the corrupt version"
         expr = 'sum by (reason) (increase(gruflow_model_refusals_total{job="gruflow-worker"}[1m]))'
-        result = prom.wait(expr, lambda r: any(x["metric"]["reason"] == model_sync.R_CORRUPT
+        result = prom.wait(expr, lambda r: any(x["metric"]["reason"] == model_protocol.R_CORRUPT
                                                and float(x["value"][1]) >= 0.9 for x in r), 30,
                            "the refusal in increase()")
         values = {x["metric"]["reason"]: float(x["value"][1]) for x in result}
-        assert values[model_sync.R_CORRUPT] <= 2.0
-        assert all(v == 0.0 for reason, v in values.items() if reason != model_sync.R_CORRUPT)
+        assert values[model_protocol.R_CORRUPT] <= 2.0
+        assert all(v == 0.0 for reason, v in values.items() if reason != model_protocol.R_CORRUPT)
     finally:
         if prom is not None:
             prom.stop()

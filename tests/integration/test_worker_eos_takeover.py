@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_exactly_once_survivor_recovers_the_taken_over_partitions(kafka, tmp_path: Path) -> None:
-    from stream.kafka.broker import free_port
+    from stream.kafka.broker_setup import free_port
 
     model_path = save_tiny_model(tmp_path / "tiny.gfc")
     settings = kafka.settings(partitions=4, processing_guarantee="exactly_once")

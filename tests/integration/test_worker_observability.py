@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream.online import model_sync
+from stream.online import model_protocol
 from stream.pipeline.events import REASONS as DLQ_REASONS
 from stream.kafka.topics import ensure_topics
 from workerkit import TopicReader, WorkerProc, make_events, produce, save_tiny_model
@@ -65,7 +65,7 @@ def test_healthy_worker_exports_its_own_metrics_and_logs_no_stall(kafka, tmp_pat
                    if s.name == "gruflow_dlq_total"}
             assert dlq == {r: 0.0 for r in DLQ_REASONS}, "reason series must exist at 0 before any dead letter"
             refusals = {s.labels["reason"] for s in families["gruflow_model_refusals"].samples}
-            assert refusals == set(model_sync.REFUSAL_REASONS)
+            assert refusals == set(model_protocol.REFUSAL_REASONS)
             sent = 0
             t0 = int(time.time() * 1000) - 600_000
             deadline = time.monotonic() + 24

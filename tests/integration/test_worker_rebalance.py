@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_two_workers_share_partitions_and_one_takes_over(kafka, tmp_path: Path) -> None:
-    from stream.kafka.broker import free_port
+    from stream.kafka.broker_setup import free_port
 
     model_path = save_tiny_model(tmp_path / "tiny.gfc")
     settings = kafka.settings(partitions=4)

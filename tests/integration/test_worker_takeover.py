@@ -25,7 +25,7 @@ KILL_AFTER_S = 4.0  # the victim is killed this long into the load; its session 
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_sigkill_of_one_of_two_workers_under_load_loses_nothing(kafka, tmp_path: Path, guarantee: str) -> None:
-    from stream.kafka.broker import free_port
+    from stream.kafka.broker_setup import free_port
 
     exactly_once = guarantee == "exactly_once"
     model_path = save_tiny_model(tmp_path / "tiny.gfc")

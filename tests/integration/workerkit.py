@@ -7,10 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +25,7 @@ from state.store import MemoryStore
 from stream.pipeline.events import Event
 from stream.pipeline.processor import ProcessorConfig, process_batch
 from stream.settings import Settings
+from stream.tools import harness
 
 REPO = Path(__file__).resolve().parents[2]
 N_ITEMS = 300
@@ -285,45 +283,25 @@ class WorkerProc:
         return f"http://127.0.0.1:{self.settings.process.web_port}"
 
     def start(self, wait_ready: bool = True, timeout: float = 120.0) -> "WorkerProc":
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", self.command], cwd=REPO, env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = harness.GruflowProcess(self.command, self.env, self.settings.process.web_port, self.log_path,
+                                              cwd=REPO).start(wait=False)
+        self.proc = self.process.proc
         if wait_ready:
             self.wait_ready(timeout)
         return self
 
     def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=2) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+        return harness.http_get(self.url + path)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if self.get("/readyz")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"worker not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        try:
+            self.process.wait_ready(timeout)
+        except harness.NotReady as exc:
+            raise AssertionError(str(exc)) from None
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of ``name`` whose labels include ``labels``."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        _, text = self.get("/metrics")
-        total = 0.0
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    total += s.value
-        return total
+        return harness.total(harness.scrape(self.url), name, **labels)
 
     def wait_metric(self, name: str, ok: Any, timeout: float = 15.0, **labels: str) -> bool:
         deadline = time.monotonic() + timeout
@@ -334,10 +312,7 @@ class WorkerProc:
         return False
 
     def log_tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
+        return harness.log_tail(self.log_path, n)
 
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM and wait (SIGKILL after ``timeout``)."""
@@ -363,4 +338,3 @@ class WorkerProc:
             self.stop()
         finally:
             self.kill()
-            self._log.close()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stream.kafka import broker
-from stream.kafka.broker import BrokerError, default_cache_dir, find_java, find_mvn, kafka_version, resolve_jars
+from stream.kafka import broker, broker_process, broker_setup
+from stream.kafka.broker_setup import BrokerError, default_cache_dir, find_java, find_mvn, kafka_version, resolve_jars
 from stream.settings import Settings
 
 
@@ -55,7 +55,7 @@ def test_resolved_cache_is_reused_without_maven(monkeypatch, tmp_path):
     lib = tmp_path / "lib"
     lib.mkdir()
     (lib / f"kafka_2.13-{kafka_version()}.jar").write_bytes(b"")
-    (tmp_path / ".resolved").write_text(hashlib.sha256(broker.POM.read_bytes()).hexdigest() + "\n")
+    (tmp_path / ".resolved").write_text(hashlib.sha256(broker_setup.POM.read_bytes()).hexdigest() + "\n")
     monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
     assert resolve_jars(tmp_path) == lib
 
@@ -80,7 +80,7 @@ def test_kafka_version_is_4x():
 
 
 def test_server_properties_single_node_kraft(tmp_path):
-    text = broker.server_properties(19092, 19093, tmp_path / "data")
+    text = broker_setup.server_properties(19092, 19093, tmp_path / "data")
     props = dict(line.split("=", 1) for line in text.splitlines())
     assert props["process.roles"] == "broker,controller"
     assert props["listeners"] == "PLAINTEXT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093"
@@ -95,18 +95,18 @@ def test_server_properties_single_node_kraft(tmp_path):
 
 
 def test_cluster_ids_never_look_like_options():
-    ids = {broker._random_cluster_id() for _ in range(500)}
+    ids = {broker_setup._random_cluster_id() for _ in range(500)}
     assert len(ids) == 500
     assert all(len(i) == 22 and not i.startswith("-") for i in ids)
 
 
 def test_stale_run_dirs_of_dead_owners_are_swept(monkeypatch, tmp_path):
-    monkeypatch.setattr(broker.tempfile, "gettempdir", lambda: str(tmp_path))
-    dead, alive = tmp_path / f"{broker.RUN_DIR_PREFIX}dead", tmp_path / f"{broker.RUN_DIR_PREFIX}alive"
+    monkeypatch.setattr(broker_process.tempfile, "gettempdir", lambda: str(tmp_path))
+    dead, alive = tmp_path / f"{broker_process.RUN_DIR_PREFIX}dead", tmp_path / f"{broker_process.RUN_DIR_PREFIX}alive"
     for path, pid in ((dead, 2**22 + 12345), (alive, os.getppid())):
         path.mkdir()
         (path / "owner.pid").write_text(str(pid))
-    broker._sweep_stale_run_dirs()
+    broker_process._sweep_stale_run_dirs()
     assert not dead.exists() and alive.exists()
 
 
@@ -115,7 +115,7 @@ def test_a_data_dir_brings_back_its_ports_and_keeps_its_files(tmp_path):
     first = broker.EmbeddedKafka(data_dir=data_dir)
     first._prepare_run_dir()  # first start: free ports, chosen now
     assert first.run_dir == data_dir.resolve() and first.port and first.controller_port != first.port
-    broker._write_ports(data_dir, first.port, first.controller_port)  # what a successful format records
+    broker_setup._write_ports(data_dir, first.port, first.controller_port)  # what a successful format records
 
     again = broker.EmbeddedKafka(data_dir=data_dir)
     again._prepare_run_dir()
@@ -123,20 +123,20 @@ def test_a_data_dir_brings_back_its_ports_and_keeps_its_files(tmp_path):
     props = (data_dir / "server.properties").read_text()
     assert f"PLAINTEXT://127.0.0.1:{first.port}," in props and str(data_dir.resolve() / "data") in props
     again.stop()
-    assert (data_dir / broker.PORTS_FILE).is_file(), "stop() removed a data dir"
+    assert (data_dir / broker_setup.PORTS_FILE).is_file(), "stop() removed a data dir"
 
     with pytest.raises(BrokerError, match=f"--port {first.port}"):
         broker.EmbeddedKafka(data_dir=data_dir, port=first.port + 1)._prepare_run_dir()
 
 
 def test_a_formatted_log_dir_is_recognised_with_its_cluster_id(tmp_path):
-    assert not broker._is_formatted(tmp_path)
+    assert not broker_setup._is_formatted(tmp_path)
     (tmp_path / "meta.properties").write_text("#\nnode.id=1\ncluster.id=AbC-123_xyz\nversion=1\n")
-    assert broker._is_formatted(tmp_path)
-    assert broker._cluster_id(tmp_path) == "AbC-123_xyz"
+    assert broker_setup._is_formatted(tmp_path)
+    assert broker_setup._cluster_id(tmp_path) == "AbC-123_xyz"
 
 
 def test_an_unreadable_ports_file_is_an_error_not_new_ports(tmp_path):
-    (tmp_path / broker.PORTS_FILE).write_text("{not json")
+    (tmp_path / broker_setup.PORTS_FILE).write_text("{not json")
     with pytest.raises(BrokerError, match="unreadable"):
         broker.EmbeddedKafka(data_dir=tmp_path)._prepare_run_dir()

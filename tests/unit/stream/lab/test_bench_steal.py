@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from stream.lab.bench import _StealMeter, _cpu_flags, _cpu_model, _scrape_label, _steal_s
+from stream.lab.bench import _StealMeter, _cpu_flags, _cpu_model, _steal_s
+from stream.tools.harness import label_value, scrape
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat is Linux's")
@@ -54,16 +55,18 @@ def test_cpu_flags_say_which_simd_features_the_first_processor_has(tmp_path):
 def test_an_info_label_is_scraped_from_a_metrics_endpoint():
     from prometheus_client import CollectorRegistry, Info, start_http_server
 
-    from stream.kafka.broker import free_port
+    from stream.kafka.broker_setup import free_port
 
     registry = CollectorRegistry()
     Info("gruflow_scorer", "top-K path", registry=registry).info({"path": "int8"})
     port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
     try:
-        assert _scrape_label(port, "gruflow_scorer_info", "path") == "int8"
-        assert _scrape_label(port, "gruflow_missing_info", "path") is None
+        samples = scrape(f"http://127.0.0.1:{port}")
+        assert label_value(samples, "gruflow_scorer_info", "path") == "int8"
+        assert label_value(samples, "gruflow_missing_info", "path") is None
     finally:
         server.shutdown()
         thread.join(5)
-    assert _scrape_label(port, "gruflow_scorer_info", "path") is None  # nothing listening
+    with pytest.raises(OSError):  # nothing listening
+        scrape(f"http://127.0.0.1:{port}")

@@ -8,7 +8,7 @@ import asyncio
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream.online import model_sync
+from stream.online import model_protocol
 from stream.pipeline.events import REASONS as DLQ_REASONS
 from stream.observe.metrics import PREQUENTIAL_VERSIONS_KEPT, Metrics, PrequentialVersions
 from stream.observe.web import make_web_app
@@ -64,18 +64,18 @@ def test_fresh_worker_exposes_every_reason_at_zero() -> None:
     refusals = {s.labels["reason"]: s.value for s in samples["gruflow_model_refusals"]
                 if s.name == "gruflow_model_refusals_total"}
     assert dlq == {reason: 0.0 for reason in DLQ_REASONS}
-    assert refusals == {reason: 0.0 for reason in model_sync.REFUSAL_REASONS}
+    assert refusals == {reason: 0.0 for reason in model_protocol.REFUSAL_REASONS}
 
 
 def test_fresh_trainer_exposes_every_refusal_reason_at_zero() -> None:
     m = Metrics.create(role="trainer")
-    for reason in model_sync.REFUSAL_REASONS:
+    for reason in model_protocol.REFUSAL_REASONS:
         assert m.registry.get_sample_value("gruflow_model_refusals_total", {"reason": reason}) == 0.0
 
 
 def test_refusal_reasons_list_every_reason_constant() -> None:
-    constants = {v for k, v in vars(model_sync).items() if k.startswith("R_") and isinstance(v, str)}
-    assert constants and constants == set(model_sync.REFUSAL_REASONS)
+    constants = {v for k, v in vars(model_protocol).items() if k.startswith("R_") and isinstance(v, str)}
+    assert constants and constants == set(model_protocol.REFUSAL_REASONS)
 
 
 def test_prequential_version_series_stay_bounded() -> None:
@@ -87,7 +87,7 @@ def test_prequential_version_series_stay_bounded() -> None:
     samples = families(generate_latest(m.registry))
     gru_versions = {s.labels["version"] for s in samples["gruflow_prequential_events"]
                     if s.name == "gruflow_prequential_events_total" and s.labels["model"] == "gru"}
-    assert gru_versions == {str(v) for v in range(31 - PREQUENTIAL_VERSIONS_KEPT, 31)} | {"older"}
+    assert gru_versions == {str(v) for v in range(31 - PREQUENTIAL_VERSIONS_KEPT, 31)}
     for name in ("gruflow_prequential_hits", "gruflow_prequential_reciprocal_rank"):
         kept = {s.labels["version"] for s in samples[name] if s.name == name + "_total" and s.labels["model"] == "gru"}
         assert kept == gru_versions
@@ -95,13 +95,6 @@ def test_prequential_version_series_stay_bounded() -> None:
     assert get("gruflow_prequential_events_total", {"model": "gru", "version": "30"}) == 10
     assert get("gruflow_prequential_hits_total", {"model": "gru", "version": "30", "k": "20"}) == 3
     assert get("gruflow_prequential_events_total", {"model": "popularity", "version": ""}) == 300
-    # evicted versions are folded into "older": the sum over versions is still every event counted
-    total = sum(s.value for s in samples["gruflow_prequential_events"]
-                if s.name == "gruflow_prequential_events_total" and s.labels["model"] == "gru")
-    hits = sum(s.value for s in samples["gruflow_prequential_hits"]
-               if s.name == "gruflow_prequential_hits_total" and s.labels["model"] == "gru")
-    assert (total, hits) == (300, 90)
-    assert get("gruflow_prequential_events_total", {"model": "gru", "version": "older"}) == 10 * (30 - PREQUENTIAL_VERSIONS_KEPT)
 
 
 def test_a_version_served_again_keeps_its_series() -> None:
@@ -112,5 +105,4 @@ def test_a_version_served_again_keeps_its_series() -> None:
     get = m.registry.get_sample_value
     assert get("gruflow_prequential_events_total", {"model": "gru", "version": "5"}) == 2
     assert get("gruflow_prequential_events_total", {"model": "gru", "version": "6"}) is None
-    assert get("gruflow_prequential_events_total", {"model": "gru", "version": "older"}) == 1
     assert get("gruflow_prequential_events_total", {"model": "gru", "version": "7"}) == 1

@@ -17,11 +17,12 @@ from model.checkpoint import checkpoint_to_bytes
 from model.network import GRU4RecNet
 from model.params import GRU4RecParams
 from model.vocab import Vocabulary
-from stream.online import model_sync
+from stream.online import model_protocol
 from stream.observe.metrics import Metrics
 from stream.worker.model_holder import ModelHolder
-from stream.online.model_sync import (R_ABSURD, R_LOWER, R_NON_FINITE, R_SAME, REFUSAL_REASONS, Assembled, Assembler,
-                               ModelSubscriber, ModelSyncError, encode_chunks, to_recommender)
+from stream.online.model_protocol import (R_ABSURD, R_LOWER, R_NON_FINITE, R_SAME, REFUSAL_REASONS, Assembled, Assembler,
+                                         ModelSyncError, encode_chunks, to_recommender)
+from stream.online.model_sync import ModelSubscriber
 
 N_ITEMS = 40
 
@@ -46,7 +47,7 @@ def _poisoned(net: GRU4RecNet, name: str, index: object, value: float) -> GRU4Re
 def test_refusal_reasons_are_the_weight_checks_and_listed() -> None:
     assert (R_NON_FINITE, R_ABSURD) == (weight_check.NON_FINITE, weight_check.ABSURD)
     assert len(set(REFUSAL_REASONS)) == len(REFUSAL_REASONS)
-    assert {R_NON_FINITE, R_ABSURD, R_LOWER, R_SAME, model_sync.R_CORRUPT} <= set(REFUSAL_REASONS)
+    assert {R_NON_FINITE, R_ABSURD, R_LOWER, R_SAME, model_protocol.R_CORRUPT} <= set(REFUSAL_REASONS)
 
 
 @pytest.mark.parametrize("name,index,value,reason", [

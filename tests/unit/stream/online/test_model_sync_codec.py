@@ -11,7 +11,8 @@ import pytest
 
 from stream.online import model_envelope
 from stream.online.model_envelope import PROTOCOL
-from stream.online.model_sync import (CHUNK_BYTES, F_CHUNK, F_META, F_SHA, R_CHECKSUM, R_ENVELOPE, R_PROTOCOL,
+from stream.kafka.config import MODEL_CHUNK_BYTES
+from stream.online.model_protocol import (F_CHUNK, F_META, F_SHA, R_CHECKSUM, R_ENVELOPE, R_PROTOCOL,
                                R_STATE, R_VOCAB, Assembler, ModelSyncError, check_compatible, chunk_key, decode_chunk,
                                encode_chunks, message_chunk)
 
@@ -35,8 +36,8 @@ def test_chunks_respect_size_and_carry_their_descriptor_in_the_value() -> None:
 
 def test_a_full_chunk_with_its_envelope_stays_under_the_brokers_default_limit() -> None:
     meta = {"version": 7, "parent_version": 6, "n_items": 10**6, "loss": 6.5, "source": "x" * 200}
-    (_, value), *_ = encode_chunks(os.urandom(CHUNK_BYTES * 2), 7, 6, meta)
-    assert CHUNK_BYTES < len(value) < CHUNK_BYTES + 1024 < 1_000_000
+    (_, value), *_ = encode_chunks(os.urandom(MODEL_CHUNK_BYTES * 2), 7, 6, meta)
+    assert MODEL_CHUNK_BYTES < len(value) < MODEL_CHUNK_BYTES + 1024 < 1_000_000
 
 
 def test_empty_payload_is_one_chunk() -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from stream.kafka.broker import free_port
+from stream.kafka.broker_setup import free_port
 from stream.settings import Settings
 from stream.worker.sinks import BatchSink, Outgoing, SinkError
 
