@@ -33,11 +33,12 @@ from typing import Any
 import numpy as np
 
 from model.events import EventType
+from model.retrieval_scorer import RetrievalPolicy
 from state.codec import HEADER_SIZE, decode as decode_state, encode as encode_state
 from stream.batch_consumer import Batch, BatchConsumer, BatchTransport
 from stream.calibration import ScorerCache
 from stream.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, Limits, Rejected, decode_event
-from stream.metrics import Metrics, PrequentialVersions
+from stream.metrics import TOPK_ROW_PATHS, Metrics, PrequentialVersions
 from stream.model_holder import ModelHolder
 from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
 from stream.record_guard import unreadable_detail
@@ -50,6 +51,13 @@ log = logging.getLogger("gruflow.worker")
 _TYPE_NAMES = {int(t): t.name.lower() for t in EventType}
 _LAST_TS_AT = 13
 _FAST_TOPK_MIN_ITEMS = 4096
+
+
+def retrieval_policy(s: Settings) -> RetrievalPolicy:
+    """The ``GRUFLOW_RETRIEVAL*`` settings as the scorer cache's policy."""
+    return RetrievalPolicy(mode=s.retrieval, target_events_per_s=s.retrieval_target_events_per_s,
+                           nlist=s.retrieval_nlist, nprobe=s.retrieval_nprobe, n_candidates=s.retrieval_candidates,
+                           build_threads=s.retrieval_build_threads, rebuild_every=s.retrieval_rebuild_every)
 _MAX_IN_FLIGHT = 3  # batches produced but not yet acknowledged by the broker
 PHASE_LOG_S = 30.0  # seconds between the batch-phase log lines
 
@@ -120,11 +128,11 @@ class Pipeline:
         self.state_lock = asyncio.Lock()
         m = self.metrics
         self.scorers = ScorerCache(s.scoring_threads, min_items=_FAST_TOPK_MIN_ITEMS, compiled=s.compiled_topk,
-                                   k=s.top_k, path=s.scorer_path,
+                                   k=s.top_k, path=s.scorer_path, retrieval=retrieval_policy(s),
                                    on_choice=lambda c: m.scorer.info({"path": c.path}))
         # a swapped-in model's scorer: calibrated in the swapping thread, before the model is served
         self.holder.on_prepare(self.prepare_scorer)
-        self._topk_rows = (m.topk_rows.labels(path="int8"), m.topk_rows.labels(path="float32"))
+        self._topk_rows = {path: m.topk_rows.labels(path=path) for path in TOPK_ROW_PATHS}
         self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
                            for k in (CLICKS, PURCHASES) for t, n in _TYPE_NAMES.items()}
         self._prequential = PrequentialVersions(m, s.top_k)
@@ -181,10 +189,10 @@ class Pipeline:
         model = self.holder.current
         result = None
         if events:
-            result, int8_rows, float32_rows = await asyncio.get_running_loop().run_in_executor(
+            result, rows_by_path = await asyncio.get_running_loop().run_in_executor(
                 self.executor, self._compute, model, events, states)
-            self._topk_rows[0].inc(int8_rows)
-            self._topk_rows[1].inc(float32_rows)
+            for path, rows in rows_by_path.items():
+                self._topk_rows[path].inc(rows)
         if self.app.consumer_generation_id != generation or self.app.should_stop:
             log.info("rebalance during a batch of %d events: dropped unacked, it will be processed again",
                      len(events))
@@ -262,16 +270,17 @@ class Pipeline:
             gc.freeze()
             self._gc_frozen = True
 
-    def _compute(self, model: Any, events: list[Event], states: dict[bytes, Any]) -> tuple[Any, int, int]:
+    def _compute(self, model: Any, events: list[Event], states: dict[bytes, Any]) -> tuple[Any, dict[str, int]]:
         """The compute thread's part: the batch, and how many of its rows each top-K path answered. Even
         the first batch of a model nobody prepared builds its scorer here, off the event loop."""
         scorer = self.scorers.get(model)
         if scorer is None:
-            return process_batch(model, events, states, self.cfg, self.popularity, None), 0, 0
+            return process_batch(model, events, states, self.cfg, self.popularity, None), {}
         scored_before, int8_before = scorer.rows_scored, scorer.rows_int8
         result = process_batch(model, events, states, self.cfg, self.popularity, scorer.top_k)
         int8 = scorer.rows_int8 - int8_before
-        return result, int8, scorer.rows_scored - scored_before - int8
+        rest = scorer.rows_scored - scored_before - int8
+        return result, {"int8": int8, "approximate" if scorer.path == "approximate" else "float32": rest}
 
     def prepare_scorer(self, model: Any, serve: bool = False) -> None:
         """Calibrates ``model``'s top-K scorer (about a second at 20,000 items): in the thread that swaps a

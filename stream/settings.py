@@ -77,6 +77,15 @@ class Settings:
     # top-K path: "auto" times each path that can run here on the served model and keeps the fastest exact
     # one (stream/calibration.py); a path name forces that path where it can run
     scorer_path: Literal["auto", "float32", "int8", "compiled"] = "auto"
+    # top-K from an index of the items (docs/retrieval.md): "exact" never, "approximate" always, "auto" where
+    # the calibrated exact path is slower than the target rate (catalogues of 50,000 items or more)
+    retrieval: Literal["exact", "approximate", "auto"] = "auto"
+    retrieval_target_events_per_s: float = 10000.0
+    retrieval_nlist: int = 0  # IVF lists; 0 = the power of two nearest 2 sqrt(items)
+    retrieval_nprobe: int = 16  # lists searched per event
+    retrieval_candidates: int = 100  # candidates per event from the index, re-scored exactly
+    retrieval_rebuild_every: int = 10  # model versions per full index build (incremental updates between)
+    retrieval_build_threads: int = 2  # OpenMP threads of the background index build
     model_path: str = ""  # checkpoint to serve when the models topic has none
     max_message_bytes: int = 65536
     max_id_bytes: int = 256
@@ -160,6 +169,11 @@ class Settings:
             (self.scoring_threads >= 1, "GRUFLOW_SCORING_THREADS must be >= 1"),
             (self.compiled_topk or self.scorer_path != "compiled",
              "GRUFLOW_SCORER_PATH=compiled needs GRUFLOW_COMPILED_TOPK=true"),
+            (self.retrieval_target_events_per_s > 0, "GRUFLOW_RETRIEVAL_TARGET_EVENTS_PER_S must be > 0"),
+            (self.retrieval_nlist >= 0, "GRUFLOW_RETRIEVAL_NLIST must be >= 0 (0: from the catalogue size)"),
+            (min(self.retrieval_nprobe, self.retrieval_candidates, self.retrieval_rebuild_every,
+                 self.retrieval_build_threads) >= 1,
+             "GRUFLOW_RETRIEVAL_NPROBE, _CANDIDATES, _REBUILD_EVERY and _BUILD_THREADS must be >= 1"),
             (0 < self.web_port < 65536, "GRUFLOW_WEB_PORT must be a TCP port"),
             (self.session_gap_s > 0, "GRUFLOW_SESSION_GAP_S must be > 0"),
             (self.rocksdb_write_buffer_bytes >= 64 * 1024, "GRUFLOW_ROCKSDB_WRITE_BUFFER_BYTES must be >= 65536"),
