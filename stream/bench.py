@@ -125,20 +125,25 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
     from stream.events import CLICKS, PURCHASES, Limits, Rejected, decode_event
     from stream.processor import PopularityBaseline, ProcessorConfig, process_batch
     from stream.replay import iter_messages
-    from stream.calibration import calibrate
+    from stream.app import retrieval_policy
+    from stream.bench_scale import RECALL_STATES, recall_vs_exact
+    from stream.calibration import ScorerCache
 
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.torch_threads)
     try:
         model = load_checkpoint(model_path).recommender(1)
-        scorer, calibration = calibrate(model, settings.top_k, threads=settings.scoring_threads,
-                                        compiled=settings.compiled_topk, path=settings.scorer_path)
+        cache = ScorerCache(settings.scoring_threads, compiled=settings.compiled_topk, k=settings.top_k,
+                            path=settings.scorer_path, retrieval=retrieval_policy(settings))
+        scorer = cache.get(model)
+        calibration = cache.calibration
         limits, cfg, popularity = Limits(), ProcessorConfig(k=settings.top_k), PopularityBaseline()
         purchases = settings.topic("purchases")
         messages = list(iter_messages(settings, df, limit=n))
         size = settings.batch_max_events
         compute_s = scoring_s = 0.0
         events_done = 0
+        scored_all: list[np.ndarray] = []
         for start in range(0, len(messages), size):
             part = messages[start:start + size]
             t0 = time.perf_counter()
@@ -150,6 +155,7 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
 
             def top_k(hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
                 scored.append(hidden)
+                scored_all.append(hidden)
                 return scorer.top_k(hidden, k)
 
             result = process_batch(model, events, {}, cfg, popularity, top_k)
@@ -159,13 +165,17 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
                 scorer.top_k(hidden, settings.top_k)
             scoring_s += time.perf_counter() - t1
             events_done += len(result.outputs)
+        hidden = np.vstack(kept)[:RECALL_STATES] if (kept := [h for h in scored_all if len(h)]) else None
+        recall = (recall_vs_exact(model, scorer.top_k(hidden, settings.top_k)[0], hidden, settings.top_k)
+                  if hidden is not None else None)
     finally:
         torch.set_num_threads(threads)
     return {"compute_ceiling_events_per_s": round(events_done / compute_s, 1) if compute_s else float("nan"),
             "topk_ceiling_events_per_s": round(events_done / scoring_s, 1) if scoring_s else float("nan"),
             "topk_int8_fraction": round(scorer.rows_int8 / scorer.rows_scored, 4) if scorer.rows_scored else None,
-            "compiled_topk": scorer.native is not None,
+            "compiled_topk": getattr(scorer, "native", None) is not None,
             "scorer_path": calibration.path,
+            "recall_at_k_vs_exact": recall,
             "scorer_calibration_rows_per_s": dict(calibration.rows_per_s),
             "scorer_calibration_s": round(calibration.seconds, 3)}
 
@@ -469,6 +479,18 @@ def _echo_phase(args: argparse.Namespace, settings: Settings, work: Path) -> dic
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    """One run (``--items N``), or one per catalogue size (``--items 20000,200000``: stream.bench_scale)."""
+    from stream.bench_scale import parse_items, run_scale
+
+    sizes = parse_items(args.items)
+    if len(sizes) > 1:
+        print(json.dumps(run_scale(args, _measure)))
+    else:
+        print(json.dumps(_measure(argparse.Namespace(**{**vars(args), "items": sizes[0]}))))
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
     from stream.broker import EmbeddedKafka, free_port
     from stream.replay import replay
     from stream.topics import ensure_topics
@@ -531,6 +553,13 @@ def run_bench(args: argparse.Namespace) -> int:
             _warm_up(settings, reader, args, args.warmup_seconds)
         _log(f"latency run: {args.rate:,.0f} events/s for {args.latency_seconds:.0f} s ...")
         lat, latency_steal = _latency_window(settings, reader, args)
+        serving: dict[str, Any] = {}
+        if getattr(args, "publish_check", False):
+            from stream.bench_scale import publish_to_serving
+
+            _log("publishing model version 2 (1% of the output rows moved); timing until it is served ...")
+            serving = publish_to_serving(settings, model_path, lambda name: _scrape(settings.web_port, name))
+            _log(f"version 2 served {serving['publish_to_serving_s']} s after its publication began")
         training: dict[str, Any] = {}
         if not getattr(args, "no_training", False):
             training = _training_phase(args, settings, env, reader, work, procs)
@@ -583,10 +612,15 @@ def run_bench(args: argparse.Namespace) -> int:
             "latency_cpu_steal": latency_steal,
             **training,
             **echo,
+            **serving,
         }
         if args.profile:
             result["profile"] = args.profile
     finally:
+        if worker is not None and (work / "worker.log").exists():
+            from stream.bench_scale import faiss_simd, index_times
+
+            result.update(index_times((work / "worker.log").read_text(errors="replace")), faiss_simd=faiss_simd())
         for proc in procs:
             stop_process(proc)
         stop_process(worker)
@@ -595,5 +629,4 @@ def run_bench(args: argparse.Namespace) -> int:
         if kafka is not None:
             kafka.stop()
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result))
-    return 0
+    return result
