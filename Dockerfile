@@ -24,11 +24,11 @@ COPY stream/ stream/
 RUN pip install --upgrade-strategy only-if-needed . \
     && python -c "import torch, faust, confluent_kafka, rocksdict; print('torch', torch.__version__)"
 # gruflow's compiled helpers (the int8 top-K kernel, the output encoder), built here next to their source:
-# the runtime stage has no compiler (stream/native.py; CPUs without AVX-512 VNNI score with torch, same answers)
+# the runtime stage has no compiler (model/native.py; CPUs without AVX-512 VNNI score with torch, same answers)
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
-    && cd / && python -m stream.native --prebuild  # from /: the installed package, not /src
+    && cd / && python -m model.native --prebuild  # from /: the installed package, not /src
 
 # ---- runtime: slim base, non-root, no compilers. /models belongs to the gruflow user so that a
 # named volume mounted there (docker-compose: the initial model) is writable without root.

@@ -1,7 +1,7 @@
-"""Builds gruflow's compiled helpers (stream/native.c) when the package is built or installed, so that a
+"""Builds gruflow's compiled helpers (model/native.c) when the package is built or installed, so that a
 worker never compiles at run time: ``pip install .`` puts ``native-<source digest>.so`` next to the installed
-``native.c``; ``pip install -e .`` puts it next to the source (where ``stream.native`` looks first). Without a C
-compiler the install still succeeds: ``stream.native`` then builds on first use, or gruflow scores with torch.
+``native.c``; ``pip install -e .`` puts it next to the source (where ``model.native`` looks first). Without a C
+compiler the install still succeeds: ``model.native`` then builds on first use, or gruflow scores with torch.
 Everything else is declared in pyproject.toml."""
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ class BuildPyWithNative(build_py):
         super().run()
         sys.path.insert(0, str(ROOT))
         try:
-            from stream import native
+            from model import native
         finally:
             sys.path.remove(str(ROOT))
         name = native.prebuilt_path().name
-        target = ROOT / "stream" / name if self.editable_mode else Path(self.build_lib) / "stream" / name
+        target = ROOT / "model" / name if self.editable_mode else Path(self.build_lib) / "model" / name
         try:
             native.build(target)
         except Exception as exc:  # noqa: BLE001 - optional: the package works without it

@@ -1,6 +1,6 @@
 """Where per-user state lives, behind one small interface.
 
-The worker's store is the faust Table adapter in ``stream/table_store.py`` (RocksDB + changelog);
+The worker's store is the faust Table adapter in ``stream/worker/table_store.py`` (RocksDB + changelog);
 ``MemoryStore`` holds the same encoded records in a dict, so unit tests exercise the codec too.
 Keys are user ids as UTF-8 bytes (the Kafka message key).
 """

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, get_args, get_type_hints
 
 ENV_PREFIX = "GRUFLOW_"
-# the input topics' max.message.bytes (stream/topics.py): far above any valid event, so an oversize one still
+# the input topics' max.message.bytes (stream/kafka/topics.py): far above any valid event, so an oversize one still
 # reaches the worker and goes to the dlq with its reason, whose own limit leaves room for the headers
 INPUT_MESSAGE_MAX_BYTES = 1024 * 1024
 
@@ -26,11 +26,6 @@ log = logging.getLogger("gruflow.settings")
 # GRUFLOW_TRAINER_PORT, GRUFLOW_TRAINER_PORT_6066_TCP_ADDR, ... Their suffixes after the Service's prefix:
 _LINK_SUFFIX = re.compile(r"SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?")
 _LINK_URL = re.compile(r"(tcp|udp|sctp)://\[?[0-9A-Fa-f.:]+\]?:[0-9]+")
-
-
-def cache_root() -> Path:
-    """Where gruflow keeps what it downloads or builds once per machine (broker jars, compiled helpers)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gruflow"
 
 
 class Secret(str):
@@ -73,9 +68,9 @@ class Settings:
     top_k: int = 20
     torch_threads: int = 1  # torch's own (OpenMP) threads in the worker
     scoring_threads: int = 2  # threads that score the chunks of a batch's top-K at once
-    compiled_topk: bool = True  # the compiled int8 top-K kernel where it runs (stream/native.py); else torch
+    compiled_topk: bool = True  # the compiled int8 top-K kernel where it runs (model/native.py); else torch
     # top-K path: "auto" times each path that can run here on the served model and keeps the fastest exact
-    # one (stream/calibration.py); a path name forces that path where it can run
+    # one (model/topk_calibration.py); a path name forces that path where it can run
     scorer_path: Literal["auto", "float32", "int8", "compiled"] = "auto"
     # top-K from an index of the items (docs/retrieval.md): "exact" never, "approximate" always, "auto" where
     # the calibrated exact path is slower than the target rate (catalogues of 50,000 items or more)

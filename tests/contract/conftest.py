@@ -16,7 +16,7 @@ import pytest
 from contractkit import worker_settings
 
 if TYPE_CHECKING:
-    from stream.app import Runtime
+    from stream.worker.app import Runtime
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,9 +33,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def _runtime(data_dir: Path, guarantee: str) -> Iterator[Runtime]:
     # imported here: when a new release breaks the import, each test says so instead of the whole session
-    from stream.app import build_app
-    from stream.metrics import Metrics
-    from stream.model_holder import ModelHolder
+    from stream.worker.app import build_app
+    from stream.observe.metrics import Metrics
+    from stream.worker.model_holder import ModelHolder
 
     rt = build_app(worker_settings(data_dir, guarantee), ModelHolder(None), Metrics.create(),  # type: ignore[arg-type]
                    dead_letter_bytes=1024)

@@ -67,7 +67,7 @@ report=tests/contract/report.py
 "$py" -m pytest -q -ra --tb=short -p no:cacheprovider --continue-on-collection-errors tests/contract \
     --junitxml="$out/contract-unit.xml" 2>&1 | tee "$out/contract-unit.log"
 # a worker that cannot even import would only time out in every integration test: say why instead
-if "$py" -c "import stream.app, stream.worker" > "$out/contract-import.log" 2>&1; then
+if "$py" -c "import stream.worker.app, stream.worker.main" > "$out/contract-import.log" 2>&1; then
     rm -f "$out/contract-import.log"
     # shellcheck disable=SC2086
     "$py" -m pytest -q -ra --tb=short -p no:cacheprovider --continue-on-collection-errors $tests \

@@ -69,7 +69,7 @@ class _PartitionRecords:
 
 
 def test_paused_or_sought_partitions_neither_return_records_nor_move() -> None:
-    """The takeover invariant (stream/batch_consumer.py) rests on aiokafka's fetch semantics: records
+    """The takeover invariant (stream/worker/batch_consumer.py) rests on aiokafka's fetch semantics: records
     buffered for a partition are returned (``FetchResult.getall``, which ``Fetcher.fetched_records`` drains)
     only if the partition is not paused and its position is where the fetch started, and only returning
     them moves the position; a paused partition is left out of fetch requests; a seek drops what was
@@ -174,7 +174,7 @@ def test_record_batch_builder_appends_until_full() -> None:
 def test_table_store_partitions_keys_as_the_producers_do() -> None:
     """``TableStore.partition_for`` hashes with aiokafka's ``murmur2`` as aiokafka's (and so faust's)
     default partitioner does: tools read a user's state from the partition its events went to."""
-    from stream.table_store import TableStore
+    from stream.worker.table_store import TableStore
 
     partitions = list(range(8))
     store = TableStore(None, len(partitions))

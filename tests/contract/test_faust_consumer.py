@@ -1,5 +1,5 @@
 """faust's consumer as ``BatchConsumer`` uses it: the drain-loop hook, fetching under faust's flow control,
-and the ack bookkeeping that faust's commit reads (stream/batch_consumer.py)."""
+and the ack bookkeeping that faust's commit reads (stream/worker/batch_consumer.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from faust.types import TP
 from faust.types.tuples import ack_lock
 
 from contractkit import CONSUMER, CONSUMER_THREAD, HOOKS, PRIVATE, resolve, run
-from stream.app import Runtime
-from stream.batch_consumer import FETCH_MIN_BYTES, BatchConsumer, BatchConsumerThread, BatchTransport, fetch_max_wait_ms
+from stream.worker.app import Runtime
+from stream.worker.batch_consumer import FETCH_MIN_BYTES, BatchConsumer, BatchConsumerThread, BatchTransport, fetch_max_wait_ms
 
 
 def record(tp: TP, offset: int) -> ConsumerRecord:

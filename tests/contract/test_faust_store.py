@@ -1,6 +1,6 @@
 """faust's RocksDB store as ``TableStore`` uses it: one rocksdict DB per partition from ``_db_for_partition``
 (raw bytes, multi-get, WriteBatch), and ``_key_index`` kept as faust's own writes keep it, so faust's
-reads find what the batch path wrote (stream/table_store.py)."""
+reads find what the batch path wrote (stream/worker/table_store.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import rocksdict
 from faust.types import TP
 
 from state.codec import UserState, encode
-from stream.app import Runtime
+from stream.worker.app import Runtime
 
 
 def state(ts: int) -> UserState:

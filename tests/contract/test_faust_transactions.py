@@ -1,6 +1,6 @@
 """faust's transactional producers as exactly_once uses them: ``TransactionalSink`` sends into the
 producer faust opened for the partition's transactional id, under faust's lock for it, and
-``BatchConsumer._flush_transactions`` flushes all of them before a commit (stream/sinks.py)."""
+``BatchConsumer._flush_transactions`` flushes all of them before a commit (stream/worker/sinks.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from faust.types import TP
 
 from contractkit import run
-from stream.app import Runtime
-from stream.batch_consumer import FreshTransactionManager
-from stream.sinks import Outgoing, TransactionalSink
+from stream.worker.app import Runtime
+from stream.worker.batch_consumer import FreshTransactionManager
+from stream.worker.sinks import Outgoing, TransactionalSink
 
 
 class RecordingProducer:

@@ -10,8 +10,8 @@ import pytest
 # the framework modules gruflow imports from, then gruflow's modules that import them
 MODULES = ("aiokafka", "aiokafka.partitioner", "mode", "prometheus_client", "rocksdict", "faust",
            "faust.transport.drivers.aiokafka", "faust.stores.rocksdb", "faust.types.tuples",
-           "stream.metrics", "stream.table_store", "stream.sinks", "stream.batch_consumer", "stream.app",
-           "stream.worker")
+           "stream.observe.metrics", "stream.worker.table_store", "stream.worker.sinks", "stream.worker.batch_consumer", "stream.worker.app",
+           "stream.worker.main")
 
 
 @pytest.mark.parametrize("module", MODULES)

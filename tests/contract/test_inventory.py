@@ -17,7 +17,7 @@ from contractkit import (AIOKAFKA_CONSUMER, CONSUMER, FAUST_PRODUCER, HISTOGRAM,
                          SERVICE, Touch, is_coroutine, missing_params, resolve)
 
 if TYPE_CHECKING:
-    from stream.app import Runtime
+    from stream.worker.app import Runtime
 
 REPO = Path(__file__).resolve().parents[2]
 UPGRADING = REPO / "docs" / "upgrading.md"
@@ -81,7 +81,7 @@ def test_upgrading_doc_names_every_touch() -> None:
 
 
 # product modules whose classes subclass faust's: their ``self._name`` may be faust's too
-SUBCLASSING = ("stream/batch_consumer.py",)
+SUBCLASSING = ("stream/worker/batch_consumer.py",)
 _DOT_PRIVATE = re.compile(r"\._([a-z]\w*)")
 _CHAIN_END = re.compile(r"(\w+\(\)|[\w.])*$")  # the expression before the dot: a.b.c or super()
 _GETATTR = re.compile(r"getattr\([^,]+,\s*[\"']_([a-z]\w*)[\"']")

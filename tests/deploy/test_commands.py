@@ -1,5 +1,5 @@
 """The gruflow command lines in docker-compose.yml and the manifests are ones `gruflow` accepts: each is
-parsed by the real CLI parser (stream/cli.py), so a renamed subcommand or flag fails here, not in a pod."""
+parsed by the real CLI parser (stream/cli/__init__.py), so a renamed subcommand or flag fails here, not in a pod."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import pytest
 
 from deploykit import DEPLOY, ROOT, clean_env, compose_binary, compose_config, load_yaml
 from stream.settings import Settings
-from stream.topics import topic_specs
+from stream.kafka.topics import topic_specs
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def parse_topic_creation(script: str) -> dict[str, dict[str, Any]]:
 
 
 def test_init_service_creates_the_topics_gruflow_expects(config: dict[str, Any]) -> None:
-    """kafka-init's topic names, partitions and configs are exactly stream.topics.topic_specs()."""
+    """kafka-init's topic names, partitions and configs are exactly stream.kafka.topics.topic_specs()."""
     init = config["services"]["kafka-init"]
     assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
     script = init["command"][0].replace("$$", "$")

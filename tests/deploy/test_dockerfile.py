@@ -71,7 +71,8 @@ def test_dockerignore_keeps_the_context_small() -> None:
              if line.strip() and not line.startswith("#")]
     assert lines[0] == "**", "deny everything, then allow what the image needs"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    packages = {pattern.rstrip("*") for pattern in
+                tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert set(packages) | {"pyproject.toml", "README.md"} <= allowed
     copied = " ".join(rest for op, rest in instructions() if op == "COPY" and "--from" not in rest)
     for package in packages:

@@ -59,7 +59,7 @@ def pod_settings(objects: list[dict[str, Any]], workload: dict[str, Any]) -> Set
 
 
 def test_k8s_environments_parse(rendered: tuple[str, list[dict[str, Any]]]) -> None:
-    from stream.kafka_config import confluent_config
+    from stream.kafka.config import confluent_config
 
     name, objects = rendered
     workloads = all_of(objects, "StatefulSet") + all_of(objects, "Deployment")

@@ -15,7 +15,7 @@ import yaml
 from deploykit import DEPLOY, K8S, all_of, load_yaml, one
 from kustomize_lite import render
 from stream.settings import Settings
-from stream.topics import STATE_TABLE_NAME, topic_specs
+from stream.kafka.topics import STATE_TABLE_NAME, topic_specs
 
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication", "KafkaTopic"}
 # kubernetes-validate's newest schema, and an older release many clusters still run
@@ -209,7 +209,7 @@ def test_scaled_object_is_capped_at_the_partition_count(rendered: tuple[str, lis
 
 
 def test_kafka_topics_match_the_topic_layout(rendered: tuple[str, list[dict[str, Any]]]) -> None:
-    """KafkaTopics = stream.topics.topic_specs(settings): names, partitions (co-partitioned inputs, state
+    """KafkaTopics = stream.kafka.topics.topic_specs(settings): names, partitions (co-partitioned inputs, state
     changelog), compaction of changelog and models, replicas = GRUFLOW_REPLICATION_FACTOR."""
     _, objects = rendered
     settings = settings_from(objects)

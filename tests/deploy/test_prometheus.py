@@ -1,6 +1,6 @@
 """Prometheus config, alert rules and their unit tests pass promtool (Debian's prometheus package,
 unpacked by `make tools`); every gruflow metric the rules and the dashboard query exists in
-stream/metrics.py."""
+stream/observe/metrics.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from deploykit import DEPLOY, load_yaml
-from stream.metrics import ROLES, Metrics
+from stream.observe.metrics import ROLES, Metrics
 
 PROM = DEPLOY / "prometheus"
 RULES = PROM / "rules" / "gruflow-alerts.yml"
@@ -109,7 +109,7 @@ def test_queried_metrics_exist(source: str) -> None:
     recorded = {m for name in recorded_names() for m in METRIC.findall(name)}
     assert used, "no gruflow metric queried"
     unknown = used - known_series() - recorded
-    assert not unknown, f"{source} query metrics that stream/metrics.py does not export: {sorted(unknown)}"
+    assert not unknown, f"{source} query metrics that stream/observe/metrics.py does not export: {sorted(unknown)}"
 
 
 def test_dashboard_covers_what_operators_need() -> None:

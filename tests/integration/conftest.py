@@ -32,7 +32,7 @@ class KafkaFixture:
     def settings(self, **overrides: Any) -> Settings:
         """Settings for one test: its own topic prefix, app id (consumer group), data dir and web port, so
         tests never see each other's topics, offsets or state."""
-        from stream.broker import free_port
+        from stream.kafka.broker import free_port
 
         n = next(self._counter)
         pid = os.getpid()
@@ -63,7 +63,7 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaFixture]:
     if base.bootstrap_servers:
         yield KafkaFixture(base.bootstrap_servers, base, tmp_root, embedded=False)
         return
-    from stream.broker import BrokerError, EmbeddedKafka
+    from stream.kafka.broker import BrokerError, EmbeddedKafka
 
     broker = EmbeddedKafka.from_settings(base)
     try:

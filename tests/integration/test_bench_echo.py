@@ -1,4 +1,4 @@
-"""The bench's latency peer (``stream.echo``) against the real broker: each event answered once, on its
+"""The bench's latency peer (``stream.lab.echo``) against the real broker: each event answered once, on its
 own key and partition, with the event's time and a publication stamp after it."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import orjson
 from aiokafka.partitioner import murmur2
 from confluent_kafka import Producer
 
-from stream.kafka_config import producer_config
-from stream.processes import stop_process
-from stream.topics import ensure_topics
+from stream.kafka.config import producer_config
+from stream.tools.processes import stop_process
+from stream.kafka.topics import ensure_topics
 from workerkit import TopicReader
 
 
@@ -22,7 +22,7 @@ def test_the_echo_answers_every_event_on_its_key_and_partition(kafka, tmp_path):
     settings = kafka.settings(partitions=4)
     ensure_topics(settings)
     log = tmp_path / "echo.log"
-    echo = subprocess.Popen([sys.executable, "-m", "stream.echo"], env=kafka.env(settings),
+    echo = subprocess.Popen([sys.executable, "-m", "stream.lab.echo"], env=kafka.env(settings),
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
     try:
         deadline = time.monotonic() + 60

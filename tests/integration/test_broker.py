@@ -17,8 +17,8 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from stream.kafka_config import admin_config, consumer_config, producer_config
-from stream.topics import TopicError, TopicNames, changelog_topic, ensure_topics
+from stream.kafka.config import admin_config, consumer_config, producer_config
+from stream.kafka.topics import TopicError, TopicNames, changelog_topic, ensure_topics
 
 pytestmark = pytest.mark.integration
 
@@ -229,7 +229,7 @@ def test_replay_delivers_every_event_keyed_and_in_order(kafka):
     from aiokafka.partitioner import DefaultPartitioner
 
     from model.synthetic import generate
-    from stream.replay import replay
+    from stream.tools.replay import replay
 
     settings = kafka.settings(partitions=4)
     names = ensure_topics(settings)
@@ -260,7 +260,7 @@ def test_replay_command_on_real_data(kafka):
     """`gruflow replay` wiring: argparse helpers, topic creation, rate cap, a public session dataset."""
     import argparse
 
-    from stream.replay import add_replay_args, run_replay
+    from stream.tools.replay import add_replay_args, run_replay
 
     path = DATA / "yoochoose_rsc15_100k" / "yoochoose-clicks-100k_test.txt"
     if not path.is_file():
@@ -276,7 +276,7 @@ def test_tail_prints_recommendations(kafka):
     import argparse
     import io
 
-    from stream.tail import add_tail_args, run_tail, tail
+    from stream.tools.tail import add_tail_args, run_tail, tail
 
     settings = kafka.settings(partitions=2)
     names = ensure_topics(settings)
@@ -324,7 +324,7 @@ def needs_embedded(kafka):
 
 
 def test_context_exit_stops_the_jvm(needs_embedded):
-    from stream.broker import EmbeddedKafka
+    from stream.kafka.broker import EmbeddedKafka
 
     with EmbeddedKafka(quiet=True) as broker:
         pid, run_dir = broker.pid, broker.run_dir
@@ -337,7 +337,7 @@ def test_context_exit_stops_the_jvm(needs_embedded):
 
 _OWNER = textwrap.dedent("""
     import sys, threading, time
-    from stream.broker import EmbeddedKafka
+    from stream.kafka.broker import EmbeddedKafka
     broker = EmbeddedKafka(quiet=True)
     if sys.argv[1] == "thread":
         starter = threading.Thread(target=broker.start)
@@ -382,7 +382,7 @@ def test_owner_death_stops_the_jvm(needs_embedded, sig, started_in):
 def test_run_forever_serves_topics_until_ctrl_c(needs_embedded, kafka, tmp_path):
     """What `gruflow broker` runs: topics created, address printed, Ctrl-C stops the JVM; exit 0."""
     env = kafka.env(kafka.settings(partitions=3), GRUFLOW_BOOTSTRAP_SERVERS="")
-    owner = subprocess.Popen([sys.executable, "-c", "import sys; from stream.broker import run_forever; "
+    owner = subprocess.Popen([sys.executable, "-c", "import sys; from stream.kafka.broker import run_forever; "
                               "sys.exit(run_forever())"], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     try:
         line = owner.stdout.readline().strip()

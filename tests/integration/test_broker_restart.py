@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from stream.broker import EmbeddedKafka
-from stream.kafka_config import producer_config
-from stream.topics import ensure_topics
+from stream.kafka.broker import EmbeddedKafka
+from stream.kafka.config import producer_config
+from stream.kafka.topics import ensure_topics
 from workerkit import TopicReader, WorkerProc, assert_same_states, expected_states, make_events, produce, \
     read_states, save_tiny_model
 

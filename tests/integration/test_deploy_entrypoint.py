@@ -111,7 +111,7 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def worker(kafka, model_path: Path, tmp_path: Path) -> Iterator[tuple[object, str, subprocess.Popen[bytes], Path]]:
-    from stream.topics import ensure_topics
+    from stream.kafka.topics import ensure_topics
 
     settings = kafka.settings(partitions=2, model_path=str(model_path), torch_threads=1)
     ensure_topics(settings)  # docker-compose: kafka-init; Kubernetes: the KafkaTopics
@@ -131,7 +131,7 @@ def produce_events(settings) -> int:
     """A few events of three users, plus one malformed message (a DLQ reason), keyed by user id."""
     from confluent_kafka import Producer
 
-    from stream.kafka_config import producer_config
+    from stream.kafka.config import producer_config
 
     producer = Producer(producer_config(settings))
     now_ms = int(time.time() * 1000)
@@ -181,7 +181,7 @@ def test_worker_as_in_the_container_serves_probes_and_valid_metrics(worker) -> N
 def test_liveness_does_not_depend_on_the_broker(kafka, model_path: Path, tmp_path: Path) -> None:
     """A worker whose broker is unreachable stays alive (/livez 200: no restart loop from the liveness
     probe) and is not ready (/readyz 503: no traffic, no recovery yet)."""
-    from stream.broker import free_port
+    from stream.kafka.broker import free_port
 
     settings = kafka.settings(partitions=2, model_path=str(model_path),
                               bootstrap_servers=f"127.0.0.1:{free_port()}")  # nothing listens there
@@ -204,7 +204,7 @@ def test_liveness_does_not_depend_on_the_broker(kafka, model_path: Path, tmp_pat
 def test_trainer_as_in_the_container_serves_probes_and_valid_metrics(kafka, model_path: Path, tmp_path: Path) -> None:
     """`gruflow trainer` (the trainer Deployment's args): publishes GRUFLOW_MODEL_PATH as the first version,
     answers /livez and /readyz, and its /metrics passes `promtool check metrics` too."""
-    from stream.topics import ensure_topics
+    from stream.kafka.topics import ensure_topics
 
     settings = kafka.settings(partitions=2, model_path=str(model_path), trainer_torch_threads=1)
     ensure_topics(settings)

@@ -17,11 +17,11 @@ import torch
 from model.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes, load_checkpoint, save_checkpoint
 from model.weight_check import weight_problem
 from state.codec import UserState, encode
-from stream import model_sync
-from stream.metrics import Metrics
-from stream.model_store import ModelStore
-from stream.replay import replay
-from stream.topics import TopicNames, changelog_topic, ensure_topics
+from stream.online import model_sync
+from stream.observe.metrics import Metrics
+from stream.online.model_store import ModelStore
+from stream.tools.replay import replay
+from stream.kafka.topics import TopicNames, changelog_topic, ensure_topics
 from test_online_trainer import _wait, small_model  # noqa: F401 - the trainer tests' model fixture
 from workerkit import Ev, TopicReader, WorkerProc, make_events, produce, read_states, save_tiny_model
 
@@ -47,7 +47,7 @@ def _put_state(settings, user: str, state: UserState) -> None:
     """Write one record into the worker's changelog the way the worker does (keyed, murmur2)."""
     from confluent_kafka import Producer
 
-    from stream.kafka_config import producer_config
+    from stream.kafka.config import producer_config
 
     p = Producer(producer_config(settings))
     p.produce(changelog_topic(settings), encode(state), user.encode())
@@ -151,7 +151,7 @@ def test_worker_refuses_to_start_on_a_nan_checkpoint_file(kafka, tmp_path) -> No
 
 def test_trainer_refuses_poisoned_versions_survives_divergence_and_publishes_only_finite(
         kafka, small_model, tmp_path) -> None:  # noqa: F811 - the imported fixture
-    from stream.trainer import Trainer
+    from stream.online.trainer import Trainer
 
     net, vocab, pop, params, later = small_model
     path = save_checkpoint(tmp_path / "base.gfc", net, vocab, params, pop, {})

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from stream import model_sync
-from stream.kafka_config import MODEL_CHUNK_BYTES
-from stream.topics import ensure_topics
+from stream.online import model_sync
+from stream.kafka.config import MODEL_CHUNK_BYTES
+from stream.kafka.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -11,12 +11,12 @@ from model.checkpoint import checkpoint_to_bytes, save_checkpoint
 from model.params import GRU4RecParams
 from model.synthetic import generate
 from model.train import train_model
-from stream import model_sync
-from stream.metrics import Metrics
-from stream.model_holder import ModelHolder
-from stream.model_store import ModelStore
-from stream.replay import replay
-from stream.topics import ensure_topics
+from stream.online import model_sync
+from stream.observe.metrics import Metrics
+from stream.worker.model_holder import ModelHolder
+from stream.online.model_store import ModelStore
+from stream.tools.replay import replay
+from stream.kafka.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +91,7 @@ def test_load_latest_and_subscriber_swap_refuse(kafka, small_model) -> None:
 
 
 def test_trainer_finetunes_publishes_and_rolls_back(kafka, small_model, tmp_path) -> None:
-    from stream.trainer import Trainer
+    from stream.online.trainer import Trainer
 
     net, vocab, pop, params, later = small_model
     path = save_checkpoint(tmp_path / "base.gfc", net, vocab, params, pop, {})

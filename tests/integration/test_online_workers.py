@@ -15,11 +15,11 @@ from model.finetune import FineTuneConfig, FineTuner, ModelState, SessionBuffer
 from model.params import GRU4RecParams
 from model.synthetic import generate
 from model.train import train_model
-from stream import model_sync
-from stream.broker import free_port
-from stream.experiment import WorkerProcess, _sum, scrape
-from stream.replay import replay
-from stream.topics import TopicNames, ensure_topics
+from stream.online import model_sync
+from stream.kafka.broker import free_port
+from stream.lab.experiment import WorkerProcess, _sum, scrape
+from stream.tools.replay import replay
+from stream.kafka.topics import TopicNames, ensure_topics
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 def _read_recommendations(settings, expected: int, timeout: float = 60.0) -> list[dict]:
     from confluent_kafka import Consumer, TopicPartition
 
-    from stream.kafka_config import consumer_config
+    from stream.kafka.config import consumer_config
 
     topic = TopicNames.from_settings(settings).recommendations
     consumer = Consumer(consumer_config(settings, None))

@@ -19,10 +19,10 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from stream import model_sync
-from stream.broker import free_port
-from stream.processes import stop_process
-from stream.topics import ensure_topics
+from stream.online import model_sync
+from stream.kafka.broker import free_port
+from stream.tools.processes import stop_process
+from stream.kafka.topics import ensure_topics
 from workerkit import REPO, WorkerProc, save_tiny_model
 
 pytestmark = pytest.mark.integration

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from stream.kafka_config import assign_whole_topic, consumer_config
-from stream.sinks import RECORD_BATCH_BYTES, BatchSink, Outgoing, SinkError, dlq_headers
-from stream.topics import TopicNames, ensure_topics
+from stream.kafka.config import assign_whole_topic, consumer_config
+from stream.worker.sinks import RECORD_BATCH_BYTES, BatchSink, Outgoing, SinkError, dlq_headers
+from stream.kafka.topics import TopicNames, ensure_topics
 
 
 def _read(settings: Any, topic: str, expected: int, timeout: float = 30.0) -> list[Any]:

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from aiokafka.partitioner import murmur2
 
-from stream import events as ev
-from stream.topics import ensure_topics
+from stream.pipeline import events as ev
+from stream.kafka.topics import ensure_topics
 from workerkit import Ev, TopicReader, WorkerProc, make_events, produce, save_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -74,7 +74,7 @@ def produce_with_header(settings, via: str, topic: str, partition: int, key: byt
     else:
         from confluent_kafka import Producer
 
-        from stream.kafka_config import producer_config
+        from stream.kafka.config import producer_config
 
         p = Producer(producer_config(settings))
         p.produce(topic, value, key, partition=partition, headers=[(n.decode(), v) for n, v in headers])
@@ -86,7 +86,7 @@ async def _send_raw_batch(settings, topic: str, partition: int, key: bytes, valu
     from aiokafka import AIOKafkaProducer
     from aiokafka.record.util import calc_crc32c
 
-    from stream.kafka_config import aiokafka_config
+    from stream.kafka.config import aiokafka_config
 
     producer = AIOKafkaProducer(**aiokafka_config(settings), acks=1, enable_idempotence=False)
     await producer.start()
@@ -111,7 +111,7 @@ async def _send_raw_batch(settings, topic: str, partition: int, key: bytes, valu
 def high_watermark(settings, topic: str, partition: int) -> int:
     from confluent_kafka import Consumer, TopicPartition
 
-    from stream.kafka_config import consumer_config
+    from stream.kafka.config import consumer_config
 
     c = Consumer(consumer_config(settings, group_id=None))
     try:
@@ -132,7 +132,7 @@ def wait_committed(settings, topic: str, partition: int, ok, what: str, timeout:
 def committed(settings, topic: str, partition: int) -> int:
     from confluent_kafka import Consumer, TopicPartition
 
-    from stream.kafka_config import consumer_config
+    from stream.kafka.config import consumer_config
 
     c = Consumer(consumer_config(settings, group_id=settings.app_id))
     try:
@@ -233,10 +233,10 @@ def test_header_values_that_are_null_or_not_utf8_are_processed(kafka, tmp_path: 
 def test_batches_compressed_with_every_kafka_codec_are_processed(kafka, tmp_path: Path, model_path: Path,
                                                                  compression: str) -> None:
     """aiokafka reads snappy, lz4 and zstd only with cramjam, a dependency of gruflow for this reason
-    (without it such a batch would be one ``unreadable_record`` dead letter, see stream/record_guard.py)."""
+    (without it such a batch would be one ``unreadable_record`` dead letter, see stream/kafka/record_guard.py)."""
     from confluent_kafka import Producer
 
-    from stream.kafka_config import producer_config
+    from stream.kafka.config import producer_config
 
     settings = kafka.settings(partitions=2)
     ensure_topics(settings)
@@ -266,7 +266,7 @@ def test_transaction_markers_are_passed_and_aborted_events_follow_the_isolation_
     under read_committed (exactly_once)."""
     from confluent_kafka import OFFSET_INVALID, Producer
 
-    from stream.kafka_config import producer_config
+    from stream.kafka.config import producer_config
 
     settings = kafka.settings(partitions=2, processing_guarantee=guarantee)
     ensure_topics(settings)

@@ -8,10 +8,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from stream import events as ev
-from stream.kafka_config import admin_config
+from stream.pipeline import events as ev
+from stream.kafka.config import admin_config
 from stream.settings import INPUT_MESSAGE_MAX_BYTES
-from stream.topics import (DLQ_HEADER_ROOM, KAFKA_DEFAULT_MESSAGE_MAX_BYTES, dead_letter_budget, ensure_topics,
+from stream.kafka.topics import (DLQ_HEADER_ROOM, KAFKA_DEFAULT_MESSAGE_MAX_BYTES, dead_letter_budget, ensure_topics,
                            max_message_bytes)
 from workerkit import (Ev, TopicReader, WorkerProc, assert_same_states, expected_states, make_events, produce,
                        read_states, save_tiny_model)
@@ -94,7 +94,7 @@ def _largest_input(settings, user: str) -> bytes:
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_each_bad_input_goes_to_the_dlq_and_the_stream_keeps_working(kafka, tmp_path: Path, model_path: Path,
                                                                       guarantee: str) -> None:
-    """Under both guarantees: dead letters are written by different producers (see stream/sinks.py)."""
+    """Under both guarantees: dead letters are written by different producers (see stream/worker/sinks.py)."""
     exactly_once = guarantee == "exactly_once"
     settings = kafka.settings(partitions=4, processing_guarantee=guarantee)
     ensure_topics(settings)
@@ -214,7 +214,7 @@ def _catalogue_model(path: Path, n_items: int = 8000, hidden: int = 32) -> Path:
 
 def test_the_worker_reports_the_top_k_path_it_chose(kafka, tmp_path: Path) -> None:
     """Chosen by calibration at start-up, before the worker is ready; a setting can force it."""
-    from stream.scoring import PATHS
+    from model.topk import PATHS
 
     settings = kafka.settings(partitions=1)
     ensure_topics(settings)

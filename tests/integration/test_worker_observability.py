@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream import model_sync
-from stream.events import REASONS as DLQ_REASONS
-from stream.topics import ensure_topics
+from stream.online import model_sync
+from stream.pipeline.events import REASONS as DLQ_REASONS
+from stream.kafka.topics import ensure_topics
 from workerkit import TopicReader, WorkerProc, make_events, produce, save_tiny_model
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.topics import ensure_topics
+from stream.kafka.topics import ensure_topics
 from workerkit import (TopicReader, WorkerProc, assert_same_states, expected_states, make_events, produce,
                        read_states, save_tiny_model)
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_two_workers_share_partitions_and_one_takes_over(kafka, tmp_path: Path) -> None:
-    from stream.broker import free_port
+    from stream.kafka.broker import free_port
 
     model_path = save_tiny_model(tmp_path / "tiny.gfc")
     settings = kafka.settings(partitions=4)

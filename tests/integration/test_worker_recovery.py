@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from stream.app import table_dir
-from stream.topics import ensure_topics
+from stream.worker.app import table_dir
+from stream.kafka.topics import ensure_topics
 from workerkit import (TopicReader, WorkerProc, assert_same_states, expected_states, make_events, produce,
                        read_states, save_tiny_model)
 

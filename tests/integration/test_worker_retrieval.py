@@ -13,8 +13,8 @@ from model.checkpoint import checkpoint_to_bytes, load_checkpoint, save_checkpoi
 from model.network import GRU4RecNet
 from model.params import GRU4RecParams
 from model.vocab import Vocabulary
-from stream import model_sync
-from stream.topics import ensure_topics
+from stream.online import model_sync
+from stream.kafka.topics import ensure_topics
 from workerkit import Ev, TopicReader, WorkerProc, produce
 
 N, H, K = 200_000, 16, 20

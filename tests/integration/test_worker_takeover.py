@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 import pytest
 
-from stream.topics import ensure_topics
+from stream.kafka.topics import ensure_topics
 from workerkit import (N_ITEMS, Ev, TopicReader, WorkerProc, answer_items, assert_same_states, committed_offsets,
                        expected_answers, expected_states, read_states, same_answer, save_tiny_model)
 
@@ -81,7 +81,7 @@ class Load(threading.Thread):
     def run(self) -> None:
         from confluent_kafka import Producer
 
-        from stream.kafka_config import producer_config
+        from stream.kafka.config import producer_config
 
         try:
             p = Producer(producer_config(self.settings))
@@ -133,7 +133,7 @@ def _wait_both_serving(w1: WorkerProc, w2: WorkerProc, timeout: float = 90.0) ->
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_sigkill_of_one_of_two_workers_under_load_loses_nothing(kafka, tmp_path: Path, guarantee: str) -> None:
-    from stream.broker import free_port
+    from stream.kafka.broker import free_port
 
     exactly_once = guarantee == "exactly_once"
     model_path = save_tiny_model(tmp_path / "tiny.gfc")

@@ -16,8 +16,8 @@ import pytest
 import rocksdict
 from aiokafka.partitioner import murmur2
 
-from stream.app import table_dir
-from stream.topics import STATE_TABLE_NAME, changelog_topic, ensure_topics
+from stream.worker.app import table_dir
+from stream.kafka.topics import STATE_TABLE_NAME, changelog_topic, ensure_topics
 from workerkit import Ev, TopicReader, WorkerProc, make_events, produce, read_states, save_tiny_model
 
 pytestmark = pytest.mark.integration

@@ -25,8 +25,8 @@ from model.params import GRU4RecParams
 from model.vocab import Vocabulary
 from state.codec import UserState, decode
 from state.store import MemoryStore
-from stream.events import Event
-from stream.processor import ProcessorConfig, process_batch
+from stream.pipeline.events import Event
+from stream.pipeline.processor import ProcessorConfig, process_batch
 from stream.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,7 +77,7 @@ def produce(settings: Settings, events: Iterable[Ev], raw: Iterable[tuple[str, b
             ) -> int:
     from confluent_kafka import Producer
 
-    from stream.kafka_config import producer_config
+    from stream.kafka.config import producer_config
 
     p = Producer(producer_config(settings))
     n = 0
@@ -112,7 +112,7 @@ class TopicReader:
     def __init__(self, settings: Settings, topic: str, read_committed: bool = False) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer
 
-        from stream.kafka_config import assign_whole_topic, consumer_config
+        from stream.kafka.config import assign_whole_topic, consumer_config
 
         extra = {"isolation.level": "read_committed" if read_committed else "read_uncommitted"}
         self.consumer = Consumer(consumer_config(settings, group_id=None, **extra))
@@ -149,8 +149,8 @@ def read_states(settings: Settings, read_committed: bool = True) -> dict[str, Us
     """Final per-user state as the changelog holds it (last record per key; tombstones delete)."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from stream.kafka_config import consumer_config
-    from stream.topics import changelog_topic
+    from stream.kafka.config import consumer_config
+    from stream.kafka.topics import changelog_topic
 
     topic = changelog_topic(settings)
     c = Consumer(consumer_config(settings, group_id=None,
@@ -241,7 +241,7 @@ def committed_offsets(settings: Settings, topics: Iterable[str]) -> dict[tuple[s
     offsets without joining it (no subscribe, no commits of its own)."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from stream.kafka_config import consumer_config
+    from stream.kafka.config import consumer_config
 
     c = Consumer(consumer_config(settings, group_id=settings.app_id, **{"enable.auto.commit": False}))
     try:

@@ -1,0 +1,135 @@
+"""CLI commands of the stream area: worker, replay, tail, demo, broker, ``bench stream`` and ``lab faults``.
+
+Every command reads its settings from GRUFLOW_* variables; ``--bootstrap`` overrides
+GRUFLOW_BOOTSTRAP_SERVERS. Imports stay inside the handlers so ``gruflow --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def _add_bootstrap(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--bootstrap", default=None, help="Kafka bootstrap servers (overrides GRUFLOW_BOOTSTRAP_SERVERS)")
+    return p
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    from stream.settings import Settings
+
+    return Settings.from_env(bootstrap_servers=getattr(args, "bootstrap", None), **overrides)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from stream.worker.main import run_worker
+
+    return run_worker(_settings(args))
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from stream.tools.replay import run_replay
+
+    return run_replay(args)
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from stream.tools.tail import run_tail
+
+    return run_tail(args)
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from stream.kafka.broker import run_forever
+
+    return run_forever(_settings(args), port=args.port, create_topics=not args.no_topics, data_dir=args.data_dir)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from stream.tools.demo import run_demo
+
+    return run_demo(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from stream.lab.bench import run_bench
+
+    return run_bench(args)
+
+
+def _faults(args: argparse.Namespace) -> int:
+    from stream.lab.faults import run_faults
+
+    return run_faults(args)
+
+
+def register(sub: Any, bench_sub: Any) -> None:
+    from stream.tools.replay import add_replay_args
+    from stream.tools.tail import add_tail_args
+
+    p = _add_bootstrap(sub.add_parser("worker", help="run a stream worker (needs a Kafka cluster)"))
+    p.set_defaults(func=_worker)
+
+    p = _add_bootstrap(sub.add_parser("replay", help="replay an event file into the input topics"))
+    add_replay_args(p)
+    p.set_defaults(func=_replay)
+
+    p = _add_bootstrap(sub.add_parser("tail", help="print recommendations as they arrive"))
+    add_tail_args(p)
+    p.set_defaults(func=_tail)
+
+    p = sub.add_parser("broker", help="run the embedded Apache Kafka broker until Ctrl-C")
+    p.add_argument("--port", type=int, default=None, help="listener port (default: a free one)")
+    p.add_argument("--no-topics", action="store_true", help="do not create gruflow's topics")
+    p.add_argument("--data-dir", default=None,
+                   help="keep the broker's data (and its ports) here and come back on them at the next start, "
+                        "also after a kill -9 (default: a temporary directory, removed on stop)")
+    p.set_defaults(func=_broker)
+
+    p = sub.add_parser("demo", help="embedded broker + quick model + worker + replay, with a live summary")
+    p.add_argument("--data", default=None, help="event file to train on and replay (default: synthetic data)")
+    p.add_argument("--format", "-f", dest="format", default=None, help="format of --data (see `gruflow train`)")
+    p.add_argument("--events", type=int, default=60_000, help="events to replay (default 60,000)")
+    p.add_argument("--seconds", type=float, default=90.0,
+                   help="stop the replay after this long even if events remain (default 90)")
+    p.add_argument("--rate", type=float, default=None, help="cap on replayed events per second")
+    p.add_argument("--broker-data-dir", default=None,
+                   help="the embedded broker keeps its data here across runs (see `gruflow broker --data-dir`)")
+    p.set_defaults(func=_demo)
+
+    lab = sub.add_parser("lab", help="experiments on the running system that print JSON")
+    lab_sub = lab.add_subparsers(dest="lab_command", metavar="WHAT")
+    p = lab_sub.add_parser("faults", help="worker SIGKILL, broker pause, broker kill -9 + restart under load: "
+                                          "events sent, answered, duplicated, missing")
+    from stream.lab.faults import add_faults_args
+
+    add_faults_args(p)
+    p.set_defaults(func=_faults)
+
+    p = bench_sub.add_parser("stream", help="end-to-end worker throughput and latency on the embedded broker")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
+    p.add_argument("--items", default="20000", help="catalogue size (default 20,000); several, comma-separated "
+                                                   "(20000,200000,1000000), run one after another into one JSON")
+    p.add_argument("--hidden", type=int, default=100, help="GRU hidden size (default 100)")
+    p.add_argument("--k", type=int, default=20, help="recommendations per event (default 20)")
+    p.add_argument("--events", type=int, default=200_000, help="events for the throughput run (default 200,000)")
+    p.add_argument("--rate", type=float, default=2000.0, help="offered rate of the latency run (default 2,000/s)")
+    p.add_argument("--latency-seconds", type=float, default=20.0, help="length of the latency run (default 20 s)")
+    p.add_argument("--warmup-seconds", type=float, default=20.0,
+                   help="unmeasured load at the same rate before the latency run, so that the broker's JIT has "
+                        "compiled its hot paths (default 20 s; 0 to skip)")
+    p.add_argument("--partitions", type=int, default=8, help="partitions of the input topics (default 8)")
+    p.add_argument("--profile", default=None,
+                   help="py-spy profile of the worker during the throughput run (.svg flame graph, else raw stacks)")
+    p.add_argument("--worker-log", default=None, help="copy the worker's log here")
+    p.add_argument("--no-echo", action="store_true",
+                   help="skip the latency peer (a plain consume -> produce loop measured in the worker's place)")
+    p.add_argument("--no-training", action="store_true",
+                   help="skip the latency run with a trainer process running fine-tune rounds")
+    p.add_argument("--train-buffer", type=int, default=20_000,
+                   help="trainer buffer (events per fine-tune round) in the training run (default 20,000)")
+    p.add_argument("--train-interval", type=float, default=1.0,
+                   help="seconds between the trainer's rounds in the training run (default 1: back to back)")
+    p.add_argument("--train-wait", type=float, default=300.0,
+                   help="how long to wait for the trainer's first round (default 300 s)")
+    p.set_defaults(func=_bench)

@@ -1,0 +1,763 @@
+"""An embedded, single-node Apache Kafka 4.x broker (KRaft: broker + controller in one JVM).
+
+gruflow's default when no bootstrap servers are configured. The broker jars come from Maven Central
+through ``stream/kafka/pom.xml`` into a cache directory (resolved once). Without a data directory each
+start formats a fresh KRaft storage directory in a temp dir (removed on stop) and runs ``kafka.Kafka`` on
+free loopback ports. With ``data_dir`` the broker keeps its logs there and comes back on them: the first
+start formats it and records the ports it chose (``ports.json``); later starts skip the format (the
+cluster id stays the one in ``meta.properties``) and bind the same ports, because clients reconnect to
+the advertised listener they know and the KRaft voter set names the controller's endpoint.
+
+No orphaned JVMs: ``stop()`` runs on context exit, at interpreter exit, on SIGTERM (chained to the
+previous handler) and, should the Python parent be SIGKILLed, the kernel kills the JVM too
+(``PR_SET_PDEATHSIG``). The JVM runs in its own process group so that a Ctrl-C in the terminal reaches
+Python first and the broker outlives the workers it serves during a clean shutdown.
+
+Usage::
+
+    with EmbeddedKafka() as kafka:
+        settings = settings.replace(bootstrap_servers=kafka.bootstrap_servers)
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from types import FrameType
+from typing import Any, Callable
+
+from model.cache_dir import cache_root
+from stream.settings import Settings
+
+POM = Path(__file__).resolve().with_name("pom.xml")
+MIN_JAVA = 17
+MESSAGE_MAX_BYTES = 8 * 1024 * 1024 + 65536  # model checkpoints travel in chunks of up to 8 MiB
+RUN_DIR_PREFIX = "gruflow-kafka-"
+PORTS_FILE = "ports.json"  # in a data dir: the listener ports chosen at its first start
+
+_HELP = (
+    "Alternatives: run any Kafka cluster (e.g. `docker compose up -d kafka` with the repo's "
+    "docker-compose.yml) and point gruflow at it with GRUFLOW_BOOTSTRAP_SERVERS=host:port (or --bootstrap)."
+)
+
+
+class BrokerError(RuntimeError):
+    """The embedded broker cannot be set up or started; the message says what to do."""
+
+
+def _log(message: str) -> None:
+    print(f"[gruflow] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- tools and jars
+
+
+def kafka_version(pom: Path = POM) -> str:
+    match = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", pom.read_text())
+    if not match:
+        raise BrokerError(f"{pom} has no <kafka.version> property")
+    return match.group(1).strip()
+
+
+def default_cache_dir(settings: Settings | None = None) -> Path:
+    if settings is not None and settings.kafka_cache_dir:
+        return Path(settings.kafka_cache_dir).expanduser()
+    return cache_root() / f"kafka-{kafka_version()}"
+
+
+def find_java() -> str:
+    """Path of a Java >= 17 executable (JAVA_HOME first, then PATH), or a BrokerError saying what to install."""
+    candidates = []
+    if os.environ.get("JAVA_HOME"):
+        candidates.append(str(Path(os.environ["JAVA_HOME"]) / "bin" / "java"))
+    which = shutil.which("java")
+    if which:
+        candidates.append(which)
+    found = []
+    for java in candidates:
+        if not os.access(java, os.X_OK):
+            continue
+        major = _java_major(java)
+        if major is not None and major >= MIN_JAVA:
+            return java
+        found.append(f"{java} (version {major})")
+    what = "found " + ", ".join(found) if found else "no `java` on PATH or in JAVA_HOME"
+    raise BrokerError(
+        f"the embedded Apache Kafka broker needs Java {MIN_JAVA} or newer ({what}). Install a JRE, e.g. "
+        f"`apt-get install openjdk-17-jre-headless` (Debian/Ubuntu) or `brew install openjdk@17` (macOS). {_HELP}"
+    )
+
+
+def _java_major(java: str) -> int | None:
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r'version "([^"]+)"', out.stderr + out.stdout)
+    if not match:
+        return None
+    parts = re.split(r"[._-]", match.group(1))
+    try:
+        major = int(parts[0])
+        return int(parts[1]) if major == 1 else major  # "1.8.0_292" is Java 8
+    except (ValueError, IndexError):
+        return None
+
+
+def find_mvn() -> str:
+    mvn = shutil.which("mvn")
+    if not mvn:
+        raise BrokerError(
+            "the embedded Apache Kafka broker's jars are fetched with Maven on first use, and `mvn` is not on PATH. "
+            f"Install Maven, e.g. `apt-get install maven` (Debian/Ubuntu) or `brew install maven` (macOS). {_HELP}"
+        )
+    return mvn
+
+
+def resolve_jars(cache_dir: Path | None = None, pom: Path = POM) -> Path:
+    """Directory holding the broker's jars; runs Maven only when the cache is missing or stale.
+
+    A stamp holds the pom's hash; a file lock keeps concurrent gruflow processes (tests, demo) from
+    resolving into the same directory at once.
+    """
+    import fcntl
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    lib, stamp = cache_dir / "lib", cache_dir / ".resolved"
+    digest = hashlib.sha256(pom.read_bytes()).hexdigest()
+
+    def fresh() -> bool:
+        return stamp.is_file() and stamp.read_text().strip() == digest and any(lib.glob("kafka_2.13-*.jar"))
+
+    if fresh():
+        return lib
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if fresh():
+            return lib
+        mvn = find_mvn()
+        _log(f"resolving Apache Kafka {kafka_version(pom)} jars with Maven (first run only) into {lib} ...")
+        tmp = cache_dir / f"lib.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies", f"-DoutputDirectory={tmp}"]
+        started = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cache_dir)
+        if proc.returncode != 0 or not any(tmp.glob("kafka_2.13-*.jar")):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+            raise BrokerError(
+                f"Maven could not resolve the Kafka broker jars (exit {proc.returncode}); it needs access to "
+                f"Maven Central.\n$ {' '.join(cmd)}\n{tail}\n{_HELP}"
+            )
+        shutil.rmtree(lib, ignore_errors=True)
+        tmp.rename(lib)
+        stamp.write_text(digest + "\n")
+        _log(f"Kafka jars resolved in {time.monotonic() - started:.0f} s ({len(list(lib.glob('*.jar')))} jars)")
+    return lib
+
+
+# --------------------------------------------------------------------------- ports, config files
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def server_properties(port: int, controller_port: int, log_dir: Path, host: str = "127.0.0.1") -> str:
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "controller.quorum.bootstrap.servers": f"{host}:{controller_port}",
+        "log.dirs": str(log_dir),
+        "num.partitions": "1",
+        "auto.create.topics.enable": "false",
+        # single node: internal topics with one replica, fewer partitions than the defaults for a fast start
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "8",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.num.partitions": "8",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        "message.max.bytes": str(MESSAGE_MAX_BYTES),
+        "replica.fetch.max.bytes": str(MESSAGE_MAX_BYTES),
+        "log.cleaner.enable": "true",
+        "log.cleaner.backoff.ms": "1000",
+        "log.cleaner.dedupe.buffer.size": str(16 * 1024 * 1024),
+        # modest thread pools: the machine is shared with workers and tests
+        "num.network.threads": "2",
+        "num.io.threads": "4",
+        "num.recovery.threads.per.data.dir": "1",
+        "background.threads": "4",
+        "log.segment.bytes": str(256 * 1024 * 1024),
+    }
+    return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+LOG4J2_PROPERTIES = """\
+# written by gruflow: broker log to a file in the run directory
+status = warn
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = {log_file}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = {level}
+rootLogger.appenderRef.file.ref = FILE
+logger.statechange.name = state.change.logger
+logger.statechange.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.cleaner.name = kafka.log.LogCleaner
+logger.cleaner.level = INFO
+"""
+
+
+# --------------------------------------------------------------------------- process guard
+
+_PR_SET_PDEATHSIG = 1
+_live: set["EmbeddedKafka"] = set()
+_live_lock = threading.Lock()
+_atexit_registered = False
+
+
+def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None]:
+    """preexec_fn for the JVM: die with SIGKILL when the parent dies (even when the parent is SIGKILLed)."""
+
+    def preexec() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # not Linux: rely on stop()/atexit/signal handlers
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Popen from a thread that lives as long as the process: the parent-death signal fires when the
+    *thread* that forked the child ends, so a broker started from a short-lived worker thread would
+    otherwise die with that thread."""
+    if threading.current_thread() is threading.main_thread():
+        return subprocess.Popen(cmd, **kwargs)
+    return _Launcher.instance().run(lambda: subprocess.Popen(cmd, **kwargs))
+
+
+class _Launcher:
+    """One daemon thread that only starts processes; it ends with the interpreter."""
+
+    _instance: "_Launcher | None" = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        import queue
+
+        self._jobs: "queue.Queue[tuple[Callable[[], Any], Any]]" = queue.Queue()
+        threading.Thread(target=self._loop, name="gruflow-kafka-launcher", daemon=True).start()
+
+    @classmethod
+    def instance(cls) -> "_Launcher":
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def _loop(self) -> None:
+        while True:
+            job, future = self._jobs.get()
+            try:
+                future.set_result(job())
+            except BaseException as exc:  # handed to the caller
+                future.set_exception(exc)
+
+    def run(self, job: Callable[[], Any]) -> Any:
+        from concurrent.futures import Future
+
+        future: Future[Any] = Future()
+        self._jobs.put((job, future))
+        return future.result()
+
+
+def _stop_all() -> None:
+    with _live_lock:
+        brokers = list(_live)
+    for broker in brokers:
+        broker.stop()
+
+
+def _sweep_stale_run_dirs() -> None:
+    """Remove run directories left by brokers whose Python owner was SIGKILLed (the JVM died with it)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*"):
+        try:
+            owner = int((path / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if owner != os.getpid() and not _pid_alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------- the broker
+
+
+class EmbeddedKafka:
+    """A single-node Apache Kafka broker in a child JVM. ``start()`` returns once it answers clients.
+
+    ``port=None`` picks free loopback ports. ``data_dir`` keeps the broker's data (and its ports) across
+    restarts, a kill -9 of the JVM included; without it every start is a new, empty cluster. Signal
+    handlers are installed only when started from the main thread; the atexit hook and the parent-death
+    signal work from any thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        controller_port: int | None = None,
+        cache_dir: Path | str | None = None,
+        heap: str = "512m",
+        startup_timeout: float = 120.0,
+        log_level: str = "INFO",
+        keep_run_dir: bool = False,
+        quiet: bool = False,
+        data_dir: Path | str | None = None,
+    ) -> None:
+        self.host = "127.0.0.1"
+        self._want_port, self._want_controller_port = port, controller_port
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir is not None else None
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.heap = heap
+        self.startup_timeout = startup_timeout
+        self.log_level = log_level
+        self.keep_run_dir = keep_run_dir
+        self.quiet = quiet
+        self.port = 0
+        self.controller_port = 0
+        self.run_dir: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._prev_handlers: dict[int, Any] = {}
+        self._java = ""
+        self._server_dump: Path | None = None
+        self._stop_lock = threading.RLock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> "EmbeddedKafka":
+        kwargs.setdefault("cache_dir", default_cache_dir(settings))
+        return cls(**kwargs)
+
+    # -- properties
+
+    @property
+    def bootstrap_servers(self) -> str:
+        if not self.port:
+            raise BrokerError("the embedded broker is not started")
+        return f"{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def log_file(self) -> Path | None:
+        return self.run_dir / "logs" / "server.log" if self.run_dir else None
+
+    def settings(self, base: Settings | None = None) -> Settings:
+        """``base`` (default: from the environment) pointed at this broker, without SASL/SSL."""
+        base = base if base is not None else Settings.from_env()
+        return base.replace(
+            bootstrap_servers=self.bootstrap_servers, security_protocol="PLAINTEXT", sasl_mechanism=""
+        )
+
+    # -- lifecycle
+
+    def __enter__(self) -> "EmbeddedKafka":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> "EmbeddedKafka":
+        if self.running:
+            return self
+        java = find_java()
+        lib = resolve_jars(self.cache_dir)
+        _sweep_stale_run_dirs()
+        # a free port can be taken between probe and bind; ports a data dir recorded are not re-chosen
+        attempts = 1 if self._want_port or self._stored_ports() else 3
+        for attempt in range(attempts):
+            self._prepare_run_dir()
+            formatted = self._launch(java, lib)
+            try:
+                self._wait_ready()
+                break
+            except BrokerError as exc:
+                port_clash = "Address already in use" in self._log_tail(200)
+                self.stop()
+                if port_clash and self.data_dir is not None:
+                    if formatted:  # a fresh data dir: its format named these ports; start over on others
+                        _forget_storage(self.data_dir)
+                    else:
+                        raise BrokerError(
+                            f"port {self.port} or {self.controller_port}, recorded in {self.data_dir / PORTS_FILE} "
+                            f"for this data directory, is taken by another process; the broker must come back "
+                            f"on the same ports so that its clients and its KRaft quorum find it. Stop that "
+                            f"process, or start on a new data directory."
+                        ) from exc
+                if not port_clash or attempt == attempts - 1:
+                    raise exc
+                _log("port taken while starting; retrying on other ports")
+        return self
+
+    def _stored_ports(self) -> tuple[int, int] | None:
+        return _read_ports(self.data_dir) if self.data_dir is not None else None
+
+    def _prepare_run_dir(self) -> None:
+        stored = self._stored_ports()
+        if stored is not None and self._want_port and self._want_port != stored[0]:
+            raise BrokerError(
+                f"{self.data_dir} belongs to a broker on port {stored[0]} (see {PORTS_FILE}); its clients "
+                f"reconnect there. Start it without --port, or with --port {stored[0]}."
+            )
+        self.port = self._want_port or (stored[0] if stored else free_port(self.host))
+        self.controller_port = self._want_controller_port or (stored[1] if stored else free_port(self.host))
+        while self.controller_port == self.port:
+            self.controller_port = free_port(self.host)
+        if self.data_dir is not None:
+            self.run_dir = self.data_dir
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "logs").mkdir(exist_ok=True)
+        else:
+            self.run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
+            (self.run_dir / "owner.pid").write_text(str(os.getpid()))
+            (self.run_dir / "logs").mkdir()
+        (self.run_dir / "server.properties").write_text(
+            server_properties(self.port, self.controller_port, self.run_dir / "data", self.host)
+        )
+        (self.run_dir / "log4j2.properties").write_text(
+            LOG4J2_PROPERTIES.format(log_file=self.run_dir / "logs" / "server.log", level=self.log_level)
+        )
+
+    def _cds(self, name: str, java: str) -> tuple[list[str], Path | None]:
+        """Class-data sharing: the first run dumps the classes it loaded into an archive that later runs
+        map instead of parsing jars, which shortens JVM start-up. Returns (JVM flags, archive to publish
+        into the cache after a clean exit or None)."""
+        assert self.run_dir is not None
+        archive = self.cache_dir / f"cds-{name}-{_java_id(java)}.jsa"
+        if archive.is_file():
+            return [f"-XX:SharedArchiveFile={archive}", "-Xshare:auto"], None
+        dump = self.run_dir / f"{name}.jsa"
+        return [f"-XX:ArchiveClassesAtExit={dump}"], dump
+
+    def _publish_cds(self, dump: Path | None, name: str, java: str) -> None:
+        if dump is None or not dump.is_file() or dump.stat().st_size == 0:
+            return
+        archive = self.cache_dir / f"cds-{name}-{_java_id(java)}.jsa"
+        tmp = archive.with_suffix(f".tmp-{os.getpid()}")
+        try:
+            shutil.copyfile(dump, tmp)
+            os.replace(tmp, archive)  # atomic: concurrent starts see a whole archive or none
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+    def _java_cmd(self, java: str, lib: Path, main: str, *args: str, short_lived: bool = False,
+                  cds: list[str] = ()) -> list[str]:
+        assert self.run_dir is not None
+        return [
+            java,
+            *(["-XX:TieredStopAtLevel=1"] if short_lived else []),  # quick start for one-shot tools
+            *cds,
+            f"-Xmx{self.heap}",
+            f"-Xms{min(128, _mb(self.heap))}m",
+            "-XX:+UseSerialGC",
+            "-XX:+ExitOnOutOfMemoryError",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.run_dir / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={self.run_dir / 'logs'}",
+            "-cp",
+            f"{lib}/*",
+            main,
+            *args,
+        ]
+
+    def _launch(self, java: str, lib: Path) -> bool:
+        """Format the storage unless it was formatted before (a data dir's restart), then start the JVM.
+        Returns whether this call formatted."""
+        assert self.run_dir is not None
+        props = str(self.run_dir / "server.properties")
+        formatted = not _is_formatted(self.run_dir / "data")
+        if formatted:
+            self._format(java, lib, props)
+            if self.data_dir is not None:  # the format wrote the controller's endpoint into the voter set
+                _write_ports(self.data_dir, self.port, self.controller_port)
+        elif not self.quiet:
+            _log(f"reusing the Kafka data in {self.run_dir / 'data'} (cluster id {_cluster_id(self.run_dir / 'data')})")
+        out = open(self.run_dir / "logs" / "stdout.log", "wb")
+        cds, self._server_dump = self._cds("server", java)
+        self._java = java
+        self.proc = _spawn(
+            self._java_cmd(java, lib, "kafka.Kafka", props, cds=cds),
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=self.run_dir,
+            start_new_session=True, preexec_fn=_pdeathsig_preexec(os.getpid()),
+        )
+        out.close()
+        self._register()
+        return formatted
+
+    def _format(self, java: str, lib: Path, props: str) -> None:
+        cds, dump = self._cds("storage-tool", java)
+        fmt = subprocess.run(
+            self._java_cmd(java, lib, "kafka.tools.StorageTool", "format", "--standalone", "-t", _random_cluster_id(),
+                           "-c", props, short_lived=True, cds=cds),
+            capture_output=True, text=True, timeout=120,
+        )
+        if fmt.returncode != 0:
+            raise BrokerError(f"formatting the KRaft storage failed (exit {fmt.returncode}):\n{fmt.stdout}{fmt.stderr}")
+        self._publish_cds(dump, "storage-tool", java)
+
+    def _wait_ready(self) -> None:
+        from confluent_kafka import KafkaException
+        from confluent_kafka.admin import AdminClient
+
+        started = time.monotonic()
+        deadline = started + self.startup_timeout
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "log_level": 0,
+                             "logger": _SilentLogger()})
+        last_error: object = None
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                code = self.proc.returncode if self.proc else None
+                raise BrokerError(f"the Kafka broker exited during startup (exit {code}). {self._describe_log()}")
+            try:
+                metadata = admin.list_topics(timeout=2)
+                if metadata.brokers:
+                    if not self.quiet:
+                        _log(f"Kafka up on {self.bootstrap_servers} (Apache Kafka {kafka_version()}, "
+                             f"pid {self.pid}, started in {time.monotonic() - started:.1f} s)")
+                    return
+            except KafkaException as exc:
+                last_error = exc
+            time.sleep(0.25)
+        raise BrokerError(
+            f"the Kafka broker did not answer on {self.bootstrap_servers} within {self.startup_timeout:.0f} s "
+            f"(last error: {last_error}). {self._describe_log()}"
+        )
+
+    def _describe_log(self) -> str:
+        return f"Broker log ({self.log_file}), last lines:\n{self._log_tail(40)}"
+
+    def _log_tail(self, n: int) -> str:
+        if self.run_dir is None:
+            return ""
+        lines: list[str] = []
+        for name in ("server.log", "stdout.log"):
+            path = self.run_dir / "logs" / name
+            if path.is_file():
+                lines += path.read_text(errors="replace").splitlines()[-n:]
+        return "\n".join(lines[-n:])
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Controlled shutdown (SIGTERM), SIGKILL after ``timeout``; removes the run directory unless it is a
+        data dir (or ``keep_run_dir``). Idempotent."""
+        with self._stop_lock:
+            proc, self.proc = self.proc, None
+            if proc is not None and proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                    self._publish_cds(self._server_dump, "server", self._java)
+                except subprocess.TimeoutExpired:
+                    _signal_group(proc, signal.SIGKILL)
+                    proc.wait(10)
+            self._server_dump = None
+            if proc is not None and not self.quiet:
+                _log(f"Kafka on {self.host}:{self.port} stopped")
+            self._unregister()
+            if self.run_dir is not None and not self.keep_run_dir and self.data_dir is None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                self.run_dir = None
+
+    # -- guards: atexit, SIGTERM/SIGINT chained
+
+    def _register(self) -> None:
+        global _atexit_registered
+        with _live_lock:
+            _live.add(self)
+            if not _atexit_registered:
+                atexit.register(_stop_all)
+                _atexit_registered = True
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if sig not in self._prev_handlers:
+                self._prev_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _unregister(self) -> None:
+        with _live_lock:
+            _live.discard(self)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, prev in list(self._prev_handlers.items()):
+            if signal.getsignal(sig) == self._on_signal:
+                signal.signal(sig, prev)
+                del self._prev_handlers[sig]
+            # else another handler was installed on top of ours and may still chain to it: keep forwarding
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Chain to whatever handled the signal before; stop the broker first when that would end the process
+        without running Python cleanup (SIG_DFL for SIGTERM)."""
+        prev = self._prev_handlers.get(signum, signal.SIG_DFL)
+        if prev == signal.SIG_IGN:
+            return
+        if callable(prev):
+            prev(signum, frame)  # e.g. SIGINT -> KeyboardInterrupt: context exit / atexit stop the broker
+            return
+        self.stop()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+class _SilentLogger:
+    """librdkafka logs 'connection refused' while the broker boots; not worth showing."""
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return self.log
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # own session: pgid == pid
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        proc.send_signal(sig)
+
+
+def _java_id(java: str) -> str:
+    """Names CDS archives per JVM build: an archive only fits the JVM that wrote it."""
+    real = os.path.realpath(java)
+    try:
+        stamp = f"{real}:{os.stat(real).st_mtime_ns}"
+    except OSError:
+        stamp = real
+    return hashlib.sha1(stamp.encode()).hexdigest()[:12]
+
+
+def _mb(size: str) -> int:
+    size = size.strip().lower()
+    factor = {"k": 1 / 1024, "m": 1, "g": 1024}.get(size[-1:], 1 / (1024 * 1024))
+    return int(float(size.rstrip("kmg")) * factor)
+
+
+def _is_formatted(log_dir: Path) -> bool:
+    return (log_dir / "meta.properties").is_file()
+
+
+def _cluster_id(log_dir: Path) -> str:
+    """The cluster id a formatted log dir belongs to (``cluster.id`` in its meta.properties)."""
+    for line in (log_dir / "meta.properties").read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "cluster.id":
+            return value.strip()
+    return ""
+
+
+def _read_ports(data_dir: Path) -> tuple[int, int] | None:
+    """(listener port, controller port) a data dir's broker was started on, or None before its first start."""
+    import json
+
+    try:
+        ports = json.loads((data_dir / PORTS_FILE).read_text())
+        return int(ports["port"]), int(ports["controller_port"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BrokerError(f"{data_dir / PORTS_FILE} is unreadable ({exc!r}); it names the ports this data "
+                          f"directory's broker must come back on") from exc
+
+
+def _write_ports(data_dir: Path, port: int, controller_port: int) -> None:
+    import json
+
+    tmp = data_dir / f"{PORTS_FILE}.tmp"
+    tmp.write_text(json.dumps({"port": port, "controller_port": controller_port}) + "\n")
+    os.replace(tmp, data_dir / PORTS_FILE)
+
+
+def _forget_storage(data_dir: Path) -> None:
+    """Undo a format that never served (its ports were taken): the next attempt formats on new ports."""
+    shutil.rmtree(data_dir / "data", ignore_errors=True)
+    (data_dir / PORTS_FILE).unlink(missing_ok=True)
+
+
+def _random_cluster_id() -> str:
+    """What `kafka-storage.sh random-uuid` prints: a URL-safe base64 UUID without padding, never starting
+    with "-" (the tool's argument parser would read that as an option)."""
+    import base64
+
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
+def run_forever(settings: Settings | None = None, *, port: int | None = None, create_topics: bool = True,
+                data_dir: Path | str | None = None) -> int:
+    """``gruflow broker``: run the embedded broker until SIGTERM/Ctrl-C, with gruflow's topics created;
+    with ``data_dir``, on the data (and ports) of its previous run there."""
+    settings = settings if settings is not None else Settings.from_env()
+    stop = threading.Event()
+    try:
+        with EmbeddedKafka.from_settings(settings, port=port, data_dir=data_dir) as kafka:
+            if create_topics:
+                from stream.kafka.topics import ensure_topics
+
+                ensure_topics(kafka.settings(settings))
+            print(f"GRUFLOW_BOOTSTRAP_SERVERS={kafka.bootstrap_servers}", flush=True)
+            _log("broker running; Ctrl-C to stop")
+            while not stop.wait(1.0):
+                if not kafka.running:
+                    _log(f"the broker exited unexpectedly. {kafka._describe_log()}")
+                    return 1
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,200 @@
+"""Prometheus metrics of every gruflow process: base units, prefix ``gruflow_``, no user or item ids
+in labels. One ``Metrics`` object per process (tests build their own on a private registry).
+
+Each process exports only its own families (``Metrics.create(role=...)``): a worker's /metrics has no
+trainer families and the reverse, so no rule or panel reads a counter that can never move (a worker's
+promotions counter stuck at 0 once made the no-promotion alert fire on every worker). A family of the
+other role still exists as an unregistered collector, so shared code can write to it; nothing exports
+those writes.
+
+Every known label value is created at 0 when the process starts (``init_label_values``): a labelled
+series otherwise appears only at its first increment, and ``increase()``/``rate()`` cannot see that
+first step, so the first refusal or dead letter of a reason would read 0.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from stream.pipeline.events import REASONS as DLQ_REASONS
+from stream.online.model_sync import REFUSAL_REASONS as MODEL_REFUSAL_REASONS
+from stream.pipeline.processor import STATE_RESET_REASONS
+
+Role = Literal["worker", "trainer"]
+ROLES: tuple[Role, ...] = ("worker", "trainer")
+# fields of Metrics only the trainer exports; every other field is the worker's unless it is shared
+TRAINER_FAMILIES = ("finetune_rounds", "finetune_duration", "finetune_loss", "promotions", "rejections",
+                    "buffer_events", "buffer_bytes", "vocabulary_size", "new_items", "retired_items",
+                    "finetune_diverged")
+# both load models from the models topic, so both can refuse one and both serve a version
+SHARED_FAMILIES = ("model_version", "model_refusals")
+# per-model versions whose prequential series are kept (the newest served ones); older series are removed
+PREQUENTIAL_VERSIONS_KEPT = 3
+TOPK_ROW_PATHS = ("int8", "float32", "approximate")  # label values of gruflow_topk_rows_total
+
+# from 0.1 ms: a micro-batch GRU step is sub-millisecond per event
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    registry: CollectorRegistry
+    # worker
+    events_in: Counter
+    dlq: Counter
+    recommendations_out: Counter
+    unknown_items: Counter
+    topk_rows: Counter
+    scorer: Info
+    batch_size: Histogram
+    step_latency: Histogram
+    end_to_end_latency: Histogram
+    state_entries: Gauge
+    state_evictions: Counter
+    state_resets: Counter
+    rocksdb_bytes: Gauge
+    rocksdb_memory: Gauge
+    consumer_lag: Gauge
+    model_version: Gauge
+    model_swaps: Counter
+    model_refusals: Counter
+    prequential_events: Counter
+    prequential_hits: Counter
+    prequential_reciprocal_rank: Counter
+    ready: Gauge
+    # trainer
+    finetune_rounds: Counter
+    finetune_duration: Histogram
+    finetune_loss: Gauge
+    promotions: Counter
+    rejections: Counter
+    finetune_diverged: Counter
+    buffer_events: Gauge
+    buffer_bytes: Gauge
+    vocabulary_size: Gauge
+    new_items: Counter
+    retired_items: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None, *, role: Role = "worker") -> "Metrics":
+        """The families of ``role`` registered on ``registry`` (a new one if None), label values at 0."""
+        if role not in ROLES:
+            raise ValueError(f"unknown metrics role {role!r}; one of {ROLES}")
+        target = registry if registry is not None else CollectorRegistry()
+        r = None  # every collector is built unregistered; those of `role` are registered on `target` below
+        p = "gruflow_"
+        m = cls(
+            registry=target,
+            events_in=Counter(p + "events_in", "Input events decoded, by topic and event type",
+                              ["topic", "event_type"], registry=r),
+            dlq=Counter(p + "dlq", "Messages sent to the dead-letter topic, by reason", ["reason"], registry=r),
+            recommendations_out=Counter(p + "recommendations_out", "Recommendation messages published", registry=r),
+            unknown_items=Counter(p + "unknown_items", "Events whose item is not in the model's vocabulary",
+                                  registry=r),
+            topk_rows=Counter(p + "topk_rows", "Events scored for a top-K, by path: int8 (answered from the int8 "
+                              "pre-filter's proven candidates), float32 (the whole catalogue), approximate (the "
+                              "candidates of the model's index, re-scored in float32)", ["path"], registry=r),
+            scorer=Info(p + "scorer", "Top-K path of the model served (label path: float32, int8, compiled or "
+                        "approximate), chosen by timing each on this machine unless GRUFLOW_SCORER_PATH forces one; "
+                        "approximate where GRUFLOW_RETRIEVAL says so", registry=r),
+            batch_size=Histogram(p + "batch_size_events", "Events per processed micro-batch",
+                                 buckets=BATCH_BUCKETS, registry=r),
+            step_latency=Histogram(p + "step_latency_seconds", "GRU step + top-K scoring time per micro-batch",
+                                   buckets=LATENCY_BUCKETS, registry=r),
+            end_to_end_latency=Histogram(p + "end_to_end_latency_seconds",
+                                         "Broker append time of the event to publication of its recommendation",
+                                         buckets=LATENCY_BUCKETS, registry=r),
+            state_entries=Gauge(p + "state_entries", "Users held in the active partitions of this worker's state "
+                                "table (exact: counted after each recovery, then kept up to date)", registry=r),
+            state_evictions=Counter(p + "state_evictions", "Idle users evicted from the state table (TTL)",
+                                    registry=r),
+            state_resets=Counter(p + "state_resets", "Hidden states dropped because they were NaN or infinite (the "
+                                 "user starts a new session), by reason: non_finite_step (made by a GRU step), "
+                                 "non_finite_stored (read back from the state table)", ["reason"], registry=r),
+            rocksdb_bytes=Gauge(p + "rocksdb_bytes", "On-disk size of this worker's RocksDB state", registry=r),
+            rocksdb_memory=Gauge(p + "rocksdb_memory_bytes", "Memory of this worker's RocksDB state: memtables and "
+                                 "block caches of every open partition (GRUFLOW_ROCKSDB_* bound it)", registry=r),
+            consumer_lag=Gauge(p + "consumer_lag_messages", "Committed lag: input messages after the consumer"
+                               " group's committed offset, summed over this worker's input partitions",
+                               registry=r),
+            model_version=Gauge(p + "model_version", "Version of the model currently served", registry=r),
+            model_swaps=Counter(p + "model_swaps", "Model versions swapped in", registry=r),
+            model_refusals=Counter(p + "model_refusals", "Model versions refused (corrupt, incompatible, non-finite or "
+                                   "absurd weights, not newer than the served one), by reason",
+                                   ["reason"], registry=r),
+            prequential_events=Counter(p + "prequential_events", "Events checked against the recommendations"
+                                       " published before them, by recommender (gru|popularity) and model version", ["model", "version"], registry=r),
+            prequential_hits=Counter(p + "prequential_hits", "Events whose item was in the top-K published before"
+                                     " them", ["model", "version", "k"], registry=r),
+            prequential_reciprocal_rank=Counter(p + "prequential_reciprocal_rank", "Sum of 1/rank of the event's"
+                                                " item in the top-K published before it (0 when absent)",
+                                                ["model", "version", "k"], registry=r),
+            ready=Gauge(p + "ready", "1 once state recovery is done and the worker serves", registry=r),
+            finetune_rounds=Counter(p + "finetune_rounds", "Fine-tune rounds run by the trainer", registry=r),
+            finetune_duration=Histogram(p + "finetune_duration_seconds", "Duration of a fine-tune round",
+                                        buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=r),
+            finetune_loss=Gauge(p + "finetune_loss", "Mean training loss of the last fine-tune round", registry=r),
+            promotions=Counter(p + "model_promotions", "Candidate models promoted", registry=r),
+            rejections=Counter(p + "model_rejections", "Candidate models rejected by the guardrail", registry=r),
+            finetune_diverged=Counter(p + "finetune_diverged", "Fine-tune rounds discarded because training "
+                                      "diverged (non-finite loss) or left non-finite or absurd weights", registry=r),
+            buffer_events=Gauge(p + "trainer_buffer_events", "Events held in the trainer's buffer", registry=r),
+            buffer_bytes=Gauge(p + "trainer_buffer_bytes", "Approximate memory of the trainer's buffer", registry=r),
+            vocabulary_size=Gauge(p + "vocabulary_items", "Items in the model vocabulary", registry=r),
+            new_items=Counter(p + "new_items", "Items added to the vocabulary from the stream", registry=r),
+            retired_items=Counter(p + "retired_items", "Items retired from the vocabulary", registry=r),
+        )
+        for name in families_of(role):
+            target.register(getattr(m, name))
+        init_label_values(m)
+        return m
+
+
+def families_of(role: Role) -> list[str]:
+    """The Metrics fields a process of ``role`` exports."""
+    names = [f.name for f in fields(Metrics) if f.name != "registry"]
+    if role == "trainer":
+        return [n for n in names if n in TRAINER_FAMILIES or n in SHARED_FAMILIES]
+    return [n for n in names if n not in TRAINER_FAMILIES]
+
+
+def init_label_values(m: Metrics) -> None:
+    """Create every known label value at 0 (see the module docstring)."""
+    for reason in DLQ_REASONS:
+        m.dlq.labels(reason=reason)
+    for reason in MODEL_REFUSAL_REASONS:
+        m.model_refusals.labels(reason=reason)
+    for reason in STATE_RESET_REASONS:
+        m.state_resets.labels(reason=reason)
+
+
+class PrequentialVersions:
+    """Writes the prequential counters and keeps their ``version`` label bounded: every promoted model
+    adds a series per counter, so only the ``keep`` most recently served versions of each recommender
+    keep theirs (a removed series goes stale in Prometheus; its history stays queryable)."""
+
+    def __init__(self, metrics: Metrics, k: int, keep: int = PREQUENTIAL_VERSIONS_KEPT) -> None:
+        self.metrics = metrics
+        self.k = str(k)
+        self.keep = keep
+        self._served: dict[str, OrderedDict[str, None]] = {}  # model -> versions, least recent first
+
+    def add(self, model: str, version: str, events: int, hits: int, reciprocal_rank: float) -> None:
+        m, k = self.metrics, self.k
+        m.prequential_events.labels(model=model, version=version).inc(events)
+        m.prequential_hits.labels(model=model, version=version, k=k).inc(hits)
+        m.prequential_reciprocal_rank.labels(model=model, version=version, k=k).inc(reciprocal_rank)
+        served = self._served.setdefault(model, OrderedDict())
+        served[version] = None
+        served.move_to_end(version)
+        while len(served) > self.keep:
+            old, _ = served.popitem(last=False)
+            m.prequential_events.remove(model, old)
+            m.prequential_hits.remove(model, old, k)
+            m.prequential_reciprocal_rank.remove(model, old, k)

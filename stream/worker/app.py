@@ -1,0 +1,606 @@
+"""The faust app of the worker: input topics, the RocksDB-backed "user-state" table, and the batch path.
+
+faust provides group membership, co-partitioned assignment of the input topics with the table's
+changelog, table recovery/standbys, offset commits and (exactly_once) transactions. The per-event
+stream machinery is replaced by ``BatchConsumer`` (see there), which hands ``Pipeline.handle`` one
+micro-batch at a time:
+
+    decode + validate (bad -> dlq)  ->  multi-get states per partition  ->  process_batch in a
+    worker thread (GRU waves + one top-K pass)  ->  send changelog + recommendations + dlq
+    (at-least-once: wait for delivery; exactly_once: into the partition's transaction)
+    ->  write RocksDB (one WriteBatch per partition)  ->  ack the offsets.
+
+A batch whose partitions were revoked while it was computed is dropped unacked; its new owner
+processes it again from the committed offsets.
+
+TTL (settings.state_ttl_s > 0) uses EVENT time: a user whose newest event is more than the TTL older
+than the newest event this worker has seen is evicted. A periodic scan lists candidates per
+partition; the next batch of that partition re-checks and deletes them, with a changelog tombstone
+sent like any other state change (so eviction is in the same transaction in exactly_once mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections import Counter, defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from model.events import EventType
+from model.retrieval_scorer import RetrievalPolicy
+from state.codec import HEADER_SIZE, decode as decode_state, encode as encode_state
+from stream.worker.batch_consumer import Batch, BatchConsumer, BatchTransport
+from model.topk_calibration import ScorerCache
+from stream.pipeline.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, Limits, Rejected, decode_event
+from stream.observe.metrics import TOPK_ROW_PATHS, Metrics, PrequentialVersions
+from stream.worker.model_holder import ModelHolder
+from stream.pipeline.processor import PopularityBaseline, ProcessorConfig, process_batch
+from stream.kafka.record_guard import unreadable_detail
+from stream.settings import Settings
+from stream.worker.sinks import BatchSink, Outgoing, TransactionalSink, dead_letter
+from stream.worker.table_store import TableStore, install_changelog_guard
+from stream.kafka.topics import DLQ_MESSAGE_MAX_BYTES, STATE_TABLE_NAME, TopicNames
+
+log = logging.getLogger("gruflow.worker")
+_TYPE_NAMES = {int(t): t.name.lower() for t in EventType}
+_LAST_TS_AT = 13
+_FAST_TOPK_MIN_ITEMS = 4096
+
+
+def retrieval_policy(s: Settings) -> RetrievalPolicy:
+    """The ``GRUFLOW_RETRIEVAL*`` settings as the scorer cache's policy."""
+    return RetrievalPolicy(mode=s.retrieval, target_events_per_s=s.retrieval_target_events_per_s,
+                           nlist=s.retrieval_nlist, nprobe=s.retrieval_nprobe, n_candidates=s.retrieval_candidates,
+                           build_threads=s.retrieval_build_threads, rebuild_every=s.retrieval_rebuild_every)
+_MAX_IN_FLIGHT = 3  # batches produced but not yet acknowledged by the broker
+PHASE_LOG_S = 30.0  # seconds between the batch-phase log lines
+
+
+def table_dir(settings: Settings) -> Any:
+    """Where this worker's RocksDB files live (delete it to force a rebuild from the changelog)."""
+    return settings.data_dir / settings.app_id
+
+
+@dataclass
+class Runtime:
+    """What the web endpoints and the worker process need to see of a running app."""
+
+    app: Any
+    pipeline: "Pipeline"
+    holder: ModelHolder
+    metrics: Metrics
+
+    def ready(self) -> tuple[bool, str]:
+        if self.holder.current is None:
+            return False, "no model loaded"
+        recovery = getattr(self.app.tables, "recovery", None)
+        if recovery is None or not recovery.completed.is_set():
+            return False, "table recovery not finished"
+        if recovery.in_recovery:
+            return False, "table recovery in progress (rebalance)"
+        return True, "ready"
+
+
+def _new_phases() -> list:
+    """Batch-phase accumulator: [batches, events, 4 phase sums (s), 4 phase maxima (s)]."""
+    return [0, 0] + [0.0] * 8
+
+
+@dataclass
+class Pipeline:
+    app: Any
+    settings: Settings
+    names: TopicNames
+    store: TableStore
+    holder: ModelHolder
+    metrics: Metrics
+    sink: Any
+    exactly_once: bool
+    dead_letter_bytes: int  # of a bad record's key + value (topics.dead_letter_budget)
+    popularity: PopularityBaseline = field(default_factory=PopularityBaseline)
+    stream_time_ms: int = 0
+    evict_candidates: dict[int, set[bytes]] = field(default_factory=dict)
+    batches: int = 0
+    events: int = 0
+    _overlay: dict = field(default_factory=dict)  # key -> (batch seq, encoded state | None) in flight
+    _pending: deque = field(default_factory=deque)  # finishing tasks of batches in flight, oldest first
+    _seq: int = 0
+    _generation: int = -1
+    _failure: BaseException | None = None
+    _phases: list = field(default_factory=_new_phases)
+    _phases_logged: float = field(default_factory=time.monotonic)
+    _gc_frozen: bool = False
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.cfg = ProcessorConfig(k=s.top_k, session_gap_ms=int(s.session_gap_s * 1000))
+        self.limits = Limits(s.max_message_bytes, s.max_id_bytes)
+        self.kinds = {self.names.clicks: CLICKS, self.names.purchases: PURCHASES}
+        # one compute thread: batches are sequential anyway; the top-K's threads (scoring_threads) and
+        # torch's own do the maths
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-compute")
+        self.state_lock = asyncio.Lock()
+        m = self.metrics
+        self.scorers = ScorerCache(s.scoring_threads, min_items=_FAST_TOPK_MIN_ITEMS, compiled=s.compiled_topk,
+                                   k=s.top_k, path=s.scorer_path, retrieval=retrieval_policy(s),
+                                   on_choice=lambda c: m.scorer.info({"path": c.path}))
+        # a swapped-in model's scorer: calibrated in the swapping thread, before the model is served
+        self.holder.on_prepare(self.prepare_scorer)
+        self._topk_rows = {path: m.topk_rows.labels(path=path) for path in TOPK_ROW_PATHS}
+        self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
+                           for k in (CLICKS, PURCHASES) for t, n in _TYPE_NAMES.items()}
+        self._prequential = PrequentialVersions(m, s.top_k)
+
+    # --- the batch ---------------------------------------------------------------------------
+    async def handle(self, batch: Batch, generation: int) -> None:
+        async with self.state_lock:
+            await self._handle(batch, generation)
+
+    async def _handle(self, batch: Batch, generation: int) -> None:
+        consumer: BatchConsumer = self.app.consumer
+        if self._failure is not None:
+            raise self._failure
+        if generation != self._generation:
+            await self.drain()  # batches of the old generation drop themselves unacked
+            self._overlay.clear()
+            self._generation = generation
+        t0 = time.perf_counter()
+        now_ms = int(time.time() * 1000)
+        out = Outgoing()
+        events: list[Event] = []
+        dead: Counter[str] = Counter()
+        for tp, records in batch:
+            kind = self.kinds[tp.topic]
+            p = tp.partition
+            for r in records:
+                unreadable = unreadable_detail(r)
+                if unreadable is not None:  # stored by the broker, not parseable by the client: what was read of it
+                    out.dlq[p].append(dead_letter(r.key, r.value, UNREADABLE_RECORD, unreadable, tp.topic, p, r.offset,
+                                                  r.timestamp, self.dead_letter_bytes))
+                    dead[UNREADABLE_RECORD] += 1
+                    continue
+                res = decode_event(r.value, r.key, kind, self.limits, topic=tp.topic, partition=p, offset=r.offset,
+                                   append_ts_ms=r.timestamp or 0, now_ms=now_ms)
+                if isinstance(res, Rejected):
+                    out.dlq[p].append(dead_letter(r.key, r.value, res.reason, res.detail, tp.topic, p, r.offset,
+                                                  r.timestamp, self.dead_letter_bytes))
+                    dead[res.reason] += 1
+                else:
+                    events.append(res)
+
+        # states of the batch's users, one multi-get per partition
+        part_of: dict[bytes, int] = {}
+        for e in events:
+            part_of[e.key] = e.partition
+        by_part: dict[int, list[bytes]] = defaultdict(list)
+        for key, p in part_of.items():
+            by_part[p].append(key)
+        states = {}
+        for p, keys in by_part.items():
+            states.update(self._read(p, keys))
+
+        t1 = time.perf_counter()
+        model = self.holder.current
+        result = None
+        if events:
+            result, rows_by_path = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._compute, model, events, states)
+            for path, rows in rows_by_path.items():
+                self._topk_rows[path].inc(rows)
+        if self.app.consumer_generation_id != generation or self.app.should_stop:
+            log.info("rebalance during a batch of %d events: dropped unacked, it will be processed again",
+                     len(events))
+            return
+
+        t2 = time.perf_counter()
+        local: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
+        created: set[bytes] = set()  # users this batch adds to the state (read as absent)
+        if result is not None:
+            for i, (key, value) in enumerate(result.outputs):
+                out.recommendations[events[i].partition].append((key, value))
+            for key, st in result.states.items():
+                p = part_of[key]
+                if key not in states:
+                    created.add(key)
+                raw = encode_state(st)
+                out.changelog[p].append((key, raw))
+                local[p].append((key, raw))
+            self.stream_time_ms = max(self.stream_time_ms, max(e.ts_ms for e in events))
+        evicted = self._evictions(batch, part_of, out, local)
+
+        offsets = [(tp, [r.offset for r in records]) for tp, records in batch]
+        if self.exactly_once:
+            async with consumer.commit_lock:
+                # a revocation (which holds this lock) may have happened while waiting: its offsets are
+                # forgotten and its records will be fetched again, so these outputs must not be sent
+                if self.app.consumer_generation_id != generation or not consumer.flow_active \
+                        or self.app.should_stop:
+                    log.info("rebalance before a batch of %d events was sent: dropped unacked, it will be "
+                             "processed again", len(events))
+                    return
+                changelog_futs, futs = await self.sink.send(out)
+                # delivered into the open transactions BEFORE the offsets are acked: aiokafka's
+                # commit_transaction does not wait for records still queued (one produce request in flight
+                # per broker), so a commit could carry this batch's offsets while its outputs went out
+                # after the EndTxn and were refused, silently. A refused record raises here instead,
+                # before anything is acked.
+                await asyncio.gather(*futs)
+                for p, recs in local.items():
+                    self.store.write_partition(p, recs, created)
+                for tp, offs in offsets:
+                    consumer.ack_offsets(tp, offs)
+            highest: dict[int, int] = {}
+            for p, fut in changelog_futs:
+                meta = fut.result()
+                highest[p] = max(highest.get(p, -1), meta.offset)
+            self.store.mark_changelog_offsets(highest, on_commit=True)
+            self._observe(events, result, dead, evicted, time.time())
+        else:
+            # pipelined: the next batch is computed while this one is in flight; its states are visible
+            # to it through the overlay, and RocksDB writes + acks happen in batch order on delivery
+            ticket = self.sink.submit(out)
+            self._seq += 1
+            seq = self._seq
+            for p, recs in local.items():
+                for key, raw in recs:
+                    self._overlay[key] = (seq, raw)
+            prev = self._pending[-1] if self._pending else None
+            task = asyncio.ensure_future(self._finish(prev, seq, ticket, local, created, offsets, generation, events,
+                                                      result, dead, evicted))
+            self._pending.append(task)
+            self._prune()
+            while len(self._pending) > _MAX_IN_FLIGHT:
+                await asyncio.wait([self._pending[0]])
+                self._prune()
+        t3 = time.perf_counter()
+        age = (now_ms - min(e.append_ts_ms for e in events)) / 1000.0 if events else 0.0
+        self._phase(len(events), age, t1 - t0, t2 - t1, t3 - t2)
+        if not self._gc_frozen and events:
+            # what is alive after the first batch (faust, the clients, torch, the first model) lives about
+            # as long as the worker: keep it out of the collector's full passes, each of which walked it
+            # all and stopped every thread for 120-200 ms here (twice in a bench's first 20 s). The cost:
+            # a reference cycle among those objects is never collected (at most the first model's once
+            # a newer one is served)
+            gc.freeze()
+            self._gc_frozen = True
+
+    def _compute(self, model: Any, events: list[Event], states: dict[bytes, Any]) -> tuple[Any, dict[str, int]]:
+        """The compute thread's part: the batch, and how many of its rows each top-K path answered. Even
+        the first batch of a model nobody prepared builds its scorer here, off the event loop."""
+        scorer = self.scorers.get(model)
+        if scorer is None:
+            return process_batch(model, events, states, self.cfg, self.popularity, None), {}
+        scored_before, int8_before = scorer.rows_scored, scorer.rows_int8
+        result = process_batch(model, events, states, self.cfg, self.popularity, scorer.top_k)
+        int8 = scorer.rows_int8 - int8_before
+        rest = scorer.rows_scored - scored_before - int8
+        return result, {"int8": int8, "approximate" if scorer.path == "approximate" else "float32": rest}
+
+    def prepare_scorer(self, model: Any, serve: bool = False) -> None:
+        """Calibrates ``model``'s top-K scorer (about a second at 20,000 items): in the thread that swaps a
+        model in, and at start-up (``serve``: the model already served) in an executor, never on the event
+        loop."""
+        try:
+            self.scorers.prepare(model, serve=serve)
+        except Exception as exc:  # noqa: BLE001 - the swap goes on; the first batch builds it instead
+            log.warning("could not prepare the top-K scorer of model version %s: %r",
+                        getattr(model, "version", "?"), exc)
+
+    async def _finish(self, prev: "asyncio.Task[None] | None", seq: int, ticket: Any,
+                      local: dict[int, list[tuple[bytes, bytes | None]]], created: set[bytes],
+                      offsets: list[tuple[Any, list[int]]],
+                      generation: int, events: list[Event], result: Any, dead: Counter[str], evicted: int) -> None:
+        """Once a batch is delivered (and every earlier batch finished): RocksDB, changelog offsets, acks."""
+        try:
+            if prev is not None:
+                await asyncio.shield(prev)
+            await ticket.future
+            delivered = ticket.check()
+            if self.app.consumer_generation_id != generation or self.app.should_stop:
+                self._overlay.clear()  # the consumer seeks back to the committed offsets
+                return
+            for p, recs in local.items():
+                self.store.write_partition(p, recs, created)
+                for key, _raw in recs:
+                    if self._overlay.get(key, (0,))[0] == seq:
+                        del self._overlay[key]
+            self.store.mark_changelog_offsets(delivered.changelog_offsets)
+            consumer: BatchConsumer = self.app.consumer
+            for tp, offs in offsets:
+                consumer.ack_offsets(tp, offs)
+            self._observe(events, result, dead, evicted, delivered.delivered_at)
+        except Exception as exc:
+            if self._failure is None:
+                self._failure = exc  # re-raised by the next batch: the worker crashes, nothing is acked
+            raise
+
+    def _prune(self) -> None:
+        """Forget finished batches (oldest first); a failed one fails the batch loop."""
+        while self._pending and self._pending[0].done():
+            task = self._pending.popleft()
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    def _read(self, partition: int, keys: list[bytes]) -> dict[bytes, Any]:
+        """States as the worker last decided them: in-flight batches' states first, then RocksDB."""
+        overlay = self._overlay
+        if not overlay:
+            return self.store.get_partition(partition, keys)
+        out: dict[bytes, Any] = {}
+        rest: list[bytes] = []
+        for key in keys:
+            hit = overlay.get(key)
+            if hit is None:
+                rest.append(key)
+            elif hit[1] is not None:
+                out[key] = decode_state(hit[1])
+        out.update(self.store.get_partition(partition, rest))
+        return out
+
+    async def drain(self) -> None:
+        """Wait for the batches in flight (rebalance, shutdown)."""
+        while self._pending:
+            await asyncio.wait([self._pending[0]])
+            self._prune()
+
+    def _phase(self, n: int, *seconds: float) -> None:
+        """Where a batch's time goes (oldest event's age when the batch starts, decode+read, compute,
+        produce), mean and max per batch, logged every 30 s."""
+        acc = self._phases
+        acc[0] += 1
+        acc[1] += n
+        for i, s in enumerate(seconds):
+            acc[2 + i] += s
+            acc[6 + i] = max(acc[6 + i], s)
+        now = time.monotonic()
+        if now - self._phases_logged >= PHASE_LOG_S and acc[0]:
+            b = acc[0]
+            log.info("%d batches, %.0f events/batch; ms per batch (mean/max): oldest event's age %.1f/%.0f, "
+                     "decode+read %.1f/%.0f, compute %.1f/%.0f, produce %.1f/%.0f", b, acc[1] / b,
+                     *(x for i in range(4) for x in (1000 * acc[2 + i] / b, 1000 * acc[6 + i])))
+            self._phases = _new_phases()
+            self._phases_logged = now
+
+    def _evictions(self, batch: Batch, part_of: dict[bytes, int], out: Outgoing,
+                   local: dict[int, list[tuple[bytes, bytes | None]]]) -> int:
+        if not self.evict_candidates or self.settings.state_ttl_s <= 0:
+            return 0
+        cutoff = self.stream_time_ms - int(self.settings.state_ttl_s * 1000)
+        n = 0
+        for tp, _ in batch:
+            cands = self.evict_candidates.pop(tp.partition, None)
+            if not cands:
+                continue
+            keys = [k for k in cands if k not in part_of]  # touched in this batch: alive
+            for key, st in self._read(tp.partition, keys).items():
+                if st.last_ts_ms < cutoff:
+                    out.changelog[tp.partition].append((key, None))
+                    local[tp.partition].append((key, None))
+                    n += 1
+        return n
+
+    def _observe(self, events: list[Event], result: Any, dead: Counter[str], evicted: int,
+                 published_s: float) -> None:
+        m = self.metrics
+        for reason, n in dead.items():
+            m.dlq.labels(reason=reason).inc(n)
+        if evicted:
+            m.state_evictions.inc(evicted)
+        self.batches += 1
+        if not events:
+            return
+        counts = Counter((e.source, e.event_type) for e in events)
+        for (source, etype), n in counts.items():
+            self._events_in[(CLICKS if source == 0 else PURCHASES, etype)].inc(n)
+        m.recommendations_out.inc(len(events))
+        m.batch_size.observe(len(events))
+        m.step_latency.observe(result.step_seconds)
+        if result.unknown_items:
+            m.unknown_items.inc(result.unknown_items)
+        if result.state_resets:
+            # a model with finite, bounded weights keeps a GRU state finite, so these come from elsewhere:
+            # states written under an unchecked model, or a corrupt record
+            log.warning("dropped non-finite hidden states (new sessions started): %s", result.state_resets)
+            for reason, n in result.state_resets.items():
+                m.state_resets.labels(reason=reason).inc(n)
+        for (model, version), pq in result.prequential.items():
+            if pq.events:
+                self._prequential.add(model, version, pq.events, pq.hits, pq.reciprocal_rank)
+        observe_many(m.end_to_end_latency,
+                     published_s - np.fromiter((e.append_ts_ms for e in events), dtype=np.float64,
+                                               count=len(events)) / 1000.0)
+        self.events += len(events)
+
+    # --- periodic work ---------------------------------------------------------------------------
+    def active_partitions(self) -> list[int]:
+        try:
+            actives = self.app.assignor.assigned_actives()
+        except Exception:  # noqa: BLE001 - not assigned yet
+            return []
+        return sorted(tp.partition for tp in actives if tp.topic == self.names.changelog)
+
+    def count_users(self) -> None:
+        """After a recovery (faust's changelog replay bypasses the store's counts): count the active partitions."""
+        self.store.count_partitions(self.active_partitions())
+        self.metrics.state_entries.set(self.store.users(self.active_partitions()))
+
+    async def scan_for_evictions(self) -> None:
+        """List idle users per active partition (event time); the partition's next batch deletes them."""
+        ttl_ms = int(self.settings.state_ttl_s * 1000)
+        if ttl_ms <= 0 or not self.stream_time_ms:
+            return
+        cutoff = self.stream_time_ms - ttl_ms
+        for p in self.active_partitions():
+            cands: set[bytes] = set()
+            async with self.state_lock:
+                for i, (key, raw) in enumerate(self.store.iter_partition(p)):
+                    if len(raw) >= HEADER_SIZE and \
+                            int.from_bytes(raw[_LAST_TS_AT:_LAST_TS_AT + 6], "little", signed=True) < cutoff:
+                        cands.add(key)
+            if cands:
+                self.evict_candidates.setdefault(p, set()).update(cands)
+            await asyncio.sleep(0)
+
+    def update_gauges(self) -> None:
+        m = self.metrics
+        m.state_entries.set(self.store.users(self.active_partitions()))
+        try:
+            m.rocksdb_bytes.set(self.store.disk_bytes())
+        except OSError:
+            pass
+        m.rocksdb_memory.set(self.store.memory_bytes())
+        consumer = self.app.consumer
+        try:
+            ends = {tp: consumer.highwater(tp) for tp in consumer.assignment() if tp.topic in self.kinds}
+            lag = committed_lag(ends, {tp: consumer._committed_offset.get(tp) for tp in ends})
+        except Exception:  # noqa: BLE001 - a gauge: skip this round while the consumer is rebalancing
+            return
+        m.consumer_lag.set(lag)
+
+    def close(self) -> None:
+        """Before faust stops (and commits for the last time): the batches in flight finish, so that their
+        offsets are in that commit; then the compute thread stops."""
+        loop = self.app.loop
+        if self._pending and not loop.is_running() and not loop.is_closed():
+            try:
+                loop.run_until_complete(asyncio.wait_for(self.drain(), 10.0))
+            except Exception as exc:  # noqa: BLE001 - not acked: processed again after the restart
+                log.warning("batches in flight did not finish before shutdown: %r", exc)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def stop_output(self) -> None:
+        """After faust has stopped: deliver what is still queued and close the output producer."""
+        await self.sink.stop()
+
+
+def committed_lag(ends: dict[Any, int | None], committed: dict[Any, int | None]) -> int:
+    """Records after the group's committed offset, summed over partitions: what KEDA and the lag alert
+    act on, and what a restart would process again. A partition whose end is not known yet counts 0;
+    one without a committed offset counts from offset 0."""
+    return sum(max(0, end - (committed.get(tp) or 0)) for tp, end in ends.items() if end is not None)
+
+
+def observe_many(histogram: Any, values: np.ndarray) -> None:
+    """Histogram.observe for many values at once (one bucket pass in numpy instead of N Python calls)."""
+    if values.shape[0] == 0:
+        return
+    # prometheus_client keeps per-bucket (non-cumulative) counters and a sum
+    bounds = np.asarray(histogram._upper_bounds, dtype=np.float64)
+    idx = np.searchsorted(bounds, values, side="left")
+    counts = np.bincount(idx, minlength=bounds.shape[0])
+    for i, c in enumerate(counts.tolist()):
+        if c:
+            histogram._buckets[i].inc(c)
+    histogram._sum.inc(float(values.sum()))
+
+
+def rocksdb_options(settings: Settings) -> dict[str, int]:
+    """faust's RocksDB options for the state table. faust opens one RocksDB per partition, each with
+    its own memtables and block cache, so these bound the memory of each partition the worker holds:
+    write_buffer_size * max_write_buffer_number + block_cache_size (faust's defaults allow 192 MB of
+    memtables and a 2 GB cache per partition)."""
+    return {"write_buffer_size": settings.rocksdb_write_buffer_bytes,
+            "max_write_buffer_number": settings.rocksdb_max_write_buffers,
+            "block_cache_size": settings.rocksdb_block_cache_bytes}
+
+
+def rocksdb_budget_bytes(settings: Settings) -> int:
+    """The RocksDB memory budget of one state partition (see ``rocksdb_options``)."""
+    return settings.rocksdb_write_buffer_bytes * settings.rocksdb_max_write_buffers + settings.rocksdb_block_cache_bytes
+
+
+def _changelog_end_offsets(settings: Settings) -> Any:
+    """The changelog guard's source of end offsets: the broker's, asked off the event loop."""
+    from stream.kafka.config import end_offsets
+
+    async def ask(tps: Any) -> dict[Any, int | None]:
+        tps = list(tps)
+        ends = await asyncio.to_thread(end_offsets, settings, [(tp.topic, tp.partition) for tp in tps])
+        return {tp: ends.get((tp.topic, tp.partition)) for tp in tps}
+
+    return ask
+
+
+def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_letter_bytes: int) -> Runtime:
+    """The faust app with its table and batch path wired; start it with a faust Worker."""
+    import faust
+
+    from stream.kafka.config import faust_broker_kwargs
+
+    names = TopicNames.from_settings(settings)
+    datadir = table_dir(settings)
+    datadir.mkdir(parents=True, exist_ok=True)
+    exactly_once = settings.processing_guarantee == "exactly_once"
+    session_ms = int(settings.broker_session_timeout_s * 1000)
+    app = faust.App(
+        settings.app_id,
+        **faust_broker_kwargs(settings),
+        store="rocksdb://",
+        datadir=str(datadir),
+        web_enabled=False,  # stream/observe/web.py serves /metrics, /livez, /readyz from process start
+        processing_guarantee=settings.processing_guarantee,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_allow_declare=False,  # stream.kafka.topics.ensure_topics creates every topic explicitly
+        topic_disable_leader=True,
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_heartbeat_interval=max(0.5, settings.broker_session_timeout_s / 5),
+        broker_rebalance_timeout=max(10.0, 3 * settings.broker_session_timeout_s),
+        broker_request_timeout=max(30.0, session_ms / 1000 + 5),
+        broker_max_poll_records=settings.batch_max_events,
+        consumer_auto_offset_reset="earliest",
+        stream_wait_empty=False,
+        producer_linger=0.002,
+        # exactly_once sends dead letters one by one through faust's producers, which refuse a record
+        # bigger than this before it reaches the broker
+        producer_max_request_size=DLQ_MESSAGE_MAX_BYTES + 64 * 1024,
+    )
+    app.transport = BatchTransport(app.conf.broker_consumer, app)
+    # faust caches app.in_transaction (exactly_once) on first use, and only counts it inside a worker:
+    # say so now, before the consumer below reads it
+    app.in_worker = True
+    for name in names.inputs:
+        app.topics.add(app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+                                 key_serializer="raw", value_serializer="raw"))
+    # acks=False as faust gives its own changelog topics: nothing consumes the changelog as a stream (recovery
+    # reads it), and an acking topic is checked by faust's livelock detector, which took every active
+    # changelog partition for a stalled stream (an ERROR per partition every few seconds)
+    changelog = app.topic(names.changelog, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+                          key_serializer="raw", value_serializer="raw", compacting=True, deleting=False, acks=False)
+    table = app.Table(STATE_TABLE_NAME, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+                      default=None, changelog_topic=changelog, options=rocksdb_options(settings))
+    store = TableStore(table, settings.partitions)
+    install_changelog_guard(app, store, _changelog_end_offsets(settings))
+    if exactly_once:
+        sink: Any = TransactionalSink(app, names.clicks, names.recommendations, names.changelog, names.dlq)
+    else:
+        sink = BatchSink(settings, names.recommendations, names.changelog, names.dlq)
+    pipeline = Pipeline(app, settings, names, store, holder, metrics, sink, exactly_once, dead_letter_bytes)
+
+    consumer = app.consumer
+    assert isinstance(consumer, BatchConsumer)
+    consumer.batch_handler = pipeline.handle
+    consumer.batch_topics = frozenset(names.inputs)
+    consumer.batch_max_events = settings.batch_max_events
+    consumer.batch_max_s = settings.batch_max_ms / 1000.0
+
+    @table.on_recover
+    async def _count_users() -> None:
+        pipeline.count_users()
+
+    @app.timer(2.0)
+    async def _gauges() -> None:
+        pipeline.update_gauges()
+
+    if settings.state_ttl_s > 0:
+        @app.timer(max(1.0, min(60.0, settings.state_ttl_s / 10)))
+        async def _ttl_scan() -> None:
+            await pipeline.scan_for_evictions()
+
+    return Runtime(app, pipeline, holder, metrics)
