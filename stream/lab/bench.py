@@ -510,9 +510,14 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
                                 web_host="127.0.0.1", web_port=free_port(), partitions=args.partitions,
                                 top_k=args.k, broker_session_timeout_s=6.0)
         ensure_topics(settings)
-        model_path = work / "bench-model.gfc"
         train, df = _data(args.events, args.items)
-        _model(model_path, train, args.items, args.hidden)
+        cache = getattr(args, "model_cache", None)
+        model_path = (Path(cache) / f"bench-model-{args.items}-{args.hidden}.gfc") if cache else work / "bench-model.gfc"
+        if model_path.exists():
+            _log(f"model: {model_path} (trained by an earlier run on the same synthetic sessions)")
+        else:
+            model_path.parent.mkdir(parents=True, exist_ok=True)
+            _model(model_path, train, args.items, args.hidden)
         _log(f"producing {len(df):,} events (backlog) ...")
         stats = replay(settings, df, progress=False)
         n = stats.delivered
