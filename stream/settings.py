@@ -1,7 +1,10 @@
 """One settings object for every gruflow process, read once from ``GRUFLOW_*`` environment variables.
 
+The settings come in frozen sections (``settings.connection``, ``settings.topics``, ``settings.worker``, ...).
 Every field maps to exactly one variable: ``GRUFLOW_`` + the field name in upper case
-(``top_k`` -> ``GRUFLOW_TOP_K``). docker-compose and k8s use exactly these names; a test checks it.
+(``worker.top_k`` -> ``GRUFLOW_TOP_K``), so field names are unique across sections. docker-compose and k8s
+use exactly these names; a test checks it. Each field carries a one-line description (``gruflow config``
+prints them with the effective values and where each came from).
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ import ipaddress
 import logging
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Mapping, get_args, get_type_hints
+from typing import Any, Iterator, Literal, Mapping, NamedTuple, get_args, get_type_hints
 
 ENV_PREFIX = "GRUFLOW_"
 # the input topics' max.message.bytes (stream/kafka/topics.py): far above any valid event, so an oversize one still
@@ -39,103 +42,192 @@ class SettingsError(ValueError):
     """A setting has a value that cannot be used; the message names the variable."""
 
 
+def setting(default: Any, description: str) -> Any:
+    """A settings field with its one-line description (shown by ``gruflow config``)."""
+    return field(default=default, metadata={"description": description})
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How every process reaches the Kafka cluster."""
+
+    bootstrap_servers: str = setting("", "Kafka bootstrap servers (host:port,...); empty = start the embedded "
+                                         "Apache Kafka broker")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = setting(
+        "PLAINTEXT", "Kafka security protocol")
+    sasl_mechanism: str = setting("", "SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    sasl_username: str = setting("", "SASL user name")
+    sasl_password: Secret = setting(Secret(""), "SASL password (never printed)")
+    ssl_cafile: str = setting("", "CA bundle (PEM) that signs the brokers' certificates")
+    ssl_certfile: str = setting("", "client certificate (PEM) for mutual TLS")
+    ssl_keyfile: str = setting("", "client private key (PEM) for mutual TLS")
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Names and layout of gruflow's topics."""
+
+    topic_prefix: str = setting("gruflow.", "prefix of every topic name (clicks, purchases, recommendations, ...)")
+    partitions: int = setting(8, "partitions of the keyed topics (input, state changelog, recommendations)")
+    replication_factor: int = setting(1, "replication factor of the topics gruflow creates")
+
+
+@dataclass(frozen=True)
+class Process:
+    """What every gruflow process (worker, trainer) has: identity, local data, HTTP port, logging."""
+
+    app_id: str = setting("gruflow", "consumer group and state-table name; workers with one app_id share the load")
+    data_dir: Path = setting(Path("var"), "local data: RocksDB state, model store")
+    web_host: str = setting("0.0.0.0", "address of the HTTP server (/metrics, /healthz, /readyz)")
+    web_port: int = setting(6066, "port of the HTTP server")
+    log_level: str = setting("INFO", "Python log level")
+
+
+@dataclass(frozen=True)
+class Worker:
+    """The recommendation worker: batches, limits, per-user state."""
+
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = setting(
+        "at_least_once", "at_least_once, or exactly_once (Kafka transactions)")
+    batch_max_events: int = setting(2000, "most events in one batch")
+    batch_max_ms: float = setting(20.0, "longest wait to fill a batch, in milliseconds")
+    session_gap_s: float = setting(1800.0, "idle time after which a user's next event starts a new session")
+    max_message_bytes: int = setting(65536, "largest accepted event; larger ones go to the dead-letter topic")
+    max_id_bytes: int = setting(256, "longest accepted user or item id, in UTF-8 bytes")
+    state_ttl_s: float = setting(0.0, "evict users idle this long (0 = never)")
+    broker_session_timeout_s: float = setting(10.0, "consumer-group session timeout: how fast a killed worker's "
+                                                    "partitions move (>= the broker's 6 s minimum)")
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the worker's model scores: top-K size, threads, the top-K kernel, the served checkpoint."""
+
+    top_k: int = setting(20, "recommendations per event")
+    torch_threads: int = setting(1, "torch's own (OpenMP) threads in the worker")
+    scoring_threads: int = setting(2, "threads that score the chunks of a batch's top-K at once")
+    compiled_topk: bool = setting(True, "allow the compiled int8 top-K kernel where it runs (model/native.py)")
+    scorer_path: Literal["auto", "float32", "int8", "compiled"] = setting(
+        "auto", "top-K path: auto = time each path that runs here and keep the fastest exact one; a name "
+                "forces that path")
+    model_path: str = setting("", "checkpoint to serve when the models topic has none")
+    retrieval: Literal["exact", "approximate", "auto"] = setting(
+        "auto", "top-K from an index of the items (docs/retrieval.md): exact = never, approximate = always, auto = "
+                "where the calibrated exact path is slower than the target rate (50,000 items or more)")
+    retrieval_target_events_per_s: float = setting(10000.0, "the rate retrieval=auto compares the exact path with")
+    retrieval_nlist: int = setting(0, "IVF lists of the item index (0 = the power of two nearest 2 sqrt(items))")
+    retrieval_nprobe: int = setting(16, "index lists searched per event")
+    retrieval_candidates: int = setting(100, "candidates per event from the index, re-scored exactly")
+    retrieval_rebuild_every: int = setting(10, "model versions per full index build (incremental updates between)")
+    retrieval_build_threads: int = setting(2, "OpenMP threads of the background index build")
+
+
+@dataclass(frozen=True)
+class Store:
+    """RocksDB memory per state partition the worker holds (docs/operations.md)."""
+
+    rocksdb_write_buffer_bytes: int = setting(8 * 1024 * 1024, "size of one RocksDB memtable")
+    rocksdb_max_write_buffers: int = setting(2, "memtables per partition (>= 2: one fills while one flushes)")
+    rocksdb_block_cache_bytes: int = setting(16 * 1024 * 1024, "RocksDB block cache per partition")
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """Online learning: when the trainer fine-tunes, what it keeps, when it publishes."""
+
+    finetune_interval_s: float = setting(60.0, "fine-tune at least this often, in seconds (with new events)")
+    finetune_every_events: int = setting(20000, "fine-tune after this many new events")
+    buffer_max_events: int = setting(200000, "most events kept in the training buffer")
+    buffer_max_age_s: float = setting(6 * 3600.0, "oldest event kept in the training buffer, in seconds")
+    reservoir_sessions: int = setting(2000, "older sessions kept in a reservoir against forgetting")
+    guardrail_tolerance: float = setting(0.02, "largest accepted drop of recall@K or MRR@K on held-out events")
+    new_item_min_count: int = setting(3, "events an unseen item needs before it joins the vocabulary")
+    item_retire_after_s: float = setting(0.0, "retire items unseen this long (0 = never)")
+    models_keep: int = setting(5, "model versions kept in the local model store")
+    trainer_torch_threads: int = setting(1, "torch threads of the trainer")
+    finetune_learning_rate: float = setting(0.03, "fine-tuning learning rate (0 = the model's own)")
+
+
+@dataclass(frozen=True)
+class Broker:
+    """The embedded Apache Kafka broker used when no bootstrap servers are set."""
+
+    kafka_cache_dir: str = setting("", "where the Apache Kafka jars are cached (empty = "
+                                       "~/.cache/gruflow/kafka-<version>)")
+
+
+SECTIONS: dict[str, type] = {"connection": Connection, "topics": Topics, "process": Process, "worker": Worker,
+                             "scoring": Scoring, "store": Store, "trainer": Trainer, "broker": Broker}
+# field name -> its section; names are unique across sections (one GRUFLOW_* variable each)
+SECTION_OF: dict[str, str] = {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
+
+
+class SettingInfo(NamedTuple):
+    """One row of ``gruflow config``."""
+
+    section: str
+    env_name: str
+    value: str
+    source: str  # "env" or "default"
+    description: str
+
+
 @dataclass(frozen=True)
 class Settings:
-    # --- Kafka connection: empty bootstrap_servers means "start the embedded Apache Kafka broker"
-    bootstrap_servers: str = ""
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: str = ""  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
-    sasl_username: str = ""
-    sasl_password: Secret = Secret("")
-    ssl_cafile: str = ""
-    ssl_certfile: str = ""
-    ssl_keyfile: str = ""
+    connection: Connection = field(default_factory=Connection)
+    topics: Topics = field(default_factory=Topics)
+    process: Process = field(default_factory=Process)
+    worker: Worker = field(default_factory=Worker)
+    scoring: Scoring = field(default_factory=Scoring)
+    store: Store = field(default_factory=Store)
+    trainer: Trainer = field(default_factory=Trainer)
+    broker: Broker = field(default_factory=Broker)
 
-    # --- topics
-    topic_prefix: str = "gruflow."
-    partitions: int = 8
-    replication_factor: int = 1
-
-    # --- worker
-    app_id: str = "gruflow"
-    data_dir: Path = Path("var")
-    web_host: str = "0.0.0.0"
-    web_port: int = 6066
-    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
-    batch_max_events: int = 2000
-    batch_max_ms: float = 20.0
-    session_gap_s: float = 1800.0
-    top_k: int = 20
-    torch_threads: int = 1  # torch's own (OpenMP) threads in the worker
-    scoring_threads: int = 2  # threads that score the chunks of a batch's top-K at once
-    compiled_topk: bool = True  # the compiled int8 top-K kernel where it runs (model/native.py); else torch
-    # top-K path: "auto" times each path that can run here on the served model and keeps the fastest exact
-    # one (model/topk_calibration.py); a path name forces that path where it can run
-    scorer_path: Literal["auto", "float32", "int8", "compiled"] = "auto"
-    # top-K from an index of the items (docs/retrieval.md): "exact" never, "approximate" always, "auto" where
-    # the calibrated exact path is slower than the target rate (catalogues of 50,000 items or more)
-    retrieval: Literal["exact", "approximate", "auto"] = "auto"
-    retrieval_target_events_per_s: float = 10000.0
-    retrieval_nlist: int = 0  # IVF lists; 0 = the power of two nearest 2 sqrt(items)
-    retrieval_nprobe: int = 16  # lists searched per event
-    retrieval_candidates: int = 100  # candidates per event from the index, re-scored exactly
-    retrieval_rebuild_every: int = 10  # model versions per full index build (incremental updates between)
-    retrieval_build_threads: int = 2  # OpenMP threads of the background index build
-    model_path: str = ""  # checkpoint to serve when the models topic has none
-    max_message_bytes: int = 65536
-    max_id_bytes: int = 256
-    state_ttl_s: float = 0.0  # 0 = never evict idle users
-    # RocksDB memory per state partition the worker holds (docs/operations.md): memtables + block cache
-    rocksdb_write_buffer_bytes: int = 8 * 1024 * 1024
-    rocksdb_max_write_buffers: int = 2
-    rocksdb_block_cache_bytes: int = 16 * 1024 * 1024
-    log_level: str = "INFO"
-
-    # --- online learning (trainer)
-    finetune_interval_s: float = 60.0
-    finetune_every_events: int = 20000
-    buffer_max_events: int = 200000
-    buffer_max_age_s: float = 6 * 3600.0
-    reservoir_sessions: int = 2000
-    guardrail_tolerance: float = 0.02
-    new_item_min_count: int = 3
-    item_retire_after_s: float = 0.0  # 0 = never retire
-    models_keep: int = 5
-    trainer_torch_threads: int = 1
-    finetune_learning_rate: float = 0.03  # 0 = the model's own learning rate
-
-    # --- embedded broker: where the Apache Kafka jars are cached ("" = ~/.cache/gruflow/kafka-<version>)
-    kafka_cache_dir: str = ""
-
-    # --- worker group membership: how fast a killed worker's partitions move (>= the broker's 6 s minimum)
-    broker_session_timeout_s: float = 10.0
+    @classmethod
+    def of(cls, **values: Any) -> "Settings":
+        """Settings from field names (``Settings.of(top_k=5)``), each routed to its section."""
+        return cls().replace(**values)
 
     @property
     def embedded(self) -> bool:
-        return not self.bootstrap_servers
+        return not self.connection.bootstrap_servers
 
     def topic(self, name: str) -> str:
-        return f"{self.topic_prefix}{name}"
+        return f"{self.topics.topic_prefix}{name}"
 
     def replace(self, **changes: Any) -> "Settings":
-        return dataclasses.replace(self, **changes)
+        """A copy with fields changed by name (``replace(top_k=5, partitions=2)``), whatever their section."""
+        unknown = sorted(set(changes) - set(SECTION_OF))
+        if unknown:
+            raise TypeError(f"unknown setting(s): {', '.join(unknown)}")
+        by_section: dict[str, dict[str, Any]] = {}
+        for name, value in changes.items():
+            by_section.setdefault(SECTION_OF[name], {})[name] = value
+        return dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s), **v)
+                                            for s, v in by_section.items()})
+
+    def values(self) -> Iterator[tuple[str, str, Any]]:
+        """(section, field name, value) for every field, in declaration order."""
+        for section in SECTIONS:
+            part = getattr(self, section)
+            for f in fields(part):
+                yield section, f.name, getattr(part, f.name)
 
     def subprocess_env(self, **extra: str) -> dict[str, str]:
         """os.environ without stray GRUFLOW_* variables, plus every field as GRUFLOW_*: the environment of a
         gruflow subprocess (worker, trainer) configured exactly like this object; ``extra`` wins."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        env.update({ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)})
+        env.update({ENV_PREFIX + name.upper(): str(value) for _, name, value in self.values()})
         env.update(extra)
         return env
 
     @classmethod
     def env_names(cls) -> set[str]:
-        return {ENV_PREFIX + f.name.upper() for f in fields(cls)}
+        return {ENV_PREFIX + name.upper() for name in SECTION_OF}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
         environ = os.environ if environ is None else environ
-        hints = get_type_hints(cls)
         values: dict[str, Any] = {}
         links = service_link_names(environ, cls.env_names())
         if links:
@@ -145,37 +237,52 @@ class Settings:
                          and k not in links)
         if unknown:
             raise SettingsError(f"unknown setting(s): {', '.join(unknown)}; known: {sorted(cls.env_names())}")
-        for f in fields(cls):
-            name = ENV_PREFIX + f.name.upper()
-            if name in environ:
-                values[f.name] = _parse(name, environ[name], hints[f.name])
+        for section_cls in SECTIONS.values():
+            hints = get_type_hints(section_cls)
+            for f in fields(section_cls):
+                name = ENV_PREFIX + f.name.upper()
+                if name in environ:
+                    values[f.name] = _parse(name, environ[name], hints[f.name])
         values.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**values)
+        settings = cls.of(**values)
         settings.validate()
         return settings
 
+    def describe(self, environ: Mapping[str, str] | None = None) -> list[SettingInfo]:
+        """Every field with its effective value (secrets masked), its source and its description."""
+        environ = os.environ if environ is None else environ
+        descriptions = {f.name: f.metadata["description"] for cls in SECTIONS.values() for f in fields(cls)}
+        rows = []
+        for section, name, value in self.values():
+            env_name = ENV_PREFIX + name.upper()
+            shown = ("***" if value else "") if isinstance(value, Secret) else str(value)
+            rows.append(SettingInfo(section, env_name, shown, "env" if env_name in environ else "default",
+                                    descriptions[name]))
+        return rows
+
     def validate(self) -> None:
+        w, sc, st = self.worker, self.scoring, self.store
         checks = [
-            (self.partitions >= 1, "GRUFLOW_PARTITIONS must be >= 1"),
-            (self.top_k >= 1, "GRUFLOW_TOP_K must be >= 1"),
-            (self.batch_max_events >= 1, "GRUFLOW_BATCH_MAX_EVENTS must be >= 1"),
-            (self.batch_max_ms >= 0, "GRUFLOW_BATCH_MAX_MS must be >= 0"),
-            (self.torch_threads >= 1, "GRUFLOW_TORCH_THREADS must be >= 1"),
-            (self.scoring_threads >= 1, "GRUFLOW_SCORING_THREADS must be >= 1"),
-            (self.compiled_topk or self.scorer_path != "compiled",
+            (self.topics.partitions >= 1, "GRUFLOW_PARTITIONS must be >= 1"),
+            (sc.top_k >= 1, "GRUFLOW_TOP_K must be >= 1"),
+            (w.batch_max_events >= 1, "GRUFLOW_BATCH_MAX_EVENTS must be >= 1"),
+            (w.batch_max_ms >= 0, "GRUFLOW_BATCH_MAX_MS must be >= 0"),
+            (sc.torch_threads >= 1, "GRUFLOW_TORCH_THREADS must be >= 1"),
+            (sc.scoring_threads >= 1, "GRUFLOW_SCORING_THREADS must be >= 1"),
+            (sc.compiled_topk or sc.scorer_path != "compiled",
              "GRUFLOW_SCORER_PATH=compiled needs GRUFLOW_COMPILED_TOPK=true"),
-            (self.retrieval_target_events_per_s > 0, "GRUFLOW_RETRIEVAL_TARGET_EVENTS_PER_S must be > 0"),
-            (self.retrieval_nlist >= 0, "GRUFLOW_RETRIEVAL_NLIST must be >= 0 (0: from the catalogue size)"),
-            (min(self.retrieval_nprobe, self.retrieval_candidates, self.retrieval_rebuild_every,
-                 self.retrieval_build_threads) >= 1,
+            (sc.retrieval_target_events_per_s > 0, "GRUFLOW_RETRIEVAL_TARGET_EVENTS_PER_S must be > 0"),
+            (sc.retrieval_nlist >= 0, "GRUFLOW_RETRIEVAL_NLIST must be >= 0 (0: from the catalogue size)"),
+            (min(sc.retrieval_nprobe, sc.retrieval_candidates, sc.retrieval_rebuild_every,
+                 sc.retrieval_build_threads) >= 1,
              "GRUFLOW_RETRIEVAL_NPROBE, _CANDIDATES, _REBUILD_EVERY and _BUILD_THREADS must be >= 1"),
-            (0 < self.web_port < 65536, "GRUFLOW_WEB_PORT must be a TCP port"),
-            (self.session_gap_s > 0, "GRUFLOW_SESSION_GAP_S must be > 0"),
-            (self.rocksdb_write_buffer_bytes >= 64 * 1024, "GRUFLOW_ROCKSDB_WRITE_BUFFER_BYTES must be >= 65536"),
-            (self.rocksdb_max_write_buffers >= 2, "GRUFLOW_ROCKSDB_MAX_WRITE_BUFFERS must be >= 2 (one to fill while "
+            (0 < self.process.web_port < 65536, "GRUFLOW_WEB_PORT must be a TCP port"),
+            (w.session_gap_s > 0, "GRUFLOW_SESSION_GAP_S must be > 0"),
+            (st.rocksdb_write_buffer_bytes >= 64 * 1024, "GRUFLOW_ROCKSDB_WRITE_BUFFER_BYTES must be >= 65536"),
+            (st.rocksdb_max_write_buffers >= 2, "GRUFLOW_ROCKSDB_MAX_WRITE_BUFFERS must be >= 2 (one to fill while "
              "another is flushed; RocksDB raises smaller values to 2)"),
-            (self.rocksdb_block_cache_bytes >= 0, "GRUFLOW_ROCKSDB_BLOCK_CACHE_BYTES must be >= 0"),
-            (0 < self.max_message_bytes <= INPUT_MESSAGE_MAX_BYTES,
+            (st.rocksdb_block_cache_bytes >= 0, "GRUFLOW_ROCKSDB_BLOCK_CACHE_BYTES must be >= 0"),
+            (0 < w.max_message_bytes <= INPUT_MESSAGE_MAX_BYTES,
              f"GRUFLOW_MAX_MESSAGE_BYTES must be between 1 and {INPUT_MESSAGE_MAX_BYTES} (the input topics' "
              "max.message.bytes)"),
         ]
@@ -239,3 +346,27 @@ def _parse(name: str, raw: str, hint: Any) -> Any:
     except ValueError as exc:
         raise SettingsError(f"{name}={raw!r}: {exc}") from None
     return raw
+
+
+def settings_markdown() -> str:
+    """docs/settings.md: one table per section (``python -m stream.settings > docs/settings.md``)."""
+    out = ["# Settings", "", "Every gruflow process reads these `GRUFLOW_*` environment variables once at start-up; "
+           "an unknown `GRUFLOW_*` name is refused. `gruflow config` prints the effective values, where each came "
+           "from (env or default) and these descriptions, with secrets masked. This file is generated by "
+           "`python -m stream.settings > docs/settings.md`.", ""]
+    descriptions = Settings().describe({})
+    for section, cls in SECTIONS.items():
+        out += [f"## {section}", "", (cls.__doc__ or "").strip(), "", "| variable | default | meaning |",
+                "|---|---|---|"]
+        out += [f"| `{r.env_name}` | {_cell(r.value)} | {r.description} |"
+                for r in descriptions if r.section == section]
+        out.append("")
+    return "\n".join(out)
+
+
+def _cell(value: str) -> str:
+    return f"`{value}`" if value else "(empty)"
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

@@ -45,6 +45,27 @@ def _broker(args: argparse.Namespace) -> int:
     return run_forever(_settings(args), port=args.port, create_topics=not args.no_topics, data_dir=args.data_dir)
 
 
+def format_settings(rows: list[Any], sections: dict[str, type]) -> str:
+    """``gruflow config``'s text: one ``NAME=value  # source: description`` line per setting, under a header
+    per section, so that the output can be pasted into an env file."""
+    lines = ["# effective gruflow settings; source: env = set in the environment, default = gruflow's default",
+             "# secrets are masked; see docs/settings.md"]
+    section = None
+    for row in rows:
+        if row.section != section:
+            section = row.section
+            lines += ["", f"## {section}: {(sections[section].__doc__ or '').strip()}"]
+        lines.append(f"{row.env_name}={row.value}  # {row.source}: {row.description}")
+    return "\n".join(lines)
+
+
+def _config(args: argparse.Namespace) -> int:
+    from stream.settings import SECTIONS, Settings
+
+    print(format_settings(Settings.from_env().describe(), SECTIONS))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from stream.tools.demo import run_demo
 
@@ -63,11 +84,20 @@ def _faults(args: argparse.Namespace) -> int:
     return run_faults(args)
 
 
+SETTINGS_EPILOG = ("Configured by GRUFLOW_* environment variables: `gruflow config` prints each with its "
+                   "effective value, source and meaning.")
+
+
 def register(sub: Any, bench_sub: Any) -> None:
     from stream.tools.replay import add_replay_args
     from stream.tools.tail import add_tail_args
 
-    p = _add_bootstrap(sub.add_parser("worker", help="run a stream worker (needs a Kafka cluster)"))
+    p = sub.add_parser("config", help="print the effective settings (GRUFLOW_* variables), their sources and "
+                                      "what each means; secrets masked")
+    p.set_defaults(func=_config)
+
+    p = _add_bootstrap(sub.add_parser("worker", help="run a stream worker (needs a Kafka cluster)",
+                                      epilog=SETTINGS_EPILOG))
     p.set_defaults(func=_worker)
 
     p = _add_bootstrap(sub.add_parser("replay", help="replay an event file into the input topics"))

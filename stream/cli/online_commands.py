@@ -24,7 +24,8 @@ def _bootstrap_arg(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _logging(settings: Any) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.process.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _need_cluster(settings: Any, what: str) -> bool:
@@ -50,7 +51,7 @@ def _trainer(args: argparse.Namespace) -> int:
     if not _need_cluster(settings, "trainer"):
         return 2
     _logging(settings)
-    torch.set_num_threads(settings.trainer_torch_threads)
+    torch.set_num_threads(settings.trainer.trainer_torch_threads)
     ensure_topics(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -60,7 +61,8 @@ def _trainer(args: argparse.Namespace) -> int:
     except TrainerError as exc:
         print(f"gruflow trainer: {exc}", file=sys.stderr)
         return 2
-    print(f"trainer up: /metrics /livez /readyz on http://{settings.web_host}:{settings.web_port}", file=sys.stderr)
+    p = settings.process
+    print(f"trainer up: /metrics /livez /readyz on http://{p.web_host}:{p.web_port}", file=sys.stderr)
     try:
         while not stop.wait(1.0):
             if trainer.error is not None:
@@ -86,7 +88,7 @@ def _bootstrap_model(settings: Any) -> Any:
     df = generate(n_sessions=3000, n_items=500, seed=0)
     params = dataclasses.replace(OFFICIAL, layers=(64,), n_sample=256, n_epochs=2)  # quick: cross-entropy
     net, vocab, pop = train_model(df, params, progress=True)
-    path = Path(settings.data_dir) / "models" / "bootstrap.ckpt"
+    path = Path(settings.process.data_dir) / "models" / "bootstrap.ckpt"
     save_checkpoint(path, net, vocab, params, pop, {"source": "synthetic bootstrap"})
     return settings.replace(model_path=str(path))
 
@@ -108,13 +110,13 @@ def _run(args: argparse.Namespace) -> int:
 
             broker = EmbeddedKafka.from_settings(settings, data_dir=args.broker_data_dir).start()
             settings = broker.settings(settings)
-            os.environ["GRUFLOW_BOOTSTRAP_SERVERS"] = settings.bootstrap_servers
+            os.environ["GRUFLOW_BOOTSTRAP_SERVERS"] = settings.connection.bootstrap_servers
         ensure_topics(settings)
-        if not settings.model_path and model_sync.load_latest(settings) is None:
+        if not settings.scoring.model_path and model_sync.load_latest(settings) is None:
             settings = _bootstrap_model(settings)
-        trainer_port = args.trainer_port or settings.web_port + 1
+        trainer_port = args.trainer_port or settings.process.web_port + 1
         trainer = Trainer(settings.replace(web_port=trainer_port)).start()
-        print(f"trainer metrics on http://{settings.web_host}:{trainer_port}/metrics", file=sys.stderr)
+        print(f"trainer metrics on http://{settings.process.web_host}:{trainer_port}/metrics", file=sys.stderr)
         try:
             from stream.worker.main import run_worker
 
@@ -206,7 +208,10 @@ def register(sub: Any, bench_sub: Any) -> None:
                         "back with the worker's state (see `gruflow broker --data-dir`)")
     p.set_defaults(func=_run)
 
-    p = _bootstrap_arg(sub.add_parser("trainer", help="run the online fine-tuning trainer (needs a Kafka cluster)"))
+    from stream.cli.commands import SETTINGS_EPILOG
+
+    p = _bootstrap_arg(sub.add_parser("trainer", help="run the online fine-tuning trainer (needs a Kafka cluster)",
+                                      epilog=SETTINGS_EPILOG))
     p.set_defaults(func=_trainer)
 
     model = sub.add_parser("model", help="model versions on the models topic")

@@ -73,8 +73,8 @@ def kafka_version(pom: Path = POM) -> str:
 
 
 def default_cache_dir(settings: Settings | None = None) -> Path:
-    if settings is not None and settings.kafka_cache_dir:
-        return Path(settings.kafka_cache_dir).expanduser()
+    if settings is not None and settings.broker.kafka_cache_dir:
+        return Path(settings.broker.kafka_cache_dir).expanduser()
     return cache_root() / f"kafka-{kafka_version()}"
 
 

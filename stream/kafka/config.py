@@ -67,26 +67,26 @@ def _normalise(extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sasl_mechanism(settings: Settings) -> str:
-    mechanism = (settings.sasl_mechanism or "PLAIN").upper()
+    mechanism = (settings.connection.sasl_mechanism or "PLAIN").upper()
     if mechanism not in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
         raise SettingsError(
-            f"GRUFLOW_SASL_MECHANISM={settings.sasl_mechanism!r}: use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+            f"GRUFLOW_SASL_MECHANISM={settings.connection.sasl_mechanism!r}: use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
         )
-    if not settings.sasl_username:
+    if not settings.connection.sasl_username:
         raise SettingsError(
-            f"GRUFLOW_SECURITY_PROTOCOL={settings.security_protocol} needs GRUFLOW_SASL_USERNAME and "
+            f"GRUFLOW_SECURITY_PROTOCOL={settings.connection.security_protocol} needs GRUFLOW_SASL_USERNAME and "
             "GRUFLOW_SASL_PASSWORD"
         )
     return mechanism
 
 
 def _require_bootstrap(settings: Settings) -> str:
-    if not settings.bootstrap_servers:
+    if not settings.connection.bootstrap_servers:
         raise SettingsError(
             "no Kafka cluster configured: set GRUFLOW_BOOTSTRAP_SERVERS (or --bootstrap), or start the embedded "
             "broker first (stream.kafka.broker.EmbeddedKafka / `gruflow broker`)"
         )
-    return settings.bootstrap_servers
+    return settings.connection.bootstrap_servers
 
 
 def bootstrap_list(settings: Settings) -> list[str]:
@@ -100,20 +100,20 @@ def confluent_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     """Connection part of any confluent-kafka client (producer, consumer, admin), plus ``extra``."""
     config: dict[str, Any] = {
         "bootstrap.servers": ",".join(bootstrap_list(settings)),
-        "security.protocol": settings.security_protocol,
+        "security.protocol": settings.connection.security_protocol,
         "logger": LIBRDKAFKA_LOGGER,
     }
-    if settings.security_protocol.startswith("SASL"):
+    if settings.connection.security_protocol.startswith("SASL"):
         config["sasl.mechanism"] = _sasl_mechanism(settings)
-        config["sasl.username"] = settings.sasl_username
-        config["sasl.password"] = str(settings.sasl_password)
-    if settings.security_protocol in ("SSL", "SASL_SSL"):
-        if settings.ssl_cafile:
-            config["ssl.ca.location"] = settings.ssl_cafile
-        if settings.ssl_certfile:
-            config["ssl.certificate.location"] = settings.ssl_certfile
-        if settings.ssl_keyfile:
-            config["ssl.key.location"] = settings.ssl_keyfile
+        config["sasl.username"] = settings.connection.sasl_username
+        config["sasl.password"] = str(settings.connection.sasl_password)
+    if settings.connection.security_protocol in ("SSL", "SASL_SSL"):
+        if settings.connection.ssl_cafile:
+            config["ssl.ca.location"] = settings.connection.ssl_cafile
+        if settings.connection.ssl_certfile:
+            config["ssl.certificate.location"] = settings.connection.ssl_certfile
+        if settings.connection.ssl_keyfile:
+            config["ssl.key.location"] = settings.connection.ssl_keyfile
     config.update(_normalise(extra))
     return config
 
@@ -144,7 +144,7 @@ def load_generator(settings: Settings) -> dict[str, Any]:
     2,000 events/s the broker fell behind for good (record ages 10 s after 20 s); capped, one hop measured
     p50 7 ms / p99 17 ms once the broker was warm."""
     extra: dict[str, Any] = {"socket.nagle.disable": True, "linger.ms": 5, "max.in.flight": 5}
-    if settings.replication_factor <= 1:
+    if settings.topics.replication_factor <= 1:
         extra.update({"acks": 1, "enable.idempotence": False})
     return extra
 
@@ -152,13 +152,13 @@ def load_generator(settings: Settings) -> dict[str, Any]:
 def aiokafka_config(settings: Settings) -> dict[str, Any]:
     """Connection part of an aiokafka client (the worker's batch producer), connected as faust connects."""
     config: dict[str, Any] = {"bootstrap_servers": bootstrap_list(settings),
-                              "security_protocol": settings.security_protocol}
+                              "security_protocol": settings.connection.security_protocol}
     context = ssl_context(settings)
     if context is not None:
         config["ssl_context"] = context
-    if settings.security_protocol.startswith("SASL"):
-        config.update(sasl_mechanism=_sasl_mechanism(settings), sasl_plain_username=settings.sasl_username,
-                      sasl_plain_password=str(settings.sasl_password))
+    if settings.connection.security_protocol.startswith("SASL"):
+        config.update(sasl_mechanism=_sasl_mechanism(settings), sasl_plain_username=settings.connection.sasl_username,
+                      sasl_plain_password=str(settings.connection.sasl_password))
     return config
 
 
@@ -166,7 +166,7 @@ def consumer_config(settings: Settings, group_id: str | None = None, **extra: An
     """A consumer; without ``group_id`` it reads without a group (assign(), no offset commits)."""
     config = confluent_config(settings)
     config.update({
-        "group.id": group_id or f"{settings.app_id}-reader",
+        "group.id": group_id or f"{settings.process.app_id}-reader",
         "auto.offset.reset": "earliest",
         "enable.auto.commit": group_id is not None,
         "fetch.max.bytes": 64 * 1024 * 1024,
@@ -217,12 +217,12 @@ def admin_config(settings: Settings, **extra: Any) -> dict[str, Any]:
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """The SSL context faust/aiokafka use for SSL and SASL_SSL (None for plaintext protocols)."""
-    if settings.security_protocol not in ("SSL", "SASL_SSL"):
+    if settings.connection.security_protocol not in ("SSL", "SASL_SSL"):
         return None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.ssl_cafile or None)
-    if settings.ssl_certfile:
-        context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
-    elif settings.ssl_keyfile:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.connection.ssl_cafile or None)
+    if settings.connection.ssl_certfile:
+        context.load_cert_chain(settings.connection.ssl_certfile, settings.connection.ssl_keyfile or None)
+    elif settings.connection.ssl_keyfile:
         raise SettingsError("GRUFLOW_SSL_KEYFILE is set without GRUFLOW_SSL_CERTFILE")
     return context
 
@@ -237,10 +237,10 @@ def faust_broker_kwargs(settings: Settings) -> dict[str, Any]:
 
     credentials: Any = None
     context = ssl_context(settings)
-    if settings.security_protocol.startswith("SASL"):
+    if settings.connection.security_protocol.startswith("SASL"):
         credentials = faust.SASLCredentials(
-            username=settings.sasl_username,
-            password=str(settings.sasl_password),
+            username=settings.connection.sasl_username,
+            password=str(settings.connection.sasl_password),
             mechanism=_sasl_mechanism(settings),
             ssl_context=context,
         )

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from aiokafka import codec
-from aiokafka.consumer import fetcher as _fetcher
 from aiokafka.record.memory_records import MemoryRecords as _MemoryRecords  # aiokafka's own (compiled where built)
 from aiokafka.record.util import decode_varint
+
+from stream import compat
 
 UNREADABLE_HEADER = "gruflow-unreadable"
 
@@ -68,7 +69,7 @@ def unreadable_detail(record: Any) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class ParsedRecord:
-    """A record as aiokafka's fetcher reads it (``PartitionRecords._consumer_record``)."""
+    """A record as aiokafka's fetcher reads it into a ConsumerRecord (see ``compat.use_record_set_class``)."""
 
     offset: int
     timestamp: int
@@ -81,7 +82,7 @@ class ParsedRecord:
 
 def install() -> None:
     """Make aiokafka's fetcher build ``GuardedRecords`` (idempotent; every aiokafka consumer of the process)."""
-    _fetcher.MemoryRecords = GuardedRecords
+    compat.use_record_set_class(GuardedRecords)
 
 
 class GuardedRecords:

@@ -27,7 +27,7 @@ STATE_TABLE_NAME = "user-state"
 
 def changelog_topic(settings: Settings) -> str:
     """The per-user state table's changelog (faust's own naming, so faust needs no override)."""
-    return f"{settings.app_id}-{STATE_TABLE_NAME}-changelog"
+    return f"{settings.process.app_id}-{STATE_TABLE_NAME}-changelog"
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class TopicNames:
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
     names = TopicNames.from_settings(settings)
-    p = settings.partitions
+    p = settings.topics.partitions
     compact = {"cleanup.policy": "compact"}
     # explicit limits, not the cluster's default: every record an input topic accepts must fit in the dlq
     # with its headers, or the worker could not dead-letter it and would fail on it again after each restart
@@ -113,7 +113,7 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> TopicNames:
     missing = [s for s in specs if s.name not in existing]
     if missing:
         futures = admin.create_topics(
-            [NewTopic(s.name, num_partitions=s.partitions, replication_factor=settings.replication_factor,
+            [NewTopic(s.name, num_partitions=s.partitions, replication_factor=settings.topics.replication_factor,
                       config=s.config) for s in missing],
             request_timeout=timeout,
         )

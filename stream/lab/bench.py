@@ -130,17 +130,18 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
     from stream.worker.app import retrieval_policy
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(settings.scoring.torch_threads)
     try:
         model = load_checkpoint(model_path).recommender(1)
-        cache = ScorerCache(settings.scoring_threads, compiled=settings.compiled_topk, k=settings.top_k,
-                            path=settings.scorer_path, retrieval=retrieval_policy(settings))
+        sc = settings.scoring
+        cache = ScorerCache(sc.scoring_threads, compiled=sc.compiled_topk, k=sc.top_k, path=sc.scorer_path,
+                            retrieval=retrieval_policy(sc))
         scorer = cache.get(model)
         calibration = cache.calibration
-        limits, cfg, popularity = Limits(), ProcessorConfig(k=settings.top_k), PopularityBaseline()
+        limits, cfg, popularity = Limits(), ProcessorConfig(k=sc.top_k), PopularityBaseline()
         purchases = settings.topic("purchases")
         messages = list(iter_messages(settings, df, limit=n))
-        size = settings.batch_max_events
+        size = settings.worker.batch_max_events
         compute_s = scoring_s = 0.0
         events_done = 0
         scored_all: list[np.ndarray] = []
@@ -162,11 +163,11 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
             compute_s += time.perf_counter() - t0
             t1 = time.perf_counter()
             for hidden in scored:  # the same states again: the scoring share of the batch
-                scorer.top_k(hidden, settings.top_k)
+                scorer.top_k(hidden, settings.scoring.top_k)
             scoring_s += time.perf_counter() - t1
             events_done += len(result.outputs)
         hidden = np.vstack(kept)[:RECALL_STATES] if (kept := [h for h in scored_all if len(h)]) else None
-        recall = (recall_vs_exact(model, scorer.top_k(hidden, settings.top_k)[0], hidden, settings.top_k)
+        recall = (recall_vs_exact(model, scorer.top_k(hidden, sc.top_k)[0], hidden, sc.top_k)
                   if hidden is not None else None)
     finally:
         torch.set_num_threads(threads)
@@ -451,7 +452,7 @@ def _echo_phase(args: argparse.Namespace, settings: Settings, work: Path) -> dic
     """The latency of ``stream.lab.echo`` in the worker's place (its own topics), same load and reader."""
     from stream.kafka.topics import ensure_topics
 
-    echo_settings = settings.replace(topic_prefix=settings.topic_prefix.rstrip(".") + "-echo.")
+    echo_settings = settings.replace(topic_prefix=settings.topics.topic_prefix.rstrip(".") + "-echo.")
     ensure_topics(echo_settings)
     log_path = work / "echo.log"
     echo = subprocess.Popen([sys.executable, "-m", "stream.lab.echo"], env=echo_settings.subprocess_env(),
@@ -543,7 +544,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         if not reader.wait_count(n, 600):
             raise RuntimeError(f"only {reader.count} of {n} recommendations arrived; worker log: {work / 'worker.log'}")
         throughput_steal = steal.stop()
-        worker_scorer_path = _scrape_label(settings.web_port, "gruflow_scorer_info", "path")
+        worker_scorer_path = _scrape_label(settings.process.web_port, "gruflow_scorer_info", "path")
         pub = np.asarray(reader.published, dtype=np.float64)
         span_s = (pub.max() - pub.min()) / 1000.0
         events_per_s = n / span_s if span_s > 0 else float("nan")
@@ -563,7 +564,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
             from stream.lab.bench_scale import publish_to_serving
 
             _log("publishing model version 2 (1% of the output rows moved); timing until it is served ...")
-            serving = publish_to_serving(settings, model_path, lambda name: _scrape(settings.web_port, name))
+            serving = publish_to_serving(settings, model_path, lambda name: _scrape(settings.process.web_port, name))
             _log(f"version 2 served {serving['publish_to_serving_s']} s after its publication began")
         training: dict[str, Any] = {}
         if not getattr(args, "no_training", False):
@@ -604,11 +605,11 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
             "hidden": args.hidden,
             "k": args.k,
             "partitions": args.partitions,
-            "batch_max_events": settings.batch_max_events,
-            "batch_max_ms": settings.batch_max_ms,
-            "torch_threads": settings.torch_threads,
-            "scoring_threads": settings.scoring_threads,
-            "processing_guarantee": settings.processing_guarantee,
+            "batch_max_events": settings.worker.batch_max_events,
+            "batch_max_ms": settings.worker.batch_max_ms,
+            "torch_threads": settings.scoring.torch_threads,
+            "scoring_threads": settings.scoring.scoring_threads,
+            "processing_guarantee": settings.worker.processing_guarantee,
             "cpus": os.cpu_count(),
             "cpu_model": _cpu_model(),
             "cpu_flags": _cpu_flags(),

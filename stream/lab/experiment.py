@@ -72,7 +72,7 @@ def scrape(settings: Any, timeout: float = 5.0) -> dict[tuple[str, tuple], float
     """The worker's /metrics as {(sample name, sorted labels): value}."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    url = f"http://127.0.0.1:{settings.web_port}/metrics"
+    url = f"http://127.0.0.1:{settings.process.web_port}/metrics"
     with urllib.request.urlopen(url, timeout=timeout) as r:
         text = r.read().decode()
     out = {}
@@ -109,7 +109,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=_env(self.settings),
                                      stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
-        url = f"http://127.0.0.1:{self.settings.web_port}/readyz"
+        url = f"http://127.0.0.1:{self.settings.process.web_port}/readyz"
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}; log {self.log_path}:\n"
@@ -214,14 +214,14 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
     s = base.replace(topic_prefix=f"exp{pid}-{name}.", app_id=f"gruflow-exp{pid}-{name}", data_dir=tmp / name,
                      web_host="127.0.0.1", web_port=free_port(), finetune_every_events=10**9,
                      finetune_interval_s=0.0, model_path="")
-    Path(s.data_dir).mkdir(parents=True, exist_ok=True)
+    Path(s.process.data_dir).mkdir(parents=True, exist_ok=True)
     ensure_topics(s)
     model_sync.publish_version(s, v1, 1, 0, {"version": 1, "source": "warm-up"})
     t0 = time.perf_counter()
     rounds: list[dict] = []
     trainer = None
     with WorkerProcess(s, tmp / f"worker-{name}.log") as worker:
-        _log(f"{name}: worker ready on :{s.web_port}")
+        _log(f"{name}: worker ready on :{s.process.web_port}")
         try:
             if online:
                 trainer = Trainer(s, Metrics.create(role="trainer"), serve_http=False).start()
@@ -251,7 +251,7 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
         finally:
             if trainer is not None:
                 trainer.stop()
-    k = s.top_k
+    k = s.scoring.top_k
     out = {"gru": prequential(samples, "gru", k), "popularity": prequential(samples, "popularity", k),
            "events": sent, "seconds": time.perf_counter() - t0}
     if online:
@@ -273,7 +273,7 @@ def run_online_experiment(args: argparse.Namespace) -> dict:
     from stream.settings import Settings
 
     settings = Settings.from_env()
-    torch.set_num_threads(max(1, settings.trainer_torch_threads))
+    torch.set_num_threads(max(1, settings.trainer.trainer_torch_threads))
     df = load_data(args.data, args.format)
     warm, rest, cut = split_warmup(df, args.warmup_days)
     if args.limit:

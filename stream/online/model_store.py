@@ -34,7 +34,7 @@ class ModelStore:
 
     @classmethod
     def from_settings(cls, settings: Any) -> "ModelStore":
-        return cls(Path(settings.data_dir) / "models", settings.models_keep)
+        return cls(Path(settings.process.data_dir) / "models", settings.trainer.models_keep)
 
     def _path(self, version: int, suffix: str) -> Path:
         return self.root / f"v{version:012d}{suffix}"

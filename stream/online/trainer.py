@@ -54,7 +54,8 @@ class Trainer:
         self.settings = settings
         self.metrics = metrics or Metrics.create(role="trainer")
         self.serve_http = serve_http
-        self.config = config or FineTuneConfig.from_settings(settings)
+        self.config = config or FineTuneConfig.from_settings(settings.trainer,
+                                                                 session_gap_s=settings.worker.session_gap_s)
         self.progress = progress
         self.store = ModelStore.from_settings(settings)
         self.buffer = SessionBuffer(self.config.buffer_max_events, self.config.buffer_max_age_s,
@@ -142,7 +143,7 @@ class Trainer:
         from model.checkpoint import load_checkpoint
         from model.weight_check import weight_problem
 
-        path = self.settings.model_path
+        path = self.settings.scoring.model_path
         if not path:
             raise TrainerError("no model to fine-tune: the models topic is empty and GRUFLOW_MODEL_PATH is not set; "
                                "train one with `gruflow train` and set GRUFLOW_MODEL_PATH")
@@ -171,8 +172,8 @@ class Trainer:
 
         names = TopicNames.from_settings(self.settings)
         kinds = {names.clicks: "clicks", names.purchases: "purchases"}
-        limits = Limits(self.settings.max_message_bytes, self.settings.max_id_bytes)
-        consumer = Consumer(consumer_config(self.settings, f"{self.settings.app_id}-trainer"))
+        limits = Limits(self.settings.worker.max_message_bytes, self.settings.worker.max_id_bytes)
+        consumer = Consumer(consumer_config(self.settings, f"{self.settings.process.app_id}-trainer"))
         assigned = threading.Event()
         consumer.subscribe(list(names.inputs), on_assign=lambda c, parts: assigned.set())
         try:
@@ -239,15 +240,15 @@ class Trainer:
             return True
         if self._events_since <= 0:
             return False
-        if self.settings.finetune_every_events > 0 and self._events_since >= self.settings.finetune_every_events:
+        t = self.settings.trainer
+        if t.finetune_every_events > 0 and self._events_since >= t.finetune_every_events:
             return True
-        return self.settings.finetune_interval_s > 0 and \
-            time.monotonic() - self._last_round >= self.settings.finetune_interval_s
+        return t.finetune_interval_s > 0 and time.monotonic() - self._last_round >= t.finetune_interval_s
 
     def _rounds(self) -> None:
         import torch
 
-        torch.set_num_threads(max(1, self.settings.trainer_torch_threads))
+        torch.set_num_threads(max(1, self.settings.trainer.trainer_torch_threads))
         while not self._stop.is_set():
             with self._cond:
                 while not self._stop.is_set() and not self._due():
@@ -318,7 +319,7 @@ class Trainer:
         self._max_version = max(self._max_version, version)
         self._published[version] = model_sync.publish_version(self.settings, data, version, parent, header_meta(meta))
         self.store.save(version, data, header_meta(meta))
-        old = sorted(self._published)[: max(0, len(self._published) - self.settings.models_keep)]
+        old = sorted(self._published)[: max(0, len(self._published) - self.settings.trainer.models_keep)]
         for v in old:
             model_sync.delete_version(self.settings, v, self._published.pop(v))
 
@@ -359,7 +360,8 @@ class Trainer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._http = http.server.ThreadingHTTPServer((self.settings.web_host, self.settings.web_port), Handler)
+        p = self.settings.process
+        self._http = http.server.ThreadingHTTPServer((p.web_host, p.web_port), Handler)
         self._http.daemon_threads = True
         t = threading.Thread(target=self._http.serve_forever, name="gruflow-trainer-http", daemon=True)
         t.start()

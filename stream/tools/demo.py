@@ -211,13 +211,13 @@ def _samples(settings: Settings, n: int = 4) -> list[str]:
     c = Consumer(consumer_config(settings, group_id=None))
     try:
         parts = []
-        for p in range(settings.partitions):
+        for p in range(settings.topics.partitions):
             lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
             parts.append(TopicPartition(topic, p, max(lo, hi - 50)))
         c.assign(parts)
         msgs = []
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and len(msgs) < 50 * settings.partitions:
+        while time.monotonic() < deadline and len(msgs) < 50 * settings.topics.partitions:
             got = c.consume(500, 0.5)
             if not got:
                 break
@@ -254,10 +254,10 @@ def run_demo(args: argparse.Namespace) -> int:
         run_id = time.strftime("%H%M%S")
         settings = base.replace(topic_prefix=f"demo{run_id}.", app_id=f"gruflow-demo-{run_id}",
                                 data_dir=work / "state", web_host="127.0.0.1", web_port=free_port(),
-                                partitions=min(base.partitions, 4), broker_session_timeout_s=6.0)
+                                partitions=min(base.topics.partitions, 4), broker_session_timeout_s=6.0)
         ensure_topics(settings)
         _say(f"topics {settings.topic('clicks')}, {settings.topic('purchases')} -> "
-             f"{settings.topic('recommendations')} / {settings.topic('dlq')} on {settings.bootstrap_servers}")
+             f"{settings.topic('recommendations')} / {settings.topic('dlq')} on {settings.connection.bootstrap_servers}")
 
         train, rest = _data(args)
         _say(f"data: {'synthetic sessions' if not args.data else args.data}; training on {len(train):,} events, "
@@ -266,7 +266,7 @@ def run_demo(args: argparse.Namespace) -> int:
         _train(train, model_path)
 
         log = work / "worker.log"
-        url = f"http://127.0.0.1:{settings.web_port}"
+        url = f"http://127.0.0.1:{settings.process.web_port}"
         # `gruflow run`: the worker plus the online trainer in one process; the trainer publishes the quick
         # model as version 1, fine-tunes on the replayed stream and the worker swaps new versions in.
         with open(log, "wb") as logf:

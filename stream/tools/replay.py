@@ -237,7 +237,7 @@ def run_replay(args: argparse.Namespace, settings: Settings | None = None) -> in
     df = load_events(args.data, args.format)
     ensure_topics(settings)
     print(f"replaying {min(len(df), args.limit or len(df)):,} events from {args.data} to "
-          f"{settings.topic('clicks')} / {settings.topic('purchases')} on {settings.bootstrap_servers}",
+          f"{settings.topic('clicks')} / {settings.topic('purchases')} on {settings.connection.bootstrap_servers}",
           file=sys.stderr)
     stats = replay(settings, df, rate=args.rate, speedup=args.speedup, progress=args.progress, limit=args.limit)
     print(stats.summary(), file=sys.stderr)

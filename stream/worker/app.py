@@ -35,6 +35,7 @@ import numpy as np
 from model.events import EventType
 from model.retrieval_scorer import RetrievalPolicy
 from state.codec import HEADER_SIZE, decode as decode_state, encode as encode_state
+from stream.compat import observe_many
 from stream.worker.batch_consumer import Batch, BatchConsumer, BatchTransport
 from model.topk_calibration import ScorerCache
 from stream.pipeline.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, Limits, Rejected, decode_event
@@ -42,7 +43,7 @@ from stream.observe.metrics import TOPK_ROW_PATHS, Metrics, PrequentialVersions
 from stream.worker.model_holder import ModelHolder
 from stream.pipeline.processor import PopularityBaseline, ProcessorConfig, process_batch
 from stream.kafka.record_guard import unreadable_detail
-from stream.settings import Settings
+from stream.settings import Scoring, Settings
 from stream.worker.sinks import BatchSink, Outgoing, TransactionalSink, dead_letter
 from stream.worker.table_store import TableStore, install_changelog_guard
 from stream.kafka.topics import DLQ_MESSAGE_MAX_BYTES, STATE_TABLE_NAME, TopicNames
@@ -53,18 +54,16 @@ _LAST_TS_AT = 13
 _FAST_TOPK_MIN_ITEMS = 4096
 
 
-def retrieval_policy(s: Settings) -> RetrievalPolicy:
+def retrieval_policy(sc: Scoring) -> RetrievalPolicy:
     """The ``GRUFLOW_RETRIEVAL*`` settings as the scorer cache's policy."""
-    return RetrievalPolicy(mode=s.retrieval, target_events_per_s=s.retrieval_target_events_per_s,
-                           nlist=s.retrieval_nlist, nprobe=s.retrieval_nprobe, n_candidates=s.retrieval_candidates,
-                           build_threads=s.retrieval_build_threads, rebuild_every=s.retrieval_rebuild_every)
-_MAX_IN_FLIGHT = 3  # batches produced but not yet acknowledged by the broker
-PHASE_LOG_S = 30.0  # seconds between the batch-phase log lines
+    return RetrievalPolicy(mode=sc.retrieval, target_events_per_s=sc.retrieval_target_events_per_s,
+                           nlist=sc.retrieval_nlist, nprobe=sc.retrieval_nprobe, n_candidates=sc.retrieval_candidates,
+                           build_threads=sc.retrieval_build_threads, rebuild_every=sc.retrieval_rebuild_every)
 
 
 def table_dir(settings: Settings) -> Any:
     """Where this worker's RocksDB files live (delete it to force a rebuild from the changelog)."""
-    return settings.data_dir / settings.app_id
+    return settings.process.data_dir / settings.process.app_id
 
 
 @dataclass
@@ -119,23 +118,24 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.cfg = ProcessorConfig(k=s.top_k, session_gap_ms=int(s.session_gap_s * 1000))
-        self.limits = Limits(s.max_message_bytes, s.max_id_bytes)
+        self.cfg = ProcessorConfig(k=s.scoring.top_k, session_gap_ms=int(s.worker.session_gap_s * 1000))
+        self.limits = Limits(s.worker.max_message_bytes, s.worker.max_id_bytes)
         self.kinds = {self.names.clicks: CLICKS, self.names.purchases: PURCHASES}
         # one compute thread: batches are sequential anyway; the top-K's threads (scoring_threads) and
         # torch's own do the maths
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-compute")
         self.state_lock = asyncio.Lock()
         m = self.metrics
-        self.scorers = ScorerCache(s.scoring_threads, min_items=_FAST_TOPK_MIN_ITEMS, compiled=s.compiled_topk,
-                                   k=s.top_k, path=s.scorer_path, retrieval=retrieval_policy(s),
+        sc = s.scoring
+        self.scorers = ScorerCache(sc.scoring_threads, min_items=_FAST_TOPK_MIN_ITEMS, compiled=sc.compiled_topk,
+                                   k=sc.top_k, path=sc.scorer_path, retrieval=retrieval_policy(sc),
                                    on_choice=lambda c: m.scorer.info({"path": c.path}))
         # a swapped-in model's scorer: calibrated in the swapping thread, before the model is served
         self.holder.on_prepare(self.prepare_scorer)
         self._topk_rows = {path: m.topk_rows.labels(path=path) for path in TOPK_ROW_PATHS}
         self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
                            for k in (CLICKS, PURCHASES) for t, n in _TYPE_NAMES.items()}
-        self._prequential = PrequentialVersions(m, s.top_k)
+        self._prequential = PrequentialVersions(m, s.scoring.top_k)
 
     # --- the batch ---------------------------------------------------------------------------
     async def handle(self, batch: Batch, generation: int) -> None:
@@ -369,9 +369,9 @@ class Pipeline:
 
     def _evictions(self, batch: Batch, part_of: dict[bytes, int], out: Outgoing,
                    local: dict[int, list[tuple[bytes, bytes | None]]]) -> int:
-        if not self.evict_candidates or self.settings.state_ttl_s <= 0:
+        if not self.evict_candidates or self.settings.worker.state_ttl_s <= 0:
             return 0
-        cutoff = self.stream_time_ms - int(self.settings.state_ttl_s * 1000)
+        cutoff = self.stream_time_ms - int(self.settings.worker.state_ttl_s * 1000)
         n = 0
         for tp, _ in batch:
             cands = self.evict_candidates.pop(tp.partition, None)
@@ -432,7 +432,7 @@ class Pipeline:
 
     async def scan_for_evictions(self) -> None:
         """List idle users per active partition (event time); the partition's next batch deletes them."""
-        ttl_ms = int(self.settings.state_ttl_s * 1000)
+        ttl_ms = int(self.settings.worker.state_ttl_s * 1000)
         if ttl_ms <= 0 or not self.stream_time_ms:
             return
         cutoff = self.stream_time_ms - ttl_ms
@@ -458,7 +458,7 @@ class Pipeline:
         consumer = self.app.consumer
         try:
             ends = {tp: consumer.highwater(tp) for tp in consumer.assignment() if tp.topic in self.kinds}
-            lag = committed_lag(ends, {tp: consumer._committed_offset.get(tp) for tp in ends})
+            lag = committed_lag(ends, {tp: consumer.committed_offsets.get(tp) for tp in ends})
         except Exception:  # noqa: BLE001 - a gauge: skip this round while the consumer is rebalancing
             return
         m.consumer_lag.set(lag)
@@ -486,33 +486,20 @@ def committed_lag(ends: dict[Any, int | None], committed: dict[Any, int | None])
     return sum(max(0, end - (committed.get(tp) or 0)) for tp, end in ends.items() if end is not None)
 
 
-def observe_many(histogram: Any, values: np.ndarray) -> None:
-    """Histogram.observe for many values at once (one bucket pass in numpy instead of N Python calls)."""
-    if values.shape[0] == 0:
-        return
-    # prometheus_client keeps per-bucket (non-cumulative) counters and a sum
-    bounds = np.asarray(histogram._upper_bounds, dtype=np.float64)
-    idx = np.searchsorted(bounds, values, side="left")
-    counts = np.bincount(idx, minlength=bounds.shape[0])
-    for i, c in enumerate(counts.tolist()):
-        if c:
-            histogram._buckets[i].inc(c)
-    histogram._sum.inc(float(values.sum()))
-
-
 def rocksdb_options(settings: Settings) -> dict[str, int]:
     """faust's RocksDB options for the state table. faust opens one RocksDB per partition, each with
     its own memtables and block cache, so these bound the memory of each partition the worker holds:
     write_buffer_size * max_write_buffer_number + block_cache_size (faust's defaults allow 192 MB of
     memtables and a 2 GB cache per partition)."""
-    return {"write_buffer_size": settings.rocksdb_write_buffer_bytes,
-            "max_write_buffer_number": settings.rocksdb_max_write_buffers,
-            "block_cache_size": settings.rocksdb_block_cache_bytes}
+    return {"write_buffer_size": settings.store.rocksdb_write_buffer_bytes,
+            "max_write_buffer_number": settings.store.rocksdb_max_write_buffers,
+            "block_cache_size": settings.store.rocksdb_block_cache_bytes}
 
 
 def rocksdb_budget_bytes(settings: Settings) -> int:
     """The RocksDB memory budget of one state partition (see ``rocksdb_options``)."""
-    return settings.rocksdb_write_buffer_bytes * settings.rocksdb_max_write_buffers + settings.rocksdb_block_cache_bytes
+    s = settings.store
+    return s.rocksdb_write_buffer_bytes * s.rocksdb_max_write_buffers + s.rocksdb_block_cache_bytes
 
 
 def _changelog_end_offsets(settings: Settings) -> Any:
@@ -536,24 +523,24 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     names = TopicNames.from_settings(settings)
     datadir = table_dir(settings)
     datadir.mkdir(parents=True, exist_ok=True)
-    exactly_once = settings.processing_guarantee == "exactly_once"
-    session_ms = int(settings.broker_session_timeout_s * 1000)
+    exactly_once = settings.worker.processing_guarantee == "exactly_once"
+    session_ms = int(settings.worker.broker_session_timeout_s * 1000)
     app = faust.App(
-        settings.app_id,
+        settings.process.app_id,
         **faust_broker_kwargs(settings),
         store="rocksdb://",
         datadir=str(datadir),
         web_enabled=False,  # stream/observe/web.py serves /metrics, /livez, /readyz from process start
-        processing_guarantee=settings.processing_guarantee,
-        topic_partitions=settings.partitions,
-        topic_replication_factor=settings.replication_factor,
+        processing_guarantee=settings.worker.processing_guarantee,
+        topic_partitions=settings.topics.partitions,
+        topic_replication_factor=settings.topics.replication_factor,
         topic_allow_declare=False,  # stream.kafka.topics.ensure_topics creates every topic explicitly
         topic_disable_leader=True,
-        broker_session_timeout=settings.broker_session_timeout_s,
-        broker_heartbeat_interval=max(0.5, settings.broker_session_timeout_s / 5),
-        broker_rebalance_timeout=max(10.0, 3 * settings.broker_session_timeout_s),
+        broker_session_timeout=settings.worker.broker_session_timeout_s,
+        broker_heartbeat_interval=max(0.5, settings.worker.broker_session_timeout_s / 5),
+        broker_rebalance_timeout=max(10.0, 3 * settings.worker.broker_session_timeout_s),
         broker_request_timeout=max(30.0, session_ms / 1000 + 5),
-        broker_max_poll_records=settings.batch_max_events,
+        broker_max_poll_records=settings.worker.batch_max_events,
         consumer_auto_offset_reset="earliest",
         stream_wait_empty=False,
         producer_linger=0.002,
@@ -566,16 +553,16 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     # say so now, before the consumer below reads it
     app.in_worker = True
     for name in names.inputs:
-        app.topics.add(app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+        app.topics.add(app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.topics.partitions,
                                  key_serializer="raw", value_serializer="raw"))
     # acks=False as faust gives its own changelog topics: nothing consumes the changelog as a stream (recovery
     # reads it), and an acking topic is checked by faust's livelock detector, which took every active
     # changelog partition for a stalled stream (an ERROR per partition every few seconds)
-    changelog = app.topic(names.changelog, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+    changelog = app.topic(names.changelog, key_type=bytes, value_type=bytes, partitions=settings.topics.partitions,
                           key_serializer="raw", value_serializer="raw", compacting=True, deleting=False, acks=False)
-    table = app.Table(STATE_TABLE_NAME, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+    table = app.Table(STATE_TABLE_NAME, key_type=bytes, value_type=bytes, partitions=settings.topics.partitions,
                       default=None, changelog_topic=changelog, options=rocksdb_options(settings))
-    store = TableStore(table, settings.partitions)
+    store = TableStore(table, settings.topics.partitions)
     install_changelog_guard(app, store, _changelog_end_offsets(settings))
     if exactly_once:
         sink: Any = TransactionalSink(app, names.clicks, names.recommendations, names.changelog, names.dlq)
@@ -587,8 +574,8 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     assert isinstance(consumer, BatchConsumer)
     consumer.batch_handler = pipeline.handle
     consumer.batch_topics = frozenset(names.inputs)
-    consumer.batch_max_events = settings.batch_max_events
-    consumer.batch_max_s = settings.batch_max_ms / 1000.0
+    consumer.batch_max_events = settings.worker.batch_max_events
+    consumer.batch_max_s = settings.worker.batch_max_ms / 1000.0
 
     @table.on_recover
     async def _count_users() -> None:
@@ -598,8 +585,8 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     async def _gauges() -> None:
         pipeline.update_gauges()
 
-    if settings.state_ttl_s > 0:
-        @app.timer(max(1.0, min(60.0, settings.state_ttl_s / 10)))
+    if settings.worker.state_ttl_s > 0:
+        @app.timer(max(1.0, min(60.0, settings.worker.state_ttl_s / 10)))
         async def _ttl_scan() -> None:
             await pipeline.scan_for_evictions()
 

@@ -1,7 +1,7 @@
 """A faust consumer that hands the input topics to the worker in micro-batches.
 
 faust's own path creates an Event, a queue entry and at least one event-loop round trip per message
-(``wait_first(callback(message), ...)`` in ``Consumer._drain_messages``), which caps a worker at a few
+(``wait_first(callback(message), ...)`` in faust's drain loop), which caps a worker at a few
 thousand events/s (FIELD-NOTES). This subclass keeps everything else of faust — group membership, the
 partition assignor, table recovery and standbys, offset commits, transactions — and only replaces the
 drain loop: records of the input topics are collected up to a size/time bound and passed as one batch
@@ -42,16 +42,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable, Mapping, Sequence, Set
+from typing import Any, Awaitable, Callable, Mapping, Set
 
 from faust.transport.consumer import TransactionManager
-from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from faust.types import TP
-from faust.types.tuples import ack_lock
 
+from stream import compat
 from stream.kafka import record_guard
+
 # (tp, records) pairs; records are aiokafka ConsumerRecords of one partition, in offset order
 Batch = list[tuple[TP, list[Any]]]
 BatchHandler = Callable[[Batch, int], Awaitable[None]]
@@ -80,13 +79,10 @@ class Fetched(dict):
         self.seeks = seeks
 
 
-class BatchConsumerThread(AIOKafkaConsumerThread):
+class BatchConsumerThread(compat.ConsumerThreadHooks):
     seeks = 0  # seeks of the input partitions so far; read and written on this thread's loop only
 
-    async def _fetch_records(self, consumer: Any, active_partitions: Any, timeout: float | None = None,
-                             max_records: int | None = None) -> Fetched:
-        records = await super()._fetch_records(consumer, active_partitions, timeout=timeout,
-                                               max_records=max_records)
+    def tag_fetched(self, records: Mapping[Any, list[Any]]) -> Fetched:
         return Fetched(records, self.seeks)  # no await in between: the count these records were returned under
 
     async def seek_inputs_to_committed(self, topics: frozenset[str]) -> tuple[Mapping[Any, int | None], int]:
@@ -98,7 +94,7 @@ class BatchConsumerThread(AIOKafkaConsumerThread):
         return await self.call_thread(self._seek_inputs, topics)
 
     async def _seek_inputs(self, topics: frozenset[str]) -> tuple[Mapping[Any, int | None], int]:
-        consumer = self._ensure_consumer()
+        consumer = self.kafka_consumer()
         inputs = [tp for tp in consumer.assignment() if tp.topic in topics]
         consumer.pause(*inputs)
         committed = await consumer.seek_to_committed()
@@ -112,29 +108,28 @@ class BatchConsumerThread(AIOKafkaConsumerThread):
         await self.call_thread(self._resume_inputs, topics)
 
     async def _resume_inputs(self, topics: frozenset[str]) -> None:
-        consumer = self._ensure_consumer()
+        consumer = self.kafka_consumer()
         consumer.resume(*(tp for tp in consumer.assignment() if tp.topic in topics))
 
-    def _create_worker_consumer(self, transport: Any) -> Any:
+    def before_consumer_created(self) -> None:
         # records aiokafka cannot parse come out marked instead of stopping the fetcher (the worker dead-letters
         # them); installed before the consumer builds its fetcher
         record_guard.install()
-        consumer = super()._create_worker_consumer(transport)
-        # both are read when aiokafka builds its fetcher, at start()
-        consumer._fetch_max_wait_ms = fetch_max_wait_ms(self.consumer.batch_max_s)
-        consumer._fetch_min_bytes = FETCH_MIN_BYTES
-        return consumer
 
-    async def _highwaters(self, partitions: list[TP]) -> Mapping[TP, int]:
+    def consumer_created(self, consumer: Any) -> None:
+        # both are read when aiokafka builds its fetcher, at start()
+        compat.set_fetch_bounds(consumer, fetch_max_wait_ms(self.consumer.batch_max_s), FETCH_MIN_BYTES)
+
+    async def log_end_offsets(self, partitions: list[TP]) -> Mapping[TP, int]:
         """The log end offsets, asked of the broker. faust's exactly_once path reads aiokafka's cached last
         stable offset instead, which is None until a fetch of that partition came back: right after a
         rebalance, recovery read -1 as the changelog's end, found the local store "ahead" of it and
         stopped the worker (ConsistencyError). A read_committed consumer's end offsets are the last
         stable offsets."""
-        return await self._ensure_consumer().end_offsets(partitions)
+        return await self.kafka_consumer().end_offsets(partitions)
 
 
-class BatchConsumer(AIOKafkaConsumer):
+class BatchConsumer(compat.ConsumerHooks):
     batch_handler: BatchHandler | None = None
     batch_topics: frozenset[str] = frozenset()
     batch_max_events: int = 2000
@@ -148,29 +143,11 @@ class BatchConsumer(AIOKafkaConsumer):
         self._ready_seek: int | None = None  # count of this generation's seek, once done; None before
         self._next: dict[TP, int] = {}  # input partition -> offset of the next record to hand over, if known
 
-    def _new_consumer_thread(self) -> BatchConsumerThread:
-        return BatchConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-    def ack_offsets(self, tp: TP, offsets: Sequence[int]) -> int:
-        """Mark many offsets of one partition processed (what ``Consumer.ack`` does per message)."""
-        if not self.app.topics.acks_enabled_for(tp.topic):
-            return 0
-        n = 0
-        with ack_lock:
-            committed = self._committed_offset[tp]
-            index = self._acked_index[tp]
-            acked = self._acked[tp]
-            for offset in offsets:
-                if (committed is None or offset >= committed) and offset not in index:
-                    index.add(offset)
-                    acked.append(offset)
-                    n += 1
-            self._n_acked += n
-        return n
+    consumer_thread_class = BatchConsumerThread
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         """faust's seek (``perform_seek`` calls it), with the input partitions paused and counted."""
-        committed, self._last_seek = await self._thread.seek_inputs_to_committed(self.batch_topics)
+        committed, self._last_seek = await self.consumer_thread.seek_inputs_to_committed(self.batch_topics)
         return committed
 
     async def perform_seek(self) -> None:
@@ -184,13 +161,14 @@ class BatchConsumer(AIOKafkaConsumer):
                 if generation == self.app.consumer_generation_id:
                     inputs = sorted(tp for tp in self.assignment() if tp.topic in self.batch_topics)
                     self._next.clear()
-                    self._next.update({tp: self._read_offset[tp] for tp in inputs if self._read_offset.get(tp)})
+                    read_offsets = self.read_offsets
+                    self._next.update({tp: read_offsets[tp] for tp in inputs if read_offsets.get(tp)})
                     self._ready_seek = self._last_seek
                     self.log.info("input partitions sought (generation %s): %s", generation,
                                   ", ".join(f"{tp.topic}[{tp.partition}]@{self._next.get(tp, 'beginning')}"
                                             for tp in inputs))
             finally:
-                await self._thread.resume_inputs(self.batch_topics)
+                await self.consumer_thread.resume_inputs(self.batch_topics)
 
     async def force_commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
         """faust's commit with the offsets CHOSEN under ``commit_lock`` too: choosing them before the lock
@@ -207,7 +185,7 @@ class BatchConsumer(AIOKafkaConsumer):
         without their outputs. (The worker also waits for each batch's delivery before acking it.)"""
         if not self.in_transaction:
             return
-        producers = getattr(self.transactions.producer, "_transaction_producers", {})
+        producers = compat.transaction_producers(self.transactions.producer)
         for producer in list(producers.values()):
             await producer.flush()
 
@@ -238,16 +216,15 @@ class BatchConsumer(AIOKafkaConsumer):
     async def _fetch(self, timeout: float) -> dict[TP, list[Any]] | None:
         """Records returned by aiokafka; None when stopping, or when the flow was stopped meanwhile (a
         revocation: its input records are not handed over, and recovery seeks the changelogs again)."""
-        records, _active = await self._wait_next_records(timeout)
+        records, _active = await self.wait_next_records(timeout)
         if records is None or self.should_stop or not self.flow_active:
             return None
         return records
 
-    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - exercised by integration tests
+    async def drain(self, fetcher: Any) -> None:  # pragma: no cover - exercised by integration tests
         callback = self.callback
-        consumer_should_stop = self._stopped.is_set
-        fetcher_should_stop = fetcher._stopped.is_set
-        read_offset = self._read_offset
+        consumer_should_stop, fetcher_should_stop = self.stop_checks(fetcher)
+        read_offset = self.read_offsets
         next_offset = self._next
         acks_enabled_for = self.app.topics.acks_enabled_for
         # The size/time bound counts from when the previous batch was handed over, not from when this one's
@@ -291,7 +268,7 @@ class BatchConsumer(AIOKafkaConsumer):
                                                    tp, record.offset, detail)
                                     read_offset[tp] = record.offset
                                     continue
-                                message = self._to_message(tp, record)
+                                message = self.to_message(tp, record)
                                 r0 = read_offset.get(tp)
                                 if r0 is None or message.offset >= r0:
                                     await callback(message)
@@ -315,7 +292,7 @@ class BatchConsumer(AIOKafkaConsumer):
                         prev = read_offset.get(tp)
                         for r in recs:
                             if prev and r.offset - prev > 1:
-                                await self._add_gap(tp, prev + 1, r.offset)
+                                await self.add_gap(tp, prev + 1, r.offset)
                             prev = r.offset
                 if seek != self._ready_seek:
                     continue  # revoked while the gaps were added
@@ -330,10 +307,7 @@ class BatchConsumer(AIOKafkaConsumer):
                 for tp in batch:
                     inbound[tp] = handed_over
                 await self.batch_handler(list(batch.items()), self.app.consumer_generation_id)
-                commit_every = self._commit_every
-                if commit_every is not None and self._n_acked >= commit_every:
-                    self._n_acked = 0
-                    await self.commit()
+                await self.commit_if_due()
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 self.log.info("Broker stopped consumer, shutting down...")
@@ -363,7 +337,7 @@ class FreshTransactionManager(TransactionManager):
     between the revocation and the next generation's seek."""
 
     async def on_rebalance(self, assigned: Set[TP], revoked: Set[TP], newly_assigned: Set[TP]) -> None:
-        producers = getattr(self.producer, "_transaction_producers", {})
+        producers = compat.transaction_producers(self.producer)
         for transactional_id in list(producers):
             await self.producer.stop_transaction(transactional_id)
         await super().on_rebalance(assigned, revoked, newly_assigned)

@@ -47,18 +47,18 @@ def load_initial_model(settings: Settings, metrics: Metrics | None = None) -> Re
         if rec is not None:
             log.info("serving model version %s from the models topic", rec.version)
             return rec
-    if settings.model_path:
+    if settings.scoring.model_path:
         from model.checkpoint import load_checkpoint
         from model.weight_check import weight_problem
 
-        ckpt = load_checkpoint(settings.model_path)
+        ckpt = load_checkpoint(settings.scoring.model_path)
         version = int(ckpt.metadata.get("version", 0) or 0)
         problem = weight_problem(ckpt.net, ckpt.popularity)
         if problem is not None:
             if metrics is not None:
                 metrics.model_refusals.labels(reason=problem.reason).inc()
-            raise WorkerError(f"refused to serve {settings.model_path} ({problem.reason}): {problem}")
-        log.info("serving model %s (version %d)", settings.model_path, version)
+            raise WorkerError(f"refused to serve {settings.scoring.model_path} ({problem.reason}): {problem}")
+        log.info("serving model %s (version %d)", settings.scoring.model_path, version)
         return ckpt.recommender(version)
     raise WorkerError("no model to serve: the models topic has none and GRUFLOW_MODEL_PATH is not set. Train one "
                       "(`gruflow train ... --out model.gfc`) and set GRUFLOW_MODEL_PATH, or run `gruflow demo`.")
@@ -69,7 +69,7 @@ def _wipe_if_dirty(settings: Settings) -> None:
 
     root = Path(table_dir(settings))
     marker = root / RUNNING_MARKER
-    if settings.processing_guarantee == "exactly_once" and marker.exists():
+    if settings.worker.processing_guarantee == "exactly_once" and marker.exists():
         log.warning("previous exactly_once worker did not stop cleanly: rebuilding local state from the changelog")
         for child in root.iterdir():
             if child.is_dir():
@@ -102,9 +102,9 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     from stream.kafka.topics import TopicError, dead_letter_budget, ensure_topics
     from stream.observe.web import WebServer
 
-    logging.basicConfig(level=settings.log_level.upper(),
+    logging.basicConfig(level=settings.process.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(settings.scoring.torch_threads)
     # three busy threads share the GIL (event loop, compute, faust's consumer thread): hand it over
     # every 1 ms instead of 5 ms so fetched records are not left waiting behind a long Python stretch
     sys.setswitchinterval(0.001)
@@ -120,9 +120,10 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    web = WebServer(metrics, ready, settings.web_host, settings.web_port)
+    web = WebServer(metrics, ready, settings.process.web_host, settings.process.web_port)
     loop.run_until_complete(web.start())
-    log.info("health endpoints on http://%s:%d (/metrics /livez /readyz)", settings.web_host, settings.web_port)
+    log.info("health endpoints on http://%s:%d (/metrics /livez /readyz)", settings.process.web_host,
+             settings.process.web_port)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -133,7 +134,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
         delay = 1.0
         while not stop.is_set():
             try:
-                phase["why"] = f"waiting for Kafka at {settings.bootstrap_servers}"
+                phase["why"] = f"waiting for Kafka at {settings.connection.bootstrap_servers}"
                 await loop.run_in_executor(None, ensure_topics, settings)
                 phase["why"] = "loading the model"
                 return model or await loop.run_in_executor(None, load_initial_model, settings, metrics)
@@ -201,7 +202,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
                 subscriber.stop()
             runtime.pipeline.close()
 
-    worker = GruflowWorker(runtime.app, loglevel=settings.log_level.lower(), quiet=True,
+    worker = GruflowWorker(runtime.app, loglevel=settings.process.log_level.lower(), quiet=True,
                            override_logging=False, redirect_stdouts=False, loop=loop)
     code = 0
     try:

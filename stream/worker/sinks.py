@@ -25,6 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from stream import compat
 from stream.settings import INPUT_MESSAGE_MAX_BYTES, Settings
 
 
@@ -106,8 +107,8 @@ class BatchSink:
         from stream.kafka.config import aiokafka_config
 
         self.topics = (recommendations, changelog, dlq)
-        single = settings.replication_factor <= 1
-        self._config = {**aiokafka_config(settings), "client_id": f"{settings.app_id}-outputs",
+        single = settings.topics.replication_factor <= 1
+        self._config = {**aiokafka_config(settings), "client_id": f"{settings.process.app_id}-outputs",
                         # one replica: acks=1 is as durable as acks=all; more: all replicas, no duplicates
                         "acks": 1 if single else "all", "enable_idempotence": not single,
                         "linger_ms": 0, "max_batch_size": RECORD_BATCH_BYTES}
@@ -199,10 +200,10 @@ class TransactionalSink:
         partitions = set(out.recommendations) | set(out.changelog) | set(out.dlq)
         for p in sorted(partitions):
             tid = self._transactional_id(p)
-            producer = faust_producer._transaction_producers.get(tid)
+            producer = compat.transaction_producers(faust_producer).get(tid)
             if producer is None:
                 raise SinkError(f"no transactional producer for {tid} (partition revoked?)")
-            async with faust_producer._trn_locks[tid]:
+            async with compat.transaction_lock(faust_producer, tid):
                 for key, value in out.changelog.get(p, ()):
                     fut = await producer.send(cl_topic, value, key=key, partition=p)
                     changelog_futs.append((p, fut))

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 from aiokafka.partitioner import murmur2
-from faust.tables.recovery import Recovery
 from faust.types import TP
 
 from state.codec import StateCodecError, UserState, decode
+from stream import compat
 
 log = logging.getLogger("gruflow.worker")
 _WIPE_CHUNK = 10_000  # deletes per RocksDB write batch while wiping a partition
@@ -52,7 +52,7 @@ class TableStore:
         return (murmur2(key) & 0x7FFFFFFF) % self.partitions
 
     def _db(self, partition: int) -> Any:
-        return self._store._db_for_partition(partition)
+        return compat.rocksdb_partition(self._store, partition)
 
     # --- batch API (the worker) ---------------------------------------------------------------
     def get_partition(self, partition: int, keys: Sequence[bytes]) -> dict[bytes, UserState]:
@@ -87,7 +87,7 @@ class TableStore:
         else:
             deleted = sum(1 for _, value in records if value is None)
         batch = rocksdict.WriteBatch(raw_mode=True)
-        index = store._key_index
+        index = compat.rocksdb_key_index(store)
         new = 0
         for key, value in records:
             if value is None:
@@ -120,7 +120,7 @@ class TableStore:
         import rocksdict
 
         db = self._db(partition)
-        index = self._store._key_index
+        index = compat.rocksdb_key_index(self._store)
         n = 0
         batch = rocksdict.WriteBatch(raw_mode=True)
         it = db.iter()  # an implicit snapshot: the deletes below do not disturb it
@@ -182,7 +182,7 @@ class TableStore:
     def memory_bytes(self) -> int:
         """Memtables + block cache in use, over every partition database open (actives and standbys)."""
         total = 0
-        for db in list(self._store._dbs.values()):
+        for db in compat.rocksdb_open_partitions(self._store):
             try:
                 for prop in ("rocksdb.cur-size-all-mem-tables", "rocksdb.block-cache-usage"):
                     total += int(db.property_int_value(prop) or 0)
@@ -240,12 +240,12 @@ def stale_partitions(persisted: Mapping[TP, int | None], ends: Mapping[TP, int |
 EndOffsets = Callable[[Iterable[TP]], Awaitable[Mapping[TP, int | None]]]
 
 
-class ChangelogGuardRecovery(Recovery):
+class ChangelogGuardRecovery(compat.RecoveryHooks):
     """faust's table recovery, with the local-store-ahead-of-changelog case repaired instead of fatal.
 
-    Hooks ``_build_offsets``, which faust awaits for the active and for the standby partitions after it
-    read their persisted offsets and before its consistency check and its seeks: a stale partition's
-    offset is reset there, so faust reads its changelog from the start, into a wiped store.
+    ``check_offsets`` runs for the active and for the standby partitions after faust read their persisted
+    offsets and before its consistency check and its seeks: a stale partition's offset is reset there, so
+    faust reads its changelog from the start, into a wiped store.
 
     The end offsets come from ``end_offsets``: the broker's log end, asked of the broker itself, so the
     check does not depend on what faust's consumer has cached.
@@ -258,7 +258,7 @@ class ChangelogGuardRecovery(Recovery):
         self._has_records = has_records
         self._end_offsets = end_offsets
 
-    async def _build_offsets(self, consumer: Any, tps: Any, destination: Any, title: str) -> None:
+    async def check_offsets(self, tps: Any, destination: Any) -> None:
         if tps:
             ends = await self._end_offsets(tps)
             stale = stale_partitions({tp: destination.get(tp) for tp in tps}, ends, self._has_records)
@@ -266,13 +266,10 @@ class ChangelogGuardRecovery(Recovery):
                 self._on_stale(stale)
                 for tp in stale:
                     destination[tp] = None  # faust then starts from the changelog's earliest offset
-        await super()._build_offsets(consumer, tps, destination, title)
 
 
 def install_changelog_guard(app: Any, store: TableStore, end_offsets: EndOffsets) -> None:
     """Give the app's table manager a ``ChangelogGuardRecovery`` (before the worker starts: faust creates
     its own Recovery lazily, on first use of ``app.tables.recovery``)."""
-    tables = app.tables
-    tables._recovery = ChangelogGuardRecovery(app, tables, on_stale=store.on_stale_changelog,
-                                              has_records=lambda tp: store.has_records(tp.partition),
-                                              end_offsets=end_offsets, beacon=tables.beacon, loop=tables.loop)
+    compat.install_recovery(app, ChangelogGuardRecovery, on_stale=store.on_stale_changelog,
+                            has_records=lambda tp: store.has_records(tp.partition), end_offsets=end_offsets)

@@ -1,5 +1,6 @@
-"""What gruflow's product code (model/, state/, stream/) touches below the public API of faust-streaming,
-aiokafka, mode and prometheus_client, one entry per touch; docs/upgrading.md explains each.
+"""What gruflow's product code touches below the public API of faust-streaming, aiokafka, mode and
+prometheus_client, one entry per touch; docs/upgrading.md explains each. Every PRIVATE touch lives in
+stream/compat.py (test_inventory checks it); HOOKS name the gruflow modules that override or mirror them.
 
 ``PRIVATE`` are names with a leading underscore (attributes read or written, methods called or overridden);
 ``HOOKS`` are public names gruflow overrides or mirrors, whose signature or value its code depends on.
@@ -51,61 +52,60 @@ class Touch:
 
 PRIVATE: tuple[Touch, ...] = (
     # faust's consumer: the batch path replaces the drain loop and keeps faust's offset bookkeeping
-    Touch(CONSUMER, "_drain_messages", "coroutine", ("fetcher",), "stream/worker/batch_consumer.py BatchConsumer (override)"),
-    Touch(CONSUMER, "_new_consumer_thread", "method", (), "stream/worker/batch_consumer.py BatchConsumer (override)"),
-    Touch(CONSUMER, "_wait_next_records", "coroutine", ("timeout",), "stream/worker/batch_consumer.py BatchConsumer._fetch"),
-    Touch(CONSUMER, "_to_message", "method", ("tp", "record"), "stream/worker/batch_consumer.py _drain_messages"),
+    Touch(CONSUMER, "_drain_messages", "coroutine", ("fetcher",), "stream/compat.py ConsumerHooks._drain_messages -> drain (BatchConsumer.drain)"),
+    Touch(CONSUMER, "_new_consumer_thread", "method", (), "stream/compat.py ConsumerHooks._new_consumer_thread (consumer_thread_class)"),
+    Touch(CONSUMER, "_wait_next_records", "coroutine", ("timeout",), "stream/compat.py ConsumerHooks.wait_next_records"),
+    Touch(CONSUMER, "_to_message", "method", ("tp", "record"), "stream/compat.py ConsumerHooks.to_message"),
     Touch(CONSUMER, "_add_gap", "coroutine", ("tp", "offset_from", "offset_to"),
-          "stream/worker/batch_consumer.py _drain_messages"),
+          "stream/compat.py ConsumerHooks.add_gap"),
     Touch(CONSUMER, "_read_offset", "attribute", None,
-          "stream/worker/batch_consumer.py _drain_messages, perform_seek; stream/worker/app.py Pipeline.update_gauges"),
-    Touch(CONSUMER, "_committed_offset", "attribute", None, "stream/worker/batch_consumer.py ack_offsets"),
-    Touch(CONSUMER, "_acked_index", "attribute", None, "stream/worker/batch_consumer.py ack_offsets"),
-    Touch(CONSUMER, "_acked", "attribute", None, "stream/worker/batch_consumer.py ack_offsets"),
-    Touch(CONSUMER, "_n_acked", "attribute", None, "stream/worker/batch_consumer.py ack_offsets, _drain_messages"),
-    Touch(CONSUMER, "_commit_every", "attribute", None, "stream/worker/batch_consumer.py _drain_messages"),
+          "stream/compat.py ConsumerHooks.read_offsets"),
+    Touch(CONSUMER, "_committed_offset", "attribute", None, "stream/compat.py ConsumerHooks.committed_offsets, ack_offsets"),
+    Touch(CONSUMER, "_acked_index", "attribute", None, "stream/compat.py ConsumerHooks.ack_offsets"),
+    Touch(CONSUMER, "_acked", "attribute", None, "stream/compat.py ConsumerHooks.ack_offsets"),
+    Touch(CONSUMER, "_n_acked", "attribute", None, "stream/compat.py ConsumerHooks.ack_offsets, commit_if_due"),
+    Touch(CONSUMER, "_commit_every", "attribute", None, "stream/compat.py ConsumerHooks.commit_if_due"),
     Touch(CONSUMER, "_thread", "attribute", None,
-          "stream/worker/batch_consumer.py seek_to_committed, perform_seek (the BatchConsumerThread)"),
-    Touch(CONSUMER, "_stopped", "attribute", None, "stream/worker/batch_consumer.py _drain_messages (mode Service)"),
+          "stream/compat.py ConsumerHooks.consumer_thread"),
+    Touch(CONSUMER, "_stopped", "attribute", None, "stream/compat.py ConsumerHooks.stop_checks"),
     Touch(CONSUMER_THREAD, "_create_worker_consumer", "method", ("transport",),
-          "stream/worker/batch_consumer.py BatchConsumerThread (override)"),
+          "stream/compat.py ConsumerThreadHooks._create_worker_consumer -> before_consumer_created, consumer_created"),
     # faust's consumer thread: every fetch of the Fetcher service ends in _fetch_records on the thread's loop
     # (tagged with the seek count there); _highwaters is what faust's highwaters runs on the thread
     Touch(CONSUMER_THREAD, "_fetch_records", "coroutine", ("consumer", "active_partitions", "timeout", "max_records"),
-          "stream/worker/batch_consumer.py BatchConsumerThread (override)"),
+          "stream/compat.py ConsumerThreadHooks._fetch_records -> tag_fetched"),
     Touch(CONSUMER_THREAD, "_highwaters", "coroutine", ("partitions",),
-          "stream/worker/batch_consumer.py BatchConsumerThread (override)"),
+          "stream/compat.py ConsumerThreadHooks._highwaters -> log_end_offsets"),
     Touch(CONSUMER_THREAD, "_ensure_consumer", "method", (),
-          "stream/worker/batch_consumer.py BatchConsumerThread._seek_inputs, _resume_inputs, _highwaters"),
+          "stream/compat.py ConsumerThreadHooks.kafka_consumer"),
     # aiokafka's consumer: read when start() builds the fetcher
     Touch(AIOKAFKA_CONSUMER, "_fetch_max_wait_ms", "attribute", None,
-          "stream/worker/batch_consumer.py BatchConsumerThread._create_worker_consumer"),
+          "stream/compat.py set_fetch_bounds"),
     Touch(AIOKAFKA_CONSUMER, "_fetch_min_bytes", "attribute", None,
-          "stream/worker/batch_consumer.py BatchConsumerThread._create_worker_consumer"),
+          "stream/compat.py set_fetch_bounds"),
     # aiokafka's fetcher turns each parsed record into a ConsumerRecord here; the guard's marker header must
     # survive it (test_record_guard pins that it copies the headers element by element)
     Touch(PARTITION_RECORDS, "_consumer_record", "method", ("tp", "record"),
-          "stream/kafka/record_guard.py GuardedRecords (relies on it)"),
+          "stream/compat.py use_record_set_class (record_guard.GuardedRecords relies on it)"),
     # faust's transactional producers (exactly_once)
     Touch(FAUST_PRODUCER, "_transaction_producers", "attribute", None,
-          "stream/worker/sinks.py TransactionalSink.send; stream/worker/batch_consumer.py _flush_transactions, "
-          "FreshTransactionManager.on_rebalance"),
-    Touch(FAUST_PRODUCER, "_trn_locks", "attribute", None, "stream/worker/sinks.py TransactionalSink.send"),
+          "stream/compat.py transaction_producers"),
+    Touch(FAUST_PRODUCER, "_trn_locks", "attribute", None, "stream/compat.py transaction_lock"),
     # faust's RocksDB store: bulk reads and writes per partition
-    Touch(ROCKSDB_STORE, "_db_for_partition", "method", ("partition",), "stream/worker/table_store.py TableStore._db"),
-    Touch(ROCKSDB_STORE, "_key_index", "attribute", None, "stream/worker/table_store.py TableStore.write_partition"),
-    Touch(ROCKSDB_STORE, "_dbs", "attribute", None, "stream/worker/table_store.py TableStore.memory_bytes"),
+    Touch(ROCKSDB_STORE, "_db_for_partition", "method", ("partition",), "stream/compat.py rocksdb_partition"),
+    Touch(ROCKSDB_STORE, "_key_index", "attribute", None, "stream/compat.py rocksdb_key_index"),
+    Touch(ROCKSDB_STORE, "_dbs", "attribute", None, "stream/compat.py rocksdb_open_partitions"),
     # faust's table recovery: the changelog guard checks the persisted offsets against the changelog's end
     # before faust's own check raises ConsistencyError, and is installed in place of faust's Recovery
     Touch(RECOVERY, "_build_offsets", "coroutine", ("consumer", "tps", "destination", "title"),
-          "stream/worker/table_store.py ChangelogGuardRecovery (override)"),
-    Touch(TABLE_MANAGER, "_recovery", "value", None, "stream/worker/table_store.py install_changelog_guard"),
+          "stream/compat.py RecoveryHooks._build_offsets -> check_offsets (ChangelogGuardRecovery)"),
+    Touch(TABLE_MANAGER, "_recovery", "value", None, "stream/compat.py install_recovery"),
     # prometheus_client's histogram: many observations in one pass
-    Touch(HISTOGRAM, "_upper_bounds", "attribute", None, "stream/worker/app.py observe_many"),
-    Touch(HISTOGRAM, "_buckets", "attribute", None, "stream/worker/app.py observe_many"),
-    Touch(HISTOGRAM, "_sum", "attribute", None, "stream/worker/app.py observe_many"),
+    Touch(HISTOGRAM, "_upper_bounds", "attribute", None, "stream/compat.py observe_many"),
+    Touch(HISTOGRAM, "_buckets", "attribute", None, "stream/compat.py observe_many"),
+    Touch(HISTOGRAM, "_sum", "attribute", None, "stream/compat.py observe_many"),
     # mode's Service (faust's Fetcher is one)
-    Touch(SERVICE, "_stopped", "attribute", None, "stream/worker/batch_consumer.py _drain_messages (fetcher._stopped)"),
+    Touch(SERVICE, "_stopped", "attribute", None, "stream/compat.py ConsumerHooks.stop_checks"),
 )
 
 HOOKS: tuple[Touch, ...] = (
@@ -180,7 +180,7 @@ def is_coroutine(fn: Any) -> bool:
 
 def worker_settings(data_dir: Path, guarantee: str) -> Settings:
     # nothing listens on port 9: building the app must not need a broker
-    return Settings(bootstrap_servers="127.0.0.1:9", data_dir=data_dir, app_id=f"contract-{guarantee}",
+    return Settings.of(bootstrap_servers="127.0.0.1:9", data_dir=data_dir, app_id=f"contract-{guarantee}",
                     partitions=PARTITIONS, processing_guarantee=guarantee)  # type: ignore[arg-type]
 
 

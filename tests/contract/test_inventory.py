@@ -80,8 +80,10 @@ def test_upgrading_doc_names_every_touch() -> None:
     assert not absent, f"docs/upgrading.md does not explain: {absent}"
 
 
+# the one module allowed to touch private names of faust, aiokafka, mode and prometheus_client
+COMPAT = "stream/compat.py"
 # product modules whose classes subclass faust's: their ``self._name`` may be faust's too
-SUBCLASSING = ("stream/worker/batch_consumer.py",)
+SUBCLASSING = (COMPAT, "stream/worker/batch_consumer.py", "stream/worker/table_store.py", "stream/worker/main.py")
 _DOT_PRIVATE = re.compile(r"\._([a-z]\w*)")
 _CHAIN_END = re.compile(r"(\w+\(\)|[\w.])*$")  # the expression before the dot: a.b.c or super()
 _GETATTR = re.compile(r"getattr\([^,]+,\s*[\"']_([a-z]\w*)[\"']")
@@ -96,23 +98,28 @@ def _own_names(source: str) -> set[str]:
     return names
 
 
-def _private_uses_in_product_code() -> set[str]:
-    """``obj._name`` and ``getattr(obj, "_name")`` in model/, state/, stream/ on objects that are not the
-    code's own (self/cls), plus ``self._name`` in subclasses of faust's classes that the subclass does not
-    define itself."""
+def _private_uses(path: Path) -> set[str]:
+    """``obj._name`` and ``getattr(obj, "_name")`` in one module on objects that are not the code's own
+    (self/cls), plus ``self._name`` in subclasses of faust's classes that the subclass does not define itself."""
     found: set[str] = set()
-    for d in PRODUCT_DIRS:
-        for path in (REPO / d).glob("*.py"):
-            source = path.read_text()
-            code = "\n".join(line.split("#", 1)[0] for line in source.splitlines())
-            for m in _DOT_PRIVATE.finditer(code):
-                chain = _CHAIN_END.search(code, max(0, m.start() - 200), m.start())
-                if chain is not None and chain.group(0) not in ("self", "cls"):
-                    found.add(m.group(1))
-            found |= set(_GETATTR.findall(code))
-            if str(path.relative_to(REPO)) in SUBCLASSING:
-                found |= set(_SELF.findall(code)) - _own_names(source)
+    source = path.read_text()
+    code = "\n".join(line.split("#", 1)[0] for line in source.splitlines())
+    for m in _DOT_PRIVATE.finditer(code):
+        chain = _CHAIN_END.search(code, max(0, m.start() - 200), m.start())
+        if chain is not None and chain.group(0) not in ("self", "cls"):
+            found.add(m.group(1))
+    found |= set(_GETATTR.findall(code))
+    if str(path.relative_to(REPO)) in SUBCLASSING:
+        found |= set(_SELF.findall(code)) - _own_names(source)
     return {"_" + n for n in found}
+
+
+def _product_modules() -> list[Path]:
+    return sorted(p for d in PRODUCT_DIRS for p in (REPO / d).rglob("*.py"))
+
+
+def _private_uses_in_product_code() -> set[str]:
+    return set().union(*(_private_uses(p) for p in _product_modules()))
 
 
 # private names on gruflow's OWN objects (or torch/os), which the inventory does not cover
@@ -124,3 +131,16 @@ def test_inventory_covers_the_product_code() -> None:
     known = {t.name for t in PRIVATE}
     new = _private_uses_in_product_code() - known - _OWN
     assert not new, f"private names used in model/, state/, stream/ but not pinned in contractkit.PRIVATE: {new}"
+
+
+def test_private_touches_live_in_the_compat_module_only() -> None:
+    """Upgrading faust-streaming, aiokafka, mode or prometheus_client means reading stream/compat.py: no
+    other product module touches their private names, and every touch of the inventory is used there."""
+    known = {t.name for t in PRIVATE}
+    outside = {str(p.relative_to(REPO)): sorted((_private_uses(p) & known) | (_private_uses(p) - _OWN))
+               for p in _product_modules() if str(p.relative_to(REPO)) != COMPAT}
+    outside = {k: v for k, v in outside.items() if v}
+    assert not outside, f"private framework names outside {COMPAT}: {outside}"
+    assert all(t.used_in.startswith(COMPAT) for t in PRIVATE), [t.id for t in PRIVATE if not t.used_in.startswith(COMPAT)]
+    unused = sorted(t.id for t in PRIVATE if f"_{t.name.lstrip('_')}" not in (REPO / COMPAT).read_text())
+    assert not unused, f"inventory rows {COMPAT} does not use: {unused}"

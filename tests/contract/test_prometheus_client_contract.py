@@ -1,4 +1,4 @@
-"""prometheus_client's histogram internals as ``observe_many`` (stream/worker/app.py) uses them: per-bucket
+"""prometheus_client's histogram internals as ``observe_many`` (stream/compat.py) uses them: per-bucket
 (non-cumulative) counters in ``_buckets`` over ``_upper_bounds`` (+Inf last) and the sum in ``_sum``."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ def samples(h: Histogram) -> list[tuple[str, dict[str, str], float]]:
 
 
 def test_observe_many_exports_what_observe_one_by_one_exports() -> None:
-    from stream.worker.app import observe_many  # imports faust: a broken faust fails this test, not the module
+    from stream.compat import observe_many  # imports faust: a broken faust fails this test, not the module
 
     rng = np.random.default_rng(17)
     # on the bucket bounds too: a value equal to a bound counts in that bucket (le)

@@ -103,13 +103,13 @@ def test_gruflow_services(config: dict[str, Any]) -> None:
         deps = svc["depends_on"]
         assert deps["kafka-init"]["condition"] == deps["model-init"]["condition"] == "service_completed_successfully"
         settings = settings_of(svc)
-        assert str(settings.web_port) in [str(p) for p in svc.get("expose", [])]
+        assert str(settings.process.web_port) in [str(p) for p in svc.get("expose", [])]
         model = next(v for v in svc["volumes"] if v["target"] == "/models")
-        assert model["read_only"] and settings.model_path.startswith("/models/")
+        assert model["read_only"] and settings.scoring.model_path.startswith("/models/")
     assert services["worker"]["image"] == services["trainer"]["image"] == services["model-init"]["image"]
     assert "deploy" not in services["trainer"] or services["trainer"]["deploy"].get("replicas", 1) == 1
     init = services["model-init"]
-    assert settings_of(init).model_path == settings_of(services["worker"]).model_path
+    assert settings_of(init).scoring.model_path == settings_of(services["worker"]).scoring.model_path
 
 
 def test_prometheus_scrapes_every_gruflow_process(config: dict[str, Any]) -> None:
@@ -118,11 +118,11 @@ def test_prometheus_scrapes_every_gruflow_process(config: dict[str, Any]) -> Non
     assert mount["source"] == str(DEPLOY / "prometheus") and mount.get("read_only")
     scrape = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")["scrape_configs"]
     jobs = {job["job_name"]: job for job in scrape}
-    port = settings_of(config["services"]["worker"]).web_port
+    port = settings_of(config["services"]["worker"]).process.web_port
     # workers via DNS (every replica of a scaled service), the trainer by name
     worker = jobs["gruflow-worker"]["dns_sd_configs"][0]
     assert worker["names"] == ["worker"] and worker["port"] == port
-    trainer_port = settings_of(config["services"]["trainer"]).web_port
+    trainer_port = settings_of(config["services"]["trainer"]).process.web_port
     assert jobs["gruflow-trainer"]["static_configs"][0]["targets"] == [f"trainer:{trainer_port}"]
     long_running = {n for n, s in config["services"].items() if (s.get("command") or [""])[0] in ("worker", "trainer")}
     assert long_running == {"worker", "trainer"}, "every long-running gruflow process must be scraped"

@@ -50,7 +50,7 @@ def test_compose_environments_parse(profiles: tuple[str, ...]) -> None:
         env = {k: str(v) for k, v in svc["environment"].items() if k.startswith("GRUFLOW_")}
         settings = Settings.from_env(env)  # raises SettingsError naming the variable
         if name in ("worker", "trainer", "replay"):
-            assert settings.bootstrap_servers == "kafka:9092", f"{name} must talk to the compose broker"
+            assert settings.connection.bootstrap_servers == "kafka:9092", f"{name} must talk to the compose broker"
 
 
 def pod_settings(objects: list[dict[str, Any]], workload: dict[str, Any]) -> Settings:
@@ -66,9 +66,9 @@ def test_k8s_environments_parse(rendered: tuple[str, list[dict[str, Any]]]) -> N
     assert len(workloads) == 2
     for workload in workloads:
         settings = pod_settings(objects, workload)
-        assert settings.bootstrap_servers, f"{name}: {workload['metadata']['name']} has no GRUFLOW_BOOTSTRAP_SERVERS"
+        assert settings.connection.bootstrap_servers, f"{name}: {workload['metadata']['name']} has no GRUFLOW_BOOTSTRAP_SERVERS"
         # the connection settings must make a client config (SASL needs mechanism + username, ...)
         config = confluent_config(settings)
-        assert config["security.protocol"] == settings.security_protocol
-        if settings.security_protocol.startswith("SASL"):
+        assert config["security.protocol"] == settings.connection.security_protocol
+        if settings.connection.security_protocol.startswith("SASL"):
             assert config["sasl.username"] == "secret-username"

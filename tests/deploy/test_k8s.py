@@ -105,23 +105,23 @@ def test_worker_statefulset(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     # RocksDB on a PVC per replica, mounted at GRUFLOW_DATA_DIR
     claims = {c["metadata"]["name"]: c for c in sts["spec"]["volumeClaimTemplates"]}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    state = [n for n, path in mounts.items() if path == str(settings.data_dir)]
+    state = [n for n, path in mounts.items() if path == str(settings.process.data_dir)]
     assert state and state[0] in claims, "GRUFLOW_DATA_DIR must be on a volumeClaimTemplate"
     assert claims[state[0]]["spec"]["accessModes"] == ["ReadWriteOnce"]
     # probes: liveness never depends on the broker, readiness = recovery done + model loaded
     port = next(p for p in container["ports"] if p["name"] == "web")
-    assert port["containerPort"] == settings.web_port
+    assert port["containerPort"] == settings.process.web_port
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert container["startupProbe"]["httpGet"]["path"] == "/livez"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     for probe in ("livenessProbe", "startupProbe", "readinessProbe"):
-        assert container[probe]["httpGet"]["port"] in ("web", settings.web_port)
+        assert container[probe]["httpGet"]["port"] in ("web", settings.process.web_port)
     annotations = sts["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == str(settings.web_port)
+    assert annotations["prometheus.io/port"] == str(settings.process.web_port)
     assert annotations["prometheus.io/path"] == "/metrics"
     assert spec["securityContext"]["runAsNonRoot"] is True
-    assert sts["spec"]["replicas"] <= settings.partitions
+    assert sts["spec"]["replicas"] <= settings.topics.partitions
 
 
 def test_credentials_come_from_a_secret_reference(rendered: tuple[str, list[dict[str, Any]]]) -> None:
@@ -152,7 +152,7 @@ def test_trainer_is_a_single_replica(rendered: tuple[str, list[dict[str, Any]]])
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert not [o for o in all_of(objects, "ScaledObject") if o["spec"]["scaleTargetRef"]["name"] == "gruflow-trainer"]
     # its data dir (initial model, kept versions) is on a claim that exists, so restarts do not retrain
-    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(settings_from(objects).data_dir))
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(settings_from(objects).process.data_dir))
     volume = next(v for v in pod_spec(dep)["volumes"] if v["name"] == mount["name"])
     claim = one(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
@@ -188,7 +188,7 @@ def test_scaled_object_is_capped_at_the_partition_count(rendered: tuple[str, lis
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     spec = scaled["spec"]
     assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "gruflow-worker"}
-    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= settings.partitions
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= settings.topics.partitions
     inputs = {settings.topic("clicks"), settings.topic("purchases")}
     triggers = spec["triggers"]
     assert {t["metadata"]["topic"] for t in triggers} == inputs
@@ -196,15 +196,15 @@ def test_scaled_object_is_capped_at_the_partition_count(rendered: tuple[str, lis
     for trigger in triggers:
         meta = trigger["metadata"]
         assert trigger["type"] == "kafka"
-        assert meta["consumerGroup"] == settings.app_id, "faust's consumer group is the app id"
-        assert meta["bootstrapServers"] == settings.bootstrap_servers
+        assert meta["consumerGroup"] == settings.process.app_id, "faust's consumer group is the app id"
+        assert meta["bootstrapServers"] == settings.connection.bootstrap_servers
         assert meta["allowIdleConsumers"] == "false"
         assert int(meta["lagThreshold"]) > 0
-        if settings.security_protocol.startswith("SASL"):
+        if settings.connection.security_protocol.startswith("SASL"):
             assert trigger["authenticationRef"]["name"] in auth_names
             # KEDA spells SCRAM-SHA-512 as scram_sha512
-            assert meta["sasl"] == settings.sasl_mechanism.lower().replace("-sha-", "_sha").replace("-", "_")
-        if settings.security_protocol.endswith("SSL"):
+            assert meta["sasl"] == settings.connection.sasl_mechanism.lower().replace("-sha-", "_sha").replace("-", "_")
+        if settings.connection.security_protocol.endswith("SSL"):
             assert meta["tls"] == "enable"
 
 
@@ -216,16 +216,16 @@ def test_kafka_topics_match_the_topic_layout(rendered: tuple[str, list[dict[str,
     topics = {t["spec"]["topicName"]: t for t in all_of(objects, "KafkaTopic")}
     specs = {s.name: s for s in topic_specs(settings)}
     assert set(topics) == set(specs)
-    assert f"{settings.app_id}-{STATE_TABLE_NAME}-changelog" in topics
+    assert f"{settings.process.app_id}-{STATE_TABLE_NAME}-changelog" in topics
     clusters = {t["metadata"]["labels"]["strimzi.io/cluster"] for t in topics.values()}
     assert len(clusters) == 1
-    bootstrap_host = settings.bootstrap_servers.split(",")[0].split(":")[0]
+    bootstrap_host = settings.connection.bootstrap_servers.split(",")[0].split(":")[0]
     assert bootstrap_host.startswith(f"{clusters.pop()}-kafka-bootstrap."), "topics and clients on one cluster"
     for name, spec in specs.items():
         topic = topics[name]
         assert topic["apiVersion"] == "kafka.strimzi.io/v1beta2"
         assert topic["spec"]["partitions"] == spec.partitions
-        assert topic["spec"]["replicas"] == settings.replication_factor
+        assert topic["spec"]["replicas"] == settings.topics.replication_factor
         config = {k: str(v) for k, v in topic["spec"].get("config", {}).items()}
         assert spec.config.items() <= config.items(), f"{name}: {config} lacks {spec.config}"
 
@@ -237,6 +237,6 @@ def test_prometheus_rule_matches_the_compose_rules(rendered: tuple[str, list[dic
     assert rule["spec"]["groups"] == load_yaml(DEPLOY / "prometheus" / "rules" / "gruflow-alerts.yml")["groups"]
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
     exprs = " ".join(r["expr"] for g in rule["spec"]["groups"] for r in g["rules"])
-    assert f'k="{settings_from(objects).top_k}"' in exprs, "the prequential rules use K = GRUFLOW_TOP_K"
+    assert f'k="{settings_from(objects).scoring.top_k}"' in exprs, "the prequential rules use K = GRUFLOW_TOP_K"
     assert {"GruflowConsumerLagGrowing", "GruflowDLQRateHigh", "GruflowNoModelPromotion",
             "GruflowPrequentialBelowPopularity"} <= alerts

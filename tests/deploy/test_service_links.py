@@ -68,7 +68,7 @@ def test_pods_start_with_the_kubelets_service_links(rendered: tuple[str, list[di
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="gruflow.settings"):
             settings = Settings.from_env(env)
-        assert settings.web_port == int(env.get("GRUFLOW_WEB_PORT", 6066))
+        assert settings.process.web_port == int(env.get("GRUFLOW_WEB_PORT", 6066))
         warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
         for link in gruflow_links:
             assert link in warned, f"{name}: {workload['metadata']['name']}: no warning names {link}"

@@ -47,7 +47,7 @@ class KafkaFixture:
         values.update(overrides)
         settings = self.base.replace(**values)
         settings.validate()
-        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        Path(settings.process.data_dir).mkdir(parents=True, exist_ok=True)
         return settings
 
     def env(self, settings: Settings, **extra: str) -> dict[str, str]:
@@ -60,8 +60,8 @@ class KafkaFixture:
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaFixture]:
     tmp_root = tmp_path_factory.mktemp("kafka-settings")
     base = Settings.from_env()
-    if base.bootstrap_servers:
-        yield KafkaFixture(base.bootstrap_servers, base, tmp_root, embedded=False)
+    if base.connection.bootstrap_servers:
+        yield KafkaFixture(base.connection.bootstrap_servers, base, tmp_root, embedded=False)
         return
     from stream.kafka.broker import BrokerError, EmbeddedKafka
 

@@ -66,12 +66,12 @@ def test_ensure_topics_creates_partitions_and_configs(kafka):
     settings = kafka.settings(partitions=4)
     names = ensure_topics(settings)
     assert names == TopicNames.from_settings(settings)
-    assert names.changelog == changelog_topic(settings) == f"{settings.app_id}-user-state-changelog"
+    assert names.changelog == changelog_topic(settings) == f"{settings.process.app_id}-user-state-changelog"
 
     admin = AdminClient(admin_config(settings))
     topics = admin.list_topics(timeout=10).topics
     for name in (names.clicks, names.purchases, names.recommendations, names.dlq, names.changelog):
-        assert len(topics[name].partitions) == settings.partitions, name
+        assert len(topics[name].partitions) == settings.topics.partitions, name
     assert len(topics[names.models].partitions) == 1
 
     resources = [ConfigResource(ConfigResource.Type.TOPIC, n) for n in names]
@@ -116,10 +116,10 @@ def test_keys_land_on_the_partition_faust_expects(kafka):
     for key in keys:
         producer.produce(names.purchases, key=key, value=b"{}", on_delivery=on_delivery)
     assert producer.flush(30) == 0
-    partitions = list(range(settings.partitions))
+    partitions = list(range(settings.topics.partitions))
     expected = {key: DefaultPartitioner()(key, partitions, partitions) for key in keys}
     assert landed == expected
-    assert len(set(landed.values())) == settings.partitions  # the keys spread over all partitions
+    assert len(set(landed.values())) == settings.topics.partitions  # the keys spread over all partitions
 
 
 def test_aiokafka_reads_what_confluent_wrote(kafka):
@@ -135,7 +135,7 @@ def test_aiokafka_reads_what_confluent_wrote(kafka):
 
     async def read() -> list[bytes]:
         consumer = AIOKafkaConsumer(
-            names.clicks, bootstrap_servers=kafka.bootstrap_servers, group_id=settings.app_id,
+            names.clicks, bootstrap_servers=kafka.bootstrap_servers, group_id=settings.process.app_id,
             auto_offset_reset="earliest", enable_auto_commit=False, session_timeout_ms=6000,
         )
         await consumer.start()
@@ -157,7 +157,7 @@ def test_aiokafka_reads_what_confluent_wrote(kafka):
 def test_transactions_commit_and_abort(kafka):
     settings = kafka.settings(partitions=2)
     names = ensure_topics(settings)
-    producer = Producer(producer_config(settings, transactional_id=f"{settings.app_id}-tx"))
+    producer = Producer(producer_config(settings, transactional_id=f"{settings.process.app_id}-tx"))
     producer.init_transactions(30)
     producer.begin_transaction()
     for i in range(10):
@@ -190,7 +190,7 @@ def test_aiokafka_transactions_with_offsets(kafka):
     for i in range(5):
         producer.produce(names.clicks, key=b"u", value=str(i).encode())
     assert producer.flush(30) == 0
-    group = settings.app_id
+    group = settings.process.app_id
 
     async def process() -> None:
         consumer = AIOKafkaConsumer(names.clicks, bootstrap_servers=kafka.bootstrap_servers, group_id=group,
@@ -241,7 +241,7 @@ def test_replay_delivers_every_event_keyed_and_in_order(kafka):
     assert stats.by_topic[names.purchases] == purchases
     received = _consume(settings, names.clicks, len(df) - purchases) + _consume(settings, names.purchases, purchases)
     assert len(received) == len(df)
-    partitions = list(range(settings.partitions))
+    partitions = list(range(settings.topics.partitions))
     last_ts: dict[bytes, int] = {}
     for msg in sorted(received, key=lambda m: (m.topic(), m.partition(), m.offset())):
         event = orjson.loads(msg.value())
@@ -392,7 +392,7 @@ def test_run_forever_serves_topics_until_ctrl_c(needs_embedded, kafka, tmp_path)
             app_id=env["GRUFLOW_APP_ID"])
         topics = AdminClient(admin_config(settings)).list_topics(timeout=10).topics
         assert all(name in topics for name in TopicNames.from_settings(settings))
-        jvm_pids = _java_pids_serving(settings.bootstrap_servers)
+        jvm_pids = _java_pids_serving(settings.connection.bootstrap_servers)
         assert len(jvm_pids) == 1
         owner.send_signal(signal.SIGINT)
         assert owner.wait(60) == 0

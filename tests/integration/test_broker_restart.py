@@ -42,7 +42,7 @@ def test_broker_killed_restarts_on_its_data_dir_with_its_records(needs_embedded,
     second = None
     try:
         settings = first.settings(kafka.settings(partitions=2))
-        address = settings.bootstrap_servers
+        address = settings.connection.bootstrap_servers
         ensure_topics(settings)
         produce(settings, make_events(n_users=10, per_user=5, seed=1))
         # a client that lives through the broker's death: it must find the broker again at the same address

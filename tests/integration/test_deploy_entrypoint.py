@@ -122,7 +122,7 @@ def worker(kafka, model_path: Path, tmp_path: Path) -> Iterator[tuple[object, st
         proc = subprocess.Popen([str(GRUFLOW), "worker"], env=kafka.env(settings), cwd=workdir, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield settings, f"http://127.0.0.1:{settings.web_port}", proc, log
+        yield settings, f"http://127.0.0.1:{settings.process.web_port}", proc, log
     finally:
         stop(proc)
 
@@ -166,7 +166,7 @@ def test_worker_as_in_the_container_serves_probes_and_valid_metrics(worker) -> N
     check = dockerfile_healthcheck()
     assert check[0] == "python"
     health = subprocess.run([sys.executable, *check[1:]], capture_output=True, text=True, timeout=30,
-                            env={**os.environ, "GRUFLOW_WEB_PORT": str(settings.web_port)})
+                            env={**os.environ, "GRUFLOW_WEB_PORT": str(settings.process.web_port)})
     assert health.returncode == 0, f"the Dockerfile HEALTHCHECK fails against a live worker:\n{health.stderr}"
 
     promtool = find_promtool()
@@ -189,7 +189,7 @@ def test_liveness_does_not_depend_on_the_broker(kafka, model_path: Path, tmp_pat
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(GRUFLOW), "worker"], env=kafka.env(settings), cwd=tmp_path, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{settings.web_port}"
+    base = f"http://127.0.0.1:{settings.process.web_port}"
     try:
         wait_for("/livez 200 without a broker", lambda: get(base + "/livez")[0] == 200, proc, log)
         assert get(base + "/readyz")[0] == 503
@@ -212,7 +212,7 @@ def test_trainer_as_in_the_container_serves_probes_and_valid_metrics(kafka, mode
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(GRUFLOW), "trainer"], env=kafka.env(settings), cwd=tmp_path, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{settings.web_port}"
+    base = f"http://127.0.0.1:{settings.process.web_port}"
     try:
         wait_for("trainer /livez 200", lambda: get(base + "/livez")[0] == 200, proc, log)
         wait_for("trainer /readyz 200", lambda: get(base + "/readyz")[0] == 200, proc, log)

@@ -31,7 +31,7 @@ def _read_recommendations(settings, expected: int, timeout: float = 60.0) -> lis
 
     topic = TopicNames.from_settings(settings).recommendations
     consumer = Consumer(consumer_config(settings, None))
-    parts = [TopicPartition(topic, p, 0) for p in range(settings.partitions)]
+    parts = [TopicPartition(topic, p, 0) for p in range(settings.topics.partitions)]
     consumer.assign(parts)
     out: list[dict] = []
     deadline = time.monotonic() + timeout
@@ -52,7 +52,7 @@ def _read_recommendations(settings, expected: int, timeout: float = 60.0) -> lis
 def _wait_metric(worker: WorkerProcess, name: str, value: float, timeout: float = 60.0, **labels: str) -> None:
     deadline = time.monotonic() + timeout
     while _sum(scrape(worker.settings), name, **labels) < value:
-        assert time.monotonic() < deadline, f"{name}{labels} did not reach {value} on :{worker.settings.web_port}"
+        assert time.monotonic() < deadline, f"{name}{labels} did not reach {value} on :{worker.settings.process.web_port}"
         time.sleep(0.2)
 
 

@@ -85,7 +85,7 @@ class TrainerProc:
     """``python -m stream.cli trainer`` as a subprocess."""
 
     def __init__(self, kafka: Any, settings: Any, model_path: Path, log_dir: Path) -> None:
-        self.url = f"http://127.0.0.1:{settings.web_port}"
+        self.url = f"http://127.0.0.1:{settings.process.web_port}"
         self.log_path = log_dir / "trainer.log"
         self._log = open(self.log_path, "wb")
         env = kafka.env(settings, GRUFLOW_MODEL_PATH=str(model_path), GRUFLOW_TRAINER_TORCH_THREADS="1")
@@ -130,8 +130,8 @@ def test_real_prometheus_sees_what_the_rules_promise(kafka, tmp_path: Path) -> N
     try:
         trainer.wait_ready()
         worker.start()
-        prom = Prometheus(binary, tmp_path, {"gruflow-worker": f"127.0.0.1:{settings.web_port}",
-                                             "gruflow-trainer": f"127.0.0.1:{trainer_settings.web_port}"})
+        prom = Prometheus(binary, tmp_path, {"gruflow-worker": f"127.0.0.1:{settings.process.web_port}",
+                                             "gruflow-trainer": f"127.0.0.1:{trainer_settings.process.web_port}"})
         prom.wait('up{job=~"gruflow-.*"} == 1', lambda r: len(r) == 2, 60, "both targets scraped")
         # a few scrapes of the untouched worker first
         prom.wait('count_over_time(gruflow_ready{job="gruflow-worker"}[1m])', lambda r: r and float(r[0]["value"][1]) >= 3,

@@ -63,7 +63,7 @@ def produce_with_header(settings, via: str, topic: str, partition: int, key: byt
         found = kcat()
         assert found is not None
         binary, env = found
-        cmd: list[bytes | str] = [binary, "-b", settings.bootstrap_servers, "-P", "-t", topic, "-p", str(partition),
+        cmd: list[bytes | str] = [binary, "-b", settings.connection.bootstrap_servers, "-P", "-t", topic, "-p", str(partition),
                                   "-k", key]
         for name, hvalue in headers:
             assert hvalue is not None, "kcat -H sends name=value"
@@ -134,7 +134,7 @@ def committed(settings, topic: str, partition: int) -> int:
 
     from stream.kafka.config import consumer_config
 
-    c = Consumer(consumer_config(settings, group_id=settings.app_id))
+    c = Consumer(consumer_config(settings, group_id=settings.process.app_id))
     try:
         return c.committed([TopicPartition(topic, partition)], timeout=30)[0].offset
     finally:
@@ -153,12 +153,12 @@ def test_a_header_name_that_is_not_utf8_is_dead_lettered_and_the_stream_goes_on(
     exactly_once = guarantee == "exactly_once"
     clicks = settings.topic("clicks")
     user = "u-poison"
-    p = partition_of(user, settings.partitions)
+    p = partition_of(user, settings.topics.partitions)
     before = make_events(n_users=4, per_user=2, seed=11) + [Ev(user, "i1", 1_764_000_000_000)]
     after = [Ev(user, "i2", 1_764_000_001_000)] + make_events(n_users=4, per_user=2, seed=12, t0=1_764_000_002_000)
     later = [Ev(user, "i3", 1_764_000_009_000)]
     bad_value = Ev(user, "i9", 1_764_000_000_500).value()  # a valid event: unreadable is about the record
-    bad_offset = len([e for e in before if partition_of(e.user, settings.partitions) == p])  # its place in the log
+    bad_offset = len([e for e in before if partition_of(e.user, settings.topics.partitions) == p])  # its place in the log
     dlq = TopicReader(settings, settings.topic("dlq"), read_committed=exactly_once)
     recs = TopicReader(settings, settings.topic("recommendations"), read_committed=exactly_once)
     try:
@@ -277,7 +277,7 @@ def test_transaction_markers_are_passed_and_aborted_events_follow_the_isolation_
     recs = TopicReader(settings, settings.topic("recommendations"), read_committed=read_committed)
     try:
         with WorkerProc(kafka, settings, model_path, tmp_path) as worker:
-            p = Producer({**producer_config(settings), "transactional.id": f"{settings.app_id}-test-tx"})
+            p = Producer({**producer_config(settings), "transactional.id": f"{settings.process.app_id}-test-tx"})
             p.init_transactions(30)
             for events, commit in ((committed_events, True), (aborted_events, False)):
                 p.begin_transaction()
@@ -293,7 +293,7 @@ def test_transaction_markers_are_passed_and_aborted_events_follow_the_isolation_
             assert answered_aborted == (set() if read_committed else aborted)
             assert worker.proc.poll() is None and seen.messages
             # every record of each partition, markers included, ends up behind the group's committed offset
-            for part in range(settings.partitions):
+            for part in range(settings.topics.partitions):
                 high = high_watermark(settings, settings.topic("clicks"), part)
                 want_offset = high if high else OFFSET_INVALID  # an empty partition has nothing to commit
                 wait_committed(settings, settings.topic("clicks"), part, lambda o: o == want_offset,

@@ -156,8 +156,8 @@ def read_states(settings: Settings, read_committed: bool = True) -> dict[str, Us
     c = Consumer(consumer_config(settings, group_id=None,
                                  **{"isolation.level": "read_committed" if read_committed else "read_uncommitted"}))
     try:
-        parts = [TopicPartition(topic, p, 0) for p in range(settings.partitions)]
-        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(settings.partitions)}
+        parts = [TopicPartition(topic, p, 0) for p in range(settings.topics.partitions)]
+        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(settings.topics.partitions)}
         c.assign(parts)
         states: dict[str, UserState] = {}
         pos = {p: 0 for p in ends}
@@ -190,7 +190,7 @@ def offline_run(model_path: Path, events: list[Ev], settings: Settings
     from model.events import EventType
 
     model = load_checkpoint(model_path).recommender(1)
-    cfg = ProcessorConfig(k=settings.top_k, session_gap_ms=int(settings.session_gap_s * 1000))
+    cfg = ProcessorConfig(k=settings.scoring.top_k, session_gap_ms=int(settings.worker.session_gap_s * 1000))
     store = MemoryStore()
     answers: dict[tuple[str, int], list] = {}
     batch = [Event(e.user, e.item, int(EventType.parse(e.etype)), e.ts, e.user.encode(), e.kind, 0, -1, e.ts,
@@ -243,9 +243,9 @@ def committed_offsets(settings: Settings, topics: Iterable[str]) -> dict[tuple[s
 
     from stream.kafka.config import consumer_config
 
-    c = Consumer(consumer_config(settings, group_id=settings.app_id, **{"enable.auto.commit": False}))
+    c = Consumer(consumer_config(settings, group_id=settings.process.app_id, **{"enable.auto.commit": False}))
     try:
-        tps = [TopicPartition(t, p) for t in topics for p in range(settings.partitions)]
+        tps = [TopicPartition(t, p) for t in topics for p in range(settings.topics.partitions)]
         return {(tp.topic, tp.partition): (tp.offset, c.get_watermark_offsets(tp, timeout=10)[1])
                 for tp in c.committed(tps, timeout=15)}
     finally:
@@ -280,7 +280,7 @@ class WorkerProc:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.web_port}"
+        return f"http://127.0.0.1:{self.settings.process.web_port}"
 
     def start(self, wait_ready: bool = True, timeout: float = 120.0) -> "WorkerProc":
         self._log = open(self.log_path, "ab")

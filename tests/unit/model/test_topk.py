@@ -376,8 +376,8 @@ def test_the_scorer_cache_reports_each_served_choice() -> None:
 
 
 def test_the_scorer_path_setting() -> None:
-    assert Settings.from_env({}).scorer_path == "auto"
-    assert Settings.from_env({"GRUFLOW_SCORER_PATH": "int8"}).scorer_path == "int8"
+    assert Settings.from_env({}).scoring.scorer_path == "auto"
+    assert Settings.from_env({"GRUFLOW_SCORER_PATH": "int8"}).scoring.scorer_path == "int8"
     with pytest.raises(SettingsError, match="GRUFLOW_SCORER_PATH"):
         Settings.from_env({"GRUFLOW_SCORER_PATH": "fastest"})
     with pytest.raises(SettingsError, match="GRUFLOW_COMPILED_TOPK"):

@@ -69,10 +69,10 @@ def test_stale_cache_needs_maven(monkeypatch, tmp_path):
 
 
 def test_cache_dir_setting_and_default(monkeypatch, tmp_path):
-    assert default_cache_dir(Settings(kafka_cache_dir=str(tmp_path))) == tmp_path
+    assert default_cache_dir(Settings.of(kafka_cache_dir=str(tmp_path))) == tmp_path
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / "gruflow" / f"kafka-{kafka_version()}"
-    assert Settings.from_env({"GRUFLOW_KAFKA_CACHE_DIR": "/c"}).kafka_cache_dir == "/c"
+    assert Settings.from_env({"GRUFLOW_KAFKA_CACHE_DIR": "/c"}).broker.kafka_cache_dir == "/c"
 
 
 def test_kafka_version_is_4x():

@@ -30,7 +30,7 @@ BOOT = "k1.example:9092,k2.example:9093"
 
 
 def test_plaintext_connection():
-    config = confluent_config(Settings(bootstrap_servers=BOOT))
+    config = confluent_config(Settings.of(bootstrap_servers=BOOT))
     assert config == {"bootstrap.servers": BOOT, "security.protocol": "PLAINTEXT", "logger": LIBRDKAFKA_LOGGER}
 
 
@@ -45,7 +45,7 @@ def test_librdkafka_logs_go_through_python_logging(caplog, capfd):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     caplog.set_level(logging.DEBUG, logger=LIBRDKAFKA_LOGGER.name)
-    producer = Producer(confluent_config(Settings(bootstrap_servers=f"127.0.0.1:{port}"),
+    producer = Producer(confluent_config(Settings.of(bootstrap_servers=f"127.0.0.1:{port}"),
                                          reconnect_backoff_ms=50, reconnect_backoff_max_ms=100))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not any(r.name == LIBRDKAFKA_LOGGER.name for r in caplog.records):
@@ -73,7 +73,7 @@ def test_repeat_limiter_lets_each_message_through_once_per_window():
 
 @pytest.mark.parametrize("raw", ["k1.example:9092;k2.example:9093", "kafka://k1.example:9092, kafka://k2.example:9093"])
 def test_bootstrap_spellings(raw):
-    assert bootstrap_list(Settings(bootstrap_servers=raw)) == ["k1.example:9092", "k2.example:9093"]
+    assert bootstrap_list(Settings.of(bootstrap_servers=raw)) == ["k1.example:9092", "k2.example:9093"]
 
 
 def test_no_bootstrap_is_a_clear_error():
@@ -82,7 +82,7 @@ def test_no_bootstrap_is_a_clear_error():
 
 
 def test_sasl_ssl_is_passed_through():
-    settings = Settings(bootstrap_servers=BOOT, security_protocol="SASL_SSL", sasl_mechanism="scram-sha-512",
+    settings = Settings.of(bootstrap_servers=BOOT, security_protocol="SASL_SSL", sasl_mechanism="scram-sha-512",
                         sasl_username="svc", sasl_password=Secret("hunter2"), ssl_cafile="/etc/ca.pem")
     config = admin_config(settings)
     assert config["security.protocol"] == "SASL_SSL"
@@ -94,18 +94,18 @@ def test_sasl_ssl_is_passed_through():
 
 def test_sasl_without_username_is_refused():
     with pytest.raises(SettingsError, match="GRUFLOW_SASL_USERNAME"):
-        confluent_config(Settings(bootstrap_servers=BOOT, security_protocol="SASL_PLAINTEXT"))
+        confluent_config(Settings.of(bootstrap_servers=BOOT, security_protocol="SASL_PLAINTEXT"))
 
 
 def test_unknown_sasl_mechanism_is_refused():
-    settings = Settings(bootstrap_servers=BOOT, security_protocol="SASL_PLAINTEXT", sasl_mechanism="GSSAPI",
+    settings = Settings.of(bootstrap_servers=BOOT, security_protocol="SASL_PLAINTEXT", sasl_mechanism="GSSAPI",
                         sasl_username="u")
     with pytest.raises(SettingsError, match="GRUFLOW_SASL_MECHANISM"):
         confluent_config(settings)
 
 
 def test_producer_uses_faust_compatible_partitioner_and_batches():
-    config = producer_config(Settings(bootstrap_servers=BOOT), compression="lz4", linger_ms=7)
+    config = producer_config(Settings.of(bootstrap_servers=BOOT), compression="lz4", linger_ms=7)
     assert config["partitioner"] == PARTITIONER == "murmur2_random"
     assert config["linger.ms"] == 7
     assert config["batch.num.messages"] >= 1000
@@ -119,7 +119,7 @@ def test_load_generator_keeps_requests_in_flight_bounded():
     from confluent_kafka import Producer
 
     for replicas in (1, 3):
-        settings = Settings(bootstrap_servers="127.0.0.1:1", replication_factor=replicas)
+        settings = Settings.of(bootstrap_servers="127.0.0.1:1", replication_factor=replicas)
         config = producer_config(settings, **load_generator(settings))
         assert int(config["max.in.flight"]) <= 5
         assert config["linger.ms"] >= 1 and config["socket.nagle.disable"] is True
@@ -131,7 +131,7 @@ def test_extra_keys_keep_python_callbacks():
     def cb(err):  # pragma: no cover - never called
         pass
 
-    config = consumer_config(Settings(bootstrap_servers=BOOT), group_id="g", error_cb=cb, log_level=3,
+    config = consumer_config(Settings.of(bootstrap_servers=BOOT), group_id="g", error_cb=cb, log_level=3,
                              isolation_level="read_committed", **{"session.timeout.ms": 6000})
     assert config["error_cb"] is cb
     assert config["log_level"] == 3
@@ -145,7 +145,7 @@ def test_configs_are_accepted_by_librdkafka():
     from confluent_kafka import Consumer, Producer
     from confluent_kafka.admin import AdminClient
 
-    settings = Settings(bootstrap_servers="127.0.0.1:1")
+    settings = Settings.of(bootstrap_servers="127.0.0.1:1")
     Producer(producer_config(settings, compression="lz4", log_level=3))
     Producer(producer_config(settings, transactional_id="t"))
     Consumer(consumer_config(settings)).close()
@@ -155,7 +155,7 @@ def test_configs_are_accepted_by_librdkafka():
 def test_faust_gets_every_broker_and_no_credentials_in_plaintext():
     import faust
 
-    kwargs = faust_broker_kwargs(Settings(bootstrap_servers=BOOT))
+    kwargs = faust_broker_kwargs(Settings.of(bootstrap_servers=BOOT))
     assert kwargs["broker_credentials"] is None
     app = faust.App("kafka-config-test", **kwargs)
     assert [(u.host, u.port) for u in app.conf.broker] == [("k1.example", 9092), ("k2.example", 9093)]
@@ -164,7 +164,7 @@ def test_faust_gets_every_broker_and_no_credentials_in_plaintext():
 def test_faust_sasl_ssl_credentials():
     import faust
 
-    settings = Settings(bootstrap_servers=BOOT, security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-256",
+    settings = Settings.of(bootstrap_servers=BOOT, security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-256",
                         sasl_username="svc", sasl_password=Secret("pw"))
     creds = faust_broker_kwargs(settings)["broker_credentials"]
     assert isinstance(creds, faust.SASLCredentials)
@@ -176,10 +176,10 @@ def test_faust_sasl_ssl_credentials():
 def test_faust_sasl_plaintext_and_ssl_only():
     import faust
 
-    sasl = faust_broker_kwargs(Settings(bootstrap_servers=BOOT, security_protocol="SASL_PLAINTEXT",
+    sasl = faust_broker_kwargs(Settings.of(bootstrap_servers=BOOT, security_protocol="SASL_PLAINTEXT",
                                         sasl_username="u", sasl_password=Secret("p")))["broker_credentials"]
     assert sasl.protocol.value == "SASL_PLAINTEXT" and sasl.mechanism.value == "PLAIN" and sasl.ssl_context is None
-    tls = faust_broker_kwargs(Settings(bootstrap_servers=BOOT, security_protocol="SSL"))["broker_credentials"]
+    tls = faust_broker_kwargs(Settings.of(bootstrap_servers=BOOT, security_protocol="SSL"))["broker_credentials"]
     assert isinstance(tls, faust.SSLCredentials) and tls.protocol.value == "SSL"
     assert tls.context.verify_mode == ssl.CERT_REQUIRED
 
@@ -189,15 +189,15 @@ def test_aiokafka_clients_connect_like_faust():
     and aiokafka accepts them (no connection is made)."""
     from aiokafka import AIOKafkaProducer
 
-    plain = aiokafka_config(Settings(bootstrap_servers=BOOT))
+    plain = aiokafka_config(Settings.of(bootstrap_servers=BOOT))
     assert plain == {"bootstrap_servers": ["k1.example:9092", "k2.example:9093"], "security_protocol": "PLAINTEXT"}
-    settings = Settings(bootstrap_servers=BOOT, security_protocol="SASL_SSL", sasl_mechanism="scram-sha-256",
+    settings = Settings.of(bootstrap_servers=BOOT, security_protocol="SASL_SSL", sasl_mechanism="scram-sha-256",
                         sasl_username="svc", sasl_password=Secret("pw"))
     config = aiokafka_config(settings)
     assert (config["sasl_mechanism"], config["sasl_plain_username"], config["sasl_plain_password"]) == (
         "SCRAM-SHA-256", "svc", "pw")
     assert isinstance(config["ssl_context"], ssl.SSLContext)
-    tls = aiokafka_config(Settings(bootstrap_servers=BOOT, security_protocol="SSL"))
+    tls = aiokafka_config(Settings.of(bootstrap_servers=BOOT, security_protocol="SSL"))
     assert tls["security_protocol"] == "SSL" and "sasl_mechanism" not in tls
 
     async def build() -> None:
@@ -210,13 +210,13 @@ def test_aiokafka_clients_connect_like_faust():
 
 
 def test_ssl_context_only_for_tls_protocols():
-    assert ssl_context(Settings(bootstrap_servers=BOOT, security_protocol="SASL_PLAINTEXT")) is None
+    assert ssl_context(Settings.of(bootstrap_servers=BOOT, security_protocol="SASL_PLAINTEXT")) is None
     with pytest.raises(SettingsError, match="GRUFLOW_SSL_CERTFILE"):
-        ssl_context(Settings(bootstrap_servers=BOOT, security_protocol="SSL", ssl_keyfile="/k.pem"))
+        ssl_context(Settings.of(bootstrap_servers=BOOT, security_protocol="SSL", ssl_keyfile="/k.pem"))
 
 
 def test_topic_names_and_specs():
-    settings = Settings(topic_prefix="shop.", app_id="recs", partitions=6)
+    settings = Settings.of(topic_prefix="shop.", app_id="recs", partitions=6)
     names = TopicNames.from_settings(settings)
     assert (names.clicks, names.purchases, names.recommendations, names.dlq, names.models) == (
         "shop.clicks", "shop.purchases", "shop.recommendations", "shop.dlq", "shop.models")
@@ -236,9 +236,9 @@ def test_changelog_name_matches_faust_table_naming():
 
     from stream.kafka.topics import STATE_TABLE_NAME
 
-    settings = Settings(app_id="recs-naming-test")
-    app = faust.App(settings.app_id, broker="kafka://127.0.0.1:1", store="memory://")
-    table = app.Table(STATE_TABLE_NAME, partitions=settings.partitions)
+    settings = Settings.of(app_id="recs-naming-test")
+    app = faust.App(settings.process.app_id, broker="kafka://127.0.0.1:1", store="memory://")
+    table = app.Table(STATE_TABLE_NAME, partitions=settings.topics.partitions)
     assert table.changelog_topic.get_topic_name() == changelog_topic(settings)
 
 

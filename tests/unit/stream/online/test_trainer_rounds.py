@@ -43,7 +43,7 @@ def _value(metrics: Metrics, name: str) -> float:
 def test_a_diverged_round_is_discarded_and_the_trainer_goes_on(setup, tmp_path) -> None:
     state, buf = setup
     metrics = Metrics.create(role="trainer")
-    trainer = Trainer(Settings(data_dir=tmp_path), metrics, serve_http=False)
+    trainer = Trainer(Settings.of(data_dir=tmp_path), metrics, serve_http=False)
     published: list[tuple[bytes, int, int]] = []
     trainer._publish = lambda data, version, parent, meta: published.append((data, version, parent))
     trainer._max_version = 3

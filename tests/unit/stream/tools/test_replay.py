@@ -25,7 +25,7 @@ def _table():
 
 
 def test_messages_in_event_time_order_keyed_by_session_user():
-    settings = Settings(topic_prefix="p.")
+    settings = Settings.of(topic_prefix="p.")
     messages = list(iter_messages(settings, _table()))
     events = [orjson.loads(value) for _, _, value, _ in messages]
     assert [e["ts"] for e in events] == sorted(e["ts"] for e in events) == [100000, 200000, 250000, 300000, 300500]

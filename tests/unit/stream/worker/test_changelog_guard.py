@@ -11,6 +11,7 @@ import faust
 from faust.tables.recovery import Recovery
 from faust.types import TP
 
+from stream import compat
 from stream.worker.table_store import ChangelogGuardRecovery, TableStore, install_changelog_guard, stale_partitions
 
 CL = "app-user-state-changelog"
@@ -59,7 +60,8 @@ def test_the_guard_replaces_fausts_recovery_and_overrides_the_hook_faust_awaits(
     # _build_offsets(consumer, tps, destination, title) before its consistency check
     params = list(inspect.signature(Recovery._build_offsets).parameters)
     assert params == ["self", "consumer", "tps", "destination", "title"]
-    assert "_build_offsets" in ChangelogGuardRecovery.__dict__
+    assert "_build_offsets" in compat.RecoveryHooks.__dict__ and issubclass(ChangelogGuardRecovery, compat.RecoveryHooks)
+    assert "check_offsets" in ChangelogGuardRecovery.__dict__
     source = inspect.getsource(Recovery)
     loop = source[source.index("async def _restart_recovery"):]
     assert loop.index("self._build_highwaters") < loop.index("self._build_offsets") < \

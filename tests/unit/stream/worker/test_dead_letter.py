@@ -58,7 +58,7 @@ def test_a_record_bigger_than_the_inputs_allow_is_cut_to_fit_and_says_so(key_len
 
 
 def test_the_event_size_limit_cannot_exceed_what_the_input_topics_take() -> None:
-    assert Settings.from_env({"GRUFLOW_MAX_MESSAGE_BYTES": str(INPUT_MESSAGE_MAX_BYTES)}).max_message_bytes \
+    assert Settings.from_env({"GRUFLOW_MAX_MESSAGE_BYTES": str(INPUT_MESSAGE_MAX_BYTES)}).worker.max_message_bytes \
         == INPUT_MESSAGE_MAX_BYTES
     with pytest.raises(SettingsError, match="GRUFLOW_MAX_MESSAGE_BYTES"):
         Settings.from_env({"GRUFLOW_MAX_MESSAGE_BYTES": str(INPUT_MESSAGE_MAX_BYTES + 1)})

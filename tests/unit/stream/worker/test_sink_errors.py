@@ -12,7 +12,7 @@ from stream.worker.sinks import BatchSink, Outgoing, SinkError
 
 
 def test_an_unreachable_cluster_fails_the_batch_and_says_why():
-    sink = BatchSink(Settings(bootstrap_servers=f"127.0.0.1:{free_port()}"), "recs", "changelog", "dlq")
+    sink = BatchSink(Settings.of(bootstrap_servers=f"127.0.0.1:{free_port()}"), "recs", "changelog", "dlq")
 
     async def run() -> None:
         out = Outgoing()

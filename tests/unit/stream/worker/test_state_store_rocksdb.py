@@ -20,7 +20,7 @@ def make_store(tmp_path: Path) -> Iterator[Any]:
     runtimes: list[Any] = []
 
     def make(**changes: Any) -> Any:
-        settings = Settings(bootstrap_servers="127.0.0.1:9", data_dir=tmp_path / "var", partitions=2, **changes)
+        settings = Settings.of(bootstrap_servers="127.0.0.1:9", data_dir=tmp_path / "var", partitions=2, **changes)
         runtime = build_app(settings, ModelHolder(None), Metrics.create(), 4096)  # type: ignore[arg-type]
         runtimes.append(runtime)
         return settings, runtime.pipeline.store
@@ -40,7 +40,7 @@ def rocksdb_options_file(settings: Settings, partition: int) -> str:
 def test_rocksdb_memory_budget_reaches_every_partition(make_store: Any) -> None:
     settings, store = make_store(rocksdb_write_buffer_bytes=4 * 1024 * 1024, rocksdb_max_write_buffers=3,
                                  rocksdb_block_cache_bytes=12 * 1024 * 1024)
-    for p in range(settings.partitions):
+    for p in range(settings.topics.partitions):
         db = store._db(p)
         assert db.property_int_value("rocksdb.block-cache-capacity") == 12 * 1024 * 1024
         options = rocksdb_options_file(settings, p)
@@ -53,7 +53,7 @@ def test_default_budget_is_far_below_fausts(make_store: Any) -> None:
     settings, store = make_store()
     db = store._db(0)
     faust_default = 3 * 64 * 1024 * 1024 + 2 * 1024 ** 3
-    assert db.property_int_value("rocksdb.block-cache-capacity") == settings.rocksdb_block_cache_bytes
+    assert db.property_int_value("rocksdb.block-cache-capacity") == settings.store.rocksdb_block_cache_bytes
     assert rocksdb_budget_bytes(settings) <= 64 * 1024 * 1024 < faust_default
 
 
@@ -102,8 +102,8 @@ def test_memory_gauge_reads_rocksdbs_own_accounting(make_store: Any) -> None:
     settings, store = make_store(rocksdb_write_buffer_bytes=1024 * 1024, rocksdb_block_cache_bytes=1024 * 1024)
     empty = store.memory_bytes()
     value = bytes(200)
-    for p in range(settings.partitions):
+    for p in range(settings.topics.partitions):
         store.write_partition(p, [(b"p%d-u%d" % (p, i), value) for i in range(2000)])  # ~0.4 MB each
     grown = store.memory_bytes()
     assert grown - empty >= 2 * 2000 * 200
-    assert grown <= settings.partitions * rocksdb_budget_bytes(settings)
+    assert grown <= settings.topics.partitions * rocksdb_budget_bytes(settings)
