@@ -46,7 +46,7 @@ def _check_answers(reader: TopicReader, events: list[Ev], version: int, retired:
     want = {(e.user, e.ts) for e in events}
     seen = reader.poll_until(lambda c: want <= {(r["user_id"], r["event_ts"]) for r in c.recommendations()
                                                  if r["model_version"] == version},
-                             90, f"an answer from model version {version} to each of {len(want)} events")
+                             300, f"an answer from model version {version} to each of {len(want)} events")
     answers = [r for r in seen.recommendations() if (r["user_id"], r["event_ts"]) in want]
     for r in answers:
         rows = [int(item["item_id"][1:]) for item in r["items"]]
@@ -67,8 +67,10 @@ def test_a_worker_serves_a_large_catalogue_from_its_index_and_swaps_in_a_fine_tu
     path = save_checkpoint(tmp_path / "v1.gfc", net, vocab, params, np.linspace(N, 1, N),
                            {"version": 1, "retired_rows": sorted(RETIRED_V1)})
     reader = TopicReader(settings, settings.topic("recommendations"))
-    with WorkerProc(kafka, settings, path, tmp_path, GRUFLOW_RETRIEVAL="approximate",
-                    GRUFLOW_RETRIEVAL_NPROBE="8") as worker:
+    worker = WorkerProc(kafka, settings, path, tmp_path, GRUFLOW_RETRIEVAL="approximate", GRUFLOW_RETRIEVAL_NPROBE="8")
+    # ready once the index is built: ~10 s on a quiet machine, minutes on a crowded one
+    try:
+        worker.start(timeout=600)
         assert worker.metric("gruflow_scorer_info", path="approximate") == 1.0, worker.log_tail()
         first = _events(200, 3, seed=2, prefix="a")
         produce(settings, first)
@@ -84,10 +86,12 @@ def test_a_worker_serves_a_large_catalogue_from_its_index_and_swaps_in_a_fine_tu
         data = checkpoint_to_bytes(net, vocab, params, ckpt.popularity,
                                    {"version": 2, "retired_rows": sorted(RETIRED_V2)})
         model_sync.publish_version(settings, data, 2, 1)
-        assert worker.wait_metric("gruflow_model_version", lambda v: v == 2.0, timeout=60), worker.log_tail()
+        assert worker.wait_metric("gruflow_model_version", lambda v: v == 2.0, timeout=300), worker.log_tail()
         assert "retrieval index for model version 2" in worker.log_tail(200)
         assert worker.metric("gruflow_scorer_info", path="approximate") == 1.0
         second = _events(200, 3, seed=3, prefix="b")
         produce(settings, second)
         _check_answers(reader, second, 2, RETIRED_V2)
-    reader.close()
+    finally:
+        worker.__exit__(None, None, None)  # stops it, and kills it if it does not stop
+        reader.close()
