@@ -141,6 +141,8 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--items", default="20000", help="catalogue size (default 20,000); several, comma-separated "
                                                    "(20000,200000,1000000), run one after another into one JSON")
     p.add_argument("--hidden", type=int, default=100, help="GRU hidden size (default 100)")
+    p.add_argument("--publish-check", action="store_true",
+                   help="time a new model version from publication to serving (always on with several --items)")
     p.add_argument("--model-cache", default=None,
                    help="directory that keeps the trained bench models by size, so runs compare on the same model")
     p.add_argument("--k", type=int, default=20, help="recommendations per event (default 20)")
