@@ -52,6 +52,8 @@ log = logging.getLogger("gruflow.worker")
 _TYPE_NAMES = {int(t): t.name.lower() for t in EventType}
 _LAST_TS_AT = 13
 _FAST_TOPK_MIN_ITEMS = 4096
+_MAX_IN_FLIGHT = 3  # batches produced but not yet acknowledged by the broker
+PHASE_LOG_S = 30.0  # seconds between the batch-phase log lines
 
 
 def retrieval_policy(sc: Scoring) -> RetrievalPolicy:
