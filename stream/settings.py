@@ -55,12 +55,18 @@ class Connection:
                                          "Apache Kafka broker")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = setting(
         "PLAINTEXT", "Kafka security protocol")
-    sasl_mechanism: str = setting("", "SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    sasl_mechanism: str = setting("", "SASL mechanism: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER (with the "
+                                      "sasl.oauthbearer.* properties in GRUFLOW_LIBRDKAFKA_CONFIG)")
     sasl_username: str = setting("", "SASL user name")
     sasl_password: Secret = setting(Secret(""), "SASL password (never printed)")
     ssl_cafile: str = setting("", "CA bundle (PEM) that signs the brokers' certificates")
     ssl_certfile: str = setting("", "client certificate (PEM) for mutual TLS")
     ssl_keyfile: str = setting("", "client private key (PEM) for mutual TLS")
+    librdkafka_config: str = setting("", "any other librdkafka property by its own name: name=value per line or "
+                                         "';'-separated, or a JSON object; the ones aiokafka knows are translated "
+                                         "(docs/kafka-setups.md)")
+    aiokafka_config: str = setting("", "aiokafka keyword arguments by their own names, same syntax, for gruflow's "
+                                       "aiokafka producer; win over translated ones")
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,14 @@ class Topics:
     topic_prefix: str = setting("gruflow.", "prefix of every topic name (clicks, purchases, recommendations, ...)")
     partitions: int = setting(8, "partitions of the keyed topics (input, state changelog, recommendations)")
     replication_factor: int = setting(1, "replication factor of the topics gruflow creates")
+    topic_clicks: str = setting("", "name of the clicks topic (empty = prefix + clicks)")
+    topic_purchases: str = setting("", "name of the purchases topic (empty = prefix + purchases)")
+    topic_recommendations: str = setting("", "name of the recommendations topic (empty = prefix + recommendations)")
+    topic_dlq: str = setting("", "name of the dead-letter topic (empty = prefix + dlq)")
+    topic_models: str = setting("", "name of the models topic (empty = prefix + models)")
+    topic_item_rules: str = setting("", "name of the catalogue rules topic (empty = prefix + item-rules)")
+    topic_events: str = setting("", "one input topic for every event type, routed by event_type, instead of "
+                                    "clicks + purchases (empty = the split topics)")
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,29 @@ class Worker:
     state_ttl_s: float = setting(0.0, "evict users idle this long (0 = never)")
     broker_session_timeout_s: float = setting(10.0, "consumer-group session timeout: how fast a killed worker's "
                                                     "partitions move (>= the broker's 6 s minimum)")
+    field_map: str = setting("", "the shop's field names: gruflow's=theirs, comma-separated, e.g. "
+                                 "user_id=visitorid,item_id=itemid,ts=timestamp,event_type=event")
+    event_type_map: str = setting("", "the shop's event_type values: theirs=gruflow's, e.g. "
+                                      "addtocart=cart,transaction=purchase")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Business rules at scoring time (docs/rules.md): masked before the top-K, so K items remain."""
+
+    rule_bought: Literal["off", "forever", "days"] = setting(
+        "off", "items the user bought: off, never again (forever), or not for GRUFLOW_RULE_BOUGHT_DAYS (days)")
+    rule_bought_days: float = setting(30.0, "days a bought item stays masked with GRUFLOW_RULE_BOUGHT=days")
+    rule_session_viewed: bool = setting(False, "mask the items viewed or clicked in the current session")
+    rule_session_cart: bool = setting(False, "mask the items put in the cart in the current session")
+    rule_state_items: int = setting(32, "purchases, and session items, kept per user in the state record (each)")
+    rule_exclude_categories: str = setting("", "comma-separated categories (item-rules topic) never shown")
+    rule_include_categories: str = setting("", "comma-separated categories: only their items are shown")
+    rule_candidates: int = setting(16, "extra items the top-K fetches to replace masked ones")
+    exposure_cap: float = setting(0.0, "largest share of the lists of the window one item may take (0 = off); "
+                                       "past it the item's score is damped")
+    exposure_window_s: float = setting(300.0, "sliding window of the exposure cap, in seconds")
+    exposure_damping: float = setting(100.0, "past the cap, the item's probability is divided by this (>= 1)")
 
 
 @dataclass(frozen=True)
@@ -156,8 +193,25 @@ class Broker:
                                        "~/.cache/gruflow/kafka-<version>)")
 
 
+@dataclass(frozen=True)
+class Serving:
+    """Recommendations on request (docs/http-api.md) and "because" attributions."""
+
+    advertised_url: str = setting("", "this worker's web address as the other workers reach it, exchanged in faust's "
+                                      "group assignment so requests for users it owns are forwarded to it (empty = "
+                                      "http://<hostname>:<web_port>)")
+    serve_max_k: int = setting(100, "largest k a request may ask for")
+    serve_max_items: int = setting(50, "most items of an anonymous session (POST /recommendations)")
+    serve_max_body_bytes: int = setting(16384, "largest request body")
+    serve_timeout_s: float = setting(2.0, "a request not answered by then gets 504 (forwarding and waiting included)")
+    because: bool = setting(False, "each recommended item names the 1-2 recent session items most similar to it "
+                                   "(model/attribution.py); the state record then keeps the user's last items")
+    because_history: int = setting(5, "recent items kept per user for \"because\" (4 bytes each in the state record)")
+
+
 SECTIONS: dict[str, type] = {"connection": Connection, "topics": Topics, "process": Process, "worker": Worker,
-                             "scoring": Scoring, "store": Store, "trainer": Trainer, "broker": Broker}
+                             "scoring": Scoring, "rules": Rules, "store": Store, "trainer": Trainer, "broker": Broker,
+                             "serving": Serving}
 # field name -> its section; names are unique across sections (one GRUFLOW_* variable each)
 SECTION_OF: dict[str, str] = {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
 
@@ -179,9 +233,11 @@ class Settings:
     process: Process = field(default_factory=Process)
     worker: Worker = field(default_factory=Worker)
     scoring: Scoring = field(default_factory=Scoring)
+    rules: Rules = field(default_factory=Rules)
     store: Store = field(default_factory=Store)
     trainer: Trainer = field(default_factory=Trainer)
     broker: Broker = field(default_factory=Broker)
+    serving: Serving = field(default_factory=Serving)
 
     @classmethod
     def of(cls, **values: Any) -> "Settings":
@@ -192,8 +248,18 @@ class Settings:
     def embedded(self) -> bool:
         return not self.connection.bootstrap_servers
 
+    def web_url(self) -> str:
+        """Where the other workers reach this one's web port (``advertised_url``, else by host name)."""
+        if self.serving.advertised_url:
+            return self.serving.advertised_url.rstrip("/")
+        import socket
+
+        return f"http://{socket.gethostname()}:{self.process.web_port}"
+
     def topic(self, name: str) -> str:
-        return f"{self.topics.topic_prefix}{name}"
+        """The topic gruflow calls ``name`` ("clicks", "item-rules", ...): its own setting, or prefix + name."""
+        own = getattr(self.topics, "topic_" + name.replace("-", "_"), "") if name != "prefix" else ""
+        return own or f"{self.topics.topic_prefix}{name}"
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with fields changed by name (``replace(top_k=5, partitions=2)``), whatever their section."""
@@ -277,11 +343,25 @@ class Settings:
                  sc.retrieval_build_threads) >= 1,
              "GRUFLOW_RETRIEVAL_NPROBE, _CANDIDATES, _REBUILD_EVERY and _BUILD_THREADS must be >= 1"),
             (0 < self.process.web_port < 65536, "GRUFLOW_WEB_PORT must be a TCP port"),
+            (1 <= self.serving.serve_max_k <= 1000, "GRUFLOW_SERVE_MAX_K must be between 1 and 1000"),
+            (self.serving.serve_max_items >= 1, "GRUFLOW_SERVE_MAX_ITEMS must be >= 1"),
+            (self.serving.serve_max_body_bytes >= 256, "GRUFLOW_SERVE_MAX_BODY_BYTES must be >= 256"),
+            (self.serving.serve_timeout_s > 0, "GRUFLOW_SERVE_TIMEOUT_S must be > 0"),
+            (1 <= self.serving.because_history <= 16, "GRUFLOW_BECAUSE_HISTORY must be between 1 and 16 (it is kept "
+             "in every user's state record)"),
+            (not self.serving.advertised_url or self.serving.advertised_url.startswith(("http://", "https://")),
+             "GRUFLOW_ADVERTISED_URL must be an http:// or https:// URL"),
             (w.session_gap_s > 0, "GRUFLOW_SESSION_GAP_S must be > 0"),
             (st.rocksdb_write_buffer_bytes >= 64 * 1024, "GRUFLOW_ROCKSDB_WRITE_BUFFER_BYTES must be >= 65536"),
             (st.rocksdb_max_write_buffers >= 2, "GRUFLOW_ROCKSDB_MAX_WRITE_BUFFERS must be >= 2 (one to fill while "
              "another is flushed; RocksDB raises smaller values to 2)"),
             (st.rocksdb_block_cache_bytes >= 0, "GRUFLOW_ROCKSDB_BLOCK_CACHE_BYTES must be >= 0"),
+            (self.rules.rule_bought_days > 0, "GRUFLOW_RULE_BOUGHT_DAYS must be > 0"),
+            (0 <= self.rules.rule_state_items <= 255, "GRUFLOW_RULE_STATE_ITEMS must be between 0 and 255"),
+            (0 <= self.rules.rule_candidates <= 1000, "GRUFLOW_RULE_CANDIDATES must be between 0 and 1000"),
+            (0.0 <= self.rules.exposure_cap <= 1.0, "GRUFLOW_EXPOSURE_CAP must be between 0 (off) and 1"),
+            (self.rules.exposure_window_s > 0, "GRUFLOW_EXPOSURE_WINDOW_S must be > 0"),
+            (self.rules.exposure_damping >= 1.0, "GRUFLOW_EXPOSURE_DAMPING must be >= 1"),
             (0 < w.max_message_bytes <= INPUT_MESSAGE_MAX_BYTES,
              f"GRUFLOW_MAX_MESSAGE_BYTES must be between 1 and {INPUT_MESSAGE_MAX_BYTES} (the input topics' "
              "max.message.bytes)"),
@@ -289,6 +369,12 @@ class Settings:
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message)
+        from stream.pipeline.events import InputShape  # pure; imported here, where it is needed
+
+        try:
+            InputShape.parse(w.field_map, w.event_type_map)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
 
 
 def service_link_names(environ: Mapping[str, str], known: set[str]) -> set[str]:

@@ -78,6 +78,12 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from stream.lab.bench_serve import run_bench_serve
+
+    return run_bench_serve(args)
+
+
 def _faults(args: argparse.Namespace) -> int:
     from stream.lab.faults import run_faults
 
@@ -135,6 +141,13 @@ def register(sub: Any, bench_sub: Any) -> None:
 
     add_faults_args(p)
     p.set_defaults(func=_faults)
+
+    p = bench_sub.add_parser("serve", help="recommendation requests while the stream runs: requests/s, p50/p99, "
+                                           "the stream's p99 with and without requests, the cost of 'because'")
+    from stream.lab.bench_serve import add_serve_args
+
+    add_serve_args(p)
+    p.set_defaults(func=_bench_serve)
 
     p = bench_sub.add_parser("stream", help="end-to-end worker throughput and latency on the embedded broker")
     p.add_argument("--json", action="store_true", help="print one JSON object (the default output)")

@@ -200,6 +200,14 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _because(args: argparse.Namespace) -> int:
+    from stream.lab.because import run
+
+    result = run(args)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
 def register(sub: Any, bench_sub: Any) -> None:
     p = _bootstrap_arg(sub.add_parser("run", help="worker + trainer in one process (embedded broker by default)"))
     p.add_argument("--trainer-port", type=int, default=0, help="trainer /metrics port (default: web port + 1)")
@@ -235,3 +243,18 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="replay at most N events (smoke runs)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=_experiment)
+
+    p = exp_sub.add_parser("because", help='"because" attribution checked by leave-one-out scores on held-out '
+                                           "sessions")
+    p.add_argument("data", help="session-rec directory (*_train_full.txt + *_test.txt), or a training file")
+    p.add_argument("--test", default=None, help="held-out file when DATA is a file")
+    p.add_argument("--format", default="session-rec", help="data format (see `gruflow train --help`)")
+    p.add_argument("--model", default=None, help="checkpoint to check (default: train one on the training file)")
+    p.add_argument("--params", default="", help="GRU4Rec parameters when training, name=value,...")
+    p.add_argument("--sessions", type=int, default=2000, help="held-out sessions to check (default 2,000)")
+    p.add_argument("--k", type=int, default=20, help="recommendations per session (default 20)")
+    p.add_argument("--history", type=int, default=5, help="recent items the attribution looks at (default 5, "
+                                                          "as GRUFLOW_BECAUSE_HISTORY)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the cut points and random items (default 1)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=_because)

@@ -14,6 +14,7 @@ import ssl
 import time
 from typing import Any
 
+from stream.kafka.passthrough import aiokafka_properties, librdkafka_properties, token_provider
 from stream.settings import Settings, SettingsError
 
 # librdkafka defaults to CRC32; this is murmur2 for keyed messages (random for null keys), like faust.
@@ -68,10 +69,13 @@ def _normalise(extra: dict[str, Any]) -> dict[str, Any]:
 
 def _sasl_mechanism(settings: Settings) -> str:
     mechanism = (settings.connection.sasl_mechanism or "PLAIN").upper()
-    if mechanism not in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+    if mechanism not in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"):
         raise SettingsError(
-            f"GRUFLOW_SASL_MECHANISM={settings.connection.sasl_mechanism!r}: use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+            f"GRUFLOW_SASL_MECHANISM={settings.connection.sasl_mechanism!r}: use PLAIN, SCRAM-SHA-256, "
+            "SCRAM-SHA-512 or OAUTHBEARER"
         )
+    if mechanism == "OAUTHBEARER":  # credentials come from the sasl.oauthbearer.* client properties
+        return mechanism
     if not settings.connection.sasl_username:
         raise SettingsError(
             f"GRUFLOW_SECURITY_PROTOCOL={settings.connection.security_protocol} needs GRUFLOW_SASL_USERNAME and "
@@ -105,8 +109,9 @@ def confluent_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     }
     if settings.connection.security_protocol.startswith("SASL"):
         config["sasl.mechanism"] = _sasl_mechanism(settings)
-        config["sasl.username"] = settings.connection.sasl_username
-        config["sasl.password"] = str(settings.connection.sasl_password)
+        if config["sasl.mechanism"] != "OAUTHBEARER":
+            config["sasl.username"] = settings.connection.sasl_username
+            config["sasl.password"] = str(settings.connection.sasl_password)
     if settings.connection.security_protocol in ("SSL", "SASL_SSL"):
         if settings.connection.ssl_cafile:
             config["ssl.ca.location"] = settings.connection.ssl_cafile
@@ -114,6 +119,7 @@ def confluent_config(settings: Settings, **extra: Any) -> dict[str, Any]:
             config["ssl.certificate.location"] = settings.connection.ssl_certfile
         if settings.connection.ssl_keyfile:
             config["ssl.key.location"] = settings.connection.ssl_keyfile
+    config.update(librdkafka_properties(settings))
     config.update(_normalise(extra))
     return config
 
@@ -131,6 +137,7 @@ def producer_config(settings: Settings, *, compression: str | None = None, **ext
     })
     if compression:
         config["compression.type"] = compression
+    config.update(librdkafka_properties(settings))  # the operator's own choices win over these defaults
     config.update(_normalise(extra))
     return config
 
@@ -157,8 +164,13 @@ def aiokafka_config(settings: Settings) -> dict[str, Any]:
     if context is not None:
         config["ssl_context"] = context
     if settings.connection.security_protocol.startswith("SASL"):
-        config.update(sasl_mechanism=_sasl_mechanism(settings), sasl_plain_username=settings.connection.sasl_username,
-                      sasl_plain_password=str(settings.connection.sasl_password))
+        mechanism = _sasl_mechanism(settings)
+        if mechanism == "OAUTHBEARER":
+            config.update(sasl_mechanism=mechanism, sasl_oauth_token_provider=token_provider(settings))
+        else:
+            config.update(sasl_mechanism=mechanism, sasl_plain_username=settings.connection.sasl_username,
+                          sasl_plain_password=str(settings.connection.sasl_password))
+    config.update(aiokafka_properties(settings))
     return config
 
 
@@ -172,6 +184,7 @@ def consumer_config(settings: Settings, group_id: str | None = None, **extra: An
         "fetch.max.bytes": 64 * 1024 * 1024,
         "max.partition.fetch.bytes": MODEL_CHUNK_BYTES + 65536,
     })
+    config.update(librdkafka_properties(settings))
     config.update(_normalise(extra))
     return config
 
@@ -237,7 +250,9 @@ def faust_broker_kwargs(settings: Settings) -> dict[str, Any]:
 
     credentials: Any = None
     context = ssl_context(settings)
-    if settings.connection.security_protocol.startswith("SASL"):
+    if settings.connection.security_protocol.startswith("SASL") and _sasl_mechanism(settings) == "OAUTHBEARER":
+        credentials = faust.OAuthCredentials(oauth_cb=token_provider(settings), ssl_context=context)
+    elif settings.connection.security_protocol.startswith("SASL"):
         credentials = faust.SASLCredentials(
             username=settings.connection.sasl_username,
             password=str(settings.connection.sasl_password),

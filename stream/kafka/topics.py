@@ -1,6 +1,8 @@
-"""gruflow's topics: names (from the settings' prefix) and explicit, idempotent creation.
+"""gruflow's topics: names (each its own setting, else the settings' prefix + its name) and explicit,
+idempotent creation.
 
-Input topics ``clicks`` and ``purchases`` are co-partitioned (same partition count, keyed by user id)
+Input topics ``clicks`` and ``purchases`` (or the one ``events`` topic, when GRUFLOW_TOPIC_EVENTS is set)
+are co-partitioned (same partition count, keyed by user id)
 with the state table's changelog and the recommendations topic; faust would crash-loop on a
 partition-count mismatch, so ``ensure_topics`` refuses one up front with a message saying what to do.
 """
@@ -35,6 +37,7 @@ class TopicSpec:
     name: str
     partitions: int
     config: dict[str, str]
+    any_partitions: bool = False  # read whole by every worker: an existing topic may have any count
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class TopicNames:
     dlq: str
     models: str
     changelog: str
+    item_rules: str = ""
+    events: str = ""  # the one input topic of every event type; "" = the split clicks + purchases topics
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TopicNames":
@@ -55,14 +60,22 @@ class TopicNames:
             dlq=settings.topic("dlq"),
             models=settings.topic("models"),
             changelog=changelog_topic(settings),
+            item_rules=settings.topic("item-rules"),
+            events=settings.topics.topic_events,
         )
 
     @property
-    def inputs(self) -> tuple[str, str]:
-        return (self.clicks, self.purchases)
+    def inputs(self) -> tuple[str, ...]:
+        return (self.events,) if self.events else (self.clicks, self.purchases)
+
+    def kinds(self) -> dict[str, str]:
+        """Input topic -> the kind ``stream.pipeline.events.decode_event`` checks it as."""
+        if self.events:
+            return {self.events: "events"}
+        return {self.clicks: "clicks", self.purchases: "purchases"}
 
     def __iter__(self) -> Iterator[str]:
-        return iter((self.clicks, self.purchases, self.recommendations, self.dlq, self.models, self.changelog))
+        return iter((*self.inputs, self.recommendations, self.dlq, self.models, self.changelog, self.item_rules))
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
@@ -73,13 +86,14 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     # with its headers, or the worker could not dead-letter it and would fail on it again after each restart
     inputs = {"max.message.bytes": str(INPUT_MESSAGE_MAX_BYTES)}
     return [
-        TopicSpec(names.clicks, p, dict(inputs)),
-        TopicSpec(names.purchases, p, dict(inputs)),
+        *(TopicSpec(name, p, dict(inputs)) for name in names.inputs),
         TopicSpec(names.recommendations, p, {}),
         TopicSpec(names.dlq, p, {"max.message.bytes": str(DLQ_MESSAGE_MAX_BYTES)}),
         TopicSpec(names.changelog, p, dict(compact)),
         # one partition keeps model chunks in order; compaction keeps the latest of each key
         TopicSpec(names.models, 1, {**compact, "max.message.bytes": str(MODEL_CHUNK_BYTES + 65536)}),
+        # catalogue rules keyed by item id: the latest of each item is what counts (docs/rules.md)
+        TopicSpec(names.item_rules, 1, dict(compact), any_partitions=True),
     ]
 
 
@@ -101,7 +115,7 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> TopicNames:
     existing = _partition_counts(admin, timeout)
     mismatched = [
         f"{s.name} has {existing[s.name]} partitions, expected {s.partitions}"
-        for s in specs if s.name in existing and existing[s.name] != s.partitions
+        for s in specs if s.name in existing and existing[s.name] != s.partitions and not s.any_partitions
     ]
     if mismatched:
         raise TopicError(
@@ -130,7 +144,7 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> TopicNames:
             raise TopicError("cannot create topics: " + "; ".join(errors))
         existing = _wait_visible(admin, [s.name for s in specs], timeout)
         late = [f"{s.name} has {existing[s.name]}, expected {s.partitions}"
-                for s in specs if existing.get(s.name) != s.partitions]
+                for s in specs if existing.get(s.name) != s.partitions and not (s.any_partitions and s.name in existing)]
         if late:
             raise TopicError("topics created concurrently with another partition count: " + "; ".join(late))
     return TopicNames.from_settings(settings)

@@ -479,6 +479,20 @@ def _echo_phase(args: argparse.Namespace, settings: Settings, work: Path) -> dic
             "echo_cpu_steal": stolen}
 
 
+def bench_settings(base: Settings, name: str, work: Path, args: argparse.Namespace) -> Settings:
+    """One bench run's settings on the broker of ``base``: its own topics (created here), consumer group, data
+    dir and web port, the run's partitions and k."""
+    from stream.kafka.broker import free_port
+    from stream.kafka.topics import ensure_topics
+
+    run = time.strftime("%H%M%S")
+    settings = base.replace(topic_prefix=f"{name}{run}.", app_id=f"gruflow-{name}-{run}", data_dir=work / "state",
+                            web_host="127.0.0.1", web_port=free_port(), partitions=args.partitions,
+                            top_k=args.k, broker_session_timeout_s=6.0)
+    ensure_topics(settings)
+    return settings
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """One run (``--items N``), or one per catalogue size (``--items 20000,200000``: stream.lab.bench_scale)."""
     from stream.lab.bench_scale import parse_items, run_scale
@@ -492,9 +506,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _measure(args: argparse.Namespace) -> dict[str, Any]:
-    from stream.kafka.broker import EmbeddedKafka, free_port
+    from stream.kafka.broker import EmbeddedKafka
     from stream.tools.replay import replay
-    from stream.kafka.topics import ensure_topics
 
     base = Settings.from_env()
     work = Path(tempfile.mkdtemp(prefix="gruflow-bench-"))
@@ -506,11 +519,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         if base.embedded:
             kafka = EmbeddedKafka.from_settings(base, quiet=True).start()
             base = kafka.settings(base)
-        run = time.strftime("%H%M%S")
-        settings = base.replace(topic_prefix=f"bench{run}.", app_id=f"gruflow-bench-{run}", data_dir=work / "state",
-                                web_host="127.0.0.1", web_port=free_port(), partitions=args.partitions,
-                                top_k=args.k, broker_session_timeout_s=6.0)
-        ensure_topics(settings)
+        settings = bench_settings(base, "bench", work, args)
         train, df = _data(args.events, args.items)
         cache = getattr(args, "model_cache", None)
         model_path = (Path(cache) / f"bench-model-{args.items}-{args.hidden}.gfc") if cache else work / "bench-model.gfc"

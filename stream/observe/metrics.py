@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from stream.pipeline.events import REASONS as DLQ_REASONS
 from stream.online.model_sync import REFUSAL_REASONS as MODEL_REFUSAL_REASONS
 from stream.pipeline.processor import STATE_RESET_REASONS
+from stream.pipeline.rules import RULES
 
 Role = Literal["worker", "trainer"]
 ROLES: tuple[Role, ...] = ("worker", "trainer")
@@ -39,6 +40,9 @@ TOPK_ROW_PATHS = ("int8", "float32", "approximate")  # label values of gruflow_t
 # from 0.1 ms: a micro-batch GRU step is sub-millisecond per event
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0)
+# recommendation requests (stream/worker/http_api.py): endpoints and the statuses they answer with
+HTTP_ENDPOINTS = ("user", "anonymous")
+HTTP_STATUSES = ("200", "400", "413", "503", "504")
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
@@ -68,6 +72,13 @@ class Metrics:
     prequential_hits: Counter
     prequential_reciprocal_rank: Counter
     ready: Gauge
+    http_requests: Counter
+    http_latency: Histogram
+    http_routed: Counter
+    rule_masked: Counter
+    item_rules: Gauge
+    item_rules_rejected: Counter
+    state_record_bytes: Histogram
     # trainer
     finetune_rounds: Counter
     finetune_duration: Histogram
@@ -136,6 +147,21 @@ class Metrics:
                                                 " item in the top-K published before it (0 when absent)",
                                                 ["model", "version", "k"], registry=r),
             ready=Gauge(p + "ready", "1 once state recovery is done and the worker serves", registry=r),
+            http_requests=Counter(p + "http_requests", "Recommendation requests answered, by endpoint (user|anonymous)"
+                                   " and HTTP status", ["endpoint", "status"], registry=r),
+            http_latency=Histogram(p + "http_request_duration_seconds", "Time to answer a recommendation request, "
+                                   "by endpoint (routing to the owning worker included)", ["endpoint"],
+                                   buckets=LATENCY_BUCKETS, registry=r),
+            http_routed=Counter(p + "http_routed_requests", "User requests forwarded to the worker that owns the "
+                                "user's partition", registry=r),
+            rule_masked=Counter(p + "rule_masked_items", "Items a business rule kept out of a published list (they "
+                                "would have been in it), by rule; exposure: items damped out by the exposure cap",
+                                ["rule"], registry=r),
+            item_rules=Gauge(p + "item_rules_items", "Items with a rule from the item-rules topic", registry=r),
+            item_rules_rejected=Counter(p + "item_rules_rejected", "item-rules records that could not be read "
+                                        "(logged with the reason; the item's previous rule stays)", registry=r),
+            state_record_bytes=Histogram(p + "state_record_bytes", "Size of the user state records written",
+                                         buckets=(256, 512, 768, 1024, 1536, 2048, 3072, 4096), registry=r),
             finetune_rounds=Counter(p + "finetune_rounds", "Fine-tune rounds run by the trainer", registry=r),
             finetune_duration=Histogram(p + "finetune_duration_seconds", "Duration of a fine-tune round",
                                         buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=r),
@@ -172,6 +198,12 @@ def init_label_values(m: Metrics) -> None:
         m.model_refusals.labels(reason=reason)
     for reason in STATE_RESET_REASONS:
         m.state_resets.labels(reason=reason)
+    for endpoint in HTTP_ENDPOINTS:
+        m.http_latency.labels(endpoint=endpoint)
+        for status in HTTP_STATUSES:
+            m.http_requests.labels(endpoint=endpoint, status=status)
+    for rule in RULES:
+        m.rule_masked.labels(rule=rule)
 
 
 class PrequentialVersions:

@@ -1,4 +1,5 @@
-"""Health and metrics endpoints of a gruflow process: ``/metrics``, ``/livez``, ``/readyz``.
+"""Health and metrics endpoints of a gruflow process: ``/metrics``, ``/livez``, ``/readyz`` (and, on a
+worker, the recommendation requests of ``stream/worker/http_api.py``).
 
 A tiny aiohttp server started before faust connects to anything, so ``/livez`` answers 200 as long as
 the process's event loop runs — also while the broker is unreachable (a liveness probe must not
@@ -9,7 +10,7 @@ finished and a model is loaded, else 503 with the reason. faust's own web server
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,7 +20,11 @@ from stream.observe.metrics import Metrics
 ReadyFn = Callable[[], "tuple[bool, str]"]
 
 
-def make_web_app(metrics: Metrics, ready: ReadyFn) -> web.Application:
+class Routes(Protocol):
+    def add_routes(self, app: web.Application) -> None: ...
+
+
+def make_web_app(metrics: Metrics, ready: ReadyFn, extra: Routes | None = None) -> web.Application:
     async def metrics_handler(_: web.Request) -> web.Response:
         ok, _reason = ready()
         metrics.ready.set(1 if ok else 0)
@@ -37,15 +42,17 @@ def make_web_app(metrics: Metrics, ready: ReadyFn) -> web.Application:
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
+    if extra is not None:
+        extra.add_routes(app)
     return app
 
 
 class WebServer:
     """Start/stop the endpoints on the running event loop."""
 
-    def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int) -> None:
+    def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int, extra: Routes | None = None) -> None:
         self.host, self.port = host, port
-        self._runner = web.AppRunner(make_web_app(metrics, ready), access_log=None)
+        self._runner = web.AppRunner(make_web_app(metrics, ready, extra), access_log=None)
 
     async def start(self) -> None:
         await self._runner.setup()

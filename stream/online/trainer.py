@@ -166,12 +166,13 @@ class Trainer:
     def _consume(self) -> None:
         from confluent_kafka import Consumer, KafkaError
 
-        from stream.pipeline.events import Event, Limits, decode_event
+        from stream.pipeline.events import Event, InputShape, Limits, decode_event
         from stream.kafka.config import consumer_config
         from stream.kafka.topics import TopicNames
 
         names = TopicNames.from_settings(self.settings)
-        kinds = {names.clicks: "clicks", names.purchases: "purchases"}
+        kinds = names.kinds()
+        shape = InputShape.parse(self.settings.worker.field_map, self.settings.worker.event_type_map)
         limits = Limits(self.settings.worker.max_message_bytes, self.settings.worker.max_id_bytes)
         consumer = Consumer(consumer_config(self.settings, f"{self.settings.process.app_id}-trainer"))
         assigned = threading.Event()
@@ -190,7 +191,8 @@ class Trainer:
                         if m.error().code() != KafkaError._PARTITION_EOF:
                             log.warning("trainer consumer: %s", m.error())
                         continue
-                    ev = decode_event(m.value(), m.key(), kinds.get(m.topic(), "clicks"), limits, topic=m.topic())
+                    ev = decode_event(m.value(), m.key(), kinds.get(m.topic(), "clicks"), limits, topic=m.topic(),
+                                      shape=shape if shape.active else None)
                     if isinstance(ev, Event):
                         batch.append(ev)
                 with self._cond:

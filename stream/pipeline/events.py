@@ -11,6 +11,10 @@ Accepted JSON object (unknown fields ignored)::
     ts          epoch milliseconds (integer or float) or an ISO-8601 string (naive = UTC)
     session_id  optional string or integer;  price optional number;  category optional string or
     integer;    quantity optional integer     (null counts as absent for the optional fields)
+
+On the one ``events`` topic (GRUFLOW_TOPIC_EVENTS) every event type is accepted and routed by its
+``event_type``. An ``InputShape`` (GRUFLOW_FIELD_MAP, GRUFLOW_EVENT_TYPE_MAP) reads events whose fields or
+event-type values have the shop's own names; with a field map, an integer user id reads as its decimal text.
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ REASONS = (NOT_JSON, NOT_OBJECT, MISSING_FIELD, BAD_TYPE, EMPTY_ID, ID_TOO_LONG,
 MIN_TS_MS = 631_152_000_000
 MAX_FUTURE_MS = 86_400_000
 
-CLICKS, PURCHASES = "clicks", "purchases"
-SOURCES = {CLICKS: 0, PURCHASES: 1}
+CLICKS, PURCHASES, EVENTS = "clicks", "purchases", "events"
+# index of a topic's applied offset in the user's state: the one events topic uses the clicks slot
+SOURCES = {CLICKS: 0, PURCHASES: 1, EVENTS: 0}
+FIELDS = ("user_id", "item_id", "event_type", "ts", "session_id", "price", "category", "quantity")
 _TYPES = {"view": EventType.VIEW, "click": EventType.CLICK, "cart": EventType.CART,
           "purchase": EventType.PURCHASE}
 _OPTIONAL = {"session_id": (str, int), "price": (int, float), "category": (str, int), "quantity": (int,)}
@@ -76,6 +82,60 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class InputShape:
+    """Names of the shop's fields and event types: ``fields`` maps gruflow's field name to the shop's,
+    ``types`` the shop's event_type value to gruflow's. Empty = gruflow's own names."""
+
+    fields: tuple[tuple[str, str], ...] = ()
+    types: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, field_map: str, event_type_map: str) -> "InputShape":
+        """From "ours=theirs,..." and "theirs=ours,..."; ValueError names what is wrong."""
+        fields = _pairs(field_map, "GRUFLOW_FIELD_MAP")
+        for ours, _ in fields:
+            if ours not in FIELDS:
+                raise ValueError(f"GRUFLOW_FIELD_MAP: {ours!r} is not one of gruflow's fields {list(FIELDS)}")
+        types = _pairs(event_type_map, "GRUFLOW_EVENT_TYPE_MAP")
+        for _, ours in types:
+            if ours not in _TYPES:
+                raise ValueError(f"GRUFLOW_EVENT_TYPE_MAP: {ours!r} is not one of {sorted(_TYPES)}")
+        return cls(tuple(fields), tuple(types))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.fields or self.types)
+
+    def apply(self, obj: dict) -> dict:
+        """``obj`` with gruflow's names (a new dict; the shop's other fields are kept)."""
+        out = dict(obj)
+        for ours, theirs in self.fields:
+            if theirs in obj:
+                out[ours] = obj[theirs]
+            elif ours in out and ours != theirs:
+                del out[ours]  # our name on the shop's event means something else there
+        uid = out.get("user_id")
+        if self.fields and isinstance(uid, int) and not isinstance(uid, bool):
+            out["user_id"] = str(uid)
+        etype = out.get("event_type")
+        if self.types and isinstance(etype, str):
+            out["event_type"] = dict(self.types).get(etype, etype)
+        return out
+
+
+def _pairs(raw: str, name: str) -> list[tuple[str, str]]:
+    out = []
+    for part in raw.replace(";", ",").split(","):
+        if not part.strip():
+            continue
+        left, sep, right = part.partition("=")
+        if not sep or not left.strip() or not right.strip():
+            raise ValueError(f"{name}: {part.strip()!r} is not name=name")
+        out.append((left.strip(), right.strip()))
+    return out
+
+
+@dataclass(frozen=True)
 class Limits:
     max_message_bytes: int = 65536
     max_id_bytes: int = 256
@@ -83,8 +143,8 @@ class Limits:
 
 def decode_event(value: bytes | None, key: bytes | None, topic_kind: str, limits: Limits, *, topic: str = "",
                  partition: int = -1, offset: int = -1, append_ts_ms: int = 0,
-                 now_ms: int | None = None) -> Event | Rejected:
-    """Validate one message. ``topic_kind`` is ``"clicks"`` or ``"purchases"``."""
+                 now_ms: int | None = None, shape: InputShape | None = None) -> Event | Rejected:
+    """Validate one message. ``topic_kind`` is ``"clicks"``, ``"purchases"`` or ``"events"`` (any type)."""
     if value is None:
         return Rejected(NOT_JSON, "empty message (null value)")
     if len(value) > limits.max_message_bytes:
@@ -95,6 +155,8 @@ def decode_event(value: bytes | None, key: bytes | None, topic_kind: str, limits
         return Rejected(NOT_JSON, f"not JSON: {exc}")
     if not isinstance(obj, dict):
         return Rejected(NOT_OBJECT, f"JSON {type(obj).__name__}, expected an object")
+    if shape is not None:
+        obj = shape.apply(obj)
 
     for name in ("user_id", "item_id", "event_type", "ts"):
         if obj.get(name) is None:
@@ -121,7 +183,7 @@ def decode_event(value: bytes | None, key: bytes | None, topic_kind: str, limits
     event_type = _TYPES.get(etype)
     if event_type is None:
         return Rejected(UNKNOWN_EVENT_TYPE, f"event_type {etype[:40]!r} is not one of {sorted(_TYPES)}")
-    if (event_type == EventType.PURCHASE) != (topic_kind == PURCHASES):
+    if topic_kind != EVENTS and (event_type == EventType.PURCHASE) != (topic_kind == PURCHASES):
         return Rejected(WRONG_TOPIC, f"event_type {etype!r} on the {topic_kind} topic")
 
     ts = parse_ts(obj["ts"])

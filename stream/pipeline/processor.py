@@ -21,7 +21,9 @@ Rules (the worker's contract, see the issue):
   the current state but changes nothing (at-least-once redelivery keeps state exact);
 - prequential (test-then-train): before an event updates the state, its item is looked up in the
   recommendations last published to that user. The same events are scored against a popularity
-  baseline counted on this worker's stream (its top-K as of the start of the batch).
+  baseline counted on this worker's stream (its top-K as of the start of the batch);
+- with business rules (``rules``, stream/pipeline/ranking.py), each list is ranked with the rules of its user as
+  they stand right after its event (an item bought by this event is already masked in its own list).
 """
 
 from __future__ import annotations
@@ -33,14 +35,22 @@ from typing import Callable
 import numpy as np
 import orjson
 
+from model.attribution import session_rows
+from model.events import EventType
 from model.recommender import Recommender
 from state.codec import N_SOURCES, UserState
 from model import native
+from stream.pipeline.because import because_rows, encode_outputs_because
 from stream.pipeline.events import Event
+from stream.pipeline.ranking import RuleContext, UserRules, rank
+from stream.pipeline.rules import as_arrays, as_lists, remember, user_exclusions
 
 TopK = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 _PAD = -2  # fills rec matrices; never equal to a row or to -1 (unknown item)
 _TOPK_CHUNK = 512  # rows scored at once: bounds the [chunk, n_items] score matrix
+# event type -> what the rules remember of it (view and click both count as viewed)
+_RULE_KIND = {int(EventType.VIEW): "viewed", int(EventType.CLICK): "viewed", int(EventType.CART): "cart",
+              int(EventType.PURCHASE): "purchase"}
 
 # reasons a user's hidden state is dropped (label values of gruflow_state_resets_total)
 RESET_NON_FINITE_STEP = "non_finite_step"  # the GRU step produced NaN/inf
@@ -52,6 +62,10 @@ STATE_RESET_REASONS = (RESET_NON_FINITE_STEP, RESET_NON_FINITE_STORED)
 class ProcessorConfig:
     k: int = 20
     session_gap_ms: int = 1_800_000
+    # "because": > 0 keeps the user's last ``because_history`` item rows in the state and names, for each
+    # recommended item, up to ``because_items`` of them (model/attribution.py); 0 = off
+    because_history: int = 0
+    because_items: int = 2
 
 
 @dataclass
@@ -73,6 +87,7 @@ class BatchResult:
     prequential: dict[tuple[str, str], Prequential] = field(default_factory=dict)
     step_seconds: float = 0.0
     published_ms: int = 0
+    rule_counts: dict[str, int] = field(default_factory=dict)  # rule -> items it masked from lists
 
 
 class PopularityBaseline:
@@ -104,7 +119,8 @@ class PopularityBaseline:
 
 
 def process_batch(model: Recommender, events: list[Event], states: dict[bytes, UserState], cfg: ProcessorConfig,
-                  popularity: PopularityBaseline | None = None, top_k: TopK | None = None) -> BatchResult:
+                  popularity: PopularityBaseline | None = None, top_k: TopK | None = None,
+                  rules: RuleContext | None = None) -> BatchResult:
     """Apply ``events`` to ``states`` (not modified) and recommend after each event. ``top_k`` replaces
     ``model.top_k`` (same results; e.g. ``model.topk.TopKScorer.top_k``)."""
     t0 = time.perf_counter()
@@ -116,7 +132,12 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     rows = model.vocab.rows([e.item_id for e in events])
     types = np.fromiter((e.event_type for e in events), dtype=np.int64, count=n)
 
-    # per-user working state: [hidden|None, last_ts, session_events, offsets]; prev_event[i] = the
+    rcfg = rules.cfg if rules is not None and rules.active else None
+    remembers = rcfg is not None and rcfg.per_user
+    users: list[UserRules] = [[]] * n  # each list's user rules (stays empty without per-user rules)
+    history = cfg.because_history
+    recent_at: list[list[int]] = [[]] * n if history else []  # each event's recent session rows after it
+    # per-user working state: [hidden|None, last_ts, session_events, offsets, bought, session items]; prev_event[i] = the
     # user's previous event in this batch; dup[i] = re-delivered event already applied (no state change)
     work: dict[bytes, list] = {}
     stored_resets: set[bytes] = set()  # users whose stored hidden state was not finite
@@ -149,29 +170,47 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
             if st is None:
                 old = states.get(e.key)
                 if old is None:
-                    st = [None, e.ts_ms, 0, [-1] * N_SOURCES]
+                    empty = UserState.empty()
+                    st = [None, e.ts_ms, 0, [-1] * N_SOURCES, empty.bought, empty.session_items, []]
                 else:
                     h = old.hidden if old.hidden is not None and old.hidden.shape[0] == size else None
-                    st = [h, old.last_ts_ms, old.session_events, list(old.offsets)]
+                    st = [h, old.last_ts_ms, old.session_events, list(old.offsets), old.bought, old.session_items,
+                          old.recent.tolist() if h is not None and old.recent is not None else []]
+                if remembers:
+                    st[4], st[5] = as_lists(st[4], st[5])
                 work[e.key] = st
             if 0 <= e.offset <= st[3][e.source]:
                 dup[i] = True
                 if st[0] is not None:
                     post_hidden[i] = st[0]
                     has_hidden[i] = True
+                if remembers:
+                    users[i] = user_exclusions(rcfg, st[4], st[5], e.ts_ms / 1000)
+                if history:
+                    recent_at[i] = st[6]
                 continue
             if e.offset >= 0:
                 st[3][e.source] = e.offset
             if e.ts_ms - st[1] > cfg.session_gap_ms:
-                st[0], st[2] = None, 0
+                st[0], st[2], st[6] = None, 0, []
+                st[5] = st[5][:0]
             st[1] = max(st[1], e.ts_ms)
             st[2] += 1
+            if remembers:
+                if known_item[i]:
+                    st[4], st[5] = remember(rcfg, st[4], st[5], int(rows[i]), _RULE_KIND[e.event_type],
+                                            e.ts_ms // 1000)
+                users[i] = user_exclusions(rcfg, st[4], st[5], e.ts_ms / 1000)
             if known_item[i]:
                 step_i.append(i)
                 step_h.append(st[0])
+                if history:
+                    st[6] = session_rows([] if st[0] is None else st[6], int(rows[i]), history)
             elif st[0] is not None:
                 post_hidden[i] = st[0]
                 has_hidden[i] = True
+            if history:
+                recent_at[i] = st[6]
         if step_i:
             H = np.zeros((len(step_i), size), dtype=np.float32)
             known = [r for r, h in enumerate(step_h) if h is not None]
@@ -194,6 +233,7 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
                 has_hidden[si[bad]] = False
                 for r in bad.tolist():
                     work[events[step_i[r]].key][0] = None
+                    work[events[step_i[r]].key][6] = []
     # a stored state shown without a step (unknown item, redelivery) is the one case left: dropped here.
     # The final states are built from post_hidden/has_hidden, so none of them is stored either
     bad = _non_finite_rows(post_hidden)
@@ -202,28 +242,11 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
         has_hidden[bad] = False
         stored_resets.update(events[i].key for i in bad.tolist())
 
-    # one top-K pass for every event with a hidden state; popular items for the rest
     kk = min(k, model.n_items)
-    rec_rows = np.empty((n, kk), dtype=np.int64)
-    rec_scores = np.empty((n, kk), dtype=np.float32)
-    hid = np.flatnonzero(has_hidden)
-    if top_k is not None and hid.shape[0]:
-        rec_rows[hid], rec_scores[hid] = top_k(post_hidden[hid], kk)
-    else:
-        for s in range(0, hid.shape[0], _TOPK_CHUNK):
-            part = hid[s:s + _TOPK_CHUNK]
-            r, sc = model.top_k(post_hidden[part], kk)
-            rec_rows[part], rec_scores[part] = r, sc
-    cold = np.flatnonzero(~has_hidden)
-    if cold.shape[0]:
-        pr, ps = model.popular(kk)
-        m = pr.shape[0]
-        rec_rows[cold] = _PAD
-        rec_scores[cold] = 0.0
-        rec_rows[cold, :m], rec_scores[cold, :m] = pr, ps
+    rec_rows, rec_scores, rule_counts = score_states(model, post_hidden, has_hidden, kk, top_k, rules, users)
     published_ms = int(time.time() * 1000)
 
-    result = BatchResult([], {}, published_ms=published_ms)
+    result = BatchResult([], {}, published_ms=published_ms, rule_counts=rule_counts)
     fresh = ~dup
     result.unknown_items = int(((rows < 0) & fresh).sum())
     result.duplicates = int(dup.sum())
@@ -232,7 +255,13 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     _prequential(result, events, states, rows, rec_rows, prev_event, fresh, model.version, k, popularity)
 
     # outputs, in event order
-    result.outputs = _encode_outputs(model, events, rec_rows, rec_scores, published_ms)
+    if history:
+        listed = np.where(rec_rows == _PAD, -1, rec_rows)
+        because = because_rows(model, listed, recent_at, has_hidden, cfg.because_items)
+        result.outputs = encode_outputs_because(_vocab_ids(model), int(model.version), events, listed, rec_scores,
+                                                because, published_ms)
+    else:
+        result.outputs = _encode_outputs(model, events, rec_rows, rec_scores, published_ms)
 
     # final states; the whole batch's arrays are copied once and each user gets rows of them. A user's
     # last event has a hidden state exactly when the user has one, and it is that state
@@ -244,14 +273,47 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     version = int(model.version)
     states_out = result.states
     for j, key in enumerate(last_idx):
-        _, last_ts, n_events, offsets = work[key]
+        _, last_ts, n_events, offsets, bought, session_items, recent = work[key]
+        if remembers:
+            bought, session_items = as_arrays(bought, session_items)
         recs = final_recs[j] if n_recs[j] == kk else final_recs[j, :n_recs[j]]
         states_out[key] = UserState(final_hidden[j] if final_has[j] else None, int(last_ts), int(n_events), version,
-                                    recs, offsets)
+                                    recs, offsets, bought, session_items,
+                                    np.asarray(recent, dtype=np.int32) if history and final_has[j] and recent else None)
     if popularity is not None:
         popularity.update(rows[fresh])
     result.step_seconds = time.perf_counter() - t0
     return result
+
+
+def score_states(model: Recommender, hidden: np.ndarray, has_hidden: np.ndarray, kk: int, top_k: TopK | None = None,
+                 rules: RuleContext | None = None, users: list[UserRules] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """The top-``kk`` rows and scores of each hidden state (popular items where ``has_hidden`` is False), and
+    the items each business rule masked: the one ranking step of the stream's batches and of requests
+    (``stream/pipeline/serving.py``), so the rules apply to both. ``users[i]``: row i's user rules. Rows
+    past the popular list are ``_PAD``."""
+    n = hidden.shape[0]
+    if rules is not None and rules.active:
+        return rank(model, hidden, has_hidden, kk, rules, users if users is not None else [[]] * n, top_k)
+    rec_rows = np.empty((n, kk), dtype=np.int64)
+    rec_scores = np.empty((n, kk), dtype=np.float32)
+    hid = np.flatnonzero(has_hidden)
+    if top_k is not None and hid.shape[0]:
+        rec_rows[hid], rec_scores[hid] = top_k(hidden[hid], kk)
+    else:
+        for s in range(0, hid.shape[0], _TOPK_CHUNK):
+            part = hid[s:s + _TOPK_CHUNK]
+            r, sc = model.top_k(hidden[part], kk)
+            rec_rows[part], rec_scores[part] = r, sc
+    cold = np.flatnonzero(~has_hidden)
+    if cold.shape[0]:
+        pr, ps = model.popular(kk)
+        m = pr.shape[0]
+        rec_rows[cold] = _PAD
+        rec_scores[cold] = 0.0
+        rec_rows[cold, :m], rec_scores[cold, :m] = pr, ps
+    return rec_rows, rec_scores, {}
 
 
 def _non_finite_rows(H: np.ndarray) -> np.ndarray | None:

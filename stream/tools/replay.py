@@ -74,6 +74,8 @@ def time_order(df: Any, limit: int | None = None) -> np.ndarray:
 def iter_messages(settings: Settings, df: Any, limit: int | None = None) -> Iterator[tuple[str, bytes, bytes, int]]:
     """(topic, key, value, ts_ms) for every event, in event-time order."""
     clicks, purchases = settings.topic("clicks"), settings.topic("purchases")
+    if settings.topics.topic_events:  # one topic for every event type
+        clicks = purchases = settings.topics.topic_events
     order = time_order(df, limit)
     sessions = df["SessionId"].to_numpy()[order]
     items = df["ItemId"].to_numpy()[order]
@@ -139,7 +141,8 @@ def replay(settings: Settings, df: Any, rate: float | None = None, speedup: floa
         # log_level 3: librdkafka's transient warnings (e.g. "coordinator load in progress" on a fresh
         # broker) would cut through the progress bar; failures still show in the delivery counts.
         producer = Producer(producer_config(settings, log_level=3))
-    _check_topics(producer, [settings.topic("clicks"), settings.topic("purchases")])
+    _check_topics(producer, [settings.topics.topic_events] if settings.topics.topic_events
+                  else [settings.topic("clicks"), settings.topic("purchases")])
     stats = ReplayStats()
 
     def on_delivery(err: KafkaError | None, msg: Any) -> None:

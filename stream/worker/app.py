@@ -38,11 +38,14 @@ from state.codec import HEADER_SIZE, decode as decode_state, encode as encode_st
 from stream.compat import observe_many
 from stream.worker.batch_consumer import Batch, BatchConsumer, BatchTransport
 from model.topk_calibration import ScorerCache
-from stream.pipeline.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, Limits, Rejected, decode_event
+from stream.pipeline.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, InputShape, Limits, Rejected, decode_event
 from stream.observe.metrics import TOPK_ROW_PATHS, Metrics, PrequentialVersions
 from stream.worker.model_holder import ModelHolder
+from stream.pipeline.exposure import ExposureWindow
 from stream.pipeline.processor import PopularityBaseline, ProcessorConfig, process_batch
+from stream.pipeline.ranking import RuleContext
 from stream.kafka.record_guard import unreadable_detail
+from stream.pipeline.rules import RULES, Catalogue, CatalogueMasks, RuleConfig
 from stream.settings import Scoring, Settings
 from stream.worker.sinks import BatchSink, Outgoing, TransactionalSink, dead_letter
 from stream.worker.table_store import TableStore, install_changelog_guard
@@ -105,6 +108,7 @@ class Pipeline:
     exactly_once: bool
     dead_letter_bytes: int  # of a bad record's key + value (topics.dead_letter_budget)
     popularity: PopularityBaseline = field(default_factory=PopularityBaseline)
+    catalogue: Catalogue = field(default_factory=Catalogue)  # filled by the item-rules reader
     stream_time_ms: int = 0
     evict_candidates: dict[int, set[bytes]] = field(default_factory=dict)
     batches: int = 0
@@ -117,12 +121,18 @@ class Pipeline:
     _phases: list = field(default_factory=_new_phases)
     _phases_logged: float = field(default_factory=time.monotonic)
     _gc_frozen: bool = False
+    # input (topic, partition) -> next offset whose event the states as read by ``read_states`` reflect
+    applied: dict[tuple[str, int], int] = field(default_factory=dict)
+    _advanced: asyncio.Event | None = None  # set (and replaced) after each batch: wakes read-your-writes waits
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.cfg = ProcessorConfig(k=s.scoring.top_k, session_gap_ms=int(s.worker.session_gap_s * 1000))
+        self.cfg = ProcessorConfig(k=s.scoring.top_k, session_gap_ms=int(s.worker.session_gap_s * 1000),
+                                   because_history=s.serving.because_history if s.serving.because else 0)
         self.limits = Limits(s.worker.max_message_bytes, s.worker.max_id_bytes)
-        self.kinds = {self.names.clicks: CLICKS, self.names.purchases: PURCHASES}
+        self.kinds = self.names.kinds()
+        shape = InputShape.parse(s.worker.field_map, s.worker.event_type_map)
+        self.shape = shape if shape.active else None
         # one compute thread: batches are sequential anyway; the top-K's threads (scoring_threads) and
         # torch's own do the maths
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-compute")
@@ -138,6 +148,10 @@ class Pipeline:
         self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
                            for k in (CLICKS, PURCHASES) for t, n in _TYPE_NAMES.items()}
         self._prequential = PrequentialVersions(m, s.scoring.top_k)
+        self.rules = RuleConfig.from_settings(s)
+        self._catalogue_masks = CatalogueMasks()
+        self.exposure = ExposureWindow(s.rules.exposure_window_s) if s.rules.exposure_cap > 0 else None
+        self._rule_masked = {rule: m.rule_masked.labels(rule=rule) for rule in RULES}
 
     # --- the batch ---------------------------------------------------------------------------
     async def handle(self, batch: Batch, generation: int) -> None:
@@ -151,6 +165,7 @@ class Pipeline:
         if generation != self._generation:
             await self.drain()  # batches of the old generation drop themselves unacked
             self._overlay.clear()
+            self.applied.clear()
             self._generation = generation
         t0 = time.perf_counter()
         now_ms = int(time.time() * 1000)
@@ -168,7 +183,7 @@ class Pipeline:
                     dead[UNREADABLE_RECORD] += 1
                     continue
                 res = decode_event(r.value, r.key, kind, self.limits, topic=tp.topic, partition=p, offset=r.offset,
-                                   append_ts_ms=r.timestamp or 0, now_ms=now_ms)
+                                   append_ts_ms=r.timestamp or 0, now_ms=now_ms, shape=self.shape)
                 if isinstance(res, Rejected):
                     out.dlq[p].append(dead_letter(r.key, r.value, res.reason, res.detail, tp.topic, p, r.offset,
                                                   r.timestamp, self.dead_letter_bytes))
@@ -213,6 +228,8 @@ class Pipeline:
                 raw = encode_state(st)
                 out.changelog[p].append((key, raw))
                 local[p].append((key, raw))
+            observe_many(self.metrics.state_record_bytes,
+                         np.fromiter((len(raw) for recs in local.values() for _, raw in recs), dtype=np.float64))
             self.stream_time_ms = max(self.stream_time_ms, max(e.ts_ms for e in events))
         evicted = self._evictions(batch, part_of, out, local)
 
@@ -237,6 +254,7 @@ class Pipeline:
                     self.store.write_partition(p, recs, created)
                 for tp, offs in offsets:
                     consumer.ack_offsets(tp, offs)
+                self._mark_applied(offsets)
             highest: dict[int, int] = {}
             for p, fut in changelog_futs:
                 meta = fut.result()
@@ -252,6 +270,7 @@ class Pipeline:
             for p, recs in local.items():
                 for key, raw in recs:
                     self._overlay[key] = (seq, raw)
+            self._mark_applied(offsets)
             prev = self._pending[-1] if self._pending else None
             task = asyncio.ensure_future(self._finish(prev, seq, ticket, local, created, offsets, generation, events,
                                                       result, dead, evicted))
@@ -276,13 +295,26 @@ class Pipeline:
         """The compute thread's part: the batch, and how many of its rows each top-K path answered. Even
         the first batch of a model nobody prepared builds its scorer here, off the event loop."""
         scorer = self.scorers.get(model)
+        rules = self.rule_context(model)
         if scorer is None:
-            return process_batch(model, events, states, self.cfg, self.popularity, None), {}
+            return process_batch(model, events, states, self.cfg, self.popularity, None, rules), {}
         scored_before, int8_before = scorer.rows_scored, scorer.rows_int8
-        result = process_batch(model, events, states, self.cfg, self.popularity, scorer.top_k)
+        result = process_batch(model, events, states, self.cfg, self.popularity, scorer.top_k, rules)
         int8 = scorer.rows_int8 - int8_before
         rest = scorer.rows_scored - scored_before - int8
         return result, {"int8": int8, "approximate" if scorer.path == "approximate" else "float32": rest}
+
+    def rule_context(self, model: Any, include: frozenset[str] | None = None,
+                     exclude: frozenset[str] | None = None, record: bool = True) -> RuleContext | None:
+        """The business rules of one ranking with ``model`` (None: no rule applies). ``include``/``exclude``
+        replace the settings' category filters (a request's own filter); ``record``: the lists count
+        against the exposure cap."""
+        cfg = self.rules
+        masks = self._catalogue_masks.get(self.catalogue.view(), model.vocab,
+                                          cfg.include_categories if include is None else include,
+                                          cfg.exclude_categories if exclude is None else exclude)
+        ctx = RuleContext(cfg, masks, self.exposure, time.time(), record)
+        return ctx if ctx.active else None
 
     def prepare_scorer(self, model: Any, serve: bool = False) -> None:
         """Calibrates ``model``'s top-K scorer (about a second at 20,000 items): in the thread that swaps a
@@ -321,6 +353,35 @@ class Pipeline:
             if self._failure is None:
                 self._failure = exc  # re-raised by the next batch: the worker crashes, nothing is acked
             raise
+
+    def _mark_applied(self, offsets: list[tuple[Any, list[int]]]) -> None:
+        """The batch's states are now what ``read_states`` returns: its offsets count as applied."""
+        for tp, offs in offsets:
+            if offs:
+                key = (tp.topic, tp.partition)
+                self.applied[key] = max(self.applied.get(key, 0), max(offs) + 1)
+        if self._advanced is not None:
+            self._advanced.set()
+            self._advanced = None
+
+    def position(self, topic: str, partition: int) -> int:
+        """Offset of one input partition below which every event is reflected in the states read here."""
+        from faust.types import TP
+
+        resumed = getattr(self.app.consumer, "resumed_at", {}).get(TP(topic, partition)) or 0
+        return max(resumed, self.applied.get((topic, partition), 0))
+
+    async def wait_applied(self, ends: dict[tuple[str, int], int]) -> None:
+        """Return once every event below ``ends`` (input partition -> offset) is reflected in the states
+        (the caller bounds the wait)."""
+        while any(self.position(t, p) < end for (t, p), end in ends.items()):
+            if self._advanced is None:
+                self._advanced = asyncio.Event()
+            await self._advanced.wait()
+
+    def read_states(self, partition: int, keys: list[bytes]) -> dict[bytes, Any]:
+        """States as the worker last decided them (see ``_read``): what requests answer from."""
+        return self._read(partition, keys)
 
     def _prune(self) -> None:
         """Forget finished batches (oldest first); a failed one fails the batch loop."""
@@ -397,10 +458,12 @@ class Pipeline:
         self.batches += 1
         if not events:
             return
-        counts = Counter((e.source, e.event_type) for e in events)
-        for (source, etype), n in counts.items():
-            self._events_in[(CLICKS if source == 0 else PURCHASES, etype)].inc(n)
+        counts = Counter(e.event_type for e in events)
+        for etype, n in counts.items():  # labelled by the topic the type has when split (one events topic too)
+            self._events_in[(PURCHASES if etype == EventType.PURCHASE else CLICKS, etype)].inc(n)
         m.recommendations_out.inc(len(events))
+        for rule, n in result.rule_counts.items():
+            self._rule_masked[rule].inc(n)
         m.batch_size.observe(len(events))
         m.step_latency.observe(result.step_seconds)
         if result.unknown_items:
@@ -532,7 +595,8 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
         **faust_broker_kwargs(settings),
         store="rocksdb://",
         datadir=str(datadir),
-        web_enabled=False,  # stream/observe/web.py serves /metrics, /livez, /readyz from process start
+        web_enabled=False,  # stream/observe/web.py serves /metrics, /livez, /readyz and requests from process start
+        canonical_url=settings.web_url(),  # the address faust's assignment gives the other workers (routing)
         processing_guarantee=settings.worker.processing_guarantee,
         topic_partitions=settings.topics.partitions,
         topic_replication_factor=settings.topics.replication_factor,

@@ -142,12 +142,16 @@ class BatchConsumer(compat.ConsumerHooks):
         self._last_seek: int | None = None  # count of the seek just done by the consumer thread
         self._ready_seek: int | None = None  # count of this generation's seek, once done; None before
         self._next: dict[TP, int] = {}  # input partition -> offset of the next record to hand over, if known
+        # input partition -> committed offset the last seek resumed it from (None: from its beginning); every
+        # record below it is reflected in the state table (read-your-writes requests start from here)
+        self.resumed_at: dict[TP, int | None] = {}
 
     consumer_thread_class = BatchConsumerThread
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         """faust's seek (``perform_seek`` calls it), with the input partitions paused and counted."""
         committed, self._last_seek = await self.consumer_thread.seek_inputs_to_committed(self.batch_topics)
+        self.resumed_at = {tp: off for tp, off in committed.items() if tp.topic in self.batch_topics}
         return committed
 
     async def perform_seek(self) -> None:

@@ -99,6 +99,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     import faust
 
     from stream.worker.app import build_app
+    from stream.worker.http_api import ServeEndpoints
     from stream.kafka.topics import TopicError, dead_letter_budget, ensure_topics
     from stream.observe.web import WebServer
 
@@ -120,10 +121,17 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    web = WebServer(metrics, ready, settings.process.web_host, settings.process.web_port)
+    serve = ServeEndpoints(settings, metrics)  # answers 503 until the runtime below exists
+    web = WebServer(metrics, ready, settings.process.web_host, settings.process.web_port, serve)
     loop.run_until_complete(web.start())
-    log.info("health endpoints on http://%s:%d (/metrics /livez /readyz)", settings.process.web_host,
-             settings.process.web_port)
+    log.info("health endpoints on http://%s:%d (/metrics /livez /readyz), requests as %s (/users/{id}/recommendations,"
+             " /recommendations)", settings.process.web_host, settings.process.web_port, settings.web_url())
+    from stream.kafka.passthrough import untranslated
+
+    only_librdkafka = untranslated(settings)
+    if only_librdkafka:
+        log.info("client properties for librdkafka only (aiokafka has no counterpart; docs/kafka-setups.md): %s",
+                 ", ".join(only_librdkafka))
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -160,11 +168,13 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     except WorkerError as exc:
         print(f"gruflow worker: {exc}", file=sys.stderr)
         loop.run_until_complete(web.stop())
+        loop.run_until_complete(serve.close())
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     if first is None:  # stopped while waiting for the cluster
         loop.run_until_complete(web.stop())
+        loop.run_until_complete(serve.close())
         loop.close()
         return 0
     model = first
@@ -176,7 +186,11 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     phase["why"] = "choosing the top-K path"
     loop.run_until_complete(loop.run_in_executor(None, runtime.pipeline.prepare_scorer, model, True))
     phase["runtime"] = runtime
+    serve.runtime = runtime
     subscriber: Any = None
+    from stream.worker.item_rules import ItemRulesReader
+
+    rules_reader = ItemRulesReader(settings, runtime.pipeline.names.item_rules, runtime.pipeline.catalogue, metrics)
     try:
         from stream.online.model_sync import ModelSubscriber
     except ImportError:
@@ -185,6 +199,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     class GruflowWorker(faust.Worker):
         async def on_execute(self) -> None:
             nonlocal subscriber
+            rules_reader.start()
             if ModelSubscriber is not None:
                 subscriber = ModelSubscriber(settings, holder, metrics)
                 subscriber.start()
@@ -192,6 +207,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
         async def on_stop(self) -> None:
             await super().on_stop()
             await web.stop()
+            await serve.close()
 
         async def on_shutdown(self) -> None:
             await super().on_shutdown()
@@ -200,6 +216,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
         def on_worker_shutdown(self) -> None:
             if subscriber is not None:
                 subscriber.stop()
+            rules_reader.stop()
             runtime.pipeline.close()
 
     worker = GruflowWorker(runtime.app, loglevel=settings.process.log_level.lower(), quiet=True,

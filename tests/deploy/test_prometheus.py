@@ -120,7 +120,7 @@ def test_dashboard_covers_what_operators_need() -> None:
         "gruflow_prequential_hits_total", "gruflow_prequential_events_total",
         "gruflow_prequential_reciprocal_rank_total", "gruflow_model_version", "gruflow_finetune_loss",
         "gruflow_finetune_duration_seconds_bucket", "gruflow_model_promotions_total", "gruflow_state_entries",
-        "gruflow_rocksdb_bytes",
+        "gruflow_rocksdb_bytes", "gruflow_http_requests_total", "gruflow_http_request_duration_seconds_bucket",
     }
     assert required <= used, f"dashboard lacks {sorted(required - used)}"
     text = " ".join(dashboard_exprs())

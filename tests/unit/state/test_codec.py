@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from state.codec import FORMAT_VERSION, HEADER_SIZE, StateCodecError, UserState, decode, encode, encoded_size
+from state.codec import (FORMAT_VERSION_RECENT, HEADER_SIZE, StateCodecError, UserState, decode, encode,
+                         encoded_size)
 from state.store import MemoryStore
 
 
@@ -44,7 +45,7 @@ def test_truncated_record_is_refused(cut: int) -> None:
 
 def test_unknown_format_version_is_refused() -> None:
     data = bytearray(encode(_state()))
-    data[0] = FORMAT_VERSION + 1
+    data[0] = FORMAT_VERSION_RECENT + 1
     with pytest.raises(StateCodecError, match="format version"):
         decode(bytes(data))
 
@@ -69,3 +70,21 @@ def test_memory_store_round_trips_through_the_codec() -> None:
     store.delete(b"a")
     store.delete(b"never")
     assert list(store) == [b"b"] and len(store) == 1
+
+
+def test_recent_items_round_trip_and_version_1_stays_byte_identical() -> None:
+    plain = _state()
+    assert encode(plain)[0] == 1  # without recent rows or rule lists: the version-1 bytes
+    s = _state()
+    s.recent = np.array([7, 3, 11], dtype=np.int32)
+    data = encode(s)
+    assert data[0] == FORMAT_VERSION_RECENT and len(data) == len(encode(plain)) + 2 + 1 + 4 * 3
+    assert len(data) == encoded_size(s.hidden.shape[0], len(s.recs), recent=3)
+    assert decode(data).recent.tolist() == [7, 3, 11]
+    s.session_items = np.array([4 * 7, 4 * 3 + 1], dtype=np.int32)  # with the rules' lists too
+    back = decode(encode(s))
+    assert back.recent.tolist() == [7, 3, 11] and back.session_items.tolist() == [28, 13]
+    assert decode(encode(plain)).recent is None
+    for cut in (1, 5):  # a truncated recent section is refused, not misread
+        with pytest.raises(StateCodecError):
+            decode(data[:-cut])

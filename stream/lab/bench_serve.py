@@ -1,0 +1,217 @@
+"""``gruflow bench serve --json``: recommendations on request while the stream runs, on the embedded broker.
+
+One worker process (the model of ``gruflow bench stream``: trained for one quick epoch on synthetic
+sessions, 20,000 items, hidden 100 by default). After a warm-up at the stream rate (its users, "warm-N",
+are the ones asked for later):
+
+1. stream alone: events at ``--rate`` (2,000/s) for ``--seconds``; the stream's latency per event =
+   arrival of its recommendation at a consumer - send time (as in ``bench stream``).
+2. stream + requests: the same event load, and at the same time ``GET /users/{id}/recommendations``
+   at ``--request-rate`` (500/s) for known users (with ``--anonymous-share`` of them ``POST
+   /recommendations`` with 3 items), open loop: request i is due at t0 + i/rate, and its latency counts
+   from that due time (a slow answer delays no later request, and a late start is counted). The
+   request load runs in its own process so it does not take the GIL of the event load generator.
+   ``stream_p99_ratio`` = the stream's p99 with requests / without (goal < 1.5); ``requests`` has
+   requests/s answered, statuses and p50/p99 (goal p99 <= 20 ms at 500 requests/s).
+3. "because" cost (skip with ``--no-because``): the worker's throughput (events/s) on a backlog of
+   ``--because-events``, with GRUFLOW_BECAUSE off and on, each on fresh topics with a fresh worker.
+
+Prints one JSON object; ``load_avg_1m`` and the CPU's name say what the machine was doing. No assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stream.lab.bench import (WARMUP_PREFIX, _cpu_flags, _cpu_model, _data, _latency_window, _log, _model,
+                              _percentiles, _RecReader, _warm_up, bench_settings)
+from stream.tools.processes import PROJECT_ROOT, stop_process
+from stream.settings import ENV_PREFIX, Settings
+
+
+async def _request_load(url: str, users: int, rate: float, seconds: float, k: int, anonymous_share: float,
+                        n_items: int) -> dict[str, Any]:
+    import aiohttp
+
+    rng = np.random.default_rng(7)
+    n = int(rate * seconds)
+    lat: list[float] = []
+    statuses: dict[str, int] = {}
+    conn = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async def one(due: float, anonymous: bool, user: int, items: list[int]) -> None:
+            try:
+                if anonymous:
+                    body = json.dumps({"items": [f"i{i}" for i in items], "k": k}).encode()
+                    req = session.post(f"{url}/recommendations", data=body,
+                                       headers={"Content-Type": "application/json"})
+                else:
+                    req = session.get(f"{url}/users/{WARMUP_PREFIX}{user}/recommendations?k={k}")
+                async with req as r:
+                    await r.read()
+                    status = str(r.status)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                status = type(exc).__name__
+            lat.append((time.monotonic() - due) * 1000)
+            statuses[status] = statuses.get(status, 0) + 1
+
+        tasks = []
+        t0 = time.monotonic()
+        for i in range(n):
+            due = t0 + i / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(due, bool(rng.random() < anonymous_share),
+                                                   int(rng.integers(0, users)),
+                                                   rng.integers(0, n_items, 3).tolist())))
+        await asyncio.gather(*tasks)
+        span = time.monotonic() - t0
+    arr = np.asarray(lat, dtype=np.float64)
+    return {"requests": n, "requests_per_s": round(n / span, 1), "statuses": statuses,
+            "latency_ms": _percentiles(arr), "offered_request_rate": rate}
+
+
+def _request_process(queue: Any, *args: Any) -> None:
+    queue.put(asyncio.run(_request_load(*args)))
+
+
+def _start_worker(settings: Settings, model_path: Path, log_path: Path, **env: str) -> subprocess.Popen[bytes]:
+    full = settings.subprocess_env(**{ENV_PREFIX + "MODEL_PATH": str(model_path)}, **env)
+    return subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=full, stdout=open(log_path, "wb"),
+                            stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+
+
+def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the worker on port {port} did not become ready")
+
+
+def _throughput(base: Settings, model_path: Path, df: Any, work: Path, because: bool) -> float:
+    """events/s of a fresh worker on a backlog of ``df`` (publication span of its recommendations)."""
+    from stream.kafka.broker import free_port
+    from stream.tools.replay import replay
+    from stream.kafka.topics import ensure_topics
+
+    tag = f"b{int(because)}{time.strftime('%H%M%S')}"
+    settings = base.replace(topic_prefix=f"bench-{tag}.", app_id=f"gruflow-bench-{tag}", data_dir=work / tag,
+                            web_port=free_port())
+    ensure_topics(settings)
+    n = replay(settings, df, progress=False).delivered
+    reader = _RecReader(settings)
+    worker = _start_worker(settings, model_path, work / f"worker-{tag}.log", **{ENV_PREFIX + "BECAUSE": str(because)})
+    try:
+        if not reader.wait_count(n, 900):
+            raise RuntimeError(f"only {reader.count} of {n} recommendations arrived (because={because})")
+        pub = np.asarray(reader.published, dtype=np.float64)
+        return n / ((pub.max() - pub.min()) / 1000.0)
+    finally:
+        reader.close()
+        stop_process(worker)
+
+
+def _serve_phases(settings: Settings, args: argparse.Namespace, model_path: Path, work: Path) -> dict[str, Any]:
+    worker = _start_worker(settings, model_path, work / "worker.log")
+    reader = _RecReader(settings)
+    try:
+        _wait_ready(settings.process.web_port, worker)
+        _log(f"warm-up: {args.rate:,.0f} events/s for {args.warmup_seconds:.0f} s ...")
+        _warm_up(settings, reader, args, args.warmup_seconds)
+        _log(f"stream alone: {args.rate:,.0f} events/s for {args.latency_seconds:.0f} s ...")
+        alone, _ = _latency_window(settings, reader, args)
+        _log(f"stream + requests: {args.request_rate:,.0f} requests/s at the same time ...")
+        queue: Any = multiprocessing.get_context("spawn").Queue()
+        load = multiprocessing.get_context("spawn").Process(
+            target=_request_process, args=(queue, f"http://127.0.0.1:{settings.process.web_port}", 5000, args.request_rate,
+                                           args.latency_seconds, args.k, args.anonymous_share, args.items))
+        load.start()
+        together, _ = _latency_window(settings, reader, args)
+        requests = queue.get(timeout=args.latency_seconds + 120)
+        load.join(30)
+    finally:
+        reader.close()
+        stop_process(worker)
+    p_alone, p_together = _percentiles(alone), _percentiles(together)
+    return {"requests": requests, "stream_latency_ms": p_alone, "stream_latency_ms_with_requests": p_together,
+            "stream_p99_ratio": round(p_together["p99"] / p_alone["p99"], 3)
+            if p_alone["p99"] and p_together["p99"] else None}
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    from stream.kafka.broker import EmbeddedKafka
+
+    base = Settings.from_env()
+    work = Path(tempfile.mkdtemp(prefix="gruflow-bench-serve-"))
+    kafka: EmbeddedKafka | None = None
+    result: dict[str, Any] = {}
+    try:
+        if base.embedded:
+            kafka = EmbeddedKafka.from_settings(base, quiet=True).start()
+            base = kafka.settings(base)
+        settings = bench_settings(base, "serve", work, args)
+        model_path = Path(args.model) if args.model else work / "bench-model.gfc"
+        train, df = _data(args.because_events, args.items)
+        if model_path.exists():
+            _log(f"model: {model_path} (kept from an earlier run; --items and --hidden must match it)")
+        else:
+            _model(model_path, train, args.items, args.hidden)
+        load_before = os.getloadavg()[0]
+        result.update(_serve_phases(settings, args, model_path, work))
+        if not args.no_because:
+            off = _throughput(settings, model_path, df, work, because=False)
+            on = _throughput(settings, model_path, df, work, because=True)
+            _log(f"throughput: {off:,.0f} events/s without because, {on:,.0f} with")
+            result.update({"because_off_events_per_s": round(off, 1), "because_on_events_per_s": round(on, 1),
+                           "because_throughput_ratio": round(on / off, 3), "because_events": len(df)})
+        result.update({"offered_rate": args.rate, "catalogue_items": args.items, "hidden": args.hidden, "k": args.k,
+                       "partitions": args.partitions, "cpus": os.cpu_count(), "cpu_model": _cpu_model(),
+                       "cpu_flags": _cpu_flags(), "load_avg_1m_before": round(load_before, 2),
+                       "load_avg_1m": round(os.getloadavg()[0], 2)})
+    finally:
+        if kafka is not None:
+            kafka.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+    return 0
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
+    p.add_argument("--items", type=int, default=20_000, help="catalogue size (default 20,000)")
+    p.add_argument("--hidden", type=int, default=100, help="GRU hidden size (default 100)")
+    p.add_argument("--k", type=int, default=20, help="recommendations per event and per request (default 20)")
+    p.add_argument("--rate", type=float, default=2000.0, help="events/s of the stream (default 2,000)")
+    p.add_argument("--request-rate", type=float, default=500.0, help="requests/s (default 500)")
+    p.add_argument("--anonymous-share", type=float, default=0.1,
+                   help="share of the requests that are anonymous POSTs (default 0.1)")
+    p.add_argument("--latency-seconds", type=float, default=20.0, help="length of each measured run (default 20 s)")
+    p.add_argument("--warmup-seconds", type=float, default=20.0, help="unmeasured stream load first (default 20 s)")
+    p.add_argument("--partitions", type=int, default=8, help="partitions of the input topics (default 8)")
+    p.add_argument("--because-events", type=int, default=40_000,
+                   help="backlog of each because off/on throughput run (default 40,000)")
+    p.add_argument("--no-because", action="store_true", help="skip the because off/on throughput runs")
+    p.add_argument("--model", default=None,
+                   help="checkpoint to serve: used if it exists, else trained as usual and kept there for the next run")

@@ -1,0 +1,212 @@
+"""Recommendations on request: request checking and the answers themselves. Pure (no Kafka, no web server).
+
+Both answers score through ``stream.pipeline.processor.score_states``, the stream's own top-K step, so a
+request gets the list the stream would publish for the same state. A user's answer comes from the
+stored state as the worker last decided it; an anonymous session's from a fresh hidden state stepped
+through its items, which is then forgotten. Users without a hidden state in the current session (never
+seen, or only unknown items so far) get the model's popular items, marked ``cold_start``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from model.events import EventType
+from model.recommender import Recommender
+from state.codec import UserState
+from stream.pipeline.because import because_rows
+from stream.pipeline.processor import TopK, _vocab_ids, score_states
+from stream.pipeline.ranking import RuleContext
+from stream.pipeline.rules import as_lists, user_exclusions
+
+# request error codes (the "error" field of a 4xx/5xx answer)
+BAD_K = "bad_k"
+BAD_USER_ID = "bad_user_id"
+BAD_BODY = "bad_body"
+TOO_MANY_ITEMS = "too_many_items"
+BODY_TOO_LARGE = "body_too_large"
+NOT_READY = "not_ready"
+TIMEOUT = "timeout"
+OWNER_UNREACHABLE = "owner_unreachable"
+_TYPES = {"view": EventType.VIEW, "click": EventType.CLICK, "cart": EventType.CART, "purchase": EventType.PURCHASE}
+
+
+class RequestError(Exception):
+    """A request that cannot be answered: HTTP ``status`` with a JSON body {"error": code, "detail": ...}.
+    The detail never repeats the user id."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+    def body(self) -> bytes:
+        return orjson.dumps({"error": self.code, "detail": self.detail})
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    default_k: int = 20
+    max_k: int = 100
+    max_items: int = 50
+    max_id_bytes: int = 256
+    because_items: int = 2  # 0 = answers carry no "because"
+
+
+@dataclass(frozen=True)
+class Session:
+    """An anonymous visitor's events: item ids and event types, oldest first."""
+
+    items: tuple[str, ...]
+    types: tuple[int, ...]
+    k: int
+
+
+def parse_k(raw: str | None, limits: ServeLimits) -> int:
+    if raw is None or raw == "":
+        return min(limits.default_k, limits.max_k)
+    try:
+        k = int(raw)
+    except ValueError:
+        raise RequestError(400, BAD_K, "k must be an integer") from None
+    if not 1 <= k <= limits.max_k:
+        raise RequestError(400, BAD_K, f"k must be between 1 and {limits.max_k}")
+    return k
+
+
+def check_user_id(user_id: str, limits: ServeLimits) -> bytes:
+    key = user_id.encode("utf-8", "surrogatepass")
+    if not key or len(key) > limits.max_id_bytes:
+        raise RequestError(400, BAD_USER_ID, f"a user id has 1 to {limits.max_id_bytes} UTF-8 bytes")
+    return key
+
+
+def parse_session(body: bytes, limits: ServeLimits) -> Session:
+    """``{"items": [id, ...], "event_types": ["view"|"click"|"cart"|"purchase", ...]?, "k": n?}``."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise RequestError(400, BAD_BODY, "the body is not JSON") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("items"), list):
+        raise RequestError(400, BAD_BODY, 'the body must be an object with a list "items"')
+    items = doc["items"]
+    if len(items) > limits.max_items:
+        raise RequestError(400, TOO_MANY_ITEMS, f"at most {limits.max_items} items")
+    ids = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            raise RequestError(400, BAD_BODY, "item ids are strings or integers")
+        s = str(item)
+        if not s or len(s.encode()) > limits.max_id_bytes:
+            raise RequestError(400, BAD_BODY, f"an item id has 1 to {limits.max_id_bytes} bytes")
+        ids.append(s)
+    types = doc.get("event_types")
+    if types is None:
+        codes = (int(EventType.VIEW),) * len(ids)
+    else:
+        if not isinstance(types, list) or len(types) != len(ids):
+            raise RequestError(400, BAD_BODY, '"event_types" must be a list as long as "items"')
+        if any(t not in _TYPES for t in types):
+            raise RequestError(400, BAD_BODY, f"event types are {sorted(_TYPES)}")
+        codes = tuple(int(_TYPES[t]) for t in types)
+    k = doc.get("k")
+    return Session(tuple(ids), codes, parse_k(None if k is None else str(k), limits))
+
+
+def step_session(model: Recommender, session: Session, history: int) -> tuple[np.ndarray | None, list[int]]:
+    """A fresh hidden state stepped through the session's known items (unknown ones are skipped, as the
+    stream does), and the rows of its last ``history`` known items; None when no item was known."""
+    rows = model.vocab.rows(list(session.items))
+    known = [i for i, r in enumerate(rows.tolist()) if r >= 0]
+    if not known:
+        return None, []
+    H = model.zero_state(1)
+    for i in known:
+        H = model.step(H, rows[i:i + 1], np.asarray(session.types[i:i + 1], dtype=np.int64))
+    if not np.isfinite(H).all():
+        return None, []
+    recent: list[int] = []
+    for i in known:
+        r = int(rows[i])
+        recent = [x for x in recent if x != r] + [r]
+    return H[0], recent[-history:] if history else []
+
+
+@dataclass(frozen=True)
+class Query:
+    """One request ready to score: its hidden state (None: cold start), recent rows and k."""
+
+    hidden: np.ndarray | None
+    recent: list[int]
+    k: int
+    known_user: bool | None = None  # GET only: whether the user has a state record
+    state: UserState | None = None  # GET only: the record, for the user's own business rules
+
+
+def user_query(model: Recommender, state: UserState | None, k: int) -> Query:
+    """A user's query from the stored state; a state of another size (another model's layers) or without a
+    hidden state is a cold start, as in the stream."""
+    if state is not None and state.hidden is not None and state.hidden.shape[0] == model.state_size:
+        recent = state.recent.tolist() if state.recent is not None else []
+        return Query(state.hidden, recent, k, True, state)
+    return Query(None, [], k, state is not None, state)
+
+
+def session_query(model: Recommender, session: Session, history: int) -> Query:
+    hidden, recent = step_session(model, session, history)
+    return Query(hidden, recent, session.k)
+
+
+def answer_many(model: Recommender, queries: list[Query], limits: ServeLimits, top_k: TopK | None = None,
+                rules: RuleContext | None = None) -> list[dict[str, Any]]:
+    """The answer documents of many queries, scored together: one ranking pass (``score_states``, as the
+    stream's batches, with the business rules of ``rules`` and each known user's own) and one attribution
+    pass for all of them."""
+    n = len(queries)
+    has = np.array([q.hidden is not None and bool(np.isfinite(q.hidden).all()) for q in queries])
+    H = model.zero_state(n)
+    for i in np.flatnonzero(has).tolist():
+        H[i] = queries[i].hidden
+    kk = min(max(q.k for q in queries), model.n_items)
+    users = None
+    if rules is not None and rules.cfg.per_user:
+        now_s = time.time()
+        users = [user_exclusions(rules.cfg, *as_lists(q.state.bought, q.state.session_items), now_s)
+                 if q.state is not None else [] for q in queries]
+    rows, scores, _ = score_states(model, H, has, kk, top_k, rules, users)
+    listed = np.where(rows < 0, -1, rows)
+    because = None
+    if limits.because_items and any(q.recent for q in queries):
+        because = because_rows(model, listed, [q.recent for q in queries], has, limits.because_items)
+    ids = _vocab_ids(model)
+    version = int(model.version)
+    docs = []
+    for i, q in enumerate(queries):
+        items = []
+        for j, (row, score) in enumerate(zip(listed[i, :q.k].tolist(), scores[i, :q.k].tolist())):
+            if row < 0:
+                break
+            item: dict[str, Any] = {"item_id": ids[row], "score": round(score, 6)}
+            why = [ids[r] for r in because[i, j].tolist() if r >= 0] if because is not None else None
+            if why:
+                item["because"] = why
+            items.append(item)
+        doc: dict[str, Any] = {"items": items, "cold_start": not bool(has[i]), "model_version": version}
+        if q.known_user is not None:
+            doc["known_user"] = q.known_user
+        docs.append(doc)
+    return docs
+
+
+def answer_user(model: Recommender, state: UserState | None, k: int, limits: ServeLimits,
+                top_k: TopK | None = None, rules: RuleContext | None = None) -> dict[str, Any]:
+    return answer_many(model, [user_query(model, state, k)], limits, top_k, rules)[0]
+
+
+def answer_session(model: Recommender, session: Session, limits: ServeLimits, history: int,
+                   top_k: TopK | None = None) -> dict[str, Any]:
+    return answer_many(model, [session_query(model, session, history)], limits, top_k)[0]

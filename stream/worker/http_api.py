@@ -1,0 +1,251 @@
+"""Recommendations on request, on the worker's web port (docs/http-api.md).
+
+- ``GET /users/{user_id}/recommendations?k=&sync=`` answers from the user's state as this worker last
+  decided it (batches in flight included) with the served model. The user's state lives in one
+  partition of the state table; if another worker owns it, the request is forwarded there once. The
+  owner comes from faust's assignment (``app.router.table_metadata``: every worker's canonical URL,
+  GRUFLOW_ADVERTISED_URL, with its active changelog partitions); the partition from the key, with the
+  murmur2 hash the producers and faust use. A forwarded request that lands on a worker that does not
+  own the partition either (a rebalance in between) gets 503, never a second hop.
+- ``sync=true``: read-your-writes. The request first asks the broker for the end offsets of the user's
+  input partitions, then waits until the worker has applied every event below them, so an event the
+  client sent (and the broker acknowledged) before the request is reflected in the answer.
+- ``POST /recommendations`` steps a fresh hidden state through an anonymous visitor's items and
+  answers; nothing is stored.
+
+The maths runs in the worker's compute thread (``Pipeline.executor``, between batches), never on the
+event loop; each request is bounded by GRUFLOW_SERVE_TIMEOUT_S (504). Errors are JSON
+``{"error", "detail"}`` and never repeat the user id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+import orjson
+from aiohttp import web
+from yarl import URL
+
+from stream.observe.metrics import Metrics
+from stream.pipeline.serving import (BODY_TOO_LARGE, NOT_READY, OWNER_UNREACHABLE, TIMEOUT, Query, RequestError,
+                                     ServeLimits, answer_many, check_user_id, parse_k, parse_session, session_query,
+                                     user_query)
+from stream.settings import Settings
+from stream.kafka.topics import STATE_TABLE_NAME
+
+log = logging.getLogger("gruflow.http")
+ROUTED_HEADER = "X-Gruflow-Routed"  # set on a forwarded request: the receiver answers or says 503, never forwards
+_JSON = "application/json"
+
+
+def _true(raw: str | None) -> bool:
+    return (raw or "").lower() in ("1", "true", "yes")
+
+
+class EndOffsets:
+    """Log end offsets from the broker, through one long-lived group-less consumer in its own thread
+    (read-your-writes requests; the compute thread and the event loop never wait on the broker)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-end-offsets")
+        self._consumer: Any = None
+        self._lock = threading.Lock()
+
+    def _ends(self, tps: list[tuple[str, int]], timeout: float) -> dict[tuple[str, int], int]:
+        from confluent_kafka import Consumer, TopicPartition
+
+        from stream.kafka.config import consumer_config
+
+        with self._lock:
+            if self._consumer is None:
+                self._consumer = Consumer(consumer_config(self.settings, group_id=None,
+                                                          **{"isolation.level": "read_uncommitted"}))
+            return {(t, p): self._consumer.get_watermark_offsets(TopicPartition(t, p), timeout=timeout)[1]
+                    for t, p in tps}
+
+    async def ends(self, tps: list[tuple[str, int]], timeout: float) -> dict[tuple[str, int], int]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._ends, tps, timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._consumer is not None:
+                self._consumer.close()
+                self._consumer = None
+        self._executor.shutdown(wait=False)
+
+
+class ServeEndpoints:
+    """The request handlers; ``runtime`` (stream.app.Runtime) is set once the faust app exists, and until
+    then every request gets 503."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.runtime: Any = None
+        sv = settings.serving
+        self.serving = sv
+        self.limits = ServeLimits(default_k=settings.scoring.top_k, max_k=sv.serve_max_k,
+                                  max_items=sv.serve_max_items, max_id_bytes=settings.worker.max_id_bytes,
+                                  because_items=2 if sv.because else 0)
+        self.history = sv.because_history if sv.because else 0
+        self.end_offsets = EndOffsets(settings)
+        self._client: aiohttp.ClientSession | None = None
+        # requests waiting for the compute thread: (model, query maker, its arguments, future of the answer)
+        self._waiting: list[tuple[Any, Callable[..., Query], tuple, asyncio.Future]] = []
+        self._draining = False
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/users/{user_id}/recommendations", self.user_recommendations)
+        app.router.add_post("/recommendations", self.anonymous_recommendations)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+        self.end_offsets.close()
+
+    # --- handlers ----------------------------------------------------------------------------------------
+    async def user_recommendations(self, request: web.Request) -> web.Response:
+        return await self._timed("user", request, self._user)
+
+    async def anonymous_recommendations(self, request: web.Request) -> web.Response:
+        return await self._timed("anonymous", request, self._anonymous)
+
+    async def _timed(self, endpoint: str, request: web.Request,
+                     handler: Callable[[web.Request], Awaitable[web.Response]]) -> web.Response:
+        t0 = time.perf_counter()
+        try:
+            response = await asyncio.wait_for(handler(request), self.serving.serve_timeout_s)
+        except RequestError as exc:
+            response = web.Response(body=exc.body(), status=exc.status, content_type=_JSON)
+        except asyncio.TimeoutError:
+            err = RequestError(504, TIMEOUT, f"not answered within {self.serving.serve_timeout_s:g} s")
+            response = web.Response(body=err.body(), status=504, content_type=_JSON)
+        self.metrics.http_requests.labels(endpoint=endpoint, status=str(response.status)).inc()
+        self.metrics.http_latency.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
+        return response
+
+    async def _user(self, request: web.Request) -> web.Response:
+        key = check_user_id(request.match_info["user_id"], self.limits)
+        k = parse_k(request.query.get("k"), self.limits)
+        rt = self._ready_runtime()
+        pipeline = rt.pipeline
+        partition = pipeline.store.partition_for(key)
+        if partition not in pipeline.active_partitions():
+            return await self._forward(request, partition)
+        if _true(request.query.get("sync")):
+            names = pipeline.names
+            tps = [(topic, partition) for topic in names.inputs]
+            ends = await self.end_offsets.ends(tps, self.serving.serve_timeout_s)
+            await pipeline.wait_applied(ends)
+            if partition not in pipeline.active_partitions():  # moved while waiting
+                raise RequestError(503, NOT_READY, "the user's partition is moving to another worker; retry")
+        state = pipeline.read_states(partition, [key]).get(key)
+        model = rt.holder.current
+        doc = await self._compute(user_query, model, state, k)
+        return web.Response(body=orjson.dumps(doc), content_type=_JSON)
+
+    async def _anonymous(self, request: web.Request) -> web.Response:
+        limit = self.serving.serve_max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise RequestError(413, BODY_TOO_LARGE, f"the body may have at most {limit} bytes")
+        body = await request.content.read(limit + 1)
+        if len(body) > limit:
+            raise RequestError(413, BODY_TOO_LARGE, f"the body may have at most {limit} bytes")
+        session = parse_session(body, self.limits)
+        rt = self._ready_runtime()
+        doc = await self._compute(session_query, rt.holder.current, session, self.history)
+        return web.Response(body=orjson.dumps(doc), content_type=_JSON)
+
+    # --- helpers -----------------------------------------------------------------------------------------
+    def _ready_runtime(self) -> Any:
+        rt = self.runtime
+        if rt is None:
+            raise RequestError(503, NOT_READY, "the worker is starting")
+        ok, reason = rt.ready()
+        if not ok:
+            raise RequestError(503, NOT_READY, reason)
+        return rt
+
+    async def _compute(self, make: Callable[..., Query], model: Any, *args: Any) -> dict:
+        """The answer of ``make(model, *args)``. Requests that arrive while the compute thread is busy (a
+        stream batch, or earlier requests) are answered together by its next turn: one hop to the thread and
+        one top-K for all of them, so a burst costs about what one batch of events costs."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((model, make, args, future))
+        if not self._draining:
+            self._draining = True
+            asyncio.ensure_future(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    docs = await loop.run_in_executor(self.runtime.pipeline.executor, self._answer_batch, batch)
+                except Exception as exc:  # noqa: BLE001 - each request reports it (500) instead of hanging
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (*_, future), doc in zip(batch, docs):
+                    if not future.done():  # a request that timed out is not waiting any more
+                        future.set_result(doc)
+        finally:
+            self._draining = False
+
+    def _answer_batch(self, batch: list[tuple[Any, Callable[..., Query], tuple, asyncio.Future]]) -> list[dict]:
+        """In the compute thread: the queries of a batch, answered per model (a swap may split one)."""
+        pipeline = self.runtime.pipeline
+        scorers = pipeline.scorers
+        docs: list[dict | None] = [None] * len(batch)
+        by_model: dict[int, list[int]] = {}
+        for i, (model, *_) in enumerate(batch):
+            by_model.setdefault(id(model), []).append(i)
+        for idx in by_model.values():
+            model = batch[idx[0]][0]
+            scorer = scorers.get(model)
+            queries = [batch[i][1](model, *batch[i][2]) for i in idx]
+            # the stream's business rules; a request's list is not counted against the exposure cap (it
+            # damps what the stream publishes, which requests only read)
+            rules = pipeline.rule_context(model, record=False)
+            for i, doc in zip(idx, answer_many(model, queries, self.limits,
+                                               scorer.top_k if scorer is not None else None, rules)):
+                docs[i] = doc
+        return docs  # type: ignore[return-value]
+
+    def owner_url(self, partition: int) -> str | None:
+        """The canonical URL of the worker whose active partitions include ``partition`` of the state table."""
+        app = self.runtime.app
+        changelog = self.runtime.pipeline.names.changelog
+        for url, topics in app.router.table_metadata(STATE_TABLE_NAME).items():
+            if partition in topics.get(changelog, ()):
+                return str(url)
+        return None
+
+    async def _forward(self, request: web.Request, partition: int) -> web.Response:
+        if request.headers.get(ROUTED_HEADER):
+            raise RequestError(503, NOT_READY, "the user's partition is moving to another worker; retry")
+        owner = self.owner_url(partition)
+        if owner is None or owner.rstrip("/") == self.settings.web_url():
+            raise RequestError(503, NOT_READY, "no worker owns the user's partition yet; retry")
+        if self._client is None:
+            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.serving.serve_timeout_s))
+        url = URL(owner.rstrip("/") + str(request.rel_url), encoded=True)
+        self.metrics.http_routed.inc()
+        try:
+            async with self._client.get(url, headers={ROUTED_HEADER: "1"}) as response:
+                body = await response.read()
+                return web.Response(body=body, status=response.status, content_type=_JSON)
+        except (aiohttp.ClientError, OSError) as exc:
+            log.warning("forwarding a request to %s failed: %r", owner, exc)
+            raise RequestError(503, OWNER_UNREACHABLE, "the worker owning the user's partition did not answer; "
+                                                       "retry") from None

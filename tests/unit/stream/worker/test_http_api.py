@@ -1,0 +1,153 @@
+"""The request handlers on a real aiohttp server with a fake runtime: readiness, forwarding guard, limits,
+timeout and the metrics they count (the end-to-end tests are in tests/integration/test_http_api.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from model.network import GRU4RecNet
+from model.params import GRU4RecParams
+from model.recommender import Recommender
+from model.vocab import Vocabulary
+from stream.observe.metrics import Metrics
+from stream.settings import Settings
+from stream.worker.http_api import ROUTED_HEADER, ServeEndpoints
+
+torch.set_num_threads(1)
+
+
+@dataclass
+class FakePipeline:
+    owned: list[int]
+    delay_s: float = 0.0
+    turns: int = 0  # turns the compute thread took for requests
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
+    scorers: Any = None
+
+    def __post_init__(self) -> None:
+        pipeline = self
+
+        class Store:
+            @staticmethod
+            def partition_for(key: bytes) -> int:
+                return 0
+
+        class Scorers:
+            @staticmethod
+            def get(model: Any) -> None:
+                pipeline.turns += 1
+                time.sleep(pipeline.delay_s)  # a busy compute thread
+                return None
+
+        self.store, self.scorers = Store(), Scorers()
+
+    def rule_context(self, model: Any, record: bool = True) -> None:
+        return None
+
+    def active_partitions(self) -> list[int]:
+        return self.owned
+
+    def read_states(self, partition: int, keys: list[bytes]) -> dict:
+        return {}
+
+
+@dataclass
+class FakeRuntime:
+    pipeline: FakePipeline
+    holder: Any
+    ok: bool = True
+
+    def ready(self) -> tuple[bool, str]:
+        return (True, "ready") if self.ok else (False, "table recovery in progress (rebalance)")
+
+
+def _model() -> Recommender:
+    net = GRU4RecNet(30, GRU4RecParams(layers=(8,), seed=2))
+    return Recommender(net, Vocabulary(f"i{r}" for r in range(30)), 4, np.arange(30, 0, -1, dtype=np.float64))
+
+
+def _run(runtime: Any, requests: list[tuple[str, str, bytes | None, dict]], **settings: Any) -> tuple[list, Metrics]:
+    metrics = Metrics.create(role="worker")
+    serve = ServeEndpoints(Settings.of(serve_max_body_bytes=512, **settings), metrics)
+    serve.runtime = runtime
+
+    async def go() -> list:
+        app = web.Application()
+        serve.add_routes(app)
+        async with TestClient(TestServer(app)) as client:
+            out = []
+            for method, path, body, headers in requests:
+                r = await client.request(method, path, data=body, headers=headers)
+                out.append((r.status, orjson.loads(await r.read())))
+            return out
+
+    try:
+        return asyncio.run(go()), metrics
+    finally:
+        asyncio.run(serve.close())
+
+
+class Holder:
+    current = _model()
+
+
+def test_answers_503_until_ready_then_200() -> None:
+    got, metrics = _run(None, [("GET", "/users/u1/recommendations", None, {})])
+    assert got[0][0] == 503 and got[0][1]["error"] == "not_ready"
+    got, _ = _run(FakeRuntime(FakePipeline([0]), Holder(), ok=False), [("GET", "/users/u1/recommendations", None, {})])
+    assert got[0] == (503, {"error": "not_ready", "detail": "table recovery in progress (rebalance)"})
+    got, metrics = _run(FakeRuntime(FakePipeline([0]), Holder()), [("GET", "/users/u1/recommendations?k=3", None, {})])
+    assert got[0][0] == 200 and got[0][1]["cold_start"] is True and len(got[0][1]["items"]) == 3
+    assert metrics.http_requests.labels(endpoint="user", status="200")._value.get() == 1
+
+
+def test_a_forwarded_request_for_a_partition_not_owned_here_is_not_forwarded_again() -> None:
+    got, metrics = _run(FakeRuntime(FakePipeline([]), Holder()),
+                        [("GET", "/users/u1/recommendations", None, {ROUTED_HEADER: "1"})])
+    assert got[0][0] == 503 and got[0][1]["error"] == "not_ready"
+    assert metrics.http_routed._value.get() == 0
+
+
+def test_body_limit_and_timeout() -> None:
+    runtime = FakeRuntime(FakePipeline([0], delay_s=0.5), Holder())
+    got, metrics = _run(runtime, [
+        ("POST", "/recommendations", orjson.dumps({"items": ["i1"], "pad": "x" * 600}), {}),
+        ("POST", "/recommendations", orjson.dumps({"items": ["i1", "i2"]}), {}),
+    ], serve_timeout_s=0.2)
+    assert got[0] == (413, {"error": "body_too_large", "detail": "the body may have at most 512 bytes"})
+    assert got[1][0] == 504 and got[1][1]["error"] == "timeout"
+    assert metrics.http_requests.labels(endpoint="anonymous", status="504")._value.get() == 1
+    assert metrics.http_latency.labels(endpoint="anonymous")._sum.get() > 0
+
+
+def test_requests_waiting_for_the_compute_thread_are_answered_in_one_turn() -> None:
+    import threading
+
+    from stream.pipeline.serving import user_query
+
+    runtime = FakeRuntime(FakePipeline([0]), Holder())
+    serve = ServeEndpoints(Settings(), Metrics.create(role="worker"))
+    serve.runtime = runtime
+    release = threading.Event()
+
+    async def go() -> list:
+        busy = asyncio.get_running_loop().run_in_executor(runtime.pipeline.executor, release.wait)  # a stream batch
+        answers = asyncio.gather(*(serve._compute(user_query, Holder.current, None, k) for k in range(1, 6)))
+        await asyncio.sleep(0.2)
+        release.set()
+        await busy
+        return await answers
+
+    docs = asyncio.run(go())
+    assert [len(d["items"]) for d in docs] == [1, 2, 3, 4, 5] and all(d["cold_start"] for d in docs)
+    assert runtime.pipeline.turns == 1  # one hop to the compute thread, one top-K for the five
