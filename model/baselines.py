@@ -69,6 +69,6 @@ def evaluate_baseline(name: str, train_df: pd.DataFrame, test_df: pd.DataFrame,
     else:
         raise ValueError(f"unknown baseline {name!r}; choose one of {BASELINES}")
     acc = Accumulator(cutoffs, tie)
-    run_sessions(test_index(model.vocab, test_df), batch_size, lambda X, T, H: model.scores(X),
+    run_sessions(test_index(model.vocab, test_df), batch_size, lambda X, T, H, F: model.scores(X),
                  len(model.vocab), [], acc)
     return acc.result()

@@ -24,6 +24,7 @@ class SessionIndex:
     event_types: np.ndarray  # int64 per event
     offsets: np.ndarray  # int64 [n_sessions + 1]
     order: np.ndarray  # int64 session indices sorted by first event time (stable)
+    features: np.ndarray | None = None  # int64 [n_events, N_FEATURES] (model.features), or None
 
     @property
     def n_events(self) -> int:
@@ -39,13 +40,14 @@ class SessionIndex:
         return self.n_events - self.n_sessions
 
 
-def index_sessions(df: pd.DataFrame, rows: np.ndarray) -> SessionIndex:
+def index_sessions(df: pd.DataFrame, rows: np.ndarray, features: np.ndarray | None = None) -> SessionIndex:
     """Build a :class:`SessionIndex` from an event table and per-event item ``rows``.
 
     Each session's events must be in time order; sessions that are not contiguous are sorted by
     (SessionId, Time). Events whose row is negative (unknown item) are dropped first, as the reference
-    does."""
+    does. ``features`` (per event of ``df``, computed before the drop, as the stream does) travel along."""
     keep = rows >= 0
+    feats = None if features is None else np.asarray(features, dtype=np.int64)[keep]
     sid = df["SessionId"].to_numpy()[keep]
     times = df["Time"].to_numpy(dtype=np.float64)[keep]
     items = rows[keep].astype(np.int64)
@@ -58,10 +60,11 @@ def index_sessions(df: pd.DataFrame, rows: np.ndarray) -> SessionIndex:
         if change != len(np.unique(sid)):  # sessions not contiguous: sort like the reference does
             order = np.lexsort((np.arange(len(sid)), times, sid))
             sid, times, items, types = sid[order], times[order], items[order], types[order]
+            feats = None if feats is None else feats[order]
     starts = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]]) if len(sid) else np.zeros(0, dtype=np.int64)
     offsets = np.r_[starts, len(sid)].astype(np.int64)
     order = np.argsort(times[starts], kind="stable").astype(np.int64) if len(starts) else starts.astype(np.int64)
-    return SessionIndex(items, types, offsets, order)
+    return SessionIndex(items, types, offsets, order, feats)
 
 
 @dataclass(frozen=True)

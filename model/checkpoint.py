@@ -6,7 +6,8 @@ Layout (all integers little-endian)::
     uint32 format version       (FORMAT_VERSION)
     uint64 header length N
     N bytes UTF-8 JSON header   {"params", "n_items", "tensors": [{name, dtype, shape, offset, nbytes}],
-                                 "vocab": [item ids by row], "metadata", "gruflow_format"}
+                                 "vocab": [item ids by row], "metadata", "gruflow_format",
+                                 "categories": [category ids by row - 1] (only with the category feature)}
     tensor bytes                raw little-endian, at the offsets listed (relative to this section)
     32-byte sha256              over every byte before it
 
@@ -90,6 +91,8 @@ def checkpoint_to_bytes(net: GRU4RecNet, vocab: Vocabulary, params: GRU4RecParam
         "vocab": vocab.ids,
         "metadata": metadata or {},
     }
+    if net.C is not None:
+        header["categories"] = net.categories.ids
     try:
         header_raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
@@ -121,6 +124,7 @@ def checkpoint_from_bytes(data: bytes | bytearray | memoryview) -> Checkpoint:
         vocab = Vocabulary(header["vocab"])
         table = header["tensors"]
         metadata = header.get("metadata") or {}
+        categories = Vocabulary(header.get("categories") or ())
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint header is unreadable: {exc}") from None
     if len(vocab) > n_items:
@@ -139,7 +143,7 @@ def checkpoint_from_bytes(data: bytes | bytearray | memoryview) -> Checkpoint:
             raise CheckpointError(f"checkpoint tensor {name!r} has an inconsistent size or offset")
         arrays[name] = np.frombuffer(data[start:start + nbytes], dtype=np_dtype).reshape(shape)
     try:
-        net = GRU4RecNet(n_items, params)
+        net = GRU4RecNet(n_items, params, n_categories=len(categories) + 1)
     except Exception as exc:  # invalid hyperparameters in the header
         raise CheckpointError(f"checkpoint parameters cannot build a network: {exc}") from None
     state = net.state_dict()
@@ -156,6 +160,7 @@ def checkpoint_from_bytes(data: bytes | bytearray | memoryview) -> Checkpoint:
                                   f"the network expects {tuple(ref.shape)}")
         new_state[name] = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True)).to(ref.dtype)
     net.load_state_dict(new_state)
+    net.categories = categories
     net.eval()
     popularity = None
     if POPULARITY in arrays:

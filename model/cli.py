@@ -1,4 +1,5 @@
-"""``gruflow train | evaluate | baseline`` and ``gruflow bench train``: the offline model commands.
+"""``gruflow train | evaluate | baseline`` and ``gruflow bench train``: the offline model commands
+(``tune`` and ``split`` live in :mod:`model.tune_cli`).
 
 Registered into the ``gruflow`` command by :mod:`stream.cli`; imports stay inside the handlers so
 ``gruflow --help`` does not load torch.
@@ -36,7 +37,9 @@ def register(sub, bench_sub) -> None:
     p = sub.add_parser("train", help="train a GRU4Rec model offline and write a checkpoint")
     p.add_argument("data", help="training data path (or synthetic[:N])")
     _add_data_args(p)
-    p.add_argument("--params", default="", help='hyperparameters in the official names, "name=value,..."')
+    p.add_argument("--params-file", default=None, help="hyperparameters from a file written by 'gruflow tune'")
+    p.add_argument("--params", default="", help='hyperparameters in the official names, "name=value,..." '
+                   "(on top of --params-file)")
     p.add_argument("--epochs", type=int, default=None, help="override n_epochs")
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.add_argument("--test", default=None, help="optional test data (same format) evaluated into the metadata")
@@ -60,6 +63,10 @@ def register(sub, bench_sub) -> None:
     _add_data_args(p)
     _add_eval_args(p)
     p.set_defaults(func=cmd_baseline)
+
+    from model.tune_cli import register as register_tune
+
+    register_tune(sub, _add_data_args, _add_threads)
 
     p = bench_sub.add_parser("train", help="training speed (events/s) and peak RSS, as JSON")
     p.add_argument("data", help="training data path (or synthetic[:N])")
@@ -104,12 +111,13 @@ def _metrics_text(res: dict) -> str:
 def cmd_train(args) -> int:
     from model.checkpoint import save_checkpoint
     from model.data import describe, load_events
-    from model.params import GRU4RecParams
+    from model.params import GRU4RecParams, read_params_file
     from model.train import build_vocabulary, fit, item_counts, item_rows_for
     from model.network import GRU4RecNet
 
     _threads(args.threads)
-    params = GRU4RecParams.parse(args.params)
+    base = read_params_file(args.params_file) if args.params_file else None
+    params = GRU4RecParams.parse(args.params, base)
     if args.epochs is not None:
         params = params.__class__.from_dict({**params.to_dict(), "n_epochs": args.epochs})
     data = load_events(args.data, args.fmt)

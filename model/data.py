@@ -16,7 +16,7 @@ from model.events import EventType
 from model.table import COLUMNS, DEFAULT_SESSION_GAP_S, event_table, sessionize, sort_events
 
 __all__ = ["COLUMNS", "DEFAULT_SESSION_GAP_S", "FORMATS", "DataFormatError", "describe", "event_table", "load_events",
-           "sessionize", "sort_events", "split_by_time"]
+           "sessionize", "sort_events", "split_by_time", "split_latest_sessions"]
 
 FORMATS = ("session-rec", "yoochoose", "retailrocket", "diginetica", "otto", "movielens", "synthetic")
 
@@ -111,10 +111,22 @@ def _diginetica_time(dates: pd.Series, timeframe: pd.Series) -> np.ndarray:
     return base + timeframe.to_numpy(dtype=np.float64) / 1000.0
 
 
+def _diginetica_categories(folder: Path) -> pd.Series | None:
+    """itemId -> categoryId (strings) from ``product-categories.csv`` beside the views, if present."""
+    f = folder / "product-categories.csv"
+    if not f.exists():
+        return None
+    c = pd.read_csv(f, sep=";", dtype=str)
+    c.columns = [x.strip() for x in c.columns]
+    _check_columns(c, ["itemId", "categoryId"], f, "Diginetica product-categories.csv (itemId;categoryId)")
+    return c.drop_duplicates("itemId").set_index("itemId")["categoryId"]
+
+
 def load_diginetica(path: str | Path) -> pd.DataFrame:
     """CIKM Cup 2016 ``train-item-views.csv`` (session_id;user_id;item_id;timeframe;eventdate; timeframe is
     a ms offset within the session) as views, plus ``train-purchases.csv`` beside it as purchases (only
-    rows whose session has views). ``path`` may be the views file or its directory."""
+    rows whose session has views). ``path`` may be the views file or its directory. With
+    ``product-categories.csv`` beside them, each event gets its item's ``Category`` (model.features)."""
     path = _require(Path(path))
     if path.is_dir():
         cands = sorted(path.glob("*train-item-views.csv"))
@@ -136,7 +148,11 @@ def load_diginetica(path: str | Path) -> pd.DataFrame:
         parts.append(pd.DataFrame({"s": p["sessionId"].to_numpy(dtype=np.int64), "i": p["itemId"],
                                    "t": _diginetica_time(p["eventdate"], p["timeframe"]), "e": int(EventType.PURCHASE)}))
     d = pd.concat(parts, ignore_index=True)
-    return event_table(d["s"], d["i"], d["t"], d["e"])
+    df = event_table(d["s"], d["i"], d["t"], d["e"])
+    categories = _diginetica_categories(path.parent)
+    if categories is not None:
+        df["Category"] = df["ItemId"].map(categories).to_numpy(dtype=object)
+    return df
 
 
 _OTTO_TYPES = {"clicks": EventType.CLICK, "carts": EventType.CART, "orders": EventType.PURCHASE}
@@ -214,20 +230,45 @@ def load_events(path: str | Path, fmt: str) -> pd.DataFrame:
     return LOADERS[fmt](path)
 
 
-def split_by_time(df: pd.DataFrame, days: float = 1.0, min_test_length: int = 2) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_by_time(df: pd.DataFrame, days: float = 1.0, min_test_length: int = 2,
+                  end: float | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train/test split as in the official GRU4Rec preprocessing.
 
-    Sessions whose last event is within ``days`` of the data's end go to test, the rest to train; test
-    events whose item never occurs in train are dropped, then test sessions shorter than
-    ``min_test_length`` are dropped."""
+    Sessions whose last event is within ``days`` of the data's end (or of ``end``, epoch seconds) go to
+    test, the rest to train; test events whose item never occurs in train are dropped, then test
+    sessions shorter than ``min_test_length`` are dropped."""
     if df.empty:
         return df.copy(), df.copy()
-    cut = float(df["Time"].max()) - days * 86400.0
+    cut = (float(df["Time"].max()) if end is None else float(end)) - days * 86400.0
     last = df.groupby("SessionId")["Time"].max()
     test_sessions = last.index[last.to_numpy() >= cut]
     in_test = np.isin(df["SessionId"].to_numpy(), test_sessions.to_numpy())
     train = df[~in_test]
     test = df[in_test]
+    test = test[np.isin(test["ItemId"].to_numpy(), train["ItemId"].unique())]
+    lengths = test.groupby("SessionId").size()
+    test = test[np.isin(test["SessionId"].to_numpy(), lengths.index[lengths.to_numpy() >= min_test_length].to_numpy())]
+    return train.reset_index(drop=True), test.reset_index(drop=True)
+
+
+def split_latest_sessions(df: pd.DataFrame, fraction: float,
+                          min_test_length: int = 2) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Time-based split by share of sessions: the latest-ending ``fraction`` of sessions (ties by session
+    id) go to test, the rest to train; test is then filtered as in :func:`split_by_time`.
+
+    Unlike a split by days it suits samples whose sessions are spread thinly over months (a few late
+    outliers would leave the last days almost empty). Every train session ends no later than every
+    test session."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    if df.empty:
+        return df.copy(), df.copy()
+    last = df.groupby("SessionId")["Time"].max()
+    order = np.lexsort((last.index.to_numpy(), last.to_numpy()))
+    n_test = int(np.ceil(fraction * len(last)))
+    test_sessions = last.index.to_numpy()[order[len(order) - n_test:]]
+    in_test = np.isin(df["SessionId"].to_numpy(), test_sessions)
+    train, test = df[~in_test], df[in_test]
     test = test[np.isin(test["ItemId"].to_numpy(), train["ItemId"].unique())]
     lengths = test.groupby("SessionId").size()
     test = test[np.isin(test["SessionId"].to_numpy(), lengths.index[lengths.to_numpy() >= min_test_length].to_numpy())]

@@ -56,25 +56,32 @@ class Accumulator:
                 "n_events": self.n, "tie": self.tie}
 
 
-def test_index(vocab: Vocabulary, test_df: pd.DataFrame) -> SessionIndex:
-    from model.train import item_rows_for
+def test_index(vocab: Vocabulary, test_df: pd.DataFrame, net: GRU4RecNet | None = None) -> SessionIndex:
+    """The test sessions; with the feature rows ``net`` uses (its category vocabulary is not grown)."""
+    from model.train import features_for, item_rows_for
 
-    return index_sessions(test_df, item_rows_for(test_df, vocab))
+    feats = features_for(net, test_df) if net is not None else None
+    return index_sessions(test_df, item_rows_for(test_df, vocab), feats)
 
 
-def run_sessions(index: SessionIndex, batch_size: int,
-                 score: Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], torch.Tensor],
+Scorer = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], "torch.Tensor | None"], torch.Tensor]
+
+
+def run_sessions(index: SessionIndex, batch_size: int, score: Scorer,
                  n_items: int, state_sizes: Iterable[int], acc: Accumulator) -> None:
-    """Drive ``score(inputs, event_types, H) -> [b, n_items]`` over the session-parallel schedule."""
+    """Drive ``score(inputs, event_types, H, features) -> [b, n_items]`` over the session-parallel
+    schedule (``features`` is None when the index has none)."""
     items = torch.from_numpy(index.items)
     types = torch.from_numpy(index.event_types)
+    feats = torch.from_numpy(index.features) if index.features is not None else None
     H = [torch.zeros(min(batch_size, max(index.n_sessions, 1)), h) for h in state_sizes]
     for chunk in session_parallel(index, batch_size, min_active=1):
         if chunk.n_steps:
             pos = torch.from_numpy(chunk.input_positions())
             X_all, T_all, Y_all = items[pos], types[pos], items[pos + 1]
+            F_all = feats[pos] if feats is not None else None
             for i in range(chunk.n_steps):
-                scores = score(X_all[i], T_all[i], H)[:, :n_items]
+                scores = score(X_all[i], T_all[i], H, F_all[i] if F_all is not None else None)[:, :n_items]
                 acc.add(acc.ranks(scores, Y_all[i]))
         fin = torch.from_numpy(chunk.finished)
         for h in H:
@@ -97,12 +104,12 @@ def evaluate(net_or_recommender, vocab: Vocabulary | None, test_df: pd.DataFrame
     acc = Accumulator(cutoffs, tie)
     use_types = net.T is not None
 
-    def score(X: torch.Tensor, T: torch.Tensor, H: list[torch.Tensor]) -> torch.Tensor:
-        out = net.step(X, H, T if use_types else None, training=False)
+    def score(X: torch.Tensor, T: torch.Tensor, H: list[torch.Tensor], F: torch.Tensor | None) -> torch.Tensor:
+        out = net.step(X, H, T if use_types else None, training=False, features=F)
         return net.score_items(out)
 
     try:
-        run_sessions(test_index(vocab, test_df), batch_size, score, len(vocab), net.layers, acc)
+        run_sessions(test_index(vocab, test_df, net), batch_size, score, len(vocab), net.layers, acc)
     finally:
         net.train(was_training)
     return acc.result()

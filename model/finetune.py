@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from model.exposure import ConcentrationLimits, concentration_problem, item_jump, topk_exposure
 from model.network import GRU4RecNet
 from model.params import GRU4RecParams
 from model.vocab import Vocabulary
@@ -33,7 +34,8 @@ from model.weight_check import weight_problem
 ITEM_ROW_PARAMS = ("Wy.weight", "By.weight", "E.weight", "GE.Wx0.weight")
 # rough per-session bookkeeping cost in the buffer (objects, containers, ordered-dict entry)
 _SESSION_OVERHEAD_BYTES = 400
-_EVENT_FIXED_BYTES = 8 + 8 + 1  # list slot + float64 time + int8 type
+# list slot + float64 time + int8 type + category list slot (interned strings) + float64 price
+_EVENT_FIXED_BYTES = 8 + 8 + 1 + 8 + 8
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,15 @@ class FineTuneConfig:
     n_epochs: int = 1
     learning_rate: float | None = None  # None = the model's own learning rate
     seed: int = 0
+    # the concentration check of the guardrail (model/exposure.py); 0 switches a check off
+    guardrail_max_gini_increase: float = 0.0
+    guardrail_min_coverage_ratio: float = 0.0
+    guardrail_max_item_exposure_factor: float = 0.0
+
+    @property
+    def concentration(self) -> ConcentrationLimits:
+        return ConcentrationLimits(self.guardrail_max_gini_increase, self.guardrail_min_coverage_ratio,
+                                   self.guardrail_max_item_exposure_factor)
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> "FineTuneConfig":
@@ -67,7 +78,7 @@ class FineTuneConfig:
 
 
 class _Session:
-    __slots__ = ("sid", "key", "items", "times", "types", "last")
+    __slots__ = ("sid", "key", "items", "times", "types", "cats", "prices", "last")
 
     def __init__(self, sid: int, key: str) -> None:
         self.sid = sid
@@ -75,6 +86,8 @@ class _Session:
         self.items: list[str] = []
         self.times = array("d")
         self.types = bytearray()
+        self.cats: list[str | None] = []  # side features (model.features): None / NaN when absent
+        self.prices = array("d")
         self.last = -math.inf
 
     def __len__(self) -> int:
@@ -137,7 +150,8 @@ class SessionBuffer:
         return _EVENT_FIXED_BYTES + sys.getsizeof(item_id)
 
     # --- input
-    def add(self, key: str, item_id: str, ts: float, event_type: int = 1) -> None:
+    def add(self, key: str, item_id: str, ts: float, event_type: int = 1, category: str | None = None,
+            price: float | None = None) -> None:
         item_id = str(item_id)
         s = self._open.get(key)
         if s is None or ts - s.last > self.session_gap_s:
@@ -151,6 +165,8 @@ class SessionBuffer:
         s.items.append(item_id)
         s.times.append(ts)
         s.types.append(int(event_type) & 0x7F)
+        s.cats.append(None if category is None else sys.intern(str(category)))
+        s.prices.append(math.nan if price is None else float(price))
         s.last = max(s.last, ts)
         self._events += 1
         self._bytes += self._event_bytes(item_id)
@@ -200,6 +216,43 @@ class SessionBuffer:
         self._reservoir_events += len(s)
         self._reservoir_bytes += size
 
+    def remove_user(self, key: str) -> int:
+        """Drop every session of ``key`` (recent and reservoir) and its items from the not yet drained
+        counts: a user flagged as a bot, or one who asked to be forgotten. Returns the events removed.
+        O(sessions). A session evicted without entering the reservoir is already gone; its items stay
+        in the counts until the next drain (counts never go below 0)."""
+        removed = 0
+        for sid in [sid for sid, s in self._sessions.items() if s.key == key]:
+            s = self._sessions.pop(sid)
+            self._events -= len(s)
+            self._bytes -= _SESSION_OVERHEAD_BYTES + sys.getsizeof(s.key) + sum(map(self._event_bytes, s.items))
+            removed += self._uncount(s)
+        self._open.pop(key, None)
+        kept = []
+        for s in self._reservoir:
+            if s.key == key:
+                self._reservoir_events -= len(s)
+                self._reservoir_bytes -= _SESSION_OVERHEAD_BYTES + sys.getsizeof(s.key) + sum(
+                    map(self._event_bytes, s.items))
+                removed += self._uncount(s)
+            else:
+                kept.append(s)
+        self._reservoir = kept
+        return removed
+
+    def _uncount(self, s: _Session) -> int:
+        for item in s.items:
+            left = self._counts.get(item, 0) - 1
+            if left > 0:
+                self._counts[item] = left
+            else:
+                self._counts.pop(item, None)
+        return len(s)
+
+    def users(self) -> set[str]:
+        """Keys with at least one session held (recent or reservoir)."""
+        return {s.key for s in self._sessions.values()} | {s.key for s in self._reservoir}
+
     # --- output
     def drain_stats(self) -> tuple[Counter[str], dict[str, float]]:
         """Item counts and last-seen times accumulated since the previous call (bounded by the
@@ -209,8 +262,8 @@ class SessionBuffer:
         return counts, last
 
     def to_frame(self, include_reservoir: bool = True) -> pd.DataFrame:
-        """The buffer as an event table (SessionId, ItemId, Time, EventType), sorted by session then
-        time; a column ``Recent`` marks sessions of the recent buffer (False = reservoir)."""
+        """The buffer as an event table (SessionId, ItemId, Time, EventType, Category, Price), sorted by
+        session then time; a column ``Recent`` marks sessions of the recent buffer (False = reservoir)."""
         sessions = list(self._sessions.values())
         recent = [True] * len(sessions)
         if include_reservoir:
@@ -222,8 +275,11 @@ class SessionBuffer:
         items = [i for s in sessions for i in s.items]
         times = np.concatenate([np.frombuffer(s.times, dtype=np.float64) for s in sessions]) if n else np.zeros(0)
         types = np.frombuffer(b"".join(bytes(s.types) for s in sessions), dtype=np.int8) if n else np.zeros(0, np.int8)
+        cats = pd.Series([c for s in sessions for c in s.cats], dtype=object)
+        prices = np.concatenate([np.frombuffer(s.prices, dtype=np.float64) for s in sessions]) if n else np.zeros(0)
         df = pd.DataFrame({"SessionId": sid, "ItemId": pd.Series(items, dtype=object), "Time": times,
-                           "EventType": types.astype(np.int8), "Recent": np.repeat(np.array(recent, bool), lengths)})
+                           "EventType": types.astype(np.int8), "Category": cats, "Price": prices,
+                           "Recent": np.repeat(np.array(recent, bool), lengths)})
         return df.sort_values(["SessionId", "Time"], kind="stable").reset_index(drop=True)
 
 
@@ -259,6 +315,7 @@ class RoundResult:
     new_items: tuple[str, ...] = ()
     retired_items: int = 0
     duration_s: float = 0.0
+    concentration: str = ""  # the concentration check that refused the candidate (model.exposure), or ""
 
     @property
     def promoted(self) -> bool:
@@ -268,7 +325,8 @@ class RoundResult:
         return {"status": self.status, "reason": self.reason, "current": self.current_scores,
                 "candidate": self.candidate_scores, "loss": self.loss, "train_events": self.train_events,
                 "holdout_events": self.holdout_events, "new_items": len(self.new_items),
-                "retired_items": self.retired_items, "duration_s": round(self.duration_s, 3)}
+                "retired_items": self.retired_items, "duration_s": round(self.duration_s, 3),
+                "concentration": self.concentration}
 
 
 def split_recent(df: pd.DataFrame, fraction: float, min_events: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -432,6 +490,12 @@ class FineTuner:
         cand_s = _scores(evaluate(candidate, vocab, hold_eval, cutoffs=(k,)), k)
         tol = cfg.guardrail_tolerance
         ok = cand_s["recall"] >= cur_s["recall"] - tol and cand_s["mrr"] >= cur_s["mrr"] - tol
+        # exposure is measured even with every concentration check off: it is reported with the scores
+        cur_x = topk_exposure(cur.net, cur.vocab, hold_eval, k)
+        cand_x = topk_exposure(candidate, vocab, hold_eval, k)
+        cur_s["exposure"], cand_s["exposure"] = cur_x.summary(), cand_x.summary()
+        cand_s["exposure"]["max_item_factor"] = item_jump(cur_x, cand_x, cfg.concentration.smoothing_share)[1]
+        refusal, detail = concentration_problem(cur_x, cand_x, cfg.concentration)
 
         # --- retirement (rows kept, excluded from recommendations) and popularity
         newest = float(frame["Time"].max())
@@ -463,8 +527,10 @@ class FineTuner:
         cand_state = ModelState(candidate, vocab, cur.params, pop, meta, version=cur.version)
         status, reason = ("promoted", "not worse than current") if ok else (
             "rejected", f"worse than current beyond tolerance {tol}")
+        if ok and refusal:
+            status, reason = "rejected", f"concentration: {detail}"
         return RoundResult(status, reason, cand_state, cur_s, cand_s, loss, int(len(known)), int(len(hold_eval)),
-                           tuple(new_ids), newly_retired, time.perf_counter() - t0)
+                           tuple(new_ids), newly_retired, time.perf_counter() - t0, refusal)
 
 
 def _loss_of(out: Any) -> float:

@@ -4,7 +4,8 @@ Follows the structure of the official PyTorch implementation (hidasib/GRU4Rec_Py
 constrained embedding (the output matrix ``Wy`` doubles as input embedding), a separate embedding, or
 one-hot input through a first GRU layer whose input weights are looked up sparsely. gruflow adds an
 event-type embedding (view/click/cart/purchase) to the item input; it starts at zero so click-only
-data trains exactly as without it.
+data trains exactly as without it. Optional feature embeddings (category, price bucket, time-gap bucket;
+:mod:`model.features`) are summed into the same input; their row 0 ("absent") stays zero.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import torch
 from torch import nn
 
 from model.events import N_EVENT_TYPES
+from model.features import CATEGORY, GAP, N_GAP_BUCKETS, N_PRICE_BUCKETS, PRICE
 from model.params import GRU4RecParams
+from model.vocab import Vocabulary
 
 
 def _dropout(X: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -61,9 +64,12 @@ class GRUEmbedding(nn.Module):
 
 
 class GRU4RecNet(nn.Module):
-    def __init__(self, n_items: int, params: GRU4RecParams) -> None:
+    def __init__(self, n_items: int, params: GRU4RecParams, n_categories: int = 1) -> None:
+        """``n_categories`` = rows of the category table (category vocabulary + 1 for "absent")."""
         super().__init__()
         self.n_items = n_items
+        # category ids -> rows - 1; grows with the data (see grow_categories); not a parameter
+        self.categories = Vocabulary()
         self.params = params
         layers = list(params.layers)
         self.layers = layers
@@ -82,6 +88,18 @@ class GRU4RecNet(nn.Module):
         # event-type embedding, added to the input of the first recurrent step; zero-initialised, and
         # training keeps the commonest type's row fixed, so click-only data trains as without it
         self.T = nn.Embedding(N_EVENT_TYPES, n_input) if params.event_types else None
+        # feature embeddings (model.features), summed into the same input as T, zero-initialised
+        # or concatenated to it (params.feature_dim > 0)
+        self.concat = params.feature_dim > 0
+        if self.concat and self.start == 1:
+            raise ValueError("feature_dim > 0 needs constrained_embedding or embedding > 0 (a GRUCell first layer)")
+        dim = params.feature_dim if self.concat else n_input
+        self.C = nn.Embedding(max(1, n_categories), dim) if params.category_feature else None
+        self.P = nn.Embedding(N_PRICE_BUCKETS, dim) if params.price_feature else None
+        self.D = nn.Embedding(N_GAP_BUCKETS, dim) if params.time_feature else None
+        self.n_input = n_input
+        if self.concat:
+            n_input += dim * len(self.feature_tables())
         self.G = nn.ModuleList()
         for i in range(self.start, len(layers)):
             self.G.append(nn.GRUCell(layers[i - 1] if i > 0 else n_input, layers[i]))
@@ -97,7 +115,7 @@ class GRU4RecNet(nn.Module):
     def reset_parameters(self, seed: int | None = None) -> None:
         gen = torch.Generator().manual_seed(self.params.seed if seed is None else seed)
         for name, p in self.named_parameters():
-            if name.startswith("T."):
+            if name.startswith(("T.", "C.", "P.", "D.")):
                 nn.init.zeros_(p)
             elif name.startswith("By") or ".bias" in name or name.endswith("Bh0"):
                 nn.init.zeros_(p)
@@ -124,14 +142,59 @@ class GRU4RecNet(nn.Module):
             return self.E.weight
         return self.GE.Wx0.weight
 
-    def embed(self, X: torch.Tensor, H: list[torch.Tensor], event_types: torch.Tensor | None = None) -> torch.Tensor:
-        return self._embed_rows(self.input_table()[X], H, event_types)
+    def feature_tables(self) -> list[tuple[int, nn.Embedding]]:
+        """(feature column, embedding) of each feature this network uses (see model.features)."""
+        return [(col, emb) for col, emb in ((CATEGORY, self.C), (PRICE, self.P), (GAP, self.D)) if emb is not None]
 
-    def _embed_rows(self, rows: torch.Tensor, H: list[torch.Tensor], event_types: torch.Tensor | None) -> torch.Tensor:
+    @property
+    def uses_features(self) -> bool:
+        return bool(self.feature_tables())
+
+    def extra_input(self, event_types: torch.Tensor | None, features: torch.Tensor | None) -> torch.Tensor | None:
+        """Sum of the event-type and feature embeddings of B events (None when there is none)."""
         extra = self.T(event_types) if (self.T is not None and event_types is not None) else None
+        if features is not None and not self.concat:
+            for col, emb in self.feature_tables():
+                e = emb(features[:, col])
+                extra = e if extra is None else extra + e
+        return extra
+
+    @torch.no_grad()
+    def grow_categories(self, category_ids) -> int:
+        """Append unseen categories to the vocabulary and grow the category table (new rows zero, so a
+        grown network scores exactly as before). Returns the number added."""
+        if self.C is None:
+            return 0
+        before = len(self.categories)
+        for c in category_ids:
+            if c is not None and str(c) != "" and str(c) != "nan":
+                self.categories.add(str(c))
+        need = len(self.categories) + 1
+        if need > self.C.num_embeddings:
+            w = self.C.weight
+            self.C.weight = nn.Parameter(torch.cat([w.data, torch.zeros(need - w.shape[0], w.shape[1])]))
+            self.C.num_embeddings = need
+        return len(self.categories) - before
+
+    def embed(self, X: torch.Tensor, H: list[torch.Tensor], event_types: torch.Tensor | None = None,
+              features: torch.Tensor | None = None) -> torch.Tensor:
+        return self._embed_rows(self.input_table()[X], H, event_types, features)
+
+    def _embed_rows(self, rows: torch.Tensor, H: list[torch.Tensor], event_types: torch.Tensor | None,
+                    features: torch.Tensor | None = None) -> torch.Tensor:
+        extra = self.extra_input(event_types, features)
         if self.start == 1:
             return self.GE.forward_rows(rows, H[0], extra)
-        return rows + extra if extra is not None else rows
+        x = rows + extra if extra is not None else rows
+        return self.concat_features(x, features) if self.concat else x
+
+    def concat_features(self, x: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """``x`` followed by the feature embeddings (zero rows when ``features`` is None)."""
+        parts = [x]
+        for col, emb in self.feature_tables():
+            parts.append(emb(features[:, col]) if features is not None else
+                         torch.zeros(x.shape[0], emb.embedding_dim))
+        return torch.cat(parts, dim=1)
 
     def hidden_step(self, X: torch.Tensor, H: list[torch.Tensor], training: bool = False,
                     generator: torch.Generator | None = None) -> torch.Tensor:
@@ -146,14 +209,17 @@ class GRU4RecNet(nn.Module):
         return X
 
     def step(self, X: torch.Tensor, H: list[torch.Tensor], event_types: torch.Tensor | None = None,
-             training: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One event for each of B sessions: returns the top layer's output, H advanced in place."""
-        return self.step_rows(self.input_table()[X], H, event_types, training, generator)
+             training: bool = False, generator: torch.Generator | None = None,
+             features: torch.Tensor | None = None) -> torch.Tensor:
+        """One event for each of B sessions: returns the top layer's output, H advanced in place.
+        ``features``: [B, N_FEATURES] rows (model.features), ignored for features the network lacks."""
+        return self.step_rows(self.input_table()[X], H, event_types, training, generator, features)
 
     def step_rows(self, rows: torch.Tensor, H: list[torch.Tensor], event_types: torch.Tensor | None = None,
-                  training: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+                  training: bool = False, generator: torch.Generator | None = None,
+                  features: torch.Tensor | None = None) -> torch.Tensor:
         """``step`` given the input rows already looked up (training differentiates w.r.t. them)."""
-        E = self._embed_rows(rows, H, event_types)
+        E = self._embed_rows(rows, H, event_types, features)
         if training:
             E = _dropout(E, self.params.dropout_p_embed, generator)
         if self.start == 1:
@@ -196,5 +262,6 @@ class GRU4RecNet(nn.Module):
         return Xh @ self.Wy(Y).T + self.By(Y).T
 
     def forward(self, X: torch.Tensor, H: list[torch.Tensor], Y: torch.Tensor | None,
-                event_types: torch.Tensor | None = None, training: bool = False) -> torch.Tensor:
-        return self.score_items(self.step(X, H, event_types, training), Y)
+                event_types: torch.Tensor | None = None, training: bool = False,
+                features: torch.Tensor | None = None) -> torch.Tensor:
+        return self.score_items(self.step(X, H, event_types, training, features=features), Y)

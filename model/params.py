@@ -34,6 +34,14 @@ class GRU4RecParams:
     learning_rate: float = 0.07
     momentum: float = 0.0
     event_types: bool = True  # gruflow extension: add an event-type embedding to the item input
+    # gruflow extensions (model/features.py, docs/features.md): embeddings of the event's category, its
+    # log-bucketed price and the bucketed time since the previous event, summed into the item input
+    category_feature: bool = False
+    price_feature: bool = False
+    time_feature: bool = False
+    # 0: feature embeddings are summed into the item input; > 0: embeddings of this size are concatenated
+    # to it (the first GRU layer weighs them apart from the item; needs a GRUCell first layer)
+    feature_dim: int = 0
     seed: int = 42
 
     @classmethod
@@ -91,3 +99,62 @@ def _coerce(name: str, raw: str, current: Any) -> Any:
 
 # The official GRU4Rec configuration for YooChoose (the reference's example); the defaults above beat it there.
 OFFICIAL = GRU4RecParams(loss="cross-entropy", bpreg=0.0, logq=1.0, elu_param=0.0, dropout_p_hidden=0.2)
+
+
+PARAMS_FILE_KIND = "gruflow-params"
+PARAMS_FILE_VERSION = 1
+
+
+def write_params_file(path: str, params: GRU4RecParams, about: dict[str, Any] | None = None) -> None:
+    """Write ``params`` as JSON (``{"kind", "version", "params", "about"}``); ``about`` says where they
+    came from (e.g. a tuning run's data and validation figures) and is never read back as parameters."""
+    import json
+    from pathlib import Path
+
+    doc = {"kind": PARAMS_FILE_KIND, "version": PARAMS_FILE_VERSION, "params": params.to_dict(), "about": about or {}}
+    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def read_params_file(path: str) -> GRU4RecParams:
+    """Read a file written by :func:`write_params_file`. Parameters it omits keep their defaults; an
+    unknown name or a value of the wrong type is a :class:`ParamsError` naming the file."""
+    import json
+    from pathlib import Path
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"{path}: not a params file (not JSON: {exc})") from None
+    if not isinstance(doc, dict) or doc.get("kind") != PARAMS_FILE_KIND or not isinstance(doc.get("params"), dict):
+        raise ParamsError(f"{path}: not a params file (expected a JSON object with \"kind\": "
+                          f"\"{PARAMS_FILE_KIND}\" and \"params\")")
+    if doc.get("version") != PARAMS_FILE_VERSION:
+        raise ParamsError(f"{path}: params file version {doc.get('version')!r}; "
+                          f"this gruflow reads version {PARAMS_FILE_VERSION}")
+    base = GRU4RecParams()
+    known = {f.name for f in fields(GRU4RecParams)}
+    changes: dict[str, Any] = {}
+    for name, value in doc["params"].items():
+        if name not in known:
+            raise ParamsError(f"{path}: unknown parameter {name!r}; known: {', '.join(sorted(known))}")
+        changes[name] = _checked(path, name, value, getattr(base, name))
+    return dataclasses.replace(base, **changes)
+
+
+def _checked(path: str, name: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of ``default``; JSON has no tuples and writes whole floats as ints."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value)
+        value = tuple(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ParamsError(f"{path}: parameter {name}={value!r}: expected a {type(default).__name__}")
+    return value

@@ -54,13 +54,20 @@ class Recommender:
         t = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))
         return list(torch.split(t, self._splits, dim=1)) if len(self._splits) > 1 else [t]
 
+    @property
+    def uses_features(self) -> bool:
+        return self.net.uses_features
+
     @torch.inference_mode()
-    def step(self, hidden: np.ndarray, item_rows: np.ndarray, event_types: np.ndarray) -> np.ndarray:
-        """Advance B sessions by one event each. ``item_rows`` must be valid rows (>= 0)."""
+    def step(self, hidden: np.ndarray, item_rows: np.ndarray, event_types: np.ndarray,
+             features: np.ndarray | None = None) -> np.ndarray:
+        """Advance B sessions by one event each. ``item_rows`` must be valid rows (>= 0); ``features``
+        [B, N_FEATURES] rows (model.features) where the model uses features."""
         H = [h.clone() for h in self._unflatten(hidden)]
         X = torch.from_numpy(np.asarray(item_rows, dtype=np.int64))
         T = torch.from_numpy(np.asarray(event_types, dtype=np.int64))
-        self.net.step(X, H, T, training=False)
+        F = torch.from_numpy(np.asarray(features, dtype=np.int64)) if features is not None else None
+        self.net.step(X, H, T, training=False, features=F)
         return torch.cat(H, dim=1).numpy()
 
     @torch.inference_mode()

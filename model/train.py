@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from model.batching import SessionIndex, index_sessions, session_parallel
+from model.features import feature_matrix
 from model.losses import bpr_max, cross_entropy
 from model.network import GRU4RecNet
 from model.params import GRU4RecParams
@@ -43,6 +44,16 @@ def item_rows_for(df: pd.DataFrame, item_rows: Vocabulary | Mapping[str, int]) -
     else:
         rows = np.fromiter((int(item_rows.get(i, -1)) for i in uniq), dtype=np.int64, count=len(uniq))
     return rows[inverse].astype(np.int64)
+
+
+def features_for(net: GRU4RecNet, df: pd.DataFrame, grow: bool = False) -> np.ndarray | None:
+    """The feature rows of ``df`` for ``net`` (None when it uses no feature). With ``grow`` the
+    network's category vocabulary and table first take the categories ``df`` brings (online growth)."""
+    if not net.uses_features:
+        return None
+    if grow and net.C is not None and "Category" in df.columns:
+        net.grow_categories(pd.unique(df["Category"].dropna().astype(str)))
+    return feature_matrix(df, net.categories if net.C is not None else None)
 
 
 def build_vocabulary(df: pd.DataFrame) -> Vocabulary:
@@ -202,7 +213,7 @@ def fit(net: GRU4RecNet, data: pd.DataFrame, params: GRU4RecParams | None = None
     if len(rows) and rows.max() >= net.n_items:
         raise ValueError(f"item_rows maps to row {int(rows.max())} but the network has {net.n_items} items; "
                          "call net.expand_items() first")
-    index = index_sessions(data, rows)
+    index = index_sessions(data, rows, features_for(net, data, grow=True))
     counts = item_counts(index.items, net.n_items)
     gen = training_generator(params.seed if seed is None else seed)
     summary = {"epochs": epochs, "loss": [], "events": 0, "seconds": 0.0, "n_sessions": index.n_sessions,
@@ -274,6 +285,7 @@ class _Trainer:
         net, p = self.net, self.p
         items = torch.from_numpy(index.items)
         types = torch.from_numpy(index.event_types)
+        feats = torch.from_numpy(index.features) if index.features is not None else None
         H = [torch.zeros(min(p.batch_size, index.n_sessions), h) for h in net.layers]
         loss_sum, n_events = 0.0, 0
         min_active = 1 if p.n_sample > 0 else 2
@@ -283,8 +295,10 @@ class _Trainer:
                 if chunk.n_steps:
                     pos = torch.from_numpy(chunk.input_positions())
                     X_all, T_all, Y_all = items[pos], types[pos], items[pos + 1]
+                    F_all = feats[pos] if feats is not None else None
                     for i in range(chunk.n_steps):
-                        loss_sum += self.step(X_all[i], T_all[i], Y_all[i], H)
+                        loss_sum += self.step(X_all[i], T_all[i], Y_all[i], H,
+                                              F_all[i] if F_all is not None else None)
                     n = chunk.n_steps * len(chunk.start)
                     n_events += n
                     bar.update(n)
@@ -297,19 +311,20 @@ class _Trainer:
             bar.close()
         return loss_sum / max(n_events, 1) * p.batch_size, n_events
 
-    def step(self, X: torch.Tensor, T: torch.Tensor, Y: torch.Tensor, H: list[torch.Tensor]) -> float:
+    def step(self, X: torch.Tensor, T: torch.Tensor, Y: torch.Tensor, H: list[torch.Tensor],
+             F: torch.Tensor | None = None) -> float:
         net, p, opt = self.net, self.p, self.opt
         Wy, By = net.Wy.weight, net.By.weight
         types = T if net.T is not None else None
         rows = self.table.detach().index_select(0, X)
         if self.manual:
-            out, cache = self._forward(rows, types, H)
+            out, cache = self._forward(rows, types, H, F)
         else:
             for param in self.dense:
                 param.grad = None
             rows.requires_grad_()
             with torch.enable_grad():
-                out = net.step_rows(rows, H, types, training=True, generator=self.gen)
+                out = net.step_rows(rows, H, types, training=True, generator=self.gen, features=F)
             for i in range(len(H)):
                 H[i] = H[i].detach()
         Xh = out.detach()
@@ -352,6 +367,9 @@ class _Trainer:
             if not self.manual:
                 if net.T is not None and net.T.weight.grad is not None:
                     net.T.weight.grad[self.reference_type] = 0.0
+                for _, emb in net.feature_tables():
+                    if emb.weight.grad is not None:  # row 0 ("absent") stays zero
+                        emb.weight.grad[0] = 0.0
                 for param in self.dense:
                     if param.grad is not None:
                         opt.dense(param, param.grad)
@@ -377,10 +395,17 @@ class _Trainer:
 
     # --- hand-written forward/backward of the recurrent part (GRUCell layers), no autograd ----------
     @torch.no_grad()
-    def _forward(self, x: torch.Tensor, types: torch.Tensor | None, H: list[torch.Tensor]):
+    def _forward(self, x: torch.Tensor, types: torch.Tensor | None, H: list[torch.Tensor],
+                 F: torch.Tensor | None = None):
         net, p, gen = self.net, self.p, self.gen
         if types is not None:
             x = x + net.T.weight.index_select(0, types)
+        if F is not None and not net.concat:
+            for col, emb in net.feature_tables():
+                x = x + emb.weight.index_select(0, F[:, col])
+        if net.concat:
+            x = torch.cat([x] + [emb.weight.index_select(0, F[:, col]) if F is not None else
+                                 torch.zeros(x.shape[0], emb.embedding_dim) for col, emb in net.feature_tables()], 1)
         mask_e = _mask(x, p.dropout_p_embed, gen)
         if mask_e is not None:
             x = x * mask_e
@@ -400,12 +425,12 @@ class _Trainer:
             layers.append((x, h, rz, ghn, n, mask_h))
             H[i] = out
             x = out
-        return x, (types, mask_e, layers)
+        return x, (types, F, mask_e, layers)
 
     @torch.no_grad()
     def _backward(self, d_out: torch.Tensor, cache) -> torch.Tensor:
         net, opt = self.net, self.opt
-        types, mask_e, layers = cache
+        types, F, mask_e, layers = cache
         grads = []
         for i in range(len(layers) - 1, -1, -1):
             cell = net.G[i]
@@ -425,12 +450,23 @@ class _Trainer:
             d_out = dgi @ cell.weight_ih
         if mask_e is not None:
             d_out = d_out * mask_e
+        d_feats = {col: d_out for col, _ in net.feature_tables()}
+        if net.concat:  # the input was [item (+type) | feature embeddings]: split its gradient
+            widths = [net.n_input] + [emb.embedding_dim for _, emb in net.feature_tables()]
+            d_out, *rest = torch.split(d_out, widths, dim=1)
+            d_feats = {col: g for (col, _), g in zip(net.feature_tables(), rest)}
         if types is not None:
             gT = torch.zeros_like(net.T.weight).index_add_(0, types, d_out)
             gT[self.reference_type] = 0.0
             grads.append((net.T.weight, gT))
         for param, g in grads:
             opt.dense(param, g)
+        if F is not None:
+            for col, emb in net.feature_tables():
+                idx = F[:, col]
+                used = idx > 0  # row 0 ("absent") stays zero
+                if bool(used.any()):
+                    opt.sparse(emb.weight, idx[used], d_feats[col][used])
         return d_out
 
 

@@ -183,6 +183,23 @@ class Trainer:
     models_keep: int = setting(5, "model versions kept in the local model store")
     trainer_torch_threads: int = setting(1, "torch threads of the trainer")
     finetune_learning_rate: float = setting(0.03, "fine-tuning learning rate (0 = the model's own)")
+    # training-path defences (docs/security.md): what the trainer learns from, what it may promote
+    training_filter: bool = setting(False, "per-user anomaly checks on the training path: flagged users are answered "
+                                           "but not learned from (stream/pipeline/training_filter.py)")
+    training_sources: str = setting("", "comma-separated allow-list of event sources (the events' JSON field "
+                                        "event_source) that train (empty = all)")
+    filter_min_events: int = setting(6, "events a session needs before the filter judges it")
+    filter_max_events_per_s: float = setting(0.5, "flag a session faster than this mean rate (events/s)")
+    filter_max_session_events: int = setting(60, "flag a session longer than this")
+    filter_min_gap_cv: float = setting(0.08, "flag a session whose inter-event gaps vary less (coefficient of "
+                                             "variation)")
+    filter_min_item_diversity: float = setting(0.1, "flag a session with fewer distinct items per event")
+    flagged_sample_rate: float = setting(1.0, "share of newly flagged users whose id goes to the flagged-users topic")
+    guardrail_max_gini_increase: float = setting(0.0, "refuse a candidate whose exposure Gini rises more (0 = off)")
+    guardrail_min_coverage_ratio: float = setting(0.0, "refuse a candidate whose catalogue coverage falls below this "
+                                                       "share of the current one (0 = off)")
+    guardrail_max_item_exposure_factor: float = setting(0.0, "refuse a candidate that lifts one item's share of top-K "
+                                                             "lists by more than this factor (0 = off)")
 
 
 @dataclass(frozen=True)

@@ -192,12 +192,36 @@ def _model_rollback(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- experiment
 
+def _print_result(result: dict, one_line: bool) -> int:
+    print(json.dumps(result) if one_line else json.dumps(result, indent=2))
+    return 0
+
+
 def _experiment(args: argparse.Namespace) -> int:
     from stream.lab.experiment import run_online_experiment
 
-    result = run_online_experiment(args)
-    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return _print_result(run_online_experiment(args), args.json)
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from stream.online.training_guard import send_forget
+
+    settings = _settings(args)
+    if not _need_cluster(settings, "forget"):
+        return 2
+    if not args.user_id or len(args.user_id.encode("utf-8")) > settings.worker.max_id_bytes:
+        print(f"gruflow forget: a user id has 1..{settings.worker.max_id_bytes} bytes", file=sys.stderr)
+        return 2
+    topic, partition = send_forget(settings, args.user_id)
+    print(f"forget request written to {topic} (partition {partition}): the worker owning the user tombstones "
+          "its state (state table and changelog) and the trainer drops its buffered sessions at their next poll")
     return 0
+
+
+def _attack(args: argparse.Namespace) -> int:
+    from stream.lab.attack import run_attack_experiment
+
+    return _print_result(run_attack_experiment(args), args.json)
 
 
 def _because(args: argparse.Namespace) -> int:
@@ -231,6 +255,10 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("version", type=int, help="the version to serve again (see 'gruflow model list')")
     p.set_defaults(func=_model_rollback)
 
+    p = _bootstrap_arg(sub.add_parser("forget", help="right to erasure: tombstone a user's state in every store"))
+    p.add_argument("user_id", help="the user id (the input events' user_id)")
+    p.set_defaults(func=_forget)
+
     exp = sub.add_parser("experiment", help="experiments that print JSON")
     exp_sub = exp.add_subparsers(dest="experiment_command", metavar="WHICH")
     p = exp_sub.add_parser("online", help="prequential HR/MRR: frozen vs online fine-tuning vs popularity")
@@ -258,3 +286,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--seed", type=int, default=1, help="seed of the cut points and random items (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=_because)
+
+    from stream.lab.attack import add_attack_parser
+
+    add_attack_parser(exp_sub, _attack)

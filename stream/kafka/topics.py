@@ -50,6 +50,8 @@ class TopicNames:
     changelog: str
     item_rules: str = ""
     events: str = ""  # the one input topic of every event type; "" = the split clicks + purchases topics
+    control: str = ""  # keyed by user id like the inputs: requests about one user (``gruflow forget``)
+    flagged: str = ""  # a sample of the user ids the trainer's input filter flagged (never in logs or labels)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TopicNames":
@@ -62,6 +64,8 @@ class TopicNames:
             changelog=changelog_topic(settings),
             item_rules=settings.topic("item-rules"),
             events=settings.topics.topic_events,
+            control=settings.topic("control"),
+            flagged=settings.topic("flagged-users"),
         )
 
     @property
@@ -75,7 +79,8 @@ class TopicNames:
         return {self.clicks: "clicks", self.purchases: "purchases"}
 
     def __iter__(self) -> Iterator[str]:
-        return iter((*self.inputs, self.recommendations, self.dlq, self.models, self.changelog, self.item_rules))
+        return iter((*self.inputs, self.recommendations, self.dlq, self.models, self.changelog, self.item_rules,
+                     self.control, self.flagged))
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
@@ -90,6 +95,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(names.recommendations, p, {}),
         TopicSpec(names.dlq, p, {"max.message.bytes": str(DLQ_MESSAGE_MAX_BYTES)}),
         TopicSpec(names.changelog, p, dict(compact)),
+        # co-partitioned with the inputs: a user's request reaches the worker that holds the user's state
+        TopicSpec(names.control, p, {}),
+        TopicSpec(names.flagged, 1, {}),
         # one partition keeps model chunks in order; compaction keeps the latest of each key
         TopicSpec(names.models, 1, {**compact, "max.message.bytes": str(MODEL_CHUNK_BYTES + 65536)}),
         # catalogue rules keyed by item id: the latest of each item is what counts (docs/rules.md)

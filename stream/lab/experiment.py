@@ -29,8 +29,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -154,10 +155,8 @@ class WorkerProcess:
             time.sleep(0.1)
 
 
-def new_items_recommended(settings: Any, known: set[str], rest: pd.DataFrame, n_expected: int,
-                          timeout: float = 120.0) -> dict:
-    """Read the recommendations topic back: which post-warm-up items were recommended, and how many
-    stream events after their first appearance."""
+def read_recommendations(settings: Any, timeout: float = 120.0) -> Iterator[tuple[Any, dict]]:
+    """Every message of the recommendations topic up to its end at the call: (message, decoded JSON)."""
     import orjson
     from confluent_kafka import Consumer, TopicPartition
 
@@ -166,28 +165,37 @@ def new_items_recommended(settings: Any, known: set[str], rest: pd.DataFrame, n_
 
     topic = TopicNames.from_settings(settings).recommendations
     consumer = Consumer(consumer_config(settings, None))
-    md = consumer.list_topics(topic, timeout=30).topics[topic]
-    parts = [TopicPartition(topic, p, 0) for p in md.partitions]
-    ends = {p.partition: consumer.get_watermark_offsets(p, timeout=30)[1] for p in parts}
-    consumer.assign(parts)
+    try:
+        md = consumer.list_topics(topic, timeout=30).topics[topic]
+        parts = [TopicPartition(topic, p, 0) for p in md.partitions]
+        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=30)[1] for p in parts}
+        consumer.assign(parts)
+        done: dict[int, bool] = {p: ends[p] == 0 for p in ends}
+        deadline = time.monotonic() + timeout
+        while not all(done.values()) and time.monotonic() < deadline:
+            for m in consumer.consume(5000, 1.0):
+                if m.error() is not None:
+                    continue
+                if m.offset() >= ends[m.partition()] - 1:
+                    done[m.partition()] = True
+                yield m, orjson.loads(m.value())
+    finally:
+        consumer.close()
+
+
+def new_items_recommended(settings: Any, known: set[str], rest: pd.DataFrame, n_expected: int,
+                          timeout: float = 120.0) -> dict:
+    """Read the recommendations topic back: which post-warm-up items were recommended, and how many
+    stream events after their first appearance."""
     first_rec: dict[str, float] = {}
-    done: dict[int, bool] = {p: ends[p] == 0 for p in ends}
     seen = 0
-    deadline = time.monotonic() + timeout
-    while not all(done.values()) and time.monotonic() < deadline:
-        for m in consumer.consume(5000, 1.0):
-            if m.error() is not None:
-                continue
-            seen += 1
-            if m.offset() >= ends[m.partition()] - 1:
-                done[m.partition()] = True
-            rec = orjson.loads(m.value())
-            ts = float(rec.get("event_ts", 0)) / 1000.0
-            for it in rec.get("items", ()):
-                item = str(it["item_id"])
-                if item not in known and ts < first_rec.get(item, math.inf):
-                    first_rec[item] = ts
-    consumer.close()
+    for _, rec in read_recommendations(settings, timeout):
+        seen += 1
+        ts = float(rec.get("event_ts", 0)) / 1000.0
+        for it in rec.get("items", ()):
+            item = str(it["item_id"])
+            if item not in known and ts < first_rec.get(item, math.inf):
+                first_rec[item] = ts
     times = rest["Time"].to_numpy()
     first_seen = rest.groupby("ItemId", sort=False)["Time"].min()
     lags = []
@@ -202,7 +210,9 @@ def new_items_recommended(settings: Any, known: set[str], rest: pd.DataFrame, n_
 
 
 def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int, online: bool, tmp: Path,
-                 known: set[str]) -> dict:
+                 known: set[str], readback: Callable[[Any], dict] | None = None) -> dict:
+    """One variant on its own topics; ``readback(settings)`` runs after the replay, while the broker is up
+    (e.g. to read the recommendations topic), and its result is merged into the returned dict."""
     from stream.online import model_sync
     from stream.kafka.broker import free_port
     from stream.observe.metrics import Metrics
@@ -251,20 +261,36 @@ def _run_variant(name: str, base: Any, v1: bytes, rest: pd.DataFrame, every: int
         finally:
             if trainer is not None:
                 trainer.stop()
+    filtered = {} if trainer is None else {r: trainer.filtered(r) for r in trainer.filter_reasons()}
     k = s.scoring.top_k
     out = {"gru": prequential(samples, "gru", k), "popularity": prequential(samples, "popularity", k),
            "events": sent, "seconds": time.perf_counter() - t0}
     if online:
         out["rounds"] = rounds
+        out["training_filtered"] = filtered
         out["versions"] = int(_sum(samples, "gruflow_model_version"))
         out.update(new_items_recommended(s, known, rest, sent))
+    if readback is not None:
+        out.update(readback(s))
     _log(f"{name}: HR@{k} {out['gru']['hr'][str(k)]:.4f} MRR@{k} {out['gru']['mrr'][str(k)]:.4f} "
          f"(popularity {out['popularity']['hr'][str(k)]:.4f}/{out['popularity']['mrr'][str(k)]:.4f}) "
          f"in {out['seconds']:.0f} s")
     return out
 
 
-def run_online_experiment(args: argparse.Namespace) -> dict:
+@dataclass(frozen=True)
+class Prepared:
+    """The replayed stream and the warm-up model every variant starts from."""
+
+    settings: Any
+    warm: pd.DataFrame
+    rest: pd.DataFrame
+    v1: bytes
+    vocab: Any
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
+    """Load DATA, split off the warm-up days, train the warm-up model (``--params`` over OFFICIAL)."""
     import torch
 
     from model.checkpoint import checkpoint_to_bytes
@@ -285,21 +311,33 @@ def run_online_experiment(args: argparse.Namespace) -> dict:
     params = GRU4RecParams.parse(args.params, base=OFFICIAL)  # the warm-up model: official config (measured so)
     net, vocab, pop = train_model(warm, params, progress=True)
     v1 = checkpoint_to_bytes(net, vocab, params, pop, {"version": 1, "parent_version": 0, "source": "warm-up"})
-    known = set(vocab.ids)
+    return Prepared(settings, warm, rest, v1, vocab)
+
+
+def with_broker(settings: Any, run: Callable[[Any, Path], Any]) -> Any:
+    """``run(settings, tmpdir)`` against the embedded broker (started and stopped here) or the cluster
+    GRUFLOW_BOOTSTRAP_SERVERS names."""
     broker = None
     with tempfile.TemporaryDirectory(prefix="gruflow-exp-") as tmpdir:
-        tmp = Path(tmpdir)
         try:
             if settings.embedded:
                 from stream.kafka.broker import EmbeddedKafka
 
                 broker = EmbeddedKafka.from_settings(settings).start()
                 settings = broker.settings(settings)
-            frozen = _run_variant("frozen", settings, v1, rest, args.every, False, tmp, known)
-            online = _run_variant("online", settings, v1, rest, args.every, True, tmp, known)
+            return run(settings, Path(tmpdir))
         finally:
             if broker is not None:
                 broker.stop()
+
+
+def run_online_experiment(args: argparse.Namespace) -> dict:
+    prep = prepare(args)
+    warm, rest, vocab, v1 = prep.warm, prep.rest, prep.vocab, prep.v1
+    known = set(vocab.ids)
+    frozen, online = with_broker(prep.settings, lambda settings, tmp: (
+        _run_variant("frozen", settings, v1, rest, args.every, False, tmp, known),
+        _run_variant("online", settings, v1, rest, args.every, True, tmp, known)))
     details = {"frozen": frozen, "online": {k: v for k, v in online.items() if k != "rounds"},
                "rounds": online["rounds"], "warmup_events": len(warm), "warmup_items": len(vocab)}
     _log("details: " + __import__("json").dumps(details, default=str))

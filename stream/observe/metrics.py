@@ -20,17 +20,19 @@ from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from model.exposure import CONCENTRATION_REASONS
 from stream.pipeline.events import REASONS as DLQ_REASONS
 from stream.online.model_sync import REFUSAL_REASONS as MODEL_REFUSAL_REASONS
 from stream.pipeline.processor import STATE_RESET_REASONS
 from stream.pipeline.rules import RULES
+from stream.pipeline.training_filter import FILTER_REASONS
 
 Role = Literal["worker", "trainer"]
 ROLES: tuple[Role, ...] = ("worker", "trainer")
 # fields of Metrics only the trainer exports; every other field is the worker's unless it is shared
 TRAINER_FAMILIES = ("finetune_rounds", "finetune_duration", "finetune_loss", "promotions", "rejections",
                     "buffer_events", "buffer_bytes", "vocabulary_size", "new_items", "retired_items",
-                    "finetune_diverged")
+                    "finetune_diverged", "training_filtered", "concentration_refusals")
 # both load models from the models topic, so both can refuse one and both serve a version
 SHARED_FAMILIES = ("model_version", "model_refusals")
 # per-model versions whose prequential series are kept (the newest served ones); older series are removed
@@ -79,6 +81,7 @@ class Metrics:
     item_rules: Gauge
     item_rules_rejected: Counter
     state_record_bytes: Histogram
+    forgotten_users: Counter
     # trainer
     finetune_rounds: Counter
     finetune_duration: Histogram
@@ -91,6 +94,8 @@ class Metrics:
     vocabulary_size: Gauge
     new_items: Counter
     retired_items: Counter
+    training_filtered: Counter
+    concentration_refusals: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None, *, role: Role = "worker") -> "Metrics":
@@ -146,6 +151,8 @@ class Metrics:
             prequential_reciprocal_rank=Counter(p + "prequential_reciprocal_rank", "Sum of 1/rank of the event's"
                                                 " item in the top-K published before it (0 when absent)",
                                                 ["model", "version", "k"], registry=r),
+            forgotten_users=Counter(p + "forgotten_users", "Users whose state was tombstoned on request "
+                                    "(gruflow forget)", registry=r),
             ready=Gauge(p + "ready", "1 once state recovery is done and the worker serves", registry=r),
             http_requests=Counter(p + "http_requests", "Recommendation requests answered, by endpoint (user|anonymous)"
                                    " and HTTP status", ["endpoint", "status"], registry=r),
@@ -175,6 +182,12 @@ class Metrics:
             vocabulary_size=Gauge(p + "vocabulary_items", "Items in the model vocabulary", registry=r),
             new_items=Counter(p + "new_items", "Items added to the vocabulary from the stream", registry=r),
             retired_items=Counter(p + "retired_items", "Items retired from the vocabulary", registry=r),
+            training_filtered=Counter(p + "training_filtered", "Input events the trainer did not learn from (the "
+                                      "worker still answered them), by reason (stream/pipeline/training_filter.py)",
+                                      ["reason"], registry=r),
+            concentration_refusals=Counter(p + "model_concentration_refusals", "Candidate models refused because "
+                                           "their top-K lists concentrate on few items (model/exposure.py), by "
+                                           "reason", ["reason"], registry=r),
         )
         for name in families_of(role):
             target.register(getattr(m, name))
@@ -204,29 +217,46 @@ def init_label_values(m: Metrics) -> None:
             m.http_requests.labels(endpoint=endpoint, status=status)
     for rule in RULES:
         m.rule_masked.labels(rule=rule)
+    for reason in FILTER_REASONS:
+        m.training_filtered.labels(reason=reason)
+    for reason in CONCENTRATION_REASONS:
+        m.concentration_refusals.labels(reason=reason)
 
 
 class PrequentialVersions:
     """Writes the prequential counters and keeps their ``version`` label bounded: every promoted model
     adds a series per counter, so only the ``keep`` most recently served versions of each recommender
-    keep theirs (a removed series goes stale in Prometheus; its history stays queryable)."""
+    keep their own series. An evicted version's counts are added to the model's ``version="older"``
+    series, so the sum over versions stays the model's total since the start (what the experiments and
+    the dashboard's hit rate add up); per model there are at most ``keep + 1`` series."""
+
+    OLDER = "older"
 
     def __init__(self, metrics: Metrics, k: int, keep: int = PREQUENTIAL_VERSIONS_KEPT) -> None:
         self.metrics = metrics
         self.k = str(k)
         self.keep = keep
-        self._served: dict[str, OrderedDict[str, None]] = {}  # model -> versions, least recent first
+        # model -> version -> [events, hits, reciprocal rank] of the kept versions, least recent first
+        self._served: dict[str, OrderedDict[str, list[float]]] = {}
 
     def add(self, model: str, version: str, events: int, hits: int, reciprocal_rank: float) -> None:
+        self._inc(model, version, events, hits, reciprocal_rank)
+        served = self._served.setdefault(model, OrderedDict())
+        tally = served.setdefault(version, [0, 0, 0.0])
+        tally[0] += events
+        tally[1] += hits
+        tally[2] += reciprocal_rank
+        served.move_to_end(version)
+        while len(served) > self.keep:
+            old, (old_events, old_hits, old_rr) = served.popitem(last=False)
+            m, k = self.metrics, self.k
+            m.prequential_events.remove(model, old)
+            m.prequential_hits.remove(model, old, k)
+            m.prequential_reciprocal_rank.remove(model, old, k)
+            self._inc(model, self.OLDER, old_events, old_hits, old_rr)
+
+    def _inc(self, model: str, version: str, events: int, hits: int, reciprocal_rank: float) -> None:
         m, k = self.metrics, self.k
         m.prequential_events.labels(model=model, version=version).inc(events)
         m.prequential_hits.labels(model=model, version=version, k=k).inc(hits)
         m.prequential_reciprocal_rank.labels(model=model, version=version, k=k).inc(reciprocal_rank)
-        served = self._served.setdefault(model, OrderedDict())
-        served[version] = None
-        served.move_to_end(version)
-        while len(served) > self.keep:
-            old, _ = served.popitem(last=False)
-            m.prequential_events.remove(model, old)
-            m.prequential_hits.remove(model, old, k)
-            m.prequential_reciprocal_rank.remove(model, old, k)

@@ -24,6 +24,9 @@ from stream.observe.metrics import Metrics
 from stream.online.model_store import ModelStore
 from stream.online.model_sync import header_meta
 from stream.settings import Settings
+from stream.pipeline.training_filter import FilterConfig, TrainingFilter
+from stream.online.training_guard import FlaggedSample
+from stream.pipeline.control import control_action, event_source
 
 log = logging.getLogger("gruflow.trainer")
 
@@ -60,6 +63,8 @@ class Trainer:
         self.store = ModelStore.from_settings(settings)
         self.buffer = SessionBuffer(self.config.buffer_max_events, self.config.buffer_max_age_s,
                                     self.config.session_gap_s, self.config.reservoir_sessions, self.config.seed)
+        self.filter = TrainingFilter(FilterConfig.from_settings(settings))
+        self._flagged = FlaggedSample(settings)
         self.tuner: FineTuner | None = None
         self._lock = threading.Lock()  # guards the buffer and the counters below
         self._cond = threading.Condition(self._lock)
@@ -75,6 +80,7 @@ class Trainer:
         self._http: http.server.ThreadingHTTPServer | None = None
         self.rounds_done = 0
         self.events_consumed = 0
+        self.forgotten = 0
         self.results: list[RoundResult] = []
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -117,6 +123,7 @@ class Trainer:
         self._threads.clear()
         if self._subscriber is not None:
             self._subscriber.stop()
+        self._flagged.close()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -176,7 +183,8 @@ class Trainer:
         limits = Limits(self.settings.worker.max_message_bytes, self.settings.worker.max_id_bytes)
         consumer = Consumer(consumer_config(self.settings, f"{self.settings.process.app_id}-trainer"))
         assigned = threading.Event()
-        consumer.subscribe(list(names.inputs), on_assign=lambda c, parts: assigned.set())
+        consumer.subscribe([*names.inputs, names.control], on_assign=lambda c, parts: assigned.set())
+        want_source = bool(self.filter.config.sources)
         try:
             while not self._stop.is_set():
                 msgs = consumer.consume(2000, 0.2)
@@ -186,25 +194,66 @@ class Trainer:
                     self._maybe_trigger()
                     continue
                 batch = []
+                forget: list[str] = []
                 for m in msgs:
                     if m.error() is not None:
                         if m.error().code() != KafkaError._PARTITION_EOF:
                             log.warning("trainer consumer: %s", m.error())
                         continue
+                    if m.topic() == names.control:
+                        user = control_action(m.key(), m.value())
+                        if user is not None:
+                            forget.append(user)
+                        continue
                     ev = decode_event(m.value(), m.key(), kinds.get(m.topic(), "clicks"), limits, topic=m.topic(),
                                       shape=shape if shape.active else None)
                     if isinstance(ev, Event):
-                        batch.append(ev)
+                        batch.append((ev, event_source(m.value()) if want_source else ""))
                 with self._cond:
-                    for ev in batch:
-                        self.buffer.add(ev.user_id, ev.item_id, ev.ts_ms / 1000.0, ev.event_type)
-                    self._events_since += len(batch)
+                    self._learn(batch)
                     self.events_consumed += len(batch)
                     self.metrics.buffer_events.set(self.buffer.n_events)
                     self.metrics.buffer_bytes.set(self.buffer.nbytes)
                     self._cond.notify_all()
+                for user in forget:  # after the poll's events: the request erases everything before it
+                    self.forget(user)
         finally:
             consumer.close()
+
+    def _learn(self, batch: list) -> None:
+        """Buffer what the input filter lets through; the caller holds the lock."""
+        for ev, source in batch:
+            verdict = self.filter.observe(ev.user_id, ev.item_id, ev.ts_ms / 1000.0, source)
+            if verdict.learn:
+                self.buffer.add(ev.user_id, ev.item_id, ev.ts_ms / 1000.0, ev.event_type, ev.category, ev.price)
+                continue
+            self.metrics.training_filtered.labels(reason=verdict.reason).inc()
+            if verdict.newly_flagged:
+                self.buffer.remove_user(ev.user_id)
+                self._flagged.offer(ev.user_id, verdict.reason)
+        self._events_since += len(batch)
+
+    def forget(self, user: str) -> int:
+        """Right to erasure: drop the user's buffered sessions and filter statistics. Returns the
+        events removed. Called for each ``forget`` request on the control topic."""
+        with self._cond:
+            removed = self.buffer.remove_user(user)
+            self.filter.forget(user)
+            self.forgotten += 1
+            self._cond.notify_all()
+        log.info("forgot a user on request (%d buffered events removed)", removed)
+        return removed
+
+    @staticmethod
+    def filter_reasons() -> tuple[str, ...]:
+        from stream.pipeline.training_filter import FILTER_REASONS
+
+        return FILTER_REASONS
+
+    def filtered(self, reason: str) -> int:
+        """Events not learned from for ``reason`` (the gruflow_training_filtered_total series)."""
+        value = self.metrics.registry.get_sample_value("gruflow_training_filtered_total", {"reason": reason})
+        return int(value or 0)
 
     def _maybe_trigger(self) -> None:
         with self._cond:
@@ -302,6 +351,8 @@ class Trainer:
             log.warning("discarded a fine-tune round (%s); version %d stays current", result.reason, base.version)
         elif result.status == "rejected":
             m.rejections.inc()
+            if result.concentration:
+                m.concentration_refusals.labels(reason=result.concentration).inc()
             log.warning("rejected candidate (%s): current recall %.4f mrr %.4f, candidate recall %.4f mrr %.4f",
                         result.reason, result.current_scores.get("recall", math.nan),
                         result.current_scores.get("mrr", math.nan), result.candidate_scores.get("recall", math.nan),

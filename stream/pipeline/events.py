@@ -73,6 +73,8 @@ class Event:
     offset: int
     append_ts_ms: int  # broker/producer timestamp of the message, for end-to-end latency
     source: int = 0  # 0 = clicks topic, 1 = purchases topic (index of the applied offset in the state)
+    price: float | None = None  # side features (model.features); None when absent
+    category: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +204,10 @@ def decode_event(value: bytes | None, key: bytes | None, topic_kind: str, limits
     if key != key_bytes:
         return Rejected(KEY_MISMATCH, "message key is missing" if key is None else
                         "message key differs from user_id")
+    price, category = obj.get("price"), obj.get("category")
     return Event(user_id, item_id, int(event_type), ts, key_bytes, topic, partition, offset, append_ts_ms,
-                 SOURCES[topic_kind])
+                 SOURCES[topic_kind], None if price is None else float(price),
+                 None if category is None else str(category))
 
 
 def parse_ts(raw: object) -> int | Rejected:

@@ -37,6 +37,7 @@ import orjson
 
 from model.attribution import session_rows
 from model.events import EventType
+from model.features import CATEGORY, GAP, N_FEATURES, PRICE, category_rows, gap_buckets, price_buckets
 from model.recommender import Recommender
 from state.codec import N_SOURCES, UserState
 from model import native
@@ -131,6 +132,8 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
     size = model.state_size
     rows = model.vocab.rows([e.item_id for e in events])
     types = np.fromiter((e.event_type for e in events), dtype=np.int64, count=n)
+    feats = _event_features(model, events) if model.uses_features else None
+    gap_s, first = np.zeros(n), np.zeros(n, dtype=bool)
 
     rcfg = rules.cfg if rules is not None and rules.active else None
     remembers = rcfg is not None and rcfg.per_user
@@ -194,6 +197,8 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
             if e.ts_ms - st[1] > cfg.session_gap_ms:
                 st[0], st[2], st[6] = None, 0, []
                 st[5] = st[5][:0]
+            if feats is not None:  # the gap since the user's previous event, as offline
+                gap_s[i], first[i] = (e.ts_ms - st[1]) / 1000.0, st[2] == 0
             st[1] = max(st[1], e.ts_ms)
             st[2] += 1
             if remembers:
@@ -221,7 +226,9 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
                 H[bad] = 0.0
                 stored_resets.update(events[step_i[r]].key for r in bad.tolist())
             si = np.asarray(step_i, dtype=np.int64)
-            H = model.step(H, rows[si], types[si])
+            if feats is not None:  # 0 at a session's first event (model.features)
+                feats[si, GAP] = gap_buckets(gap_s[si], first[si])
+            H = model.step(H, rows[si], types[si], feats[si] if feats is not None else None)
             post_hidden[si] = H
             has_hidden[si] = True
             for r, i in enumerate(step_i):
@@ -284,6 +291,18 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
         popularity.update(rows[fresh])
     result.step_seconds = time.perf_counter() - t0
     return result
+
+
+def _event_features(model: Recommender, events: list[Event]) -> np.ndarray:
+    """Category and price rows of each event (model.features); the gap column is filled per event while
+    the waves walk the users' states. Categories the model does not know map to 0 (absent)."""
+    n = len(events)
+    out = np.zeros((n, N_FEATURES), dtype=np.int64)
+    if model.net.C is not None:
+        out[:, CATEGORY] = category_rows([e.category for e in events], model.net.categories)
+    prices = np.fromiter((np.nan if e.price is None else e.price for e in events), dtype=np.float64, count=n)
+    out[:, PRICE] = price_buckets(prices)
+    return out
 
 
 def score_states(model: Recommender, hidden: np.ndarray, has_hidden: np.ndarray, kk: int, top_k: TopK | None = None,

@@ -82,13 +82,30 @@ def iter_messages(settings: Settings, df: Any, limit: int | None = None) -> Iter
     types = df["EventType"].to_numpy()[order]
     ts_ms = np.rint(df["Time"].to_numpy(dtype=np.float64)[order] * 1000.0).astype(np.int64)
     purchase = int(EventType.PURCHASE)
-    for sid, item, etype, ts in zip(sessions.tolist(), items.tolist(), types.tolist(), ts_ms.tolist()):
+    categories, prices = _side_features(df, order)
+    for j, (sid, item, etype, ts) in enumerate(zip(sessions.tolist(), items.tolist(), types.tolist(), ts_ms.tolist())):
         user = str(sid)
         name = _TYPE_NAMES.get(int(etype))
         if name is None:
             raise ValueError(f"event table has unknown EventType {etype!r}")
         item_id = item if isinstance(item, (str, int)) else str(item)
-        yield (purchases if etype == purchase else clicks), user.encode(), encode_event(user, item_id, name, ts), ts
+        value = encode_event(user, item_id, name, ts, category=categories[j], price=prices[j])
+        yield (purchases if etype == purchase else clicks), user.encode(), value, ts
+
+
+def _side_features(df: Any, order: np.ndarray) -> tuple[list, list]:
+    """The optional ``category`` / ``price`` of each event (None where the table has none), so the
+    worker's feature embeddings (model.features) see what offline training saw."""
+    n = len(order)
+    categories: list = [None] * n
+    prices: list = [None] * n
+    if "Category" in df.columns:
+        c = df["Category"].to_numpy(dtype=object)[order]
+        categories = [None if (x is None or x != x or x == "") else str(x) for x in c.tolist()]
+    if "Price" in df.columns:
+        p = df["Price"].to_numpy(dtype=np.float64)[order]
+        prices = [float(x) if np.isfinite(x) and x >= 0 else None for x in p.tolist()]
+    return categories, prices
 
 
 class _Pacer:

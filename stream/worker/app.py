@@ -50,6 +50,7 @@ from stream.settings import Scoring, Settings
 from stream.worker.sinks import BatchSink, Outgoing, TransactionalSink, dead_letter
 from stream.worker.table_store import TableStore, install_changelog_guard
 from stream.kafka.topics import DLQ_MESSAGE_MAX_BYTES, STATE_TABLE_NAME, TopicNames
+from stream.pipeline.control import control_action
 
 log = logging.getLogger("gruflow.worker")
 _TYPE_NAMES = {int(t): t.name.lower() for t in EventType}
@@ -172,9 +173,13 @@ class Pipeline:
         out = Outgoing()
         events: list[Event] = []
         dead: Counter[str] = Counter()
+        forget: dict[int, list[bytes]] = defaultdict(list)
         for tp, records in batch:
-            kind = self.kinds[tp.topic]
             p = tp.partition
+            if tp.topic == self.names.control:
+                forget[p].extend(r.key for r in records if control_action(r.key, r.value) is not None)
+                continue
+            kind = self.kinds[tp.topic]
             for r in records:
                 unreadable = unreadable_detail(r)
                 if unreadable is not None:  # stored by the broker, not parseable by the client: what was read of it
@@ -232,6 +237,8 @@ class Pipeline:
                          np.fromiter((len(raw) for recs in local.values() for _, raw in recs), dtype=np.float64))
             self.stream_time_ms = max(self.stream_time_ms, max(e.ts_ms for e in events))
         evicted = self._evictions(batch, part_of, out, local)
+        if forget:
+            self._forget(forget, result.states if result is not None else {}, out, local)
 
         offsets = [(tp, [r.offset for r in records]) for tp, records in batch]
         if self.exactly_once:
@@ -448,6 +455,20 @@ class Pipeline:
                     n += 1
         return n
 
+    def _forget(self, forget: dict[int, list[bytes]], batch_states: dict[bytes, Any], out: Outgoing,
+                local: dict[int, list[tuple[bytes, bytes | None]]]) -> None:
+        """``gruflow forget``: tombstone each named user after this batch's own writes (the request wins
+        over events of the same batch). The changelog always gets the tombstone; RocksDB deletes only
+        keys that exist, so the user count stays exact."""
+        for p, keys in forget.items():
+            present = set(self._read(p, [k for k in keys if k not in batch_states]))
+            for key in dict.fromkeys(keys):
+                out.changelog[p].append((key, None))
+                if key in batch_states or key in present:
+                    local[p].append((key, None))
+            self.metrics.forgotten_users.inc(len(set(keys)))
+        log.info("forgot %d user(s) on request", sum(len(set(k)) for k in forget.values()))
+
     def _observe(self, events: list[Event], result: Any, dead: Counter[str], evicted: int,
                  published_s: float) -> None:
         m = self.metrics
@@ -618,7 +639,7 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     # faust caches app.in_transaction (exactly_once) on first use, and only counts it inside a worker:
     # say so now, before the consumer below reads it
     app.in_worker = True
-    for name in names.inputs:
+    for name in (*names.inputs, names.control):
         app.topics.add(app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.topics.partitions,
                                  key_serializer="raw", value_serializer="raw"))
     # acks=False as faust gives its own changelog topics: nothing consumes the changelog as a stream (recovery
@@ -639,7 +660,7 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     consumer = app.consumer
     assert isinstance(consumer, BatchConsumer)
     consumer.batch_handler = pipeline.handle
-    consumer.batch_topics = frozenset(names.inputs)
+    consumer.batch_topics = frozenset((*names.inputs, names.control))
     consumer.batch_max_events = settings.worker.batch_max_events
     consumer.batch_max_s = settings.worker.batch_max_ms / 1000.0
 

@@ -16,7 +16,8 @@ DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
 
 def _check_table(df: pd.DataFrame) -> None:
-    assert list(df.columns) == ["SessionId", "ItemId", "Time", "EventType"]
+    assert list(df.columns)[:4] == ["SessionId", "ItemId", "Time", "EventType"]
+    assert set(df.columns[4:]) <= {"Category", "Price"}  # optional side features (model.features)
     assert df["SessionId"].dtype == np.int64
     assert df["Time"].dtype == np.float64
     assert df["EventType"].dtype == np.int8

@@ -87,7 +87,7 @@ def test_prequential_version_series_stay_bounded() -> None:
     samples = families(generate_latest(m.registry))
     gru_versions = {s.labels["version"] for s in samples["gruflow_prequential_events"]
                     if s.name == "gruflow_prequential_events_total" and s.labels["model"] == "gru"}
-    assert gru_versions == {str(v) for v in range(31 - PREQUENTIAL_VERSIONS_KEPT, 31)}
+    assert gru_versions == {str(v) for v in range(31 - PREQUENTIAL_VERSIONS_KEPT, 31)} | {"older"}
     for name in ("gruflow_prequential_hits", "gruflow_prequential_reciprocal_rank"):
         kept = {s.labels["version"] for s in samples[name] if s.name == name + "_total" and s.labels["model"] == "gru"}
         assert kept == gru_versions
@@ -95,6 +95,13 @@ def test_prequential_version_series_stay_bounded() -> None:
     assert get("gruflow_prequential_events_total", {"model": "gru", "version": "30"}) == 10
     assert get("gruflow_prequential_hits_total", {"model": "gru", "version": "30", "k": "20"}) == 3
     assert get("gruflow_prequential_events_total", {"model": "popularity", "version": ""}) == 300
+    # evicted versions are folded into "older": the sum over versions is still every event counted
+    total = sum(s.value for s in samples["gruflow_prequential_events"]
+                if s.name == "gruflow_prequential_events_total" and s.labels["model"] == "gru")
+    hits = sum(s.value for s in samples["gruflow_prequential_hits"]
+               if s.name == "gruflow_prequential_hits_total" and s.labels["model"] == "gru")
+    assert (total, hits) == (300, 90)
+    assert get("gruflow_prequential_events_total", {"model": "gru", "version": "older"}) == 10 * (30 - PREQUENTIAL_VERSIONS_KEPT)
 
 
 def test_a_version_served_again_keeps_its_series() -> None:
@@ -105,4 +112,5 @@ def test_a_version_served_again_keeps_its_series() -> None:
     get = m.registry.get_sample_value
     assert get("gruflow_prequential_events_total", {"model": "gru", "version": "5"}) == 2
     assert get("gruflow_prequential_events_total", {"model": "gru", "version": "6"}) is None
+    assert get("gruflow_prequential_events_total", {"model": "gru", "version": "older"}) == 1
     assert get("gruflow_prequential_events_total", {"model": "gru", "version": "7"}) == 1
