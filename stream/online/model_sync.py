@@ -1,17 +1,18 @@
 """Model distribution over the compacted ``models`` topic: publish, load at startup, hot swap.
 
-Protocol (version 1). A model version is one checkpoint (``model.checkpoint.checkpoint_to_bytes``:
+Protocol (version 2). A model version is one checkpoint (``model.checkpoint.checkpoint_to_bytes``:
 weights, vocabulary, metadata with version and parent version, its own sha256) sent as ``count``
 chunks on partition 0 of the models topic, each under ``CHUNK_BYTES`` so any broker's default
 message size limit (1 MB) holds them. Every chunk has
 
     key      b"<version:012d>/<index:06d>"  (distinct per chunk, so compaction keeps every chunk;
              an old version is deleted by tombstoning its keys)
-    value    the chunk's bytes
-    headers  gruflow-protocol=1, gruflow-version, gruflow-parent, gruflow-chunk (index),
-             gruflow-chunks (count), gruflow-sha256 (hex digest of the whole checkpoint),
-             gruflow-size (bytes of the whole checkpoint); chunk 0 also carries gruflow-meta (JSON
-             summary for ``gruflow model list``).
+    value    an envelope (``stream.online.model_envelope``): a descriptor with version, parent, chunk
+             (index), chunks (count), sha256 (hex digest of the whole checkpoint), size (bytes of
+             the whole checkpoint), and on chunk 0 meta (a JSON summary for ``gruflow model list``);
+             then the chunk's bytes.
+    headers  none; readers never read them (a header name that is not UTF-8 can crash
+             confluent-kafka, the topic's reader), so a record is judged by its value alone.
 
 A reader groups chunks by version, and once all ``count`` chunks are there concatenates them,
 checks size and sha256, parses the checkpoint and checks that it fits the model being served (same
@@ -32,34 +33,32 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-import orjson
+from stream.online.model_envelope import R_ENVELOPE, R_PROTOCOL, EnvelopeError, pack, unpack
 
-PROTOCOL = 1
 CHUNK_BYTES = 512 * 1024
 MAX_PENDING_VERSIONS = 4  # incomplete versions kept while assembling (older ones are dropped)
 
-H_PROTOCOL = "gruflow-protocol"
-H_VERSION = "gruflow-version"
-H_PARENT = "gruflow-parent"
-H_CHUNK = "gruflow-chunk"
-H_CHUNKS = "gruflow-chunks"
-H_SHA = "gruflow-sha256"
-H_SIZE = "gruflow-size"
-H_META = "gruflow-meta"
+# the envelope descriptor's fields
+F_VERSION = "version"
+F_PARENT = "parent"
+F_CHUNK = "chunk"
+F_CHUNKS = "chunks"
+F_SHA = "sha256"
+F_SIZE = "size"
+F_META = "meta"
 
-# refusal reasons (label values of gruflow_model_refusals_total)
-R_HEADER = "bad_header"
+# refusal reasons (label values of gruflow_model_refusals_total); R_ENVELOPE (not a model envelope, or
+# one whose descriptor is unusable) and R_PROTOCOL (an envelope of another protocol) come with the envelope
 R_CHECKSUM = "checksum"
 R_CORRUPT = "corrupt"
 R_STATE = "incompatible_state"
 R_VOCAB = "incompatible_vocab"
-R_PROTOCOL = "unknown_protocol"
 # model.weight_check's reasons, spelled out so that reading the topic (`gruflow model list`) needs no torch
 R_NON_FINITE = "non_finite"  # NaN or infinite weights (or popularity counts)
 R_ABSURD = "absurd_weights"  # a weight beyond model.weight_check.MAX_ABS_WEIGHT
 R_LOWER = "lower_version"  # published after a higher version was served
 R_SAME = "same_version"  # the served version's number, published again
-REFUSAL_REASONS = (R_HEADER, R_CHECKSUM, R_CORRUPT, R_STATE, R_VOCAB, R_PROTOCOL, R_NON_FINITE, R_ABSURD, R_LOWER,
+REFUSAL_REASONS = (R_ENVELOPE, R_CHECKSUM, R_CORRUPT, R_STATE, R_VOCAB, R_PROTOCOL, R_NON_FINITE, R_ABSURD, R_LOWER,
                    R_SAME)
 
 log = logging.getLogger("gruflow.model_sync")
@@ -92,8 +91,8 @@ def chunk_key(version: int, index: int) -> bytes:
 
 
 def encode_chunks(ckpt: bytes, version: int, parent: int, meta: dict | None = None,
-                  chunk_bytes: int = CHUNK_BYTES) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
-    """(key, value, headers) for every chunk of one version."""
+                  chunk_bytes: int = CHUNK_BYTES) -> list[tuple[bytes, bytes]]:
+    """(key, value) for every chunk of one version."""
     if version < 1:
         raise ValueError(f"model versions start at 1, got {version}")
     if chunk_bytes < 1:
@@ -102,50 +101,46 @@ def encode_chunks(ckpt: bytes, version: int, parent: int, meta: dict | None = No
     count = max(1, -(-len(ckpt) // chunk_bytes))
     out = []
     for i in range(count):
-        headers = [(H_PROTOCOL, str(PROTOCOL).encode()), (H_VERSION, str(version).encode()),
-                   (H_PARENT, str(parent).encode()), (H_CHUNK, str(i).encode()), (H_CHUNKS, str(count).encode()),
-                   (H_SHA, digest.encode()), (H_SIZE, str(len(ckpt)).encode())]
+        descriptor = {F_VERSION: version, F_PARENT: parent, F_CHUNK: i, F_CHUNKS: count, F_SHA: digest,
+                      F_SIZE: len(ckpt)}
         if i == 0 and meta is not None:
-            headers.append((H_META, orjson.dumps(meta)))
-        out.append((chunk_key(version, i), ckpt[i * chunk_bytes:(i + 1) * chunk_bytes], headers))
+            descriptor[F_META] = meta
+        out.append((chunk_key(version, i), pack(descriptor, ckpt[i * chunk_bytes:(i + 1) * chunk_bytes])))
     return out
 
 
 def message_chunk(m: Any) -> Chunk:
-    """``decode_chunk`` of a consumed confluent-kafka message. confluent-kafka cannot read a header name that is
-    not UTF-8 (the broker stores one): ``Message.headers()`` raises (SystemError over the UnicodeDecodeError, or
-    the UnicodeDecodeError itself), and such a message is refused like any other bad header instead of stopping
-    the reader at its offset. Not covered: confluent-kafka 2.16.1 caches the half-built list, so a second
-    ``headers()`` on that message (never made here) returns it, and touching it crashes the process; a first
-    call has been seen to return it too (docs/unreadable-records.md)."""
-    try:
-        headers = m.headers()
-    except (SystemError, UnicodeDecodeError) as exc:
-        raise ModelSyncError(R_HEADER, f"models message {m.key()!r}: unreadable headers "
-                                       f"({exc.__cause__ or exc!r})") from None
-    return decode_chunk(m.key(), m.value(), headers)
+    """``decode_chunk`` of a consumed confluent-kafka message. Only its key and value are read: never
+    ``Message.headers()``, which a header name that is not UTF-8 makes raise or crash the process
+    (docs/model-safety.md)."""
+    return decode_chunk(m.key(), m.value())
 
 
-def decode_chunk(key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, bytes]] | None) -> Chunk:
-    """Parse one message; raises ModelSyncError(bad_header/unknown_protocol) when it is not a chunk."""
-    h = {k: v for k, v in (headers or [])}
+def _int_field(descriptor: dict, name: str) -> int:
+    v = descriptor[name]
+    if type(v) is not int:  # bool is an int subclass, and neither a float nor a string is a count
+        raise TypeError(f"{name} is {v!r}, not an integer")
+    return v
+
+
+def decode_chunk(key: bytes | None, value: bytes | None) -> Chunk:
+    """Parse one record; raises ModelSyncError(bad_envelope/unknown_protocol) when it is not a chunk."""
     try:
-        proto = int(h[H_PROTOCOL])
-    except (KeyError, ValueError, TypeError):
-        raise ModelSyncError(R_HEADER, f"models message {key!r} has no {H_PROTOCOL} header") from None
-    if proto != PROTOCOL:
-        raise ModelSyncError(R_PROTOCOL, f"models message {key!r} uses protocol {proto}; this gruflow reads {PROTOCOL}")
+        d, payload = unpack(value)
+    except EnvelopeError as exc:
+        raise ModelSyncError(exc.reason, f"models message {key!r}: {exc}") from None
     try:
-        version, parent = int(h[H_VERSION]), int(h[H_PARENT])
-        index, count, size = int(h[H_CHUNK]), int(h[H_CHUNKS]), int(h[H_SIZE])
-        sha = h[H_SHA].decode("ascii")
-        meta = orjson.loads(h[H_META]) if H_META in h else None
-    except (KeyError, ValueError, TypeError, UnicodeDecodeError, orjson.JSONDecodeError) as exc:
-        raise ModelSyncError(R_HEADER, f"models message {key!r}: bad headers ({exc})") from None
+        version, parent = _int_field(d, F_VERSION), _int_field(d, F_PARENT)
+        index, count, size = _int_field(d, F_CHUNK), _int_field(d, F_CHUNKS), _int_field(d, F_SIZE)
+        sha, meta = d[F_SHA], d.get(F_META)
+        if not isinstance(sha, str) or (meta is not None and not isinstance(meta, dict)):
+            raise TypeError(f"{F_SHA} must be text and {F_META} an object")
+    except (KeyError, TypeError) as exc:
+        raise ModelSyncError(R_ENVELOPE, f"models message {key!r}: bad descriptor ({exc!r})") from None
     if not (0 <= index < count) or version < 1 or size < 0 or len(sha) != 64:
-        raise ModelSyncError(R_HEADER, f"models message {key!r}: chunk {index}/{count} of version {version} "
-                                       f"is out of range")
-    return Chunk(version, parent, index, count, sha, size, value or b"", meta)
+        raise ModelSyncError(R_ENVELOPE, f"models message {key!r}: chunk {index}/{count} of version {version} "
+                                         f"is out of range")
+    return Chunk(version, parent, index, count, sha, size, payload, meta)
 
 
 @dataclass
@@ -273,10 +268,10 @@ def publish_version(settings: Any, ckpt_bytes: bytes, version: int, parent: int,
             errors.append(str(err))
 
     chunks = encode_chunks(ckpt_bytes, version, parent, meta)
-    for key, value, headers in chunks:
+    for key, value in chunks:
         while True:
             try:
-                producer.produce(topic, value=value, key=key, headers=headers, partition=0, on_delivery=on_delivery)
+                producer.produce(topic, value=value, key=key, partition=0, on_delivery=on_delivery)
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -573,7 +568,7 @@ class ModelSubscriber:
 
 
 def header_meta(meta: dict) -> dict:
-    """The small summary carried in chunk 0's header (for ``gruflow model list``)."""
+    """The small summary carried in chunk 0's descriptor (for ``gruflow model list``)."""
     keep = ("version", "parent_version", "created_at", "stream_time", "n_items", "new_items", "rollback_of",
             "finetune_round", "train_events", "loss", "source")
     out = {k: meta[k] for k in keep if k in meta}

@@ -37,6 +37,7 @@ from model.retrieval_scorer import RetrievalPolicy
 from state.codec import HEADER_SIZE, decode as decode_state, encode as encode_state
 from stream.compat import observe_many
 from stream.worker.batch_consumer import Batch, BatchConsumer, BatchTransport
+from stream.worker.freeze_guard import FreezeGuard
 from model.topk_calibration import ScorerCache
 from stream.pipeline.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, InputShape, Limits, Rejected, decode_event
 from stream.observe.metrics import TOPK_ROW_PATHS, Metrics, PrequentialVersions
@@ -153,6 +154,7 @@ class Pipeline:
         self._catalogue_masks = CatalogueMasks()
         self.exposure = ExposureWindow(s.rules.exposure_window_s) if s.rules.exposure_cap > 0 else None
         self._rule_masked = {rule: m.rule_masked.labels(rule=rule) for rule in RULES}
+        self.freeze = FreezeGuard(s.worker.broker_session_timeout_s)
 
     # --- the batch ---------------------------------------------------------------------------
     async def handle(self, batch: Batch, generation: int) -> None:
@@ -218,6 +220,8 @@ class Pipeline:
         if self.app.consumer_generation_id != generation or self.app.should_stop:
             log.info("rebalance during a batch of %d events: dropped unacked, it will be processed again",
                      len(events))
+            return
+        if self.freeze.hold_s() > 0 and not await self._wait_out_freeze(generation, len(events)):
             return
 
         t2 = time.perf_counter()
@@ -343,6 +347,9 @@ class Pipeline:
                 await asyncio.shield(prev)
             await ticket.future
             delivered = ticket.check()
+            if self.freeze.hold_s() > 0 and not await self._wait_out_freeze(generation, len(events)):
+                self._overlay.clear()
+                return
             if self.app.consumer_generation_id != generation or self.app.should_stop:
                 self._overlay.clear()  # the consumer seeks back to the committed offsets
                 return
@@ -360,6 +367,25 @@ class Pipeline:
             if self._failure is None:
                 self._failure = exc  # re-raised by the next batch: the worker crashes, nothing is acked
             raise
+
+    async def _wait_out_freeze(self, generation: int, n_events: int) -> bool:
+        """After a freeze of this worker (``FreezeGuard``): wait until the group's rebalance has begun
+        (False: the batch is dropped unacked and the seek that ends the rebalance rewinds to it) or the
+        hold has passed with this worker still a member (True: its outputs may go out)."""
+        def current() -> bool:
+            return self.app.consumer_generation_id == generation and self.app.consumer.flow_active \
+                and not self.app.should_stop
+
+        log.warning("this worker stood still for more than half its session timeout: a batch of %d events "
+                    "waits up to %.1f s for the group to settle before its outputs go out", n_events,
+                    self.freeze.hold_s())
+        while (hold := self.freeze.hold_s()) > 0 and current():
+            await asyncio.sleep(min(0.1, hold))
+        if current():
+            return True
+        log.info("rebalance after a freeze: a batch of %d events dropped unacked, it will be processed again",
+                 n_events)
+        return False
 
     def _mark_applied(self, offsets: list[tuple[Any, list[int]]]) -> None:
         """The batch's states are now what ``read_states`` returns: its offsets count as applied."""
@@ -671,6 +697,10 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     @app.timer(2.0)
     async def _gauges() -> None:
         pipeline.update_gauges()
+
+    @app.timer(pipeline.freeze.tick_interval_s)
+    async def _freeze_tick() -> None:
+        pipeline.freeze.tick()
 
     if settings.worker.state_ttl_s > 0:
         @app.timer(max(1.0, min(60.0, settings.worker.state_ttl_s / 10)))

@@ -57,17 +57,16 @@ def test_load_latest_and_subscriber_swap_refuse(kafka, small_model) -> None:
     with model_sync.ModelSubscriber(settings, holder, metrics) as sub:
         _wait(sub.caught_up.is_set, 30, "subscriber to reach the end of the topic")
         assert holder.current is rec  # version 1 is not newer than the one served
-        # a corrupt version: right headers, garbage bytes -> refused, the old model stays
+        # a corrupt version: right envelopes, garbage bytes -> refused, the old model stays
         model_sync.publish_version(settings, b"not a checkpoint at all" * 10, 2, 1)
         _wait(lambda: sub.refused, 30, "the corrupt version to be refused")
         assert sub.refused[-1] == (2, model_sync.R_CORRUPT)
         assert holder.current is rec
-        # a version whose checksum does not match its header
+        # a version whose checksum does not match its descriptor
         chunks = model_sync.encode_chunks(v1, 3, 1)
         producer = model_sync._producer(settings)
-        for key, value, headers in chunks:
-            producer.produce(settings.topic("models"), value=value[:-1] + b"\x00", key=key, headers=headers,
-                             partition=0)
+        for key, value in chunks:
+            producer.produce(settings.topic("models"), value=value[:-1] + b"\x00", key=key, partition=0)
         producer.flush(10)
         _wait(lambda: len(sub.refused) >= 2, 30, "the bad-checksum version to be refused")
         assert sub.refused[-1] == (3, model_sync.R_CHECKSUM)

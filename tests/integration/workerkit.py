@@ -268,11 +268,13 @@ def assert_same_states(got: dict[str, UserState], want: dict[str, UserState],
 
 
 class WorkerProc:
-    """``python -m stream.cli worker`` as a subprocess, configured through GRUFLOW_* variables."""
+    """``python -m stream.cli worker`` (or another long-running ``command``, such as ``trainer``, that serves
+    /readyz and /metrics on ``settings.process.web_port``) as a subprocess, configured through GRUFLOW_* variables."""
 
     def __init__(self, kafka: Any, settings: Settings, model_path: Path, log_dir: Path, name: str = "worker",
-                 **env: str) -> None:
+                 command: str = "worker", **env: str) -> None:
         self.settings = settings
+        self.command = command
         self.log_path = log_dir / f"{name}-{int(time.time() * 1000)}.log"
         self.env = kafka.env(settings, GRUFLOW_MODEL_PATH=str(model_path), GRUFLOW_TORCH_THREADS="1",
                              GRUFLOW_BROKER_SESSION_TIMEOUT_S="6", GRUFLOW_LOG_LEVEL="INFO", **env)
@@ -284,7 +286,7 @@ class WorkerProc:
 
     def start(self, wait_ready: bool = True, timeout: float = 120.0) -> "WorkerProc":
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], cwd=REPO, env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", self.command], cwd=REPO, env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         if wait_ready:
             self.wait_ready(timeout)

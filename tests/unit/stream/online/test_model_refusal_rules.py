@@ -81,7 +81,6 @@ class _Msg:
 
     k: bytes
     v: bytes
-    h: list
 
     def key(self) -> bytes:
         return self.k
@@ -89,12 +88,9 @@ class _Msg:
     def value(self) -> bytes:
         return self.v
 
-    def headers(self) -> list:
-        return self.h
-
 
 def _messages(data: bytes, version: int, chunk_bytes: int) -> list[_Msg]:
-    return [_Msg(k, v, h) for k, v, h in encode_chunks(data, version, version - 1, chunk_bytes=chunk_bytes)]
+    return [_Msg(k, v) for k, v in encode_chunks(data, version, version - 1, chunk_bytes=chunk_bytes)]
 
 
 def _subscriber(net: GRU4RecNet, served: int) -> tuple[ModelSubscriber, Metrics]:

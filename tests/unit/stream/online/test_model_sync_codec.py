@@ -1,33 +1,42 @@
-"""The models-topic chunk protocol without a broker: split, reassemble, verify, refuse."""
+"""The models-topic chunk protocol without a broker: split, envelope, reassemble, verify, refuse."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import random
+import struct
 
 import pytest
 
-from stream.online.model_sync import (H_CHUNK, H_META, H_SHA, PROTOCOL, R_CHECKSUM, R_HEADER, R_PROTOCOL, R_STATE, R_VOCAB,
-                               Assembler, ModelSyncError, check_compatible, chunk_key, decode_chunk, encode_chunks,
-                               message_chunk)
+from stream.online import model_envelope
+from stream.online.model_envelope import PROTOCOL
+from stream.online.model_sync import (CHUNK_BYTES, F_CHUNK, F_META, F_SHA, R_CHECKSUM, R_ENVELOPE, R_PROTOCOL,
+                               R_STATE, R_VOCAB, Assembler, ModelSyncError, check_compatible, chunk_key, decode_chunk,
+                               encode_chunks, message_chunk)
 
 
 def _chunks(data: bytes, version: int = 3, parent: int = 2, chunk_bytes: int = 1000, meta: dict | None = None):
-    return [decode_chunk(k, v, h) for k, v, h in encode_chunks(data, version, parent, meta, chunk_bytes=chunk_bytes)]
+    return [decode_chunk(k, v) for k, v in encode_chunks(data, version, parent, meta, chunk_bytes=chunk_bytes)]
 
 
-def test_chunks_respect_size_and_carry_headers() -> None:
+def test_chunks_respect_size_and_carry_their_descriptor_in_the_value() -> None:
     data = os.urandom(4321)
     encoded = encode_chunks(data, 7, 6, {"n_items": 5}, chunk_bytes=1000)
     assert len(encoded) == 5
-    assert all(len(v) <= 1000 for _, v, _ in encoded)
-    assert b"".join(v for _, v, _ in encoded) == data
-    assert [k for k, _, _ in encoded] == [chunk_key(7, i) for i in range(5)]
-    headers = [dict(h) for _, _, h in encoded]
-    assert all(h[H_SHA].decode() == hashlib.sha256(data).hexdigest() for h in headers)
-    assert [int(h[H_CHUNK]) for h in headers] == list(range(5))
-    assert H_META in headers[0] and all(H_META not in h for h in headers[1:])
+    assert [k for k, _ in encoded] == [chunk_key(7, i) for i in range(5)]
+    unpacked = [model_envelope.unpack(v) for _, v in encoded]
+    assert all(len(payload) <= 1000 for _, payload in unpacked)
+    assert b"".join(payload for _, payload in unpacked) == data
+    assert all(d[F_SHA] == hashlib.sha256(data).hexdigest() for d, _ in unpacked)
+    assert [d[F_CHUNK] for d, _ in unpacked] == list(range(5))
+    assert unpacked[0][0][F_META] == {"n_items": 5} and all(F_META not in d for d, _ in unpacked[1:])
+
+
+def test_a_full_chunk_with_its_envelope_stays_under_the_brokers_default_limit() -> None:
+    meta = {"version": 7, "parent_version": 6, "n_items": 10**6, "loss": 6.5, "source": "x" * 200}
+    (_, value), *_ = encode_chunks(os.urandom(CHUNK_BYTES * 2), 7, 6, meta)
+    assert CHUNK_BYTES < len(value) < CHUNK_BYTES + 1024 < 1_000_000
 
 
 def test_empty_payload_is_one_chunk() -> None:
@@ -84,20 +93,26 @@ def test_truncated_chunk_is_refused() -> None:
     assert info.value.reason == R_CHECKSUM
 
 
-def test_bad_headers() -> None:
-    with pytest.raises(ModelSyncError) as info:
-        decode_chunk(b"k", b"v", [])
-    assert info.value.reason == R_HEADER
-    (k, v, h), = encode_chunks(b"x", 1, 0)
-    h2 = [(name, b"99" if name == "gruflow-protocol" else val) for name, val in h]
-    with pytest.raises(ModelSyncError) as info:
-        decode_chunk(k, v, h2)
-    assert info.value.reason == R_PROTOCOL
-    h3 = [(name, b"5" if name == H_CHUNK else val) for name, val in h]  # index beyond count
-    with pytest.raises(ModelSyncError) as info:
-        decode_chunk(k, v, h3)
-    assert info.value.reason == R_HEADER
-    assert PROTOCOL == 1
+def test_values_that_are_not_chunk_envelopes_are_refused() -> None:
+    (k, v), = encode_chunks(b"x", 1, 0)
+    descriptor, payload = model_envelope.unpack(v)
+    cases = {
+        R_ENVELOPE: [None, b"", b"v", b"\x00" * 64, v[:len(model_envelope.MAGIC) + 2],  # not one, or cut short
+                     model_envelope.MAGIC + struct.pack(">BI", PROTOCOL, 10**6) + b"{}",  # length beyond the value
+                     model_envelope.MAGIC + struct.pack(">BI", PROTOCOL, 3) + b"{{{x",  # descriptor not JSON
+                     model_envelope.MAGIC + struct.pack(">BI", PROTOCOL, 2) + b"[]x",  # not an object
+                     model_envelope.pack({**descriptor, F_CHUNK: 5}, payload),  # index beyond the count
+                     model_envelope.pack({**descriptor, "version": "1"}, payload),  # a number as text
+                     model_envelope.pack({**descriptor, "size": True}, payload),
+                     model_envelope.pack({k2: x for k2, x in descriptor.items() if k2 != F_SHA}, payload)],
+        R_PROTOCOL: [model_envelope.MAGIC + struct.pack(">BI", 99, 2) + b"{}x"],
+    }
+    for reason, values in cases.items():
+        for value in values:
+            with pytest.raises(ModelSyncError) as info:
+                decode_chunk(k, value)
+            assert info.value.reason == reason, value
+    assert decode_chunk(k, v).payload == b"x"
 
 
 def test_pending_versions_are_bounded() -> None:
@@ -137,25 +152,25 @@ def test_compatibility_rules() -> None:
 
 
 class _MessageWithUnreadableHeaders:
-    """A consumed message as confluent-kafka 2.16.1 gives one whose header name is not UTF-8 (seen against a
-    real broker: Message.headers() raises SystemError chained to the UnicodeDecodeError)."""
+    """A consumed message as confluent-kafka 2.16.1 gives one whose header name is not UTF-8 (against a real
+    broker, Message.headers() raised SystemError chained to the UnicodeDecodeError, or crashed later)."""
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
 
     def key(self) -> bytes:
-        return b"1/0"
+        return chunk_key(1, 0)
 
     def value(self) -> bytes:
-        return b"chunk"
+        return self._value
 
     def headers(self) -> list:
-        try:
-            b"\xff\xfe".decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise SystemError("<method 'headers'> returned a result with an exception set") from exc
-        return []
+        raise AssertionError("a models-topic reader called Message.headers()")
 
 
-def test_a_message_whose_headers_cannot_be_read_is_a_bad_header() -> None:
+def test_reading_a_message_never_calls_headers() -> None:
+    (_, v), = encode_chunks(b"chunk", 1, 0)
+    assert message_chunk(_MessageWithUnreadableHeaders(v)).payload == b"chunk"
     with pytest.raises(ModelSyncError) as info:
-        message_chunk(_MessageWithUnreadableHeaders())
-    assert info.value.reason == R_HEADER
-    assert "utf-8" in str(info.value)
+        message_chunk(_MessageWithUnreadableHeaders(b"chunk"))
+    assert info.value.reason == R_ENVELOPE
