@@ -22,9 +22,13 @@ import numpy as np
 import torch
 
 from model.recommender import Recommender
+from model.retrieval import use_approximate
+from model.retrieval_scorer import IndexedScorer, IndexKeeper, RetrievalPolicy
 from model.topk import _CANDIDATE_BLOCKS, PATHS, ScorerPath, TopKScorer, int8_product_is_exact
 
 log = logging.getLogger(__name__)
+
+Scorer = TopKScorer | IndexedScorer  # what the worker scores with: an exact path, or a model's index
 
 _CALIBRATION_SCORES = 6_000_000  # item scores per timed pass of a path (rows = this / items): short
 _CALIBRATION_ROWS = (64, 2048)  # but at least a chunk's worth of rows, at most a full batch
@@ -40,7 +44,7 @@ class Calibration:
     (its best timed pass, or its first small pass where that was already far behind, so it was not timed);
     the paths refused for a wrong answer; whether the path was forced by a setting."""
 
-    path: ScorerPath
+    path: str  # a ScorerPath, or "approximate" (model.retrieval_scorer)
     rows_per_s: Mapping[str, float]
     probe_rows: int = 0
     rejected: tuple[str, ...] = ()
@@ -185,11 +189,16 @@ class ScorerCache:
     in (``ModelHolder.on_prepare``), so the worker's event loop and its batches never wait for one; ``get``
     builds one itself only for a model nobody prepared (the first one), in the caller's thread (the
     worker's compute thread). Models of fewer than ``min_items`` items get no scorer (``get`` returns None):
-    their plain top-K is as fast. ``on_choice`` hears each calibration once its scorer is the one served."""
+    their plain top-K is as fast. ``on_choice`` hears each calibration once its scorer is the one served.
+    ``retrieval`` decides where the scorer is the model's index instead (``IndexedScorer``), made in the same
+    thread before the swap; an index is served only with the model it was built from (``_pairs``)."""
 
     def __init__(self, threads: int = 1, min_items: int = 0, compiled: bool = True, *, k: int = 20,
                  path: ScorerPath | Literal["auto"] = "auto",
-                 on_choice: Callable[[Calibration], None] | None = None) -> None:
+                 on_choice: Callable[[Calibration], None] | None = None,
+                 retrieval: RetrievalPolicy | None = None) -> None:
+        self.retrieval = retrieval or RetrievalPolicy(mode="exact")
+        self._keeper = IndexKeeper(self.retrieval)
         self.threads = threads
         self.min_items = min_items
         self.compiled = compiled
@@ -199,11 +208,36 @@ class ScorerCache:
         self.calibration: Calibration | None = None  # of the scorer served
         self._lock = threading.Lock()
         self._model: Recommender | None = None
-        self._scorer: TopKScorer | None = None
-        self._prepared: tuple[Recommender, TopKScorer, Calibration] | None = None
+        self._scorer: Scorer | None = None
+        self._prepared: tuple[Recommender, Scorer, Calibration] | None = None
 
-    def _calibrate(self, model: Recommender) -> tuple[TopKScorer, Calibration]:
-        return calibrate(model, self.k, threads=self.threads, compiled=self.compiled, path=self.path)
+    def _calibrate(self, model: Recommender) -> tuple[Scorer, Calibration]:
+        """The exact path calibration keeps, or, where the retrieval policy says so, the model's index:
+        ``auto`` serves from the index where the exact path's rate on the scoring threads is below the
+        target."""
+        mode = self.retrieval.mode
+        if mode == "approximate":
+            return self._indexed(model, {})
+        scorer, calibration = calibrate(model, self.k, threads=self.threads, compiled=self.compiled, path=self.path)
+        exact_rate = calibration.rows_per_s.get(calibration.path, float("inf")) * max(1, int(self.threads))
+        if (mode == "auto" and model.n_items >= self.retrieval.auto_min_items
+                and use_approximate(mode, exact_rate, self.retrieval.target_events_per_s)):
+            log.info("exact top-K at about %s rows/s is below the target %s events/s: serving from an index",
+                     f"{exact_rate:,.0f}", f"{self.retrieval.target_events_per_s:,.0f}")
+            return self._indexed(model, dict(calibration.rows_per_s))
+        return scorer, calibration
+
+    def _indexed(self, model: Recommender, rates: dict[str, float]) -> tuple[IndexedScorer, Calibration]:
+        """The model's own index (built, or updated from the last one) and its measured rate."""
+        t0 = time.perf_counter()
+        scorer = IndexedScorer(model, self._keeper.index_for(model), threads=self.threads)
+        probe = probe_states(model, _CALIBRATION_ROWS[0] * 4)
+        clock = time.perf_counter  # wall time: the search runs on the scorer's own threads, not this one
+        t = clock()
+        scorer.top_k(probe, self.k)
+        rates["approximate"] = round(len(probe) / max(clock() - t, 1e-9) / max(1, scorer.threads), 1)
+        scorer.rows_scored = 0
+        return scorer, Calibration("approximate", rates, probe_rows=len(probe), seconds=time.perf_counter() - t0)
 
     def prepare(self, model: Recommender, *, serve: bool = False) -> None:
         """Calibrates ``model``'s scorer for when it is served; ``serve``: it already is (start-up)."""
@@ -215,19 +249,19 @@ class ScorerCache:
         if serve:
             self.get(model)
 
-    def get(self, model: Recommender) -> TopKScorer | None:
+    def get(self, model: Recommender) -> Scorer | None:
         """The scorer of ``model``, the model being served: prepared, kept, or calibrated now."""
         if model.n_items < self.min_items:
             return None
         with self._lock:
             if self._model is model and self._scorer is not None:
                 return self._scorer
+            scorer = None
             if self._prepared is not None and self._prepared[0] is model:
-                self._model, self._scorer, calibration = self._prepared
+                if _pairs(self._prepared[1], model):
+                    self._model, self._scorer, calibration = self._prepared
+                    scorer = self._scorer
                 self._prepared = None
-                scorer = self._scorer
-            else:
-                scorer = None
         if scorer is None:
             scorer, calibration = self._calibrate(model)
             with self._lock:
@@ -236,3 +270,15 @@ class ScorerCache:
         if self.on_choice is not None:
             self.on_choice(calibration)
         return scorer
+
+
+def _pairs(scorer: Scorer, model: Recommender) -> bool:
+    """Whether ``scorer`` may serve ``model``: an index only if it was built from these very weights (the
+    version and fingerprint are checked again at the swap: a model changed in place fails)."""
+    if not isinstance(scorer, IndexedScorer):
+        return True
+    if scorer.model is model and scorer.index.matches(model):
+        return True
+    log.error("the prepared index (model version %s) does not match model version %s: building its own",
+              scorer.index.version, getattr(model, "version", "?"))
+    return False

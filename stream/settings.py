@@ -148,6 +148,15 @@ class Scoring:
         "auto", "top-K path: auto = time each path that runs here and keep the fastest exact one; a name "
                 "forces that path")
     model_path: str = setting("", "checkpoint to serve when the models topic has none")
+    retrieval: Literal["exact", "approximate", "auto"] = setting(
+        "auto", "top-K from an index of the items (docs/retrieval.md): exact = never, approximate = always, auto = "
+                "where the calibrated exact path is slower than the target rate (50,000 items or more)")
+    retrieval_target_events_per_s: float = setting(10000.0, "the rate retrieval=auto compares the exact path with")
+    retrieval_nlist: int = setting(0, "IVF lists of the item index (0 = the power of two nearest 2 sqrt(items))")
+    retrieval_nprobe: int = setting(16, "index lists searched per event")
+    retrieval_candidates: int = setting(100, "candidates per event from the index, re-scored exactly")
+    retrieval_rebuild_every: int = setting(10, "model versions per full index build (incremental updates between)")
+    retrieval_build_threads: int = setting(2, "OpenMP threads of the background index build")
 
 
 @dataclass(frozen=True)
@@ -345,6 +354,11 @@ class Settings:
             (sc.scoring_threads >= 1, "GRUFLOW_SCORING_THREADS must be >= 1"),
             (sc.compiled_topk or sc.scorer_path != "compiled",
              "GRUFLOW_SCORER_PATH=compiled needs GRUFLOW_COMPILED_TOPK=true"),
+            (sc.retrieval_target_events_per_s > 0, "GRUFLOW_RETRIEVAL_TARGET_EVENTS_PER_S must be > 0"),
+            (sc.retrieval_nlist >= 0, "GRUFLOW_RETRIEVAL_NLIST must be >= 0 (0: from the catalogue size)"),
+            (min(sc.retrieval_nprobe, sc.retrieval_candidates, sc.retrieval_rebuild_every,
+                 sc.retrieval_build_threads) >= 1,
+             "GRUFLOW_RETRIEVAL_NPROBE, _CANDIDATES, _REBUILD_EVERY and _BUILD_THREADS must be >= 1"),
             (0 < self.process.web_port < 65536, "GRUFLOW_WEB_PORT must be a TCP port"),
             (1 <= self.serving.serve_max_k <= 1000, "GRUFLOW_SERVE_MAX_K must be between 1 and 1000"),
             (self.serving.serve_max_items >= 1, "GRUFLOW_SERVE_MAX_ITEMS must be >= 1"),

@@ -151,8 +151,13 @@ def register(sub: Any, bench_sub: Any) -> None:
 
     p = bench_sub.add_parser("stream", help="end-to-end worker throughput and latency on the embedded broker")
     p.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
-    p.add_argument("--items", type=int, default=20_000, help="catalogue size (default 20,000)")
+    p.add_argument("--items", default="20000", help="catalogue size (default 20,000); several, comma-separated "
+                                                   "(20000,200000,1000000), run one after another into one JSON")
     p.add_argument("--hidden", type=int, default=100, help="GRU hidden size (default 100)")
+    p.add_argument("--publish-check", action="store_true",
+                   help="time a new model version from publication to serving (always on with several --items)")
+    p.add_argument("--model-cache", default=None,
+                   help="directory that keeps the trained bench models by size, so runs compare on the same model")
     p.add_argument("--k", type=int, default=20, help="recommendations per event (default 20)")
     p.add_argument("--events", type=int, default=200_000, help="events for the throughput run (default 200,000)")
     p.add_argument("--rate", type=float, default=2000.0, help="offered rate of the latency run (default 2,000/s)")

@@ -109,20 +109,26 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
     from stream.pipeline.events import CLICKS, PURCHASES, Limits, Rejected, decode_event
     from stream.pipeline.processor import PopularityBaseline, ProcessorConfig, process_batch
     from stream.tools.replay import iter_messages
-    from model.topk_calibration import calibrate
+    from model.topk_calibration import ScorerCache
+    from stream.lab.bench_scale import RECALL_STATES, recall_vs_exact
+    from stream.worker.app import retrieval_policy
 
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.scoring.torch_threads)
     try:
         model = load_checkpoint(model_path).recommender(1)
-        scorer, calibration = calibrate(model, settings.scoring.top_k, threads=settings.scoring.scoring_threads,
-                                        compiled=settings.scoring.compiled_topk, path=settings.scoring.scorer_path)
-        limits, cfg, popularity = Limits(), ProcessorConfig(k=settings.scoring.top_k), PopularityBaseline()
+        sc = settings.scoring
+        cache = ScorerCache(sc.scoring_threads, compiled=sc.compiled_topk, k=sc.top_k, path=sc.scorer_path,
+                            retrieval=retrieval_policy(sc))
+        scorer = cache.get(model)
+        calibration = cache.calibration
+        limits, cfg, popularity = Limits(), ProcessorConfig(k=sc.top_k), PopularityBaseline()
         purchases = settings.topic("purchases")
         messages = list(iter_messages(settings, df, limit=n))
         size = settings.worker.batch_max_events
         compute_s = scoring_s = 0.0
         events_done = 0
+        scored_all: list[np.ndarray] = []
         for start in range(0, len(messages), size):
             part = messages[start:start + size]
             t0 = time.perf_counter()
@@ -134,6 +140,7 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
 
             def top_k(hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
                 scored.append(hidden)
+                scored_all.append(hidden)
                 return scorer.top_k(hidden, k)
 
             result = process_batch(model, events, {}, cfg, popularity, top_k)
@@ -143,13 +150,17 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
                 scorer.top_k(hidden, settings.scoring.top_k)
             scoring_s += time.perf_counter() - t1
             events_done += len(result.outputs)
+        hidden = np.vstack(kept)[:RECALL_STATES] if (kept := [h for h in scored_all if len(h)]) else None
+        recall = (recall_vs_exact(model, scorer.top_k(hidden, sc.top_k)[0], hidden, sc.top_k)
+                  if hidden is not None else None)
     finally:
         torch.set_num_threads(threads)
     return {"compute_ceiling_events_per_s": round(events_done / compute_s, 1) if compute_s else float("nan"),
             "topk_ceiling_events_per_s": round(events_done / scoring_s, 1) if scoring_s else float("nan"),
             "topk_int8_fraction": round(scorer.rows_int8 / scorer.rows_scored, 4) if scorer.rows_scored else None,
-            "compiled_topk": scorer.native is not None,
+            "compiled_topk": getattr(scorer, "native", None) is not None,
             "scorer_path": calibration.path,
+            "recall_at_k_vs_exact": recall,
             "scorer_calibration_rows_per_s": dict(calibration.rows_per_s),
             "scorer_calibration_s": round(calibration.seconds, 3)}
 
@@ -447,6 +458,18 @@ def bench_settings(base: Settings, name: str, work: Path, args: argparse.Namespa
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    """One run (``--items N``), or one per catalogue size (``--items 20000,200000``: stream.lab.bench_scale)."""
+    from stream.lab.bench_scale import parse_items, run_scale
+
+    sizes = parse_items(args.items)
+    if len(sizes) > 1:
+        print(json.dumps(run_scale(args, _measure)))
+    else:
+        print(json.dumps(_measure(argparse.Namespace(**{**vars(args), "items": sizes[0]}))))
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
     from stream.kafka.broker import EmbeddedKafka
     from stream.tools.replay import replay
 
@@ -461,9 +484,14 @@ def run_bench(args: argparse.Namespace) -> int:
             kafka = EmbeddedKafka.from_settings(base, quiet=True).start()
             base = kafka.settings(base)
         settings = bench_settings(base, "bench", work, args)
-        model_path = work / "bench-model.gfc"
         train, df = _data(args.events, args.items)
-        _model(model_path, train, args.items, args.hidden)
+        cache = getattr(args, "model_cache", None)
+        model_path = (Path(cache) / f"bench-model-{args.items}-{args.hidden}.gfc") if cache else work / "bench-model.gfc"
+        if model_path.exists():
+            _log(f"model: {model_path} (trained by an earlier run on the same synthetic sessions)")
+        else:
+            model_path.parent.mkdir(parents=True, exist_ok=True)
+            _model(model_path, train, args.items, args.hidden)
         _log(f"producing {len(df):,} events (backlog) ...")
         stats = replay(settings, df, progress=False)
         n = stats.delivered
@@ -504,6 +532,13 @@ def run_bench(args: argparse.Namespace) -> int:
             _warm_up(settings, reader, args, args.warmup_seconds)
         _log(f"latency run: {args.rate:,.0f} events/s for {args.latency_seconds:.0f} s ...")
         lat, latency_steal = _latency_window(settings, reader, args)
+        serving: dict[str, Any] = {}
+        if getattr(args, "publish_check", False):
+            from stream.lab.bench_scale import publish_to_serving
+
+            _log("publishing model version 2 (1% of the output rows moved); timing until it is served ...")
+            serving = publish_to_serving(settings, model_path, lambda name: _scrape(settings.process.web_port, name))
+            _log(f"version 2 served {serving['publish_to_serving_s']} s after its publication began")
         training: dict[str, Any] = {}
         if not getattr(args, "no_training", False):
             training = _training_phase(args, settings, env, reader, work, procs)
@@ -556,10 +591,15 @@ def run_bench(args: argparse.Namespace) -> int:
             "latency_cpu_steal": latency_steal,
             **training,
             **echo,
+            **serving,
         }
         if args.profile:
             result["profile"] = args.profile
     finally:
+        if worker is not None and (work / "worker.log").exists():
+            from stream.lab.bench_scale import faiss_simd, index_times
+
+            result.update(index_times((work / "worker.log").read_text(errors="replace")), faiss_simd=faiss_simd())
         for proc in procs:
             stop_process(proc)
         stop_process(worker)
@@ -568,5 +608,4 @@ def run_bench(args: argparse.Namespace) -> int:
         if kafka is not None:
             kafka.stop()
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result))
-    return 0
+    return result

@@ -37,6 +37,7 @@ TRAINER_FAMILIES = ("finetune_rounds", "finetune_duration", "finetune_loss", "pr
 SHARED_FAMILIES = ("model_version", "model_refusals")
 # per-model versions whose prequential series are kept (the newest served ones); older series are removed
 PREQUENTIAL_VERSIONS_KEPT = 3
+TOPK_ROW_PATHS = ("int8", "float32", "approximate")  # label values of gruflow_topk_rows_total
 
 # from 0.1 ms: a micro-batch GRU step is sub-millisecond per event
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -112,10 +113,12 @@ class Metrics:
             recommendations_out=Counter(p + "recommendations_out", "Recommendation messages published", registry=r),
             unknown_items=Counter(p + "unknown_items", "Events whose item is not in the model's vocabulary",
                                   registry=r),
-            topk_rows=Counter(p + "topk_rows", "Events scored against the whole catalogue, by path: int8 (answered "
-                              "from the int8 pre-filter's proven candidates) or float32", ["path"], registry=r),
-            scorer=Info(p + "scorer", "Top-K path of the model served (label path: float32, int8 or compiled), "
-                        "chosen by timing each on this machine unless GRUFLOW_SCORER_PATH forces one", registry=r),
+            topk_rows=Counter(p + "topk_rows", "Events scored for a top-K, by path: int8 (answered from the int8 "
+                              "pre-filter's proven candidates), float32 (the whole catalogue), approximate (the "
+                              "candidates of the model's index, re-scored in float32)", ["path"], registry=r),
+            scorer=Info(p + "scorer", "Top-K path of the model served (label path: float32, int8, compiled or "
+                        "approximate), chosen by timing each on this machine unless GRUFLOW_SCORER_PATH forces one; "
+                        "approximate where GRUFLOW_RETRIEVAL says so", registry=r),
             batch_size=Histogram(p + "batch_size_events", "Events per processed micro-batch",
                                  buckets=BATCH_BUCKETS, registry=r),
             step_latency=Histogram(p + "step_latency_seconds", "GRU step + top-K scoring time per micro-batch",

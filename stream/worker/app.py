@@ -33,20 +33,21 @@ from typing import Any
 import numpy as np
 
 from model.events import EVENT_TYPE_NAMES, EventType
+from model.retrieval_scorer import RetrievalPolicy
 from state.codec import HEADER_SIZE, decode as decode_state, encode as encode_state
 from stream.compat import observe_many
 from stream.worker.batch_consumer import Batch, BatchConsumer, BatchTransport
 from stream.worker.freeze_guard import FreezeGuard
 from model.topk_calibration import ScorerCache
 from stream.pipeline.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, InputShape, Limits, Rejected, decode_event
-from stream.observe.metrics import Metrics, PrequentialVersions
+from stream.observe.metrics import TOPK_ROW_PATHS, Metrics, PrequentialVersions
 from stream.worker.model_holder import ModelHolder
 from stream.pipeline.exposure import ExposureWindow
 from stream.pipeline.processor import PopularityBaseline, ProcessorConfig, process_batch
 from stream.pipeline.ranking import RuleContext
 from stream.kafka.record_guard import unreadable_detail
 from stream.pipeline.rules import RULES, Catalogue, CatalogueMasks, RuleConfig
-from stream.settings import Settings
+from stream.settings import Scoring, Settings
 from stream.worker.sinks import BatchSink, Outgoing, TransactionalSink, dead_letter
 from stream.worker.table_store import TableStore, install_changelog_guard
 from stream.kafka.topics import DLQ_MESSAGE_MAX_BYTES, STATE_TABLE_NAME, TopicNames
@@ -57,6 +58,13 @@ _LAST_TS_AT = 13
 _FAST_TOPK_MIN_ITEMS = 4096
 _MAX_IN_FLIGHT = 3  # batches produced but not yet acknowledged by the broker
 PHASE_LOG_S = 30.0  # seconds between the batch-phase log lines
+
+
+def retrieval_policy(sc: Scoring) -> RetrievalPolicy:
+    """The ``GRUFLOW_RETRIEVAL*`` settings as the scorer cache's policy."""
+    return RetrievalPolicy(mode=sc.retrieval, target_events_per_s=sc.retrieval_target_events_per_s,
+                           nlist=sc.retrieval_nlist, nprobe=sc.retrieval_nprobe, n_candidates=sc.retrieval_candidates,
+                           build_threads=sc.retrieval_build_threads, rebuild_every=sc.retrieval_rebuild_every)
 
 
 def table_dir(settings: Settings) -> Any:
@@ -133,11 +141,11 @@ class Pipeline:
         m = self.metrics
         sc = s.scoring
         self.scorers = ScorerCache(sc.scoring_threads, min_items=_FAST_TOPK_MIN_ITEMS, compiled=sc.compiled_topk,
-                                   k=sc.top_k, path=sc.scorer_path,
+                                   k=sc.top_k, path=sc.scorer_path, retrieval=retrieval_policy(sc),
                                    on_choice=lambda c: m.scorer.info({"path": c.path}))
         # a swapped-in model's scorer: calibrated in the swapping thread, before the model is served
         self.holder.on_prepare(self.prepare_scorer)
-        self._topk_rows = (m.topk_rows.labels(path="int8"), m.topk_rows.labels(path="float32"))
+        self._topk_rows = {path: m.topk_rows.labels(path=path) for path in TOPK_ROW_PATHS}
         self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
                            for k in (CLICKS, PURCHASES) for t, n in EVENT_TYPE_NAMES.items()}
         self._prequential = PrequentialVersions(m, s.scoring.top_k)
@@ -204,10 +212,10 @@ class Pipeline:
         model = self.holder.current
         result = None
         if events:
-            result, int8_rows, float32_rows = await asyncio.get_running_loop().run_in_executor(
+            result, rows_by_path = await asyncio.get_running_loop().run_in_executor(
                 self.executor, self._compute, model, events, states)
-            self._topk_rows[0].inc(int8_rows)
-            self._topk_rows[1].inc(float32_rows)
+            for path, rows in rows_by_path.items():
+                self._topk_rows[path].inc(rows)
         if self.app.consumer_generation_id != generation or self.app.should_stop:
             log.info("rebalance during a batch of %d events: dropped unacked, it will be processed again",
                      len(events))
@@ -293,17 +301,18 @@ class Pipeline:
             gc.freeze()
             self._gc_frozen = True
 
-    def _compute(self, model: Any, events: list[Event], states: dict[bytes, Any]) -> tuple[Any, int, int]:
+    def _compute(self, model: Any, events: list[Event], states: dict[bytes, Any]) -> tuple[Any, dict[str, int]]:
         """The compute thread's part: the batch, and how many of its rows each top-K path answered. Even
         the first batch of a model nobody prepared builds its scorer here, off the event loop."""
         scorer = self.scorers.get(model)
         rules = self.rule_context(model)
         if scorer is None:
-            return process_batch(model, events, states, self.cfg, self.popularity, None, rules), 0, 0
+            return process_batch(model, events, states, self.cfg, self.popularity, None, rules), {}
         scored_before, int8_before = scorer.rows_scored, scorer.rows_int8
         result = process_batch(model, events, states, self.cfg, self.popularity, scorer.top_k, rules)
         int8 = scorer.rows_int8 - int8_before
-        return result, int8, scorer.rows_scored - scored_before - int8
+        rest = scorer.rows_scored - scored_before - int8
+        return result, {"int8": int8, "approximate" if scorer.path == "approximate" else "float32": rest}
 
     def rule_context(self, model: Any, include: frozenset[str] | None = None,
                      exclude: frozenset[str] | None = None, record: bool = True) -> RuleContext | None:
