@@ -109,3 +109,17 @@ def test_train_prints_the_loss_of_each_epoch_as_plain_lines(tmp_path: Path) -> N
     epochs = [line for line in proc.stderr.splitlines() if line.startswith("epoch ") and " loss " in line]
     assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"], proc.stderr
     assert "\r" not in proc.stderr  # no bar frames without a terminal
+
+
+def test_a_reader_that_leaves_early_is_not_an_error() -> None:
+    """`gruflow config | head`: the pipe's reader is gone before gruflow writes; no traceback, status 0."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("GRUFLOW_")}
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader left before the first byte
+    try:
+        proc = subprocess.run([sys.executable, "-m", "stream.cli", "config"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=environ, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
