@@ -111,7 +111,7 @@ def _compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_
     from stream.tools.replay import iter_messages
     from model.topk_calibration import ScorerCache
     from stream.lab.bench_scale import RECALL_STATES, recall_vs_exact
-    from stream.worker.app import retrieval_policy
+    from stream.worker.pipeline import retrieval_policy
 
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.scoring.torch_threads)

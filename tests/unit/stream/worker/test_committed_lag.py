@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stream.worker.app import committed_lag
+from stream.worker.upkeep import committed_lag
 
 
 def test_lag_counts_from_the_committed_offset_not_the_read_position() -> None:

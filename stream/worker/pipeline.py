@@ -1,0 +1,457 @@
+"""The worker's batch path: ``Pipeline.handle`` takes one micro-batch from ``BatchConsumer``:
+
+    decode + validate (bad -> dlq)  ->  multi-get states per partition  ->  process_batch in a
+    worker thread (GRU waves + one top-K pass)  ->  send changelog + recommendations + dlq
+    (at-least-once: wait for delivery; exactly_once: into the partition's transaction)
+    ->  write RocksDB (one WriteBatch per partition)  ->  ack the offsets.
+
+A batch whose partitions were revoked while it was computed is dropped unacked; its new owner
+processes it again from the committed offsets.
+
+TTL (settings.state_ttl_s > 0) uses EVENT time: a user whose newest event is more than the TTL older
+than the newest event this worker has seen is evicted. A periodic scan lists candidates per
+partition (stream/worker/upkeep.py); the next batch of that partition re-checks and deletes them, with a
+changelog tombstone sent like any other state change (so eviction is in the same transaction in
+exactly_once mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections import Counter, defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from model.events import EVENT_TYPE_NAMES
+from model.retrieval_scorer import RetrievalPolicy
+from state.codec import decode as decode_state, encode as encode_state
+from stream.compat import observe_many
+from stream.worker.batch_consumer import Batch, BatchConsumer
+from stream.worker.freeze_guard import FreezeGuard
+from stream.worker.upkeep import PipelineUpkeep, new_phases
+from model.topk_calibration import ScorerCache
+from stream.pipeline.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, InputShape, Limits, Rejected, decode_event
+from stream.observe.metrics import TOPK_ROW_PATHS, Metrics, PrequentialVersions
+from stream.worker.model_holder import ModelHolder
+from stream.pipeline.exposure import ExposureWindow
+from stream.pipeline.processor import PopularityBaseline, ProcessorConfig, process_batch
+from stream.pipeline.ranking import RuleContext
+from stream.kafka.record_guard import unreadable_detail
+from stream.pipeline.rules import RULES, Catalogue, CatalogueMasks, RuleConfig
+from stream.settings import Scoring, Settings
+from stream.worker.sinks import Outgoing, dead_letter
+from stream.worker.table_store import TableStore
+from stream.kafka.topics import TopicNames
+from stream.pipeline.control import control_action
+
+log = logging.getLogger("gruflow.worker")
+_FAST_TOPK_MIN_ITEMS = 4096
+_MAX_IN_FLIGHT = 3  # batches produced but not yet acknowledged by the broker
+
+
+def retrieval_policy(sc: Scoring) -> RetrievalPolicy:
+    """The ``GRUFLOW_RETRIEVAL*`` settings as the scorer cache's policy."""
+    return RetrievalPolicy(mode=sc.retrieval, target_events_per_s=sc.retrieval_target_events_per_s,
+                           nlist=sc.retrieval_nlist, nprobe=sc.retrieval_nprobe, n_candidates=sc.retrieval_candidates,
+                           build_threads=sc.retrieval_build_threads, rebuild_every=sc.retrieval_rebuild_every)
+
+
+@dataclass
+class Pipeline(PipelineUpkeep):
+    app: Any
+    settings: Settings
+    names: TopicNames
+    store: TableStore
+    holder: ModelHolder
+    metrics: Metrics
+    sink: Any
+    exactly_once: bool
+    dead_letter_bytes: int  # of a bad record's key + value (topics.dead_letter_budget)
+    popularity: PopularityBaseline = field(default_factory=PopularityBaseline)
+    catalogue: Catalogue = field(default_factory=Catalogue)  # filled by the item-rules reader
+    stream_time_ms: int = 0
+    evict_candidates: dict[int, set[bytes]] = field(default_factory=dict)
+    batches: int = 0
+    events: int = 0
+    _overlay: dict = field(default_factory=dict)  # key -> (batch seq, encoded state | None) in flight
+    _pending: deque = field(default_factory=deque)  # finishing tasks of batches in flight, oldest first
+    _seq: int = 0
+    _generation: int = -1
+    _failure: BaseException | None = None
+    _phases: list = field(default_factory=new_phases)
+    _phases_logged: float = field(default_factory=time.monotonic)
+    _gc_frozen: bool = False
+    # input (topic, partition) -> next offset whose event the states as read by ``read_states`` reflect
+    applied: dict[tuple[str, int], int] = field(default_factory=dict)
+    _advanced: asyncio.Event | None = None  # set (and replaced) after each batch: wakes read-your-writes waits
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.cfg = ProcessorConfig(k=s.scoring.top_k, session_gap_ms=int(s.worker.session_gap_s * 1000),
+                                   because_history=s.serving.because_history if s.serving.because else 0)
+        self.limits = Limits(s.worker.max_message_bytes, s.worker.max_id_bytes)
+        self.kinds = self.names.kinds()
+        shape = InputShape.parse(s.worker.field_map, s.worker.event_type_map)
+        self.shape = shape if shape.active else None
+        # one compute thread: batches are sequential anyway; the top-K's threads (scoring_threads) and
+        # torch's own do the maths
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-compute")
+        self.state_lock = asyncio.Lock()
+        m = self.metrics
+        sc = s.scoring
+        self.scorers = ScorerCache(sc.scoring_threads, min_items=_FAST_TOPK_MIN_ITEMS, compiled=sc.compiled_topk,
+                                   k=sc.top_k, path=sc.scorer_path, retrieval=retrieval_policy(sc),
+                                   on_choice=lambda c: m.scorer.info({"path": c.path}))
+        # a swapped-in model's scorer: calibrated in the swapping thread, before the model is served
+        self.holder.on_prepare(self.prepare_scorer)
+        self._topk_rows = {path: m.topk_rows.labels(path=path) for path in TOPK_ROW_PATHS}
+        self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
+                           for k in (CLICKS, PURCHASES) for t, n in EVENT_TYPE_NAMES.items()}
+        self._prequential = PrequentialVersions(m, s.scoring.top_k)
+        self.rules = RuleConfig.from_settings(s)
+        self._catalogue_masks = CatalogueMasks()
+        self.exposure = ExposureWindow(s.rules.exposure_window_s) if s.rules.exposure_cap > 0 else None
+        self._rule_masked = {rule: m.rule_masked.labels(rule=rule) for rule in RULES}
+        self.freeze = FreezeGuard(s.worker.broker_session_timeout_s)
+
+    # --- the batch ---------------------------------------------------------------------------
+    async def handle(self, batch: Batch, generation: int) -> None:
+        async with self.state_lock:
+            await self._handle(batch, generation)
+
+    async def _handle(self, batch: Batch, generation: int) -> None:
+        consumer: BatchConsumer = self.app.consumer
+        if self._failure is not None:
+            raise self._failure
+        if generation != self._generation:
+            await self.drain()  # batches of the old generation drop themselves unacked
+            self._overlay.clear()
+            self.applied.clear()
+            self._generation = generation
+        t0 = time.perf_counter()
+        now_ms = int(time.time() * 1000)
+        out = Outgoing()
+        events: list[Event] = []
+        dead: Counter[str] = Counter()
+        forget: dict[int, list[bytes]] = defaultdict(list)
+        for tp, records in batch:
+            p = tp.partition
+            if tp.topic == self.names.control:
+                forget[p].extend(r.key for r in records if control_action(r.key, r.value) is not None)
+                continue
+            kind = self.kinds[tp.topic]
+            for r in records:
+                unreadable = unreadable_detail(r)
+                if unreadable is not None:  # stored by the broker, not parseable by the client: what was read of it
+                    out.dlq[p].append(dead_letter(r.key, r.value, UNREADABLE_RECORD, unreadable, tp.topic, p, r.offset,
+                                                  r.timestamp, self.dead_letter_bytes))
+                    dead[UNREADABLE_RECORD] += 1
+                    continue
+                res = decode_event(r.value, r.key, kind, self.limits, topic=tp.topic, partition=p, offset=r.offset,
+                                   append_ts_ms=r.timestamp or 0, now_ms=now_ms, shape=self.shape)
+                if isinstance(res, Rejected):
+                    out.dlq[p].append(dead_letter(r.key, r.value, res.reason, res.detail, tp.topic, p, r.offset,
+                                                  r.timestamp, self.dead_letter_bytes))
+                    dead[res.reason] += 1
+                else:
+                    events.append(res)
+
+        # states of the batch's users, one multi-get per partition
+        part_of: dict[bytes, int] = {}
+        for e in events:
+            part_of[e.key] = e.partition
+        by_part: dict[int, list[bytes]] = defaultdict(list)
+        for key, p in part_of.items():
+            by_part[p].append(key)
+        states = {}
+        for p, keys in by_part.items():
+            states.update(self._read(p, keys))
+
+        t1 = time.perf_counter()
+        model = self.holder.current
+        result = None
+        if events:
+            result, rows_by_path = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._compute, model, events, states)
+            for path, rows in rows_by_path.items():
+                self._topk_rows[path].inc(rows)
+        if self.app.consumer_generation_id != generation or self.app.should_stop:
+            log.info("rebalance during a batch of %d events: dropped unacked, it will be processed again",
+                     len(events))
+            return
+        if self.freeze.hold_s() > 0 and not await self._wait_out_freeze(generation, len(events)):
+            return
+
+        t2 = time.perf_counter()
+        local: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
+        created: set[bytes] = set()  # users this batch adds to the state (read as absent)
+        if result is not None:
+            for i, (key, value) in enumerate(result.outputs):
+                out.recommendations[events[i].partition].append((key, value))
+            for key, st in result.states.items():
+                p = part_of[key]
+                if key not in states:
+                    created.add(key)
+                raw = encode_state(st)
+                out.changelog[p].append((key, raw))
+                local[p].append((key, raw))
+            observe_many(self.metrics.state_record_bytes,
+                         np.fromiter((len(raw) for recs in local.values() for _, raw in recs), dtype=np.float64))
+            self.stream_time_ms = max(self.stream_time_ms, max(e.ts_ms for e in events))
+        evicted = self._evictions(batch, part_of, out, local)
+        if forget:
+            self._forget(forget, result.states if result is not None else {}, out, local)
+
+        offsets = [(tp, [r.offset for r in records]) for tp, records in batch]
+        if self.exactly_once:
+            async with consumer.commit_lock:
+                # a revocation (which holds this lock) may have happened while waiting: its offsets are
+                # forgotten and its records will be fetched again, so these outputs must not be sent
+                if self.app.consumer_generation_id != generation or not consumer.flow_active \
+                        or self.app.should_stop:
+                    log.info("rebalance before a batch of %d events was sent: dropped unacked, it will be "
+                             "processed again", len(events))
+                    return
+                changelog_futs, futs = await self.sink.send(out)
+                # delivered into the open transactions BEFORE the offsets are acked: aiokafka's
+                # commit_transaction does not wait for records still queued (one produce request in flight
+                # per broker), so a commit could carry this batch's offsets while its outputs went out
+                # after the EndTxn and were refused, silently. A refused record raises here instead,
+                # before anything is acked.
+                await asyncio.gather(*futs)
+                for p, recs in local.items():
+                    self.store.write_partition(p, recs, created)
+                for tp, offs in offsets:
+                    consumer.ack_offsets(tp, offs)
+                self._mark_applied(offsets)
+            highest: dict[int, int] = {}
+            for p, fut in changelog_futs:
+                meta = fut.result()
+                highest[p] = max(highest.get(p, -1), meta.offset)
+            self.store.mark_changelog_offsets(highest, on_commit=True)
+            self._observe(events, result, dead, evicted, time.time())
+        else:
+            # pipelined: the next batch is computed while this one is in flight; its states are visible
+            # to it through the overlay, and RocksDB writes + acks happen in batch order on delivery
+            ticket = self.sink.submit(out)
+            self._seq += 1
+            seq = self._seq
+            for p, recs in local.items():
+                for key, raw in recs:
+                    self._overlay[key] = (seq, raw)
+            self._mark_applied(offsets)
+            prev = self._pending[-1] if self._pending else None
+            task = asyncio.ensure_future(self._finish(prev, seq, ticket, local, created, offsets, generation, events,
+                                                      result, dead, evicted))
+            self._pending.append(task)
+            self._prune()
+            while len(self._pending) > _MAX_IN_FLIGHT:
+                await asyncio.wait([self._pending[0]])
+                self._prune()
+        t3 = time.perf_counter()
+        age = (now_ms - min(e.append_ts_ms for e in events)) / 1000.0 if events else 0.0
+        self._phase(len(events), age, t1 - t0, t2 - t1, t3 - t2)
+        if not self._gc_frozen and events:
+            # what is alive after the first batch (faust, the clients, torch, the first model) lives about
+            # as long as the worker: keep it out of the collector's full passes, each of which walked it
+            # all and stopped every thread for 120-200 ms here (twice in a bench's first 20 s). The cost:
+            # a reference cycle among those objects is never collected (at most the first model's once
+            # a newer one is served)
+            gc.freeze()
+            self._gc_frozen = True
+
+    def _compute(self, model: Any, events: list[Event], states: dict[bytes, Any]) -> tuple[Any, dict[str, int]]:
+        """The compute thread's part: the batch, and how many of its rows each top-K path answered. Even
+        the first batch of a model nobody prepared builds its scorer here, off the event loop."""
+        scorer = self.scorers.get(model)
+        rules = self.rule_context(model)
+        if scorer is None:
+            return process_batch(model, events, states, self.cfg, self.popularity, None, rules), {}
+        scored_before, int8_before = scorer.rows_scored, scorer.rows_int8
+        result = process_batch(model, events, states, self.cfg, self.popularity, scorer.top_k, rules)
+        int8 = scorer.rows_int8 - int8_before
+        rest = scorer.rows_scored - scored_before - int8
+        return result, {"int8": int8, "approximate" if scorer.path == "approximate" else "float32": rest}
+
+    def rule_context(self, model: Any, include: frozenset[str] | None = None,
+                     exclude: frozenset[str] | None = None, record: bool = True) -> RuleContext | None:
+        """The business rules of one ranking with ``model`` (None: no rule applies). ``include``/``exclude``
+        replace the settings' category filters (a request's own filter); ``record``: the lists count
+        against the exposure cap."""
+        cfg = self.rules
+        masks = self._catalogue_masks.get(self.catalogue.view(), model.vocab,
+                                          cfg.include_categories if include is None else include,
+                                          cfg.exclude_categories if exclude is None else exclude)
+        ctx = RuleContext(cfg, masks, self.exposure, time.time(), record)
+        return ctx if ctx.active else None
+
+    def prepare_scorer(self, model: Any, serve: bool = False) -> None:
+        """Calibrates ``model``'s top-K scorer (about a second at 20,000 items): in the thread that swaps a
+        model in, and at start-up (``serve``: the model already served) in an executor, never on the event
+        loop."""
+        try:
+            self.scorers.prepare(model, serve=serve)
+        except Exception as exc:  # noqa: BLE001 - the swap goes on; the first batch builds it instead
+            log.warning("could not prepare the top-K scorer of model version %s: %r",
+                        getattr(model, "version", "?"), exc)
+
+    async def _finish(self, prev: "asyncio.Task[None] | None", seq: int, ticket: Any,
+                      local: dict[int, list[tuple[bytes, bytes | None]]], created: set[bytes],
+                      offsets: list[tuple[Any, list[int]]],
+                      generation: int, events: list[Event], result: Any, dead: Counter[str], evicted: int) -> None:
+        """Once a batch is delivered (and every earlier batch finished): RocksDB, changelog offsets, acks."""
+        try:
+            if prev is not None:
+                await asyncio.shield(prev)
+            await ticket.future
+            delivered = ticket.check()
+            if self.freeze.hold_s() > 0 and not await self._wait_out_freeze(generation, len(events)):
+                self._overlay.clear()
+                return
+            if self.app.consumer_generation_id != generation or self.app.should_stop:
+                self._overlay.clear()  # the consumer seeks back to the committed offsets
+                return
+            for p, recs in local.items():
+                self.store.write_partition(p, recs, created)
+                for key, _raw in recs:
+                    if self._overlay.get(key, (0,))[0] == seq:
+                        del self._overlay[key]
+            self.store.mark_changelog_offsets(delivered.changelog_offsets)
+            consumer: BatchConsumer = self.app.consumer
+            for tp, offs in offsets:
+                consumer.ack_offsets(tp, offs)
+            self._observe(events, result, dead, evicted, delivered.delivered_at)
+        except Exception as exc:
+            if self._failure is None:
+                self._failure = exc  # re-raised by the next batch: the worker crashes, nothing is acked
+            raise
+
+    async def _wait_out_freeze(self, generation: int, n_events: int) -> bool:
+        """After a freeze of this worker (``FreezeGuard``): wait until the group's rebalance has begun
+        (False: the batch is dropped unacked and the seek that ends the rebalance rewinds to it) or the
+        hold has passed with this worker still a member (True: its outputs may go out)."""
+        def current() -> bool:
+            return self.app.consumer_generation_id == generation and self.app.consumer.flow_active \
+                and not self.app.should_stop
+
+        log.warning("this worker stood still for more than half its session timeout: a batch of %d events "
+                    "waits up to %.1f s for the group to settle before its outputs go out", n_events,
+                    self.freeze.hold_s())
+        while (hold := self.freeze.hold_s()) > 0 and current():
+            await asyncio.sleep(min(0.1, hold))
+        if current():
+            return True
+        log.info("rebalance after a freeze: a batch of %d events dropped unacked, it will be processed again",
+                 n_events)
+        return False
+
+    def _mark_applied(self, offsets: list[tuple[Any, list[int]]]) -> None:
+        """The batch's states are now what ``read_states`` returns: its offsets count as applied."""
+        for tp, offs in offsets:
+            if offs:
+                key = (tp.topic, tp.partition)
+                self.applied[key] = max(self.applied.get(key, 0), max(offs) + 1)
+        if self._advanced is not None:
+            self._advanced.set()
+            self._advanced = None
+
+    def position(self, topic: str, partition: int) -> int:
+        """Offset of one input partition below which every event is reflected in the states read here."""
+        from faust.types import TP
+
+        resumed = getattr(self.app.consumer, "resumed_at", {}).get(TP(topic, partition)) or 0
+        return max(resumed, self.applied.get((topic, partition), 0))
+
+    async def wait_applied(self, ends: dict[tuple[str, int], int]) -> None:
+        """Return once every event below ``ends`` (input partition -> offset) is reflected in the states
+        (the caller bounds the wait)."""
+        while any(self.position(t, p) < end for (t, p), end in ends.items()):
+            if self._advanced is None:
+                self._advanced = asyncio.Event()
+            await self._advanced.wait()
+
+    def read_states(self, partition: int, keys: list[bytes]) -> dict[bytes, Any]:
+        """States as the worker last decided them (see ``_read``): what requests answer from."""
+        return self._read(partition, keys)
+
+    def _prune(self) -> None:
+        """Forget finished batches (oldest first); a failed one fails the batch loop."""
+        while self._pending and self._pending[0].done():
+            task = self._pending.popleft()
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    def _read(self, partition: int, keys: list[bytes]) -> dict[bytes, Any]:
+        """States as the worker last decided them: in-flight batches' states first, then RocksDB."""
+        overlay = self._overlay
+        if not overlay:
+            return self.store.get_partition(partition, keys)
+        out: dict[bytes, Any] = {}
+        rest: list[bytes] = []
+        for key in keys:
+            hit = overlay.get(key)
+            if hit is None:
+                rest.append(key)
+            elif hit[1] is not None:
+                out[key] = decode_state(hit[1])
+        out.update(self.store.get_partition(partition, rest))
+        return out
+
+    async def drain(self) -> None:
+        """Wait for the batches in flight (rebalance, shutdown)."""
+        while self._pending:
+            await asyncio.wait([self._pending[0]])
+            self._prune()
+
+    def _evictions(self, batch: Batch, part_of: dict[bytes, int], out: Outgoing,
+                   local: dict[int, list[tuple[bytes, bytes | None]]]) -> int:
+        if not self.evict_candidates or self.settings.worker.state_ttl_s <= 0:
+            return 0
+        cutoff = self.stream_time_ms - int(self.settings.worker.state_ttl_s * 1000)
+        n = 0
+        for tp, _ in batch:
+            cands = self.evict_candidates.pop(tp.partition, None)
+            if not cands:
+                continue
+            keys = [k for k in cands if k not in part_of]  # touched in this batch: alive
+            for key, st in self._read(tp.partition, keys).items():
+                if st.last_ts_ms < cutoff:
+                    out.changelog[tp.partition].append((key, None))
+                    local[tp.partition].append((key, None))
+                    n += 1
+        return n
+
+    def _forget(self, forget: dict[int, list[bytes]], batch_states: dict[bytes, Any], out: Outgoing,
+                local: dict[int, list[tuple[bytes, bytes | None]]]) -> None:
+        """``gruflow forget``: tombstone each named user after this batch's own writes (the request wins
+        over events of the same batch). The changelog always gets the tombstone; RocksDB deletes only
+        keys that exist, so the user count stays exact."""
+        for p, keys in forget.items():
+            present = set(self._read(p, [k for k in keys if k not in batch_states]))
+            for key in dict.fromkeys(keys):
+                out.changelog[p].append((key, None))
+                if key in batch_states or key in present:
+                    local[p].append((key, None))
+            self.metrics.forgotten_users.inc(len(set(keys)))
+        log.info("forgot %d user(s) on request", sum(len(set(k)) for k in forget.values()))
+
+    def close(self) -> None:
+        """Before faust stops (and commits for the last time): the batches in flight finish, so that their
+        offsets are in that commit; then the compute thread stops."""
+        loop = self.app.loop
+        if self._pending and not loop.is_running() and not loop.is_closed():
+            try:
+                loop.run_until_complete(asyncio.wait_for(self.drain(), 10.0))
+            except Exception as exc:  # noqa: BLE001 - not acked: processed again after the restart
+                log.warning("batches in flight did not finish before shutdown: %r", exc)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def stop_output(self) -> None:
+        """After faust has stopped: deliver what is still queued and close the output producer."""
+        await self.sink.stop()
