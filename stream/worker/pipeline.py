@@ -126,7 +126,6 @@ class Pipeline(PipelineUpkeep):
             await self._handle(batch, generation)
 
     async def _handle(self, batch: Batch, generation: int) -> None:
-        consumer: BatchConsumer = self.app.consumer
         if self._failure is not None:
             raise self._failure
         if generation != self._generation:
@@ -136,6 +135,52 @@ class Pipeline(PipelineUpkeep):
             self._generation = generation
         t0 = time.perf_counter()
         now_ms = int(time.time() * 1000)
+        out, events, dead, forget = self._decode(batch, now_ms)
+        part_of, states = self._batch_states(events)
+
+        t1 = time.perf_counter()
+        model = self.holder.current
+        result = None
+        if events:
+            result, rows_by_path = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._compute, model, events, states)
+            for path, rows in rows_by_path.items():
+                self._topk_rows[path].inc(rows)
+        if self.app.consumer_generation_id != generation or self.app.should_stop:
+            log.info("rebalance during a batch of %d events: dropped unacked, it will be processed again",
+                     len(events))
+            return
+        if self.freeze.hold_s() > 0 and not await self._wait_out_freeze(generation, len(events)):
+            return
+
+        t2 = time.perf_counter()
+        local, created = self._stage(result, events, states, part_of, out)
+        evicted = self._evictions(batch, part_of, out, local)
+        if forget:
+            self._forget(forget, result.states if result is not None else {}, out, local)
+
+        offsets = [(tp, [r.offset for r in records]) for tp, records in batch]
+        staged = (local, created, offsets, generation, events, result, dead, evicted)
+        if self.exactly_once:
+            if not await self._send_in_transaction(out, *staged):
+                return
+        else:
+            await self._send_pipelined(out, *staged)
+        t3 = time.perf_counter()
+        age = (now_ms - min(e.append_ts_ms for e in events)) / 1000.0 if events else 0.0
+        self._phase(len(events), age, t1 - t0, t2 - t1, t3 - t2)
+        if not self._gc_frozen and events:
+            # what is alive after the first batch (faust, the clients, torch, the first model) lives about
+            # as long as the worker: keep it out of the collector's full passes, each of which walked it
+            # all and stopped every thread for 120-200 ms here (twice in a bench's first 20 s). The cost:
+            # a reference cycle among those objects is never collected (at most the first model's once
+            # a newer one is served)
+            gc.freeze()
+            self._gc_frozen = True
+
+    def _decode(self, batch: Batch,
+                now_ms: int) -> tuple[Outgoing, list[Event], Counter[str], dict[int, list[bytes]]]:
+        """Valid events, dead letters (with their reasons counted) and forget requests of a batch."""
         out = Outgoing()
         events: list[Event] = []
         dead: Counter[str] = Counter()
@@ -161,8 +206,10 @@ class Pipeline(PipelineUpkeep):
                     dead[res.reason] += 1
                 else:
                     events.append(res)
+        return out, events, dead, forget
 
-        # states of the batch's users, one multi-get per partition
+    def _batch_states(self, events: list[Event]) -> tuple[dict[bytes, int], dict[bytes, Any]]:
+        """Each user's partition, and the states of the batch's users (one multi-get per partition)."""
         part_of: dict[bytes, int] = {}
         for e in events:
             part_of[e.key] = e.partition
@@ -172,23 +219,12 @@ class Pipeline(PipelineUpkeep):
         states = {}
         for p, keys in by_part.items():
             states.update(self._read(p, keys))
+        return part_of, states
 
-        t1 = time.perf_counter()
-        model = self.holder.current
-        result = None
-        if events:
-            result, rows_by_path = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._compute, model, events, states)
-            for path, rows in rows_by_path.items():
-                self._topk_rows[path].inc(rows)
-        if self.app.consumer_generation_id != generation or self.app.should_stop:
-            log.info("rebalance during a batch of %d events: dropped unacked, it will be processed again",
-                     len(events))
-            return
-        if self.freeze.hold_s() > 0 and not await self._wait_out_freeze(generation, len(events)):
-            return
-
-        t2 = time.perf_counter()
+    def _stage(self, result: Any, events: list[Event], states: dict[bytes, Any], part_of: dict[bytes, int],
+               out: Outgoing) -> tuple[dict[int, list[tuple[bytes, bytes | None]]], set[bytes]]:
+        """Recommendations and changelog records into ``out``; the RocksDB writes per partition, and the
+        users this batch adds (read as absent)."""
         local: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
         created: set[bytes] = set()  # users this batch adds to the state (read as absent)
         if result is not None:
@@ -204,67 +240,62 @@ class Pipeline(PipelineUpkeep):
             observe_many(self.metrics.state_record_bytes,
                          np.fromiter((len(raw) for recs in local.values() for _, raw in recs), dtype=np.float64))
             self.stream_time_ms = max(self.stream_time_ms, max(e.ts_ms for e in events))
-        evicted = self._evictions(batch, part_of, out, local)
-        if forget:
-            self._forget(forget, result.states if result is not None else {}, out, local)
+        return local, created
 
-        offsets = [(tp, [r.offset for r in records]) for tp, records in batch]
-        if self.exactly_once:
-            async with consumer.commit_lock:
-                # a revocation (which holds this lock) may have happened while waiting: its offsets are
-                # forgotten and its records will be fetched again, so these outputs must not be sent
-                if self.app.consumer_generation_id != generation or not consumer.flow_active \
-                        or self.app.should_stop:
-                    log.info("rebalance before a batch of %d events was sent: dropped unacked, it will be "
-                             "processed again", len(events))
-                    return
-                changelog_futs, futs = await self.sink.send(out)
-                # delivered into the open transactions BEFORE the offsets are acked: aiokafka's
-                # commit_transaction does not wait for records still queued (one produce request in flight
-                # per broker), so a commit could carry this batch's offsets while its outputs went out
-                # after the EndTxn and were refused, silently. A refused record raises here instead,
-                # before anything is acked.
-                await asyncio.gather(*futs)
-                for p, recs in local.items():
-                    self.store.write_partition(p, recs, created)
-                for tp, offs in offsets:
-                    consumer.ack_offsets(tp, offs)
-                self._mark_applied(offsets)
-            highest: dict[int, int] = {}
-            for p, fut in changelog_futs:
-                meta = fut.result()
-                highest[p] = max(highest.get(p, -1), meta.offset)
-            self.store.mark_changelog_offsets(highest, on_commit=True)
-            self._observe(events, result, dead, evicted, time.time())
-        else:
-            # pipelined: the next batch is computed while this one is in flight; its states are visible
-            # to it through the overlay, and RocksDB writes + acks happen in batch order on delivery
-            ticket = self.sink.submit(out)
-            self._seq += 1
-            seq = self._seq
+    async def _send_in_transaction(self, out: Outgoing, local: dict, created: set[bytes], offsets: list,
+                                   generation: int, events: list[Event], result: Any, dead: Counter[str],
+                                   evicted: int) -> bool:
+        """exactly_once: outputs into the partitions' transactions, then RocksDB, then the acks; False when
+        a rebalance came first (nothing sent, nothing acked)."""
+        consumer: BatchConsumer = self.app.consumer
+        async with consumer.commit_lock:
+            # a revocation (which holds this lock) may have happened while waiting: its offsets are
+            # forgotten and its records will be fetched again, so these outputs must not be sent
+            if self.app.consumer_generation_id != generation or not consumer.flow_active \
+                    or self.app.should_stop:
+                log.info("rebalance before a batch of %d events was sent: dropped unacked, it will be "
+                         "processed again", len(events))
+                return False
+            changelog_futs, futs = await self.sink.send(out)
+            # delivered into the open transactions BEFORE the offsets are acked: aiokafka's
+            # commit_transaction does not wait for records still queued (one produce request in flight
+            # per broker), so a commit could carry this batch's offsets while its outputs went out
+            # after the EndTxn and were refused, silently. A refused record raises here instead,
+            # before anything is acked.
+            await asyncio.gather(*futs)
             for p, recs in local.items():
-                for key, raw in recs:
-                    self._overlay[key] = (seq, raw)
+                self.store.write_partition(p, recs, created)
+            for tp, offs in offsets:
+                consumer.ack_offsets(tp, offs)
             self._mark_applied(offsets)
-            prev = self._pending[-1] if self._pending else None
-            task = asyncio.ensure_future(self._finish(prev, seq, ticket, local, created, offsets, generation, events,
-                                                      result, dead, evicted))
-            self._pending.append(task)
+        highest: dict[int, int] = {}
+        for p, fut in changelog_futs:
+            meta = fut.result()
+            highest[p] = max(highest.get(p, -1), meta.offset)
+        self.store.mark_changelog_offsets(highest, on_commit=True)
+        self._observe(events, result, dead, evicted, time.time())
+        return True
+
+    async def _send_pipelined(self, out: Outgoing, local: dict, created: set[bytes], offsets: list,
+                              generation: int, events: list[Event], result: Any, dead: Counter[str],
+                              evicted: int) -> None:
+        """at_least_once, pipelined: the next batch is computed while this one is in flight; its states are
+        visible to it through the overlay, and RocksDB writes + acks happen in batch order on delivery."""
+        ticket = self.sink.submit(out)
+        self._seq += 1
+        seq = self._seq
+        for p, recs in local.items():
+            for key, raw in recs:
+                self._overlay[key] = (seq, raw)
+        self._mark_applied(offsets)
+        prev = self._pending[-1] if self._pending else None
+        task = asyncio.ensure_future(self._finish(prev, seq, ticket, local, created, offsets, generation, events,
+                                                  result, dead, evicted))
+        self._pending.append(task)
+        self._prune()
+        while len(self._pending) > _MAX_IN_FLIGHT:
+            await asyncio.wait([self._pending[0]])
             self._prune()
-            while len(self._pending) > _MAX_IN_FLIGHT:
-                await asyncio.wait([self._pending[0]])
-                self._prune()
-        t3 = time.perf_counter()
-        age = (now_ms - min(e.append_ts_ms for e in events)) / 1000.0 if events else 0.0
-        self._phase(len(events), age, t1 - t0, t2 - t1, t3 - t2)
-        if not self._gc_frozen and events:
-            # what is alive after the first batch (faust, the clients, torch, the first model) lives about
-            # as long as the worker: keep it out of the collector's full passes, each of which walked it
-            # all and stopped every thread for 120-200 ms here (twice in a bench's first 20 s). The cost:
-            # a reference cycle among those objects is never collected (at most the first model's once
-            # a newer one is served)
-            gc.freeze()
-            self._gc_frozen = True
 
     def _compute(self, model: Any, events: list[Event], states: dict[bytes, Any]) -> tuple[Any, dict[str, int]]:
         """The compute thread's part: the batch, and how many of its rows each top-K path answered. Even
