@@ -55,7 +55,7 @@ _MAX_BIAS_COLUMNS = 64  # more would mean biases far larger than the weights: fl
 _NATIVE_CANDIDATES = 256  # items re-scored exactly per row by the compiled int8 path, at most
 _NATIVE_BLOCK_CAP = 128  # blocks it keeps per row while the threshold rises, at most
 _SPLIT_MIN_ROWS = 64  # a batch is split over the scoring threads only into parts of at least this many
-# rows: small calls cost about twice as much per row (48 rows split in two took 4.9 ms, unsplit 4.5)
+# rows: a call has a fixed cost, so splitting a small batch costs more than it saves (docs/hot-path.md)
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
@@ -71,9 +71,8 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def _column_major(codes: torch.Tensor) -> torch.Tensor:
-    """``codes`` stored item by item: torch._int_mm reads that layout faster (three A/B measurements on the
-    same states: the whole top-K 2-9% faster on 2,000 rows, 6-15% on 45; identical results). Row-major
-    where this torch's _int_mm refuses a transposed operand."""
+    """``codes`` stored item by item: torch._int_mm reads that layout faster, with identical results
+    (docs/hot-path.md). Row-major where this torch's _int_mm refuses a transposed operand."""
     stored = codes.T.contiguous().T
     try:
         torch._int_mm(torch.zeros((1, codes.shape[0]), dtype=torch.int8), stored)

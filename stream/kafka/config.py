@@ -148,10 +148,9 @@ def load_generator(settings: Settings) -> dict[str, Any]:
     """Producer overrides for a client that sends events one by one at a steady rate (the bench's offered
     load): no Nagle delay, a short linger and at most 5 requests in flight per connection, so that records
     batch up while the broker is busy; with a single replica acks=1 (as durable as acks=all there) and no
-    idempotence. Without the cap (librdkafka's default when idempotence is off), with linger 1 ms and one
-    partition per request, every few records became a request of their own: on the embedded broker at
-    2,000 events/s the broker fell behind for good (record ages 10 s after 20 s); capped, one hop measured
-    p50 7 ms / p99 17 ms once the broker was warm."""
+    idempotence. Without the cap (librdkafka's default when idempotence is off) and with a 1 ms linger, every
+    few records become a request of their own and the broker can fall behind the offered rate for good
+    (docs/hot-path.md)."""
     extra: dict[str, Any] = {"socket.nagle.disable": True, "linger.ms": 5, "max.in.flight": 5}
     if settings.topics.replication_factor <= 1:
         extra.update({"acks": 1, "enable.idempotence": False})

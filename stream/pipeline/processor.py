@@ -382,8 +382,8 @@ def _packed(parts: list[bytes]) -> tuple[bytes, np.ndarray]:
 
 
 def _prefix_table(model: Recommender) -> tuple[bytes, np.ndarray, int]:
-    """Every row's b'{"item_id":<JSON id>,"score":' in one blob, with offsets: built once per vocabulary
-    (~10 ms at 20,000 items)."""
+    """Every row's b'{"item_id":<JSON id>,"score":' in one blob, with offsets: built once per vocabulary,
+    not per batch."""
     ids = _vocab_ids(model)
     key = (model.vocab, len(ids))  # a vocabulary only grows: rebuilt if this one did
     if _prefix_table_cache[0] != key:

@@ -1,8 +1,8 @@
 """A faust consumer that hands the input topics to the worker in micro-batches.
 
 faust's own path creates an Event, a queue entry and at least one event-loop round trip per message
-(``wait_first(callback(message), ...)`` in faust's drain loop), which caps a worker at a few
-thousand events/s (FIELD-NOTES). This subclass keeps everything else of faust — group membership, the
+(``wait_first(callback(message), ...)`` in faust's drain loop), so that overhead, not the
+computation, would set a worker's throughput (docs/hot-path.md). This subclass keeps everything else of faust — group membership, the
 partition assignor, table recovery and standbys, offset commits, transactions — and only replaces the
 drain loop: records of the input topics are collected up to a size/time bound and passed as one batch
 to ``batch_handler``; records of every other topic (table changelogs during recovery) still go
@@ -58,9 +58,8 @@ BatchHandler = Callable[[Batch, int], Awaitable[None]]
 # fetch request per broker in flight and leaves out partitions whose records are still buffered, so a
 # partition drained just after a request went out waited for that request: up to 1.5 s when the other
 # partitions were quiet. And with fetch_min_bytes=1 the broker answers as soon as one record arrives, so
-# under a steady trickle the fetcher spins (measured at 2,000 events/s on a warm embedded broker: ~600
-# fetches/s of a record or two, 70-80% of a core in the client and a tenth of a core more in the broker,
-# against 42 fetches/s and 25-31% with the settings below). So the broker is asked to hold a fetch until
+# under a steady trickle the fetcher spins: many fetches of a record or two, each costing CPU in the
+# client and the broker (docs/hot-path.md). So the broker is asked to hold a fetch until
 # it has FETCH_MIN_BYTES or the batch time bound has passed: the batch fills at the broker, and a backlog
 # still comes back at once.
 FETCH_MIN_BYTES = 256 * 1024

@@ -171,10 +171,9 @@ class Pipeline(PipelineUpkeep):
         self._phase(len(events), age, t1 - t0, t2 - t1, t3 - t2)
         if not self._gc_frozen and events:
             # what is alive after the first batch (faust, the clients, torch, the first model) lives about
-            # as long as the worker: keep it out of the collector's full passes, each of which walked it
-            # all and stopped every thread for 120-200 ms here (twice in a bench's first 20 s). The cost:
-            # a reference cycle among those objects is never collected (at most the first model's once
-            # a newer one is served)
+            # as long as the worker: keep it out of the collector's full passes, each of which would walk
+            # it all while every thread waits (docs/hot-path.md). The cost: a reference cycle among those
+            # objects is never collected (at most the first model's once a newer one is served)
             gc.freeze()
             self._gc_frozen = True
 

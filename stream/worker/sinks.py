@@ -97,8 +97,8 @@ class BatchSink:
     """At-least-once output in one produce request per batch (the default).
 
     librdkafka sends one ProduceRequest per partition (confluentinc/librdkafka#1700): a batch's records
-    for 8 partitions of two topics were 16 requests, and the broker's work is per request (at 2,000
-    events/s it used 0.53-0.72 of a core with them, 0.43 with this sink). Here the records of each topic-partition are appended (in
+    for 8 partitions of two topics would be 16 requests, and the broker's work is per request
+    (docs/hot-path.md). Here the records of each topic-partition are appended (in
     C) to one record batch with aiokafka's builder, and its producer sends every partition's batch in one
     request per broker, one request in flight; batches submitted meanwhile go together in the next one.
     ``submit`` returns at once; the worker waits for delivery before it writes RocksDB and acks."""
