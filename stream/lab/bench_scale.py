@@ -102,18 +102,18 @@ def run_scale(args: argparse.Namespace, measure: Any) -> dict[str, Any]:
     """``measure(args)`` (one stream bench run) per catalogue size; the machine's figures once."""
     import os
 
-    from stream.lab.bench import _cpu_flags, _cpu_model, _log
+    from stream.lab.bench_machine import cpu_flags, cpu_model, log
 
     rows = []
     load_before = os.getloadavg()
     for n in parse_items(args.items):
-        _log(f"=== {n:,} items ===")
+        log(f"=== {n:,} items ===")
         one = argparse.Namespace(**{**vars(args), "items": n, "publish_check": True})
         try:
             rows.append(measure(one))
         except Exception as exc:  # noqa: BLE001 - the other sizes' figures stand
-            _log(f"{n:,} items failed: {exc!r}")
+            log(f"{n:,} items failed: {exc!r}")
             rows.append({"catalogue_items": n, "error": repr(exc)})
-    return {"sizes": rows, "cpu_model": _cpu_model(), "cpu_flags": _cpu_flags(), "faiss_simd": faiss_simd(),
+    return {"sizes": rows, "cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "faiss_simd": faiss_simd(),
             "cpus": os.cpu_count(), "load_avg_before": [round(x, 2) for x in load_before],
             "load_avg_after": [round(x, 2) for x in os.getloadavg()]}

@@ -36,8 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from stream.lab.bench import (WARMUP_PREFIX, _cpu_flags, _cpu_model, _data, _latency_window, _log, _model,
-                              _percentiles, _RecReader, _warm_up, bench_settings)
+from stream.lab.bench import bench_settings
+from stream.lab.bench_load import WARMUP_PREFIX, RecReader, latency_window, percentiles, warm_up
+from stream.lab.bench_machine import cpu_flags, cpu_model, log
+from stream.lab.bench_model import bench_data, train_model
 from stream.tools.harness import PROJECT_ROOT, stop_process
 from stream.settings import ENV_PREFIX, Settings
 
@@ -82,7 +84,7 @@ async def _request_load(url: str, users: int, rate: float, seconds: float, k: in
         span = time.monotonic() - t0
     arr = np.asarray(lat, dtype=np.float64)
     return {"requests": n, "requests_per_s": round(n / span, 1), "statuses": statuses,
-            "latency_ms": _percentiles(arr), "offered_request_rate": rate}
+            "latency_ms": percentiles(arr), "offered_request_rate": rate}
 
 
 def _request_process(queue: Any, *args: Any) -> None:
@@ -121,7 +123,7 @@ def _throughput(base: Settings, model_path: Path, df: Any, work: Path, because: 
                             web_port=free_port())
     ensure_topics(settings)
     n = replay(settings, df, progress=False).delivered
-    reader = _RecReader(settings)
+    reader = RecReader(settings)
     worker = _start_worker(settings, model_path, work / f"worker-{tag}.log", **{ENV_PREFIX + "BECAUSE": str(because)})
     try:
         if not reader.wait_count(n, 900):
@@ -135,26 +137,26 @@ def _throughput(base: Settings, model_path: Path, df: Any, work: Path, because: 
 
 def _serve_phases(settings: Settings, args: argparse.Namespace, model_path: Path, work: Path) -> dict[str, Any]:
     worker = _start_worker(settings, model_path, work / "worker.log")
-    reader = _RecReader(settings)
+    reader = RecReader(settings)
     try:
         _wait_ready(settings.process.web_port, worker)
-        _log(f"warm-up: {args.rate:,.0f} events/s for {args.warmup_seconds:.0f} s ...")
-        _warm_up(settings, reader, args, args.warmup_seconds)
-        _log(f"stream alone: {args.rate:,.0f} events/s for {args.latency_seconds:.0f} s ...")
-        alone, _ = _latency_window(settings, reader, args)
-        _log(f"stream + requests: {args.request_rate:,.0f} requests/s at the same time ...")
+        log(f"warm-up: {args.rate:,.0f} events/s for {args.warmup_seconds:.0f} s ...")
+        warm_up(settings, reader, args, args.warmup_seconds)
+        log(f"stream alone: {args.rate:,.0f} events/s for {args.latency_seconds:.0f} s ...")
+        alone, _ = latency_window(settings, reader, args)
+        log(f"stream + requests: {args.request_rate:,.0f} requests/s at the same time ...")
         queue: Any = multiprocessing.get_context("spawn").Queue()
         load = multiprocessing.get_context("spawn").Process(
             target=_request_process, args=(queue, f"http://127.0.0.1:{settings.process.web_port}", 5000, args.request_rate,
                                            args.latency_seconds, args.k, args.anonymous_share, args.items))
         load.start()
-        together, _ = _latency_window(settings, reader, args)
+        together, _ = latency_window(settings, reader, args)
         requests = queue.get(timeout=args.latency_seconds + 120)
         load.join(30)
     finally:
         reader.close()
         stop_process(worker)
-    p_alone, p_together = _percentiles(alone), _percentiles(together)
+    p_alone, p_together = percentiles(alone), percentiles(together)
     return {"requests": requests, "stream_latency_ms": p_alone, "stream_latency_ms_with_requests": p_together,
             "stream_p99_ratio": round(p_together["p99"] / p_alone["p99"], 3)
             if p_alone["p99"] and p_together["p99"] else None}
@@ -173,22 +175,22 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             base = kafka.settings(base)
         settings = bench_settings(base, "serve", work, args)
         model_path = Path(args.model) if args.model else work / "bench-model.gfc"
-        train, df = _data(args.because_events, args.items)
+        train, df = bench_data(args.because_events, args.items)
         if model_path.exists():
-            _log(f"model: {model_path} (kept from an earlier run; --items and --hidden must match it)")
+            log(f"model: {model_path} (kept from an earlier run; --items and --hidden must match it)")
         else:
-            _model(model_path, train, args.items, args.hidden)
+            train_model(model_path, train, args.items, args.hidden)
         load_before = os.getloadavg()[0]
         result.update(_serve_phases(settings, args, model_path, work))
         if not args.no_because:
             off = _throughput(settings, model_path, df, work, because=False)
             on = _throughput(settings, model_path, df, work, because=True)
-            _log(f"throughput: {off:,.0f} events/s without because, {on:,.0f} with")
+            log(f"throughput: {off:,.0f} events/s without because, {on:,.0f} with")
             result.update({"because_off_events_per_s": round(off, 1), "because_on_events_per_s": round(on, 1),
                            "because_throughput_ratio": round(on / off, 3), "because_events": len(df)})
         result.update({"offered_rate": args.rate, "catalogue_items": args.items, "hidden": args.hidden, "k": args.k,
-                       "partitions": args.partitions, "cpus": os.cpu_count(), "cpu_model": _cpu_model(),
-                       "cpu_flags": _cpu_flags(), "load_avg_1m_before": round(load_before, 2),
+                       "partitions": args.partitions, "cpus": os.cpu_count(), "cpu_model": cpu_model(),
+                       "cpu_flags": cpu_flags(), "load_avg_1m_before": round(load_before, 2),
                        "load_avg_1m": round(os.getloadavg()[0], 2)})
     finally:
         if kafka is not None:

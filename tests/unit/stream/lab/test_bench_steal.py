@@ -8,48 +8,48 @@ import time
 
 import pytest
 
-from stream.lab.bench import _StealMeter, _cpu_flags, _cpu_model, _steal_s
+from stream.lab.bench_machine import StealMeter, cpu_flags, cpu_model, steal_s
 from stream.tools.harness import label_value, scrape
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat is Linux's")
 def test_steal_time_is_read_and_only_grows():
-    first = _steal_s()
+    first = steal_s()
     assert first is not None and first >= 0.0
-    meter = _StealMeter().start()
+    meter = StealMeter().start()
     time.sleep(0.05)
     stolen = meter.stop()
     assert stolen is not None and 0.0 <= stolen <= 64.0  # CPUs: never more than the machine has
-    assert _steal_s() >= first
+    assert steal_s() >= first
 
 
 def test_no_proc_stat_gives_none(monkeypatch):
-    import stream.lab.bench as bench
+    import stream.lab.bench_machine as machine
 
-    monkeypatch.setattr(bench, "_steal_s", lambda: None)
-    assert bench._StealMeter().start().stop() is None
+    monkeypatch.setattr(machine, "steal_s", lambda: None)
+    assert machine.StealMeter().start().stop() is None
 
 
 def test_cpu_model_is_the_first_model_name(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Some CPU 9000\n\n"
                     "processor\t: 1\nmodel name\t: Another CPU\n")
-    assert _cpu_model(str(info)) == "Some CPU 9000"
+    assert cpu_model(str(info)) == "Some CPU 9000"
     info.write_text("processor\t: 0\nmodel name\t:\n")  # present but empty: unknown
-    assert _cpu_model(str(info)) is None
-    assert _cpu_model(str(tmp_path / "missing")) is None
+    assert cpu_model(str(info)) is None
+    assert cpu_model(str(tmp_path / "missing")) is None
 
 
 def test_cpu_flags_say_which_simd_features_the_first_processor_has(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2 fma\n\n"
                     "processor\t: 1\nflags\t\t: avx512f avx512_vnni\n")
-    flags = _cpu_flags(str(info))
+    flags = cpu_flags(str(info))
     assert flags["avx2"] and not flags["avx512f"] and not flags["avx512_vnni"] and not flags["neon"]
     info.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")  # Arm names them Features
-    flags = _cpu_flags(str(info))
+    flags = cpu_flags(str(info))
     assert flags["asimddp"] and not flags["avx2"]
-    assert _cpu_flags(str(tmp_path / "missing")) is None
+    assert cpu_flags(str(tmp_path / "missing")) is None
 
 
 def test_an_info_label_is_scraped_from_a_metrics_endpoint():
