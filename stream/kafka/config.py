@@ -194,7 +194,7 @@ def assign_whole_topic(consumer: Any, topic: str, offset: int, timeout: float = 
     """Assign every partition of ``topic`` at ``offset`` (e.g. OFFSET_BEGINNING): the group-less way to
     read that ``consumer_config(group_id=None)`` is meant for. Readers that subscribe() instead all join
     the one "<app_id>-reader" group, and a member that is not being polled stalls the others' rebalance
-    (a test's second reader saw nothing for 90 s). Returns the partition count; LookupError when the
+    until it polls again. Returns the partition count; LookupError when the
     topic does not exist, KafkaException when the cluster cannot be reached."""
     from confluent_kafka import TopicPartition
 

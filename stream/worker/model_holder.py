@@ -36,5 +36,5 @@ class ModelHolder:
 
     def on_prepare(self, preparer: Callable[[Recommender], None]) -> None:
         """``preparer(new)`` runs in the swapping thread BEFORE ``new`` becomes current: per-model work
-        (the worker's top-K scorer, ~0.1 s at 20,000 items) is done there, not by the first batch."""
+        (building and calibrating the worker's top-K scorer) is done there, not by the first batch."""
         self._preparers.append(preparer)
