@@ -189,6 +189,11 @@ class FakeSink:
         self.journal.append(("deliver", i))
         self.tickets[i].future.set_result(Delivered({p: offs[-1] for p, offs in offsets.items() if offs}, time.time()))
 
+    def fail(self, i: int, exc: BaseException) -> None:
+        """Batch ``i`` is not delivered (the broker refused it, the connection broke)."""
+        self.journal.append(("fail", i))
+        self.tickets[i].future.set_exception(exc)
+
     async def send(self, out: Outgoing) -> tuple[list[tuple[int, Any]], list[Any]]:
         """The transactional sink's contract: (changelog futures by partition, every record's future)."""
         self.sent.append(out)

@@ -17,6 +17,7 @@ import torch
 from pipelinekit import Offline, Offsets, Rig, answer, decoded, event_value, make_rig, same_state
 from stream.pipeline.control import forget_request
 from stream.pipeline.events import KEY_MISMATCH, NOT_JSON, WRONG_TOPIC
+from stream.worker.sinks import SinkError
 
 torch.set_num_threads(1)
 T0 = int(time.time() * 1000) - 3_600_000  # an hour ago: valid event times
@@ -44,6 +45,15 @@ def _clicks(rig: Rig, offsets: Offsets, partition: int, events: list[tuple[str, 
                            T0)
 
 
+def _handle(rig: Rig, batch, generation: int) -> None:
+    """One batch, and every batch in flight finished (delivered, written, acked) before the loop ends."""
+    async def run() -> None:
+        await rig.pipeline.handle(batch, generation)
+        await asyncio.wait_for(rig.pipeline.drain(), 60)
+
+    asyncio.run(run())
+
+
 def _outputs(rig: Rig) -> list:
     """Each batch's outgoing records, through whichever path the rig's guarantee takes."""
     return rig.sink.sent if rig.pipeline.exactly_once else rig.sink.submitted
@@ -57,7 +67,7 @@ def test_valid_events_each_get_an_answer_and_the_states_of_an_offline_step(rigs)
     rig, offsets = _rig(rigs), Offsets()
     batch = [_clicks(rig, offsets, 0, [("a", "i1", T0), ("b", "i2", T0 + 1), ("a", "i5", T0 + 2)]),
              _clicks(rig, offsets, 1, [("c", "i7", T0 + 3), ("c", "i3", T0 + 4)])]
-    asyncio.run(rig.pipeline.handle(batch, 1))
+    _handle(rig, batch, 1)
 
     offline = Offline.like(rig)
     offline.step(decoded(rig, batch))
@@ -93,7 +103,7 @@ def test_bad_records_go_to_the_dead_letter_topic_with_their_reason_and_are_acked
     }
     batch = [offsets.records(rig.tp("clicks"), [bad[NOT_JSON], (b"a", good), bad[KEY_MISMATCH], bad[WRONG_TOPIC]],
                              T0)]
-    asyncio.run(rig.pipeline.handle(batch, 1))
+    _handle(rig, batch, 1)
 
     out = rig.sink.submitted[0]
     dead = out.dlq[0]
@@ -115,7 +125,7 @@ def test_bad_records_go_to_the_dead_letter_topic_with_their_reason_and_are_acked
 def test_a_batch_of_only_bad_records_is_acked_with_nothing_stored(rigs) -> None:
     rig, offsets = _rig(rigs), Offsets()
     batch = [offsets.records(rig.tp("clicks"), [(b"a", b"[1, 2]"), (None, b"")], T0)]
-    asyncio.run(rig.pipeline.handle(batch, 1))
+    _handle(rig, batch, 1)
     assert len(rig.sink.submitted[0].dlq[0]) == 2 and not rig.sink.submitted[0].recommendations
     assert rig.store.states() == {}
     assert _acked(rig) == [(rig.names.clicks, 0, (0, 1))]
@@ -138,13 +148,13 @@ def test_a_rebalance_during_the_computation_drops_the_batch_unwritten_and_unacke
         return result
 
     rig.pipeline._compute = compute_then_rebalance  # type: ignore[method-assign]
-    asyncio.run(rig.pipeline.handle(batch, 1))
+    _handle(rig, batch, 1)
     assert rig.sink.submitted == [] and rig.store.states() == {} and rig.app.consumer.acks == []
     assert rig.sample("gruflow_recommendations_out_total") == 0
 
     if change == "generation":  # the new owner (here: the same worker, next generation) processes it again
         rig.pipeline._compute = compute  # type: ignore[method-assign]
-        asyncio.run(rig.pipeline.handle(batch, 2))
+        _handle(rig, batch, 2)
         offline = Offline.like(rig)
         offline.step(decoded(rig, batch))
         same_state(rig.store.states()[b"a"], offline.state(b"a"))
@@ -156,7 +166,7 @@ def test_exactly_once_sends_into_the_transaction_then_writes_then_acks(rigs) -> 
     batch = [_clicks(rig, offsets, 0, [("a", "i1", T0), ("b", "i4", T0 + 1)]),
              _clicks(rig, offsets, 1, [("c", "i2", T0 + 2)], ),
              offsets.records(rig.tp("clicks", 1), [(b"c", b"nope")], T0)]
-    asyncio.run(rig.pipeline.handle(batch, 1))
+    _handle(rig, batch, 1)
 
     assert rig.sink.submitted == [] and len(rig.sink.sent) == 1
     assert [e[0] for e in rig.journal] == ["send", "write", "write", "ack", "ack", "ack"]
@@ -282,6 +292,46 @@ def test_a_rebalance_before_delivery_writes_and_acks_nothing_of_the_batches_in_f
     same_state(rig.store.states()[b"a"], offline.state(b"a"))
     assert _acked(rig) == [(rig.names.clicks, 0, (0,)), (rig.names.clicks, 0, (1,))]
     assert rig.sample("gruflow_recommendations_out_total") == 2
+
+
+def test_an_undelivered_batch_fails_the_worker_with_nothing_of_it_or_later_batches_acked(rigs) -> None:
+    rig, offsets = _rig(rigs, auto_deliver=False), Offsets()
+    first = [_clicks(rig, offsets, 0, [("a", "i1", T0)])]
+    second = [_clicks(rig, offsets, 0, [("a", "i2", T0 + 1)])]
+
+    async def scenario() -> None:
+        await rig.pipeline.handle(first, 1)
+        await rig.pipeline.handle(second, 1)
+        rig.sink.fail(0, ConnectionError("broker gone"))
+        rig.sink.deliver(1)
+        with pytest.raises(SinkError, match="broker gone"):
+            await asyncio.wait_for(rig.pipeline.drain(), 60)
+        with pytest.raises(SinkError):  # the batch loop stops: the worker crashes and restarts
+            await rig.pipeline.handle([_clicks(rig, offsets, 0, [("b", "i3", T0 + 2)])], 1)
+        with pytest.raises(SinkError, match="broker gone"):  # the batch after it fails with it, unwritten
+            await asyncio.wait_for(rig.pipeline.drain(), 60)
+
+    asyncio.run(scenario())
+    assert rig.store.states() == {} and rig.app.consumer.acks == []
+    assert len(rig.sink.submitted) == 2
+
+
+def test_a_batch_delivered_again_after_a_restart_is_not_applied_twice(rigs) -> None:
+    rig, offsets = _rig(rigs), Offsets()
+    batch = [_clicks(rig, offsets, 0, [("a", "i1", T0), ("a", "i2", T0 + 1)])]
+
+    async def scenario() -> None:
+        await rig.pipeline.handle(batch, 1)
+        await rig.pipeline.drain()
+        rig.app.consumer_generation_id = 2  # stored and sent, but its acks were never committed
+        await rig.pipeline.handle(batch, 2)
+        await rig.pipeline.drain()
+
+    asyncio.run(scenario())
+    offline = Offline.like(rig)
+    offline.step(decoded(rig, batch))
+    same_state(rig.store.states()[b"a"], offline.state(b"a"))
+    assert len(rig.sink.submitted) == 2 and _acked(rig)[0] == _acked(rig)[1]
 
 
 def test_a_forget_request_wins_over_events_of_the_same_batch(rigs) -> None:
