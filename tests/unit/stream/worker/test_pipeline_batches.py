@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pipelinekit import Offline, Offsets, Rig, answer, decoded, event_value, make_rig, same_state
+from state.codec import decode
 from stream.pipeline.control import forget_request
 from stream.pipeline.events import KEY_MISMATCH, NOT_JSON, WRONG_TOPIC
 from stream.worker.sinks import SinkError
@@ -164,7 +165,7 @@ def test_a_rebalance_during_the_computation_drops_the_batch_unwritten_and_unacke
 def test_exactly_once_sends_into_the_transaction_then_writes_then_acks(rigs) -> None:
     rig, offsets = _rig(rigs, exactly_once=True), Offsets()
     batch = [_clicks(rig, offsets, 0, [("a", "i1", T0), ("b", "i4", T0 + 1)]),
-             _clicks(rig, offsets, 1, [("c", "i2", T0 + 2)], ),
+             _clicks(rig, offsets, 1, [("c", "i2", T0 + 2)]),
              offsets.records(rig.tp("clicks", 1), [(b"c", b"nope")], T0)]
     _handle(rig, batch, 1)
 
@@ -226,7 +227,6 @@ def test_a_pipelined_batch_sees_the_state_of_the_batch_still_in_flight(rigs) -> 
         offline.step(decoded(rig, second))
         out2 = rig.sink.submitted[1]
         assert [(k, answer(v)) for k, v in out2.recommendations[0]] == offline.outputs[2:]
-        from state.codec import decode
         (key, raw), = out2.changelog[0]
         assert key == b"a"
         same_state(decode(raw), offline.state(b"a"))
@@ -268,14 +268,18 @@ def test_a_forget_request_tombstones_the_user(rigs, exactly_once) -> None:
     assert _acked(rig)[-1] == (control.topic, 0, (0, 1))
 
 
+def _two_batches_in_flight(rig: Rig, offsets: Offsets) -> tuple[list, list]:
+    """Two batches of one user, one event each (the sink delivers neither until the test says)."""
+    return [_clicks(rig, offsets, 0, [("a", "i1", T0)])], [_clicks(rig, offsets, 0, [("a", "i2", T0 + 1)])]
+
+
 def test_a_rebalance_before_delivery_writes_and_acks_nothing_of_the_batches_in_flight(rigs) -> None:
     rig, offsets = _rig(rigs, auto_deliver=False), Offsets()
-    first = [_clicks(rig, offsets, 0, [("a", "i1", T0)])]
-    second = [_clicks(rig, offsets, 0, [("a", "i2", T0 + 1)])]
+    first, second = _two_batches_in_flight(rig, offsets)
 
     async def scenario() -> None:
-        await rig.pipeline.handle(first, 1)
-        await rig.pipeline.handle(second, 1)
+        for batch in (first, second):
+            await rig.pipeline.handle(batch, 1)
         rig.app.consumer_generation_id = 2
         rig.sink.deliver(0)
         rig.sink.deliver(1)
@@ -296,12 +300,11 @@ def test_a_rebalance_before_delivery_writes_and_acks_nothing_of_the_batches_in_f
 
 def test_an_undelivered_batch_fails_the_worker_with_nothing_of_it_or_later_batches_acked(rigs) -> None:
     rig, offsets = _rig(rigs, auto_deliver=False), Offsets()
-    first = [_clicks(rig, offsets, 0, [("a", "i1", T0)])]
-    second = [_clicks(rig, offsets, 0, [("a", "i2", T0 + 1)])]
+    first, second = _two_batches_in_flight(rig, offsets)
 
     async def scenario() -> None:
-        await rig.pipeline.handle(first, 1)
-        await rig.pipeline.handle(second, 1)
+        for batch in (first, second):
+            await rig.pipeline.handle(batch, 1)
         rig.sink.fail(0, ConnectionError("broker gone"))
         rig.sink.deliver(1)
         with pytest.raises(SinkError, match="broker gone"):
