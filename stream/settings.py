@@ -82,6 +82,10 @@ class Topics:
     topic_dlq: str = setting("", "name of the dead-letter topic (empty = prefix + dlq)")
     topic_models: str = setting("", "name of the models topic (empty = prefix + models)")
     topic_item_rules: str = setting("", "name of the catalogue rules topic (empty = prefix + item-rules)")
+    topic_control: str = setting("", "name of the control topic: requests about one user such as gruflow forget "
+                                     "(empty = prefix + control)")
+    topic_flagged_users: str = setting("", "name of the topic that samples the user ids the training filter flagged "
+                                           "(empty = prefix + flagged-users)")
     topic_events: str = setting("", "one input topic for every event type, routed by event_type, instead of "
                                     "clicks + purchases (empty = the split topics)")
 

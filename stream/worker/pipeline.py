@@ -339,7 +339,7 @@ class Pipeline(PipelineUpkeep):
         try:
             if prev is not None:
                 await asyncio.shield(prev)
-            await ticket.future
+            await asyncio.wait([ticket.future])  # not ``await``: ``check`` says why a batch was not delivered
             delivered = ticket.check()
             if self.freeze.hold_s() > 0 and not await self._wait_out_freeze(generation, len(events)):
                 self._overlay.clear()

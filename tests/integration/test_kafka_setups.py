@@ -37,6 +37,7 @@ def test_one_topic_own_names_and_field_map(kafka, tmp_path: Path) -> None:
     settings = base.replace(
         topic_prefix="unused.", topic_events=f"shop{tag}.events", topic_recommendations=f"shop{tag}.recs",
         topic_dlq=f"shop{tag}.bad", topic_models=f"shop{tag}.models", topic_item_rules=f"shop{tag}.rules",
+        topic_control=f"shop{tag}.control", topic_flagged_users=f"shop{tag}.flagged",
         field_map="user_id=visitorid,item_id=itemid,ts=timestamp,event_type=event",
         event_type_map="addtocart=cart,transaction=purchase",
         librdkafka_config="client.id=gruflow-shop;socket.keepalive.enable=true")
@@ -47,7 +48,8 @@ def test_one_topic_own_names_and_field_map(kafka, tmp_path: Path) -> None:
     from stream.kafka.config import admin_config
 
     existing = set(AdminClient(admin_config(settings)).list_topics(timeout=15).topics)
-    assert {f"shop{tag}.events", f"shop{tag}.recs", f"shop{tag}.bad", f"shop{tag}.rules"} <= existing
+    assert {f"shop{tag}.events", f"shop{tag}.recs", f"shop{tag}.bad", f"shop{tag}.rules", f"shop{tag}.control",
+            f"shop{tag}.flagged"} <= existing
     assert not [t for t in existing if t.startswith("unused.")], "a topic name still came from the prefix"
 
     model = save_tiny_model(tmp_path / "tiny.gfc")
