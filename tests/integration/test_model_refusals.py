@@ -146,7 +146,6 @@ def test_worker_refuses_to_start_on_a_nan_checkpoint_file(kafka, tmp_path) -> No
         assert "refused to serve" in w.log_tail() and model_protocol.R_NON_FINITE in w.log_tail()
     finally:
         w.kill()
-        w._log.close()
 
 
 def test_trainer_refuses_poisoned_versions_survives_divergence_and_publishes_only_finite(
