@@ -82,6 +82,7 @@ class Metrics:
     item_rules_rejected: Counter
     state_record_bytes: Histogram
     forgotten_users: Counter
+    worker_freezes: Counter
     # trainer
     finetune_rounds: Counter
     finetune_duration: Histogram
@@ -153,6 +154,9 @@ class Metrics:
                                                 ["model", "version", "k"], registry=r),
             forgotten_users=Counter(p + "forgotten_users", "Users whose state was tombstoned on request "
                                     "(gruflow forget)", registry=r),
+            worker_freezes=Counter(p + "worker_freezes", "Times this worker stood still for more than half its group "
+                                   "session timeout (stream/worker/freeze_guard.py); the outputs it then had were held "
+                                   "until the group settled", registry=r),
             ready=Gauge(p + "ready", "1 once state recovery is done and the worker serves", registry=r),
             http_requests=Counter(p + "http_requests", "Recommendation requests answered, by endpoint (user|anonymous)"
                                    " and HTTP status", ["endpoint", "status"], registry=r),
