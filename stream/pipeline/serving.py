@@ -194,6 +194,36 @@ def step_session(model: Recommender, session: Session, history: int) -> tuple[np
     return H[0], recent[-history:] if history else []
 
 
+def step_sessions(model: Recommender, sessions: Sequence[Session],
+                  history: int) -> list[tuple[np.ndarray | None, list[int]]]:
+    """``step_session`` of many sessions at once: step j advances every session that has a j-th known item
+    by that item, as one batched GRU step (a GRU step is row by row, so each session's state is the one
+    it gets on its own; only the matrix products' summation order may differ, as in the stream's
+    batches)."""
+    if not sessions:
+        return []
+    lengths = [len(s.items) for s in sessions]
+    rows = model.vocab.rows([item for s in sessions for item in s.items])
+    types = np.fromiter((t for s in sessions for t in s.types), dtype=np.int64, count=len(rows))
+    cuts = np.cumsum(lengths)[:-1]
+    seqs = [(r[r >= 0], t[r >= 0]) for r, t in zip(np.split(rows, cuts), np.split(types, cuts))]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # longest first: live rows are a prefix
+    H = model.zero_state(len(seqs))
+    steps = len(seqs[order[0]][0]) if seqs else 0
+    for j in range(steps):
+        live = [i for i in order if len(seqs[i][0]) > j]
+        H[live] = model.step(H[live], np.array([seqs[i][0][j] for i in live], dtype=np.int64),
+                             np.array([seqs[i][1][j] for i in live], dtype=np.int64))
+    out: list[tuple[np.ndarray | None, list[int]]] = []
+    for i, (known, _) in enumerate(seqs):
+        if not len(known) or not np.isfinite(H[i]).all():
+            out.append((None, []))
+            continue
+        recent = list(dict.fromkeys(reversed(known.tolist())))[::-1]  # last occurrence of each row, in order
+        out.append((H[i], recent[-history:] if history else []))
+    return out
+
+
 @dataclass(frozen=True)
 class Query:
     """One request ready to score: its hidden state (None: cold start), recent rows and k."""
@@ -217,6 +247,12 @@ def user_query(model: Recommender, state: UserState | None, k: int) -> Query:
 def session_query(model: Recommender, session: Session, history: int) -> Query:
     hidden, recent = step_session(model, session, history)
     return Query(hidden, recent, session.k)
+
+
+def session_queries(model: Recommender, sessions: Sequence[Session], history: int) -> list[Query]:
+    """``session_query`` of many sessions, stepped together (``step_sessions``)."""
+    return [Query(hidden, recent, s.k) for s, (hidden, recent) in zip(sessions, step_sessions(model, sessions,
+                                                                                               history))]
 
 
 def answer_many(model: Recommender, queries: list[Query], limits: ServeLimits, top_k: TopK | None = None,

@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import aiohttp
@@ -38,13 +39,30 @@ from yarl import URL
 from stream.observe.metrics import Metrics
 from stream.pipeline.rules import request_categories
 from stream.pipeline.serving import (BODY_TOO_LARGE, NOT_READY, OWNER_UNREACHABLE, TIMEOUT, CategoryFilter, Query,
-                                     RequestError, ServeLimits, answer_many, check_user_id, parse_filters, parse_k,
-                                     parse_session, session_query, user_query)
+                                     RequestError, ServeLimits, Session, answer_many, check_user_id, parse_filters,
+                                     parse_k, parse_session, session_queries, user_query)
 from stream.settings import Settings
 from stream.kafka.topics import STATE_TABLE_NAME
+from stream.worker.partitions import ActivePartitions
 
 log = logging.getLogger("gruflow.http")
-_Waiting = tuple[Any, CategoryFilter, Callable[..., Query], tuple, asyncio.Future]
+
+
+@dataclass(frozen=True)
+class UserAsk:
+    """A known user's request: the state to read (in the compute thread) and the list's length."""
+
+    partition: int
+    key: bytes
+    k: int
+
+
+# a request waiting for the compute thread: (model, category filter, a UserAsk or an anonymous Session, future)
+_Waiting = tuple[Any, CategoryFilter, "UserAsk | Session", asyncio.Future]
+
+
+def _moving() -> RequestError:
+    return RequestError(503, NOT_READY, "the user's partition is moving to another worker; retry")
 ROUTED_HEADER = "X-Gruflow-Routed"  # set on a forwarded request: the receiver answers or says 503, never forwards
 _JSON = "application/json"
 
@@ -102,9 +120,9 @@ class ServeEndpoints:
         self.history = sv.because_history if sv.because else 0
         self.end_offsets = EndOffsets(settings)
         self._client: aiohttp.ClientSession | None = None
-        # requests waiting for the compute thread: (model, category filter, query maker, its arguments, future)
-        self._waiting: list[_Waiting] = []
+        self._waiting: list[_Waiting] = []  # requests waiting for the compute thread
         self._draining = False
+        self._actives: ActivePartitions | None = None
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/users/{user_id}/recommendations", self.user_recommendations)
@@ -143,18 +161,16 @@ class ServeEndpoints:
         rt = self._ready_runtime()
         pipeline = rt.pipeline
         partition = pipeline.store.partition_for(key)
-        if partition not in pipeline.active_partitions():
+        if partition not in self.active_partitions():
             return await self._forward(request, partition)
         if _true(request.query.get("sync")):
             names = pipeline.names
             tps = [(topic, partition) for topic in names.inputs]
             ends = await self.end_offsets.ends(tps, self.serving.serve_timeout_s)
             await pipeline.wait_applied(ends)
-            if partition not in pipeline.active_partitions():  # moved while waiting
-                raise RequestError(503, NOT_READY, "the user's partition is moving to another worker; retry")
-        state = pipeline.read_states(partition, [key]).get(key)
-        model = rt.holder.current
-        doc = await self._compute(user_query, model, state, k, categories=categories)
+            if partition not in self.active_partitions():  # moved while waiting
+                raise _moving()
+        doc = await self._compute(rt.holder.current, UserAsk(partition, key, k), categories)
         return web.Response(body=orjson.dumps(doc), content_type=_JSON)
 
     async def _anonymous(self, request: web.Request) -> web.Response:
@@ -166,8 +182,7 @@ class ServeEndpoints:
             raise RequestError(413, BODY_TOO_LARGE, f"the body may have at most {limit} bytes")
         session = parse_session(body, self.limits, request.query.getall("filter", []))
         rt = self._ready_runtime()
-        doc = await self._compute(session_query, rt.holder.current, session, self.history,
-                                  categories=session.categories)
+        doc = await self._compute(rt.holder.current, session, session.categories)
         return web.Response(body=orjson.dumps(doc), content_type=_JSON)
 
     # --- helpers -----------------------------------------------------------------------------------------
@@ -180,14 +195,21 @@ class ServeEndpoints:
             raise RequestError(503, NOT_READY, reason)
         return rt
 
-    async def _compute(self, make: Callable[..., Query], model: Any, *args: Any,
-                       categories: CategoryFilter = CategoryFilter()) -> dict:
-        """The answer of ``make(model, *args)``, ranked with the request's own ``categories`` filter on top of
+    def active_partitions(self) -> frozenset[int]:
+        """The state table's partitions active here (faust's assignment, kept between rebalances)."""
+        if self._actives is None:
+            rt = self.runtime
+            self._actives = ActivePartitions(rt.app, rt.pipeline.names.changelog)
+        return self._actives.get()
+
+    async def _compute(self, model: Any, ask: UserAsk | Session, categories: CategoryFilter = CategoryFilter()) -> dict:
+        """The answer to ``ask`` with ``model``, ranked with the request's own ``categories`` filter on top of
         the settings' rules. Requests that arrive while the compute thread is busy (a stream batch, or earlier
-        requests) are answered together by its next turn: one hop to the thread and one top-K per model and
-        filter, so a burst costs about what one batch of events costs."""
+        requests) are answered together by its next turn: one hop to the thread, one state read per
+        partition, one GRU pass for the anonymous sessions and one top-K per model and filter, so a burst
+        costs about what one batch of events costs."""
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append((model, categories, make, args, future))
+        self._waiting.append((model, categories, ask, future))
         if not self._draining:
             self._draining = True
             asyncio.ensure_future(self._drain())
@@ -197,9 +219,11 @@ class ServeEndpoints:
         loop = asyncio.get_running_loop()
         try:
             while self._waiting:
-                batch, self._waiting = self._waiting, []
+                (batch, dbs), self._waiting = self._bind_reads(self._waiting), []
+                if not batch:
+                    continue
                 try:
-                    docs = await loop.run_in_executor(self.runtime.pipeline.executor, self._answer_batch, batch)
+                    docs = await loop.run_in_executor(self.runtime.pipeline.executor, self._answer_batch, batch, dbs)
                 except Exception as exc:  # noqa: BLE001 - each request reports it (500) instead of hanging
                     for *_, future in batch:
                         if not future.done():
@@ -211,11 +235,53 @@ class ServeEndpoints:
         finally:
             self._draining = False
 
-    def _answer_batch(self, batch: list[_Waiting]) -> list[dict]:
-        """In the compute thread: the queries of a batch, answered per model (a swap may split one) and
+    def _bind_reads(self, waiting: list[_Waiting]) -> tuple[list[_Waiting], dict[int, Any]]:
+        """On the event loop, just before a turn of the compute thread: the database handle of each partition
+        the turn reads (faust opens and drops them on this loop), and 503 for a request whose partition left
+        this worker since it was checked."""
+        actives = self.active_partitions()
+        store = self.runtime.pipeline.store
+        dbs: dict[int, Any] = {}
+        batch = []
+        for item in waiting:
+            ask, future = item[2], item[3]
+            if isinstance(ask, UserAsk) and ask.partition not in dbs:
+                if ask.partition not in actives:
+                    if not future.done():
+                        future.set_exception(_moving())
+                    continue
+                dbs[ask.partition] = store.partition_db(ask.partition)
+            batch.append(item)
+        return batch, dbs
+
+    def _queries(self, batch: list[_Waiting], dbs: dict[int, Any]) -> list[Query]:
+        """In the compute thread: the query of each request. The users' states come from one read per
+        partition, as the worker last decided them; the anonymous sessions of a model are stepped together."""
+        pipeline = self.runtime.pipeline
+        keys: dict[int, dict[bytes, None]] = {}
+        sessions: dict[int, list[int]] = {}
+        for i, (model, _, ask, _) in enumerate(batch):
+            if isinstance(ask, UserAsk):
+                keys.setdefault(ask.partition, {})[ask.key] = None
+            else:
+                sessions.setdefault(id(model), []).append(i)
+        states = {p: pipeline.read_states(p, list(ks), dbs[p]) for p, ks in keys.items()}
+        queries: list[Query | None] = [None] * len(batch)
+        for idx in sessions.values():
+            model = batch[idx[0]][0]
+            for i, q in zip(idx, session_queries(model, [batch[i][2] for i in idx], self.history)):
+                queries[i] = q
+        for i, (model, _, ask, _) in enumerate(batch):
+            if isinstance(ask, UserAsk):
+                queries[i] = user_query(model, states[ask.partition].get(ask.key), ask.k)
+        return queries  # type: ignore[return-value]
+
+    def _answer_batch(self, batch: list[_Waiting], dbs: dict[int, Any]) -> list[dict]:
+        """In the compute thread: the answers of a batch, ranked per model (a swap may split one) and
         category filter (each filter masks its own catalogue rows)."""
         pipeline = self.runtime.pipeline
         scorers = pipeline.scorers
+        queries = self._queries(batch, dbs)
         docs: list[dict | None] = [None] * len(batch)
         groups: dict[tuple[int, CategoryFilter], list[int]] = {}
         for i, (model, categories, *_) in enumerate(batch):
@@ -223,13 +289,12 @@ class ServeEndpoints:
         for (_, categories), idx in groups.items():
             model = batch[idx[0]][0]
             scorer = scorers.get(model)
-            queries = [batch[i][2](model, *batch[i][3]) for i in idx]
             include, exclude = (request_categories(pipeline.rules, categories.include, categories.exclude)
                                 if categories else (None, None))
             # the stream's business rules; a request's list is not counted against the exposure cap (it
             # damps what the stream publishes, which requests only read)
             rules = pipeline.rule_context(model, include, exclude, record=False)
-            for i, doc in zip(idx, answer_many(model, queries, self.limits,
+            for i, doc in zip(idx, answer_many(model, [queries[i] for i in idx], self.limits,
                                                scorer.top_k if scorer is not None else None, rules)):
                 docs[i] = doc
         return docs  # type: ignore[return-value]

@@ -406,9 +406,13 @@ class Pipeline(PipelineUpkeep):
                 self._advanced = asyncio.Event()
             await self._advanced.wait()
 
-    def read_states(self, partition: int, keys: list[bytes]) -> dict[bytes, Any]:
-        """States as the worker last decided them (see ``_read``): what requests answer from."""
-        return self._read(partition, keys)
+    def read_states(self, partition: int, keys: list[bytes], db: Any = None) -> dict[bytes, Any]:
+        """States as the worker last decided them (see ``_read``): what requests answer from. ``db``: the
+        partition's handle (``store.partition_db``, taken on the event loop) when called from the compute
+        thread; the overlay is read key by key there, each lookup atomic, and a key leaves it only after
+        its state is in RocksDB, so a read never goes back in time (short of a rebalance dropping the batches in
+        flight, as for reads on the loop)."""
+        return self._read(partition, keys, db)
 
     def _prune(self) -> None:
         """Forget finished batches (oldest first); a failed one fails the batch loop."""
@@ -417,11 +421,11 @@ class Pipeline(PipelineUpkeep):
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
 
-    def _read(self, partition: int, keys: list[bytes]) -> dict[bytes, Any]:
+    def _read(self, partition: int, keys: list[bytes], db: Any = None) -> dict[bytes, Any]:
         """States as the worker last decided them: in-flight batches' states first, then RocksDB."""
         overlay = self._overlay
         if not overlay:
-            return self.store.get_partition(partition, keys)
+            return self.store.get_partition(partition, keys) if db is None else self.store.get_from(db, keys)
         out: dict[bytes, Any] = {}
         rest: list[bytes] = []
         for key in keys:
@@ -430,7 +434,7 @@ class Pipeline(PipelineUpkeep):
                 rest.append(key)
             elif hit[1] is not None:
                 out[key] = decode_state(hit[1])
-        out.update(self.store.get_partition(partition, rest))
+        out.update(self.store.get_partition(partition, rest) if db is None else self.store.get_from(db, rest))
         return out
 
     async def drain(self) -> None:

@@ -56,9 +56,18 @@ class TableStore:
 
     # --- batch API (the worker) ---------------------------------------------------------------
     def get_partition(self, partition: int, keys: Sequence[bytes]) -> dict[bytes, UserState]:
+        return self.get_from(self._db(partition), keys) if keys else {}
+
+    def partition_db(self, partition: int) -> Any:
+        """The database handle of one partition, for ``get_from`` in another thread: resolved on the event
+        loop, where faust opens and drops partitions, so another thread never opens one by itself."""
+        return self._db(partition)
+
+    def get_from(self, db: Any, keys: Sequence[bytes]) -> dict[bytes, UserState]:
+        """The states of ``keys`` in one partition's database (a multi-get; RocksDB reads are thread-safe)."""
         if not keys:
             return {}
-        values = self._db(partition)[list(keys)]
+        values = db[list(keys)]
         out: dict[bytes, UserState] = {}
         for key, raw in zip(keys, values):
             if raw is not None:

@@ -157,3 +157,31 @@ def test_a_users_own_business_rules_apply_to_requests(model: Recommender) -> Non
     doc = answer_user(model, result.states[b"a"], 5, LIMITS, None, rules)
     assert len(doc["items"]) == 5 and bought not in [i["item_id"] for i in doc["items"]]
     assert [i["item_id"] for i in doc["items"]] == [i["item_id"] for i in orjson.loads(result.outputs[-1][1])["items"]]
+
+
+def test_anonymous_sessions_stepped_together_answer_as_each_stepped_alone(model: Recommender) -> None:
+    from stream.pipeline.serving import answer_many, session_queries, session_query, step_session, step_sessions
+
+    limits = ServeLimits(default_k=5, max_k=10, max_items=10, because_items=2)
+    rng = np.random.default_rng(3)
+    sessions = [Session(("i1", "i30"), (0, 2), 4), Session(("nope",), (0,), 3), Session((), (), 2),
+                Session(("i5", "i5", "gone", "i9", "i5", "i12"), (0, 1, 0, 2, 0, 3), 6)]
+    sessions += [Session(tuple(f"i{r}" for r in rng.integers(0, 44, size=n)), tuple(rng.integers(0, 4, size=n).tolist()),
+                         5) for n in rng.integers(1, 9, size=12)]  # ids i40..i43 are unknown
+    for history in (0, 3):
+        together = step_sessions(model, sessions, history)
+        alone = [step_session(model, s, history) for s in sessions]
+        assert [h is None for h, _ in together] == [h is None for h, _ in alone]
+        assert [recent for _, recent in together] == [recent for _, recent in alone]
+        for (h_t, _), (h_a, _) in zip(together, alone):
+            if h_a is not None:
+                np.testing.assert_allclose(h_t, h_a, rtol=1e-6, atol=1e-6)
+        docs = answer_many(model, session_queries(model, sessions, history), limits)
+        one_by_one = answer_many(model, [session_query(model, s, history) for s in sessions], limits)
+        assert [[i["item_id"] for i in d["items"]] for d in docs] == [[i["item_id"] for i in d["items"]]
+                                                                      for d in one_by_one]
+        assert [[i.get("because") for i in d["items"]] for d in docs] == [[i.get("because") for i in d["items"]]
+                                                                          for d in one_by_one]
+        assert [d["cold_start"] for d in docs] == [d["cold_start"] for d in one_by_one]
+        assert sum(d["cold_start"] for d in docs) >= 2  # the unknown-only and the empty session
+    assert step_sessions(model, [], 3) == []

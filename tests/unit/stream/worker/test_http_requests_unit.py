@@ -23,7 +23,7 @@ from stream.observe.metrics import Metrics
 from stream.pipeline.ranking import RuleContext
 from stream.pipeline.rules import Catalogue, ItemRule, RuleConfig, catalogue_masks
 from stream.settings import Settings
-from stream.worker.http_api import ROUTED_HEADER, ServeEndpoints
+from stream.worker.http_api import ROUTED_HEADER, ServeEndpoints, UserAsk
 
 torch.set_num_threads(1)
 
@@ -43,6 +43,10 @@ class FakePipeline:
             @staticmethod
             def partition_for(key: bytes) -> int:
                 return 0
+
+            @staticmethod
+            def partition_db(partition: int) -> str:
+                return f"db{partition}"
 
         class Scorers:
             @staticmethod
@@ -66,11 +70,38 @@ class FakePipeline:
         ctx = RuleContext(cfg, masks, None, time.time(), record)
         return ctx if ctx.active else None
 
-    def active_partitions(self) -> list[int]:
-        return self.owned
+    names: Any = field(default_factory=lambda: Names())
+    reads: list = field(default_factory=list)  # (partition, keys, db handle) of each state read
 
-    def read_states(self, partition: int, keys: list[bytes]) -> dict:
+    def read_states(self, partition: int, keys: list[bytes], db: Any = None) -> dict:
+        self.reads.append((partition, list(keys), db))
         return {}
+
+
+@dataclass
+class Names:
+    changelog: str = "state-changelog"
+
+
+@dataclass
+class FakeApp:
+    """faust's public rebalance bookkeeping and the assignor's actives, from the fake pipeline's ``owned``."""
+
+    pipeline: FakePipeline
+    rebalancing: bool = False
+    rebalancing_count: int = 1
+    consumer_generation_id: int = 1
+    asked: int = 0  # calls of assignor.assigned_actives()
+
+    @property
+    def assignor(self) -> Any:
+        return self
+
+    def assigned_actives(self) -> set:
+        from faust.types import TP
+
+        self.asked += 1
+        return {TP(self.pipeline.names.changelog, p) for p in self.pipeline.owned} | {TP("clicks", 0)}
 
 
 @dataclass
@@ -78,6 +109,10 @@ class FakeRuntime:
     pipeline: FakePipeline
     holder: Any
     ok: bool = True
+    app: Any = None
+
+    def __post_init__(self) -> None:
+        self.app = self.app or FakeApp(self.pipeline)
 
     def ready(self) -> tuple[bool, str]:
         return (True, "ready") if self.ok else (False, "table recovery in progress (rebalance)")
@@ -145,8 +180,6 @@ def test_body_limit_and_timeout() -> None:
 def test_requests_waiting_for_the_compute_thread_are_answered_in_one_turn() -> None:
     import threading
 
-    from stream.pipeline.serving import user_query
-
     runtime = FakeRuntime(FakePipeline([0]), Holder())
     serve = ServeEndpoints(Settings(), Metrics.create(role="worker"))
     serve.runtime = runtime
@@ -154,7 +187,7 @@ def test_requests_waiting_for_the_compute_thread_are_answered_in_one_turn() -> N
 
     async def go() -> list:
         busy = asyncio.get_running_loop().run_in_executor(runtime.pipeline.executor, release.wait)  # a stream batch
-        answers = asyncio.gather(*(serve._compute(user_query, Holder.current, None, k) for k in range(1, 6)))
+        answers = asyncio.gather(*(serve._compute(Holder.current, UserAsk(0, b"u%d" % (k % 3), k)) for k in range(1, 6)))
         await asyncio.sleep(0.2)
         release.set()
         await busy
@@ -163,6 +196,8 @@ def test_requests_waiting_for_the_compute_thread_are_answered_in_one_turn() -> N
     docs = asyncio.run(go())
     assert [len(d["items"]) for d in docs] == [1, 2, 3, 4, 5] and all(d["cold_start"] for d in docs)
     assert runtime.pipeline.turns == 1  # one hop to the compute thread, one top-K for the five
+    # and one state read for the five (three users of one partition), on the handle the loop took
+    assert runtime.pipeline.reads == [(0, [b"u1", b"u2", b"u0"], "db0")]
 
 
 def test_category_filters_mask_the_answer_and_bad_ones_are_400s() -> None:
@@ -191,3 +226,36 @@ def test_category_filters_mask_the_answer_and_bad_ones_are_400s() -> None:
     assert [(s, d["error"]) for s, d in got[4:]] == [(400, "bad_filter"), (400, "too_many_filter_values"),
                                                      (400, "bad_filter")]
     assert metrics.http_requests.labels(endpoint="user", status="400")._value.get() == 2
+
+
+def test_a_request_whose_partition_moved_while_it_waited_gets_503_and_the_assignor_is_asked_per_rebalance() -> None:
+    import threading
+
+    from stream.pipeline.serving import RequestError
+
+    runtime = FakeRuntime(FakePipeline([0]), Holder())
+    serve = ServeEndpoints(Settings(), Metrics.create(role="worker"))
+    serve.runtime = runtime
+    release = threading.Event()
+
+    async def go() -> tuple[Any, Any, Any]:
+        busy = asyncio.get_running_loop().run_in_executor(runtime.pipeline.executor, release.wait)  # a stream batch
+        first = asyncio.ensure_future(serve._compute(Holder.current, UserAsk(0, b"u1", 3)))
+        await asyncio.sleep(0.1)  # its turn is bound and waits for the compute thread
+        second = asyncio.ensure_future(serve._compute(Holder.current, UserAsk(0, b"u2", 3)))
+        await asyncio.sleep(0.1)
+        runtime.pipeline.owned = []  # a rebalance moves partition 0 away before the second's turn
+        runtime.app.rebalancing_count += 1
+        runtime.app.consumer_generation_id += 1
+        release.set()
+        await busy
+        return await asyncio.gather(first, second, return_exceptions=True)
+
+    for _ in range(20):
+        assert 0 in serve.active_partitions()
+    assert runtime.app.asked == 1
+    first, second, = asyncio.run(go())
+    assert isinstance(first, dict) and len(first["items"]) == 3
+    assert isinstance(second, RequestError) and (second.status, second.code) == (503, "not_ready")
+    assert runtime.pipeline.reads == [(0, [b"u1"], "db0")]  # the moved partition was not read
+    assert runtime.app.asked == 2
