@@ -24,6 +24,7 @@ event loop; each request is bounded by GRUFLOW_SERVE_TIMEOUT_S (504). Errors are
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -65,6 +66,7 @@ def _moving() -> RequestError:
     return RequestError(503, NOT_READY, "the user's partition is moving to another worker; retry")
 ROUTED_HEADER = "X-Gruflow-Routed"  # set on a forwarded request: the receiver answers or says 503, never forwards
 _JSON = "application/json"
+_PARTITIONS_REMEMBERED = 16_384  # users whose partition is kept (about 3 MB)
 
 
 def _true(raw: str | None) -> bool:
@@ -123,6 +125,8 @@ class ServeEndpoints:
         self._waiting: list[_Waiting] = []  # requests waiting for the compute thread
         self._draining = False
         self._actives: ActivePartitions | None = None
+        self._partition_of: Callable[[bytes], int] | None = None
+        self._counted: dict[tuple[str, int], tuple[Any, Any]] = {}  # (endpoint, status) -> its metric children
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/users/{user_id}/recommendations", self.user_recommendations)
@@ -144,14 +148,20 @@ class ServeEndpoints:
                      handler: Callable[[web.Request], Awaitable[web.Response]]) -> web.Response:
         t0 = time.perf_counter()
         try:
-            response = await asyncio.wait_for(handler(request), self.serving.serve_timeout_s)
+            async with asyncio.timeout(self.serving.serve_timeout_s):  # in this task: no task per request
+                response = await handler(request)
         except RequestError as exc:
             response = web.Response(body=exc.body(), status=exc.status, content_type=_JSON)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             err = RequestError(504, TIMEOUT, f"not answered within {self.serving.serve_timeout_s:g} s")
             response = web.Response(body=err.body(), status=504, content_type=_JSON)
-        self.metrics.http_requests.labels(endpoint=endpoint, status=str(response.status)).inc()
-        self.metrics.http_latency.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
+        counted = self._counted.get((endpoint, response.status))
+        if counted is None:
+            counted = self._counted[endpoint, response.status] = (
+                self.metrics.http_requests.labels(endpoint=endpoint, status=str(response.status)),
+                self.metrics.http_latency.labels(endpoint=endpoint))
+        counted[0].inc()
+        counted[1].observe(time.perf_counter() - t0)
         return response
 
     async def _user(self, request: web.Request) -> web.Response:
@@ -160,7 +170,7 @@ class ServeEndpoints:
         categories = parse_filters(request.query.getall("filter", []), self.limits)
         rt = self._ready_runtime()
         pipeline = rt.pipeline
-        partition = pipeline.store.partition_for(key)
+        partition = self.partition_for(key)
         if partition not in self.active_partitions():
             return await self._forward(request, partition)
         if _true(request.query.get("sync")):
@@ -170,8 +180,8 @@ class ServeEndpoints:
             await pipeline.wait_applied(ends)
             if partition not in self.active_partitions():  # moved while waiting
                 raise _moving()
-        doc = await self._compute(rt.holder.current, UserAsk(partition, key, k), categories)
-        return web.Response(body=orjson.dumps(doc), content_type=_JSON)
+        body = await self._compute(rt.holder.current, UserAsk(partition, key, k), categories)
+        return web.Response(body=body, content_type=_JSON)
 
     async def _anonymous(self, request: web.Request) -> web.Response:
         limit = self.serving.serve_max_body_bytes
@@ -182,8 +192,8 @@ class ServeEndpoints:
             raise RequestError(413, BODY_TOO_LARGE, f"the body may have at most {limit} bytes")
         session = parse_session(body, self.limits, request.query.getall("filter", []))
         rt = self._ready_runtime()
-        doc = await self._compute(rt.holder.current, session, session.categories)
-        return web.Response(body=orjson.dumps(doc), content_type=_JSON)
+        body = await self._compute(rt.holder.current, session, session.categories)
+        return web.Response(body=body, content_type=_JSON)
 
     # --- helpers -----------------------------------------------------------------------------------------
     def _ready_runtime(self) -> Any:
@@ -202,9 +212,18 @@ class ServeEndpoints:
             self._actives = ActivePartitions(rt.app, rt.pipeline.names.changelog)
         return self._actives.get()
 
-    async def _compute(self, model: Any, ask: UserAsk | Session, categories: CategoryFilter = CategoryFilter()) -> dict:
-        """The answer to ``ask`` with ``model``, ranked with the request's own ``categories`` filter on top of
-        the settings' rules. Requests that arrive while the compute thread is busy (a stream batch, or earlier
+    def partition_for(self, key: bytes) -> int:
+        """The state table's partition of a user (murmur2 in Python), remembered for the users asked for most
+        recently: a shop asks for the same users again and again (page loads)."""
+        if self._partition_of is None:
+            remember = functools.lru_cache(maxsize=_PARTITIONS_REMEMBERED)
+            self._partition_of = remember(self.runtime.pipeline.store.partition_for)
+        return self._partition_of(key)
+
+    async def _compute(self, model: Any, ask: UserAsk | Session,
+                       categories: CategoryFilter = CategoryFilter()) -> bytes:
+        """The answer to ``ask`` with ``model`` (its JSON), ranked with the request's own ``categories`` filter on
+        top of the settings' rules. Requests that arrive while the compute thread is busy (a stream batch, or earlier
         requests) are answered together by its next turn: one hop to the thread, one state read per
         partition, one GRU pass for the anonymous sessions and one top-K per model and filter, so a burst
         costs about what one batch of events costs."""
@@ -276,13 +295,13 @@ class ServeEndpoints:
                 queries[i] = user_query(model, states[ask.partition].get(ask.key), ask.k)
         return queries  # type: ignore[return-value]
 
-    def _answer_batch(self, batch: list[_Waiting], dbs: dict[int, Any]) -> list[dict]:
-        """In the compute thread: the answers of a batch, ranked per model (a swap may split one) and
+    def _answer_batch(self, batch: list[_Waiting], dbs: dict[int, Any]) -> list[bytes]:
+        """In the compute thread: the answers of a batch as JSON, ranked per model (a swap may split one) and
         category filter (each filter masks its own catalogue rows)."""
         pipeline = self.runtime.pipeline
         scorers = pipeline.scorers
         queries = self._queries(batch, dbs)
-        docs: list[dict | None] = [None] * len(batch)
+        docs: list[bytes | None] = [None] * len(batch)
         groups: dict[tuple[int, CategoryFilter], list[int]] = {}
         for i, (model, categories, *_) in enumerate(batch):
             groups.setdefault((id(model), categories), []).append(i)
@@ -296,7 +315,7 @@ class ServeEndpoints:
             rules = pipeline.rule_context(model, include, exclude, record=False)
             for i, doc in zip(idx, answer_many(model, [queries[i] for i in idx], self.limits,
                                                scorer.top_k if scorer is not None else None, rules)):
-                docs[i] = doc
+                docs[i] = orjson.dumps(doc)
         return docs  # type: ignore[return-value]
 
     def owner_url(self, partition: int) -> str | None:

@@ -166,8 +166,8 @@ def test_anonymous_sessions_stepped_together_answer_as_each_stepped_alone(model:
     rng = np.random.default_rng(3)
     sessions = [Session(("i1", "i30"), (0, 2), 4), Session(("nope",), (0,), 3), Session((), (), 2),
                 Session(("i5", "i5", "gone", "i9", "i5", "i12"), (0, 1, 0, 2, 0, 3), 6)]
-    sessions += [Session(tuple(f"i{r}" for r in rng.integers(0, 44, size=n)), tuple(rng.integers(0, 4, size=n).tolist()),
-                         5) for n in rng.integers(1, 9, size=12)]  # ids i40..i43 are unknown
+    sessions += [Session(tuple(f"i{r}" for r in rng.integers(0, 44, size=n)),
+                         tuple(rng.integers(0, 4, size=n).tolist()), 5) for n in rng.integers(1, 9, size=12)]  # ids i40..i43 are unknown
     for history in (0, 3):
         together = step_sessions(model, sessions, history)
         alone = [step_session(model, s, history) for s in sessions]
