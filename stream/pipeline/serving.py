@@ -255,6 +255,23 @@ def session_queries(model: Recommender, sessions: Sequence[Session], history: in
                                                                                                history))]
 
 
+def _items(rows: list[int], scores: list[float], why: list[list[int]] | None,
+           ids: Sequence[str]) -> list[dict[str, Any]]:
+    """One answer's items, best first, up to its first empty slot (row -1); ``why``: each slot's "because"
+    rows (-1: none)."""
+    n = rows.index(-1) if -1 in rows else len(rows)
+    if why is None:
+        return [{"item_id": ids[r], "score": round(s, 6)} for r, s in zip(rows[:n], scores[:n])]
+    items = []
+    for r, s, w in zip(rows[:n], scores[:n], why):
+        item: dict[str, Any] = {"item_id": ids[r], "score": round(s, 6)}
+        named = [ids[x] for x in w if x >= 0]
+        if named:
+            item["because"] = named
+        items.append(item)
+    return items
+
+
 def answer_many(model: Recommender, queries: list[Query], limits: ServeLimits, top_k: TopK | None = None,
                 rules: RuleContext | None = None) -> list[dict[str, Any]]:
     """The answer documents of many queries, scored together: one ranking pass (``score_states``, as the
@@ -279,16 +296,10 @@ def answer_many(model: Recommender, queries: list[Query], limits: ServeLimits, t
     ids = _vocab_ids(model)
     version = int(model.version)
     docs = []
+    all_rows, all_scores = listed.tolist(), scores.tolist()
+    all_why = because.tolist() if because is not None else None
     for i, q in enumerate(queries):
-        items = []
-        for j, (row, score) in enumerate(zip(listed[i, :q.k].tolist(), scores[i, :q.k].tolist())):
-            if row < 0:
-                break
-            item: dict[str, Any] = {"item_id": ids[row], "score": round(score, 6)}
-            why = [ids[r] for r in because[i, j].tolist() if r >= 0] if because is not None else None
-            if why:
-                item["because"] = why
-            items.append(item)
+        items = _items(all_rows[i][:q.k], all_scores[i][:q.k], all_why[i] if all_why is not None else None, ids)
         doc: dict[str, Any] = {"items": items, "cold_start": not bool(has[i]), "model_version": version}
         if q.known_user is not None:
             doc["known_user"] = q.known_user
