@@ -200,8 +200,8 @@ def step_sessions(model: Recommender, sessions: Sequence[Session],
     by that item, as one batched GRU step (a GRU step is row by row, so each session's state is the one
     it gets on its own; only the matrix products' summation order may differ, as in the stream's
     batches)."""
-    if not sessions:
-        return []
+    if len(sessions) < 2:  # nothing to batch: the index bookkeeping below would only add to one session's cost
+        return [step_session(model, s, history) for s in sessions]
     lengths = [len(s.items) for s in sessions]
     rows = model.vocab.rows([item for s in sessions for item in s.items])
     types = np.fromiter((t for s in sessions for t in s.types), dtype=np.int64, count=len(rows))

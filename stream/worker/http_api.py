@@ -17,7 +17,8 @@
   (``serving.parse_filters``, ``rules.request_categories``).
 
 The maths runs in the worker's compute thread (``Pipeline.executor``, between batches), never on the
-event loop; each request is bounded by GRUFLOW_SERVE_TIMEOUT_S (504). Errors are JSON
+event loop, and so do the users' state reads: the loop only routes (docs/serving-cost.md). Each request is
+bounded by GRUFLOW_SERVE_TIMEOUT_S (504). Errors are JSON
 ``{"error", "detail"}`` and never repeat the user id.
 """
 
