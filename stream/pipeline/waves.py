@@ -114,10 +114,11 @@ class WaveWalk:
     def _advance(self, idx: list[int]) -> tuple[list[int], list[np.ndarray | None]]:
         """One wave's events: session gap, event count, rules and history per user; returns the events
         that step the GRU and their users' hidden states before the step."""
-        events, states, work, size, session_gap_ms = self.events, self.states, self.work, self.size, self.session_gap_ms
-        remembers, rcfg, history, users, recent_at = self.remembers, self.rcfg, self.history, self.users, self.recent_at
-        post_hidden, has_hidden, dup, known_item, rows = self.post_hidden, self.has_hidden, self.dup, self.known_item, \
-            self.rows
+        # locals: the loop below runs once per event
+        events, states, work, size = self.events, self.states, self.work, self.size
+        session_gap_ms, remembers, rcfg, history = self.session_gap_ms, self.remembers, self.rcfg, self.history
+        users, recent_at, known_item, rows = self.users, self.recent_at, self.known_item, self.rows
+        post_hidden, has_hidden, dup = self.post_hidden, self.has_hidden, self.dup
         feats, gap_s, first = self.feats, self.gap_s, self.first
         step_i: list[int] = []
         step_h: list[np.ndarray | None] = []
