@@ -23,7 +23,7 @@ def rollback(settings: Any, version: int, store: Any = None) -> int:
     import numpy as np
 
     from model.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
-    from model.finetune import ITEM_ROW_PARAMS, grow_net
+    from model.item_growth import ITEM_ROW_PARAMS, grow_net
     from model.weight_check import weight_problem
 
     infos = [i for i in list_versions(settings) if i.complete]

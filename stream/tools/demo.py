@@ -50,11 +50,14 @@ PREQUENTIAL = ("gruflow_prequential_events_total", "gruflow_prequential_hits_tot
                "gruflow_prequential_reciprocal_rank_total")
 
 
+SCRAPE_TIMEOUT_S = 10.0  # the worker's /metrics shares its event loop with a replay at full speed
+
+
 def scrape(url: str, totals: harness.RunningTotals | None = None) -> Snapshot | None:
     """The worker's counters now; the prequential ones summed over model versions through ``totals`` (the
-    worker drops old versions' series)."""
+    worker drops old versions' series). None when /metrics does not answer in time."""
     try:
-        samples = harness.scrape(url)
+        samples = harness.scrape(url, SCRAPE_TIMEOUT_S)
     except OSError:
         return None
     if totals is not None:
@@ -176,18 +179,23 @@ def _samples(settings: Settings, n: int = 4) -> list[str]:
     topic = settings.topic("recommendations")
     c = Consumer(consumer_config(settings, group_id=None))
     try:
-        parts = []
+        parts, ends = [], {}
         for p in range(settings.topics.partitions):
             lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
             parts.append(TopicPartition(topic, p, max(lo, hi - 50)))
+            if hi > lo:
+                ends[p] = hi
         c.assign(parts)
         msgs = []
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and len(msgs) < 50 * settings.topics.partitions:
-            got = c.consume(500, 0.5)
-            if not got:
-                break
-            msgs.extend(m for m in got if m.error() is None)
+        # the first fetch after assign can take a while on a busy machine: poll until every partition's
+        # tail is read, not until the first empty poll
+        deadline = time.monotonic() + 15
+        while ends and time.monotonic() < deadline:
+            for m in c.consume(500, 0.5):
+                if m.error() is None:
+                    msgs.append(m)
+                    if m.offset() + 1 >= ends.get(m.partition(), 0):
+                        ends.pop(m.partition(), None)
         users: dict[str, bytes] = {}
         for m in msgs:
             users[orjson.loads(m.value())["user_id"]] = m.value()
@@ -266,6 +274,7 @@ def _replay_and_watch(args: argparse.Namespace, settings: Settings, rest: Any, u
         time.sleep(3.0)
         cur = scrape(url, totals)
         if cur is None:
+            _say(f"  (the worker's /metrics did not answer within {SCRAPE_TIMEOUT_S:.0f} s: busy)")
             continue
         _say(summary_line(prev, cur))
         prev = cur
