@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 from model.cache_dir import cache_root
+from stream.kafka.broker_oauth import with_oauthbearer_listener
 from stream.kafka.config import MESSAGE_MAX_BYTES
 from stream.settings import Settings
 
@@ -153,7 +154,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def server_properties(port: int, controller_port: int, log_dir: Path, host: str = "127.0.0.1") -> str:
+def server_properties(port: int, controller_port: int, log_dir: Path, host: str = "127.0.0.1",
+                      oauthbearer_port: int = 0) -> str:
+    """The broker's server.properties; ``oauthbearer_port``: also a SASL OAUTHBEARER listener there
+    (stream/kafka/broker_oauth.py)."""
     props = {
         "process.roles": "broker,controller",
         "node.id": "1",
@@ -187,6 +191,8 @@ def server_properties(port: int, controller_port: int, log_dir: Path, host: str 
         "background.threads": "4",
         "log.segment.bytes": str(256 * 1024 * 1024),
     }
+    if oauthbearer_port:
+        props = with_oauthbearer_listener(props, host, oauthbearer_port)
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
 

@@ -85,6 +85,7 @@ class Metrics:
     item_rules_rejected: Counter
     state_record_bytes: Histogram
     forgotten_users: Counter
+    worker_freezes: Counter
     # trainer
     finetune_rounds: Counter
     finetune_duration: Histogram
@@ -174,6 +175,9 @@ def _worker_families() -> dict[str, Any]:
                                                                             "the top-K published before it (0 when "
                                                                             "absent)", ["model", "version", "k"]),
         forgotten_users=_counter("forgotten_users", "Users whose state was tombstoned on request (gruflow forget)"),
+        worker_freezes=_counter("worker_freezes", "Times this worker stood still for more than half its group session "
+                                                  "timeout (stream/worker/freeze_guard.py); the outputs it then had "
+                                                  "were held until the group settled"),
         ready=_gauge("ready", "1 once state recovery is done and the worker serves"),
         http_requests=_counter("http_requests", "Recommendation requests answered, by endpoint (user|anonymous) and "
                                                 "HTTP status", ["endpoint", "status"]),
