@@ -26,14 +26,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from model.adagrad import SparseAdagradM
 from model.batching import SessionIndex, index_sessions, session_parallel
 from model.features import feature_matrix
+from model.gru_backprop import ForwardCache, gru_backward, gru_forward
 from model.losses import bpr_max, cross_entropy
+from model.negative_sampling import NegativeSampler
 from model.network import GRU4RecNet
 from model.params import GRU4RecParams
 from model.vocab import Vocabulary
 
-ADAGRAD_EPS = 1e-6
 
 
 def item_rows_for(df: pd.DataFrame, item_rows: Vocabulary | Mapping[str, int]) -> np.ndarray:
@@ -76,122 +78,6 @@ def item_counts(rows: np.ndarray, n_items: int) -> np.ndarray:
     """Events per row (float64), ignoring unknown (-1) rows."""
     rows = rows[rows >= 0]
     return np.bincount(rows, minlength=n_items).astype(np.float64)
-
-
-class NegativeSampler:
-    """``n_sample`` items per mini-batch from popularity^alpha, drawn in bulk (the reference's sample cache)."""
-
-    def __init__(self, counts: np.ndarray, n_sample: int, alpha: float, cache_size: int, generator: torch.Generator,
-                 expected_steps: int | None = None) -> None:
-        self.n_sample = n_sample
-        self.gen = generator
-        weights = np.power(counts, alpha, where=counts > 0, out=np.zeros_like(counts, dtype=np.float64))
-        total = weights.sum()
-        if n_sample > 0 and total <= 0:
-            raise ValueError("no item has positive popularity to sample negatives from")
-        cdf = np.cumsum(weights) / max(total, 1e-300)
-        cdf[-1] = 1.0
-        self.cdf = torch.from_numpy(cdf.astype(np.float32))
-        self.n_items = len(counts)
-        # the reference precomputes sample_cache_max_size samples at once; drawing them in blocks of at
-        # most ~1M keeps the same statistics (i.i.d. draws) at a fraction of the memory
-        self.batches = max(1, min(cache_size, 1 << 20) // n_sample) if n_sample > 0 else 0
-        if expected_steps is not None and self.batches:
-            self.batches = max(1, min(self.batches, expected_steps))
-        self._cache = torch.empty(0, 0, dtype=torch.int64)
-        self._merged: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._next = 0
-
-    def _refill(self) -> None:
-        u = torch.rand(self.batches * self.n_sample, generator=self.gen)
-        idx = torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.n_items - 1)
-        self._cache = idx.view(self.batches, self.n_sample)
-        self._merged = None
-        self._next = 0
-
-    def next(self) -> torch.Tensor:
-        """The next mini-batch's ``n_sample`` items (with repeats)."""
-        if self._next >= self._cache.shape[0]:
-            self._refill()
-        s = self._cache[self._next]
-        self._next += 1
-        return s
-
-    def next_merged(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same draw as :meth:`next`, as distinct items and log(multiplicity).
-
-        A softmax over columns with repeats equals one over distinct columns with log(count) added to
-        their scores, so cross-entropy can score ~25% fewer columns. Rows are padded to one length with
-        a repeat of their first item at log(0) = -inf (zero probability, zero gradient)."""
-        if self._next >= self._cache.shape[0]:
-            self._refill()
-        if self._merged is None:
-            self._merged = _merge_rows(self._cache)
-        uniq, logc = self._merged
-        i = self._next
-        self._next += 1
-        return uniq[i], logc[i]
-
-
-def _merge_rows(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: distinct items and log of their counts, padded (see ``NegativeSampler.next_merged``)."""
-    srt, _ = torch.sort(samples, dim=1)
-    first = torch.ones_like(srt, dtype=torch.bool)
-    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    pos = torch.cumsum(first, dim=1) - 1
-    width = int(pos[:, -1].max()) + 1
-    uniq = srt[:, :1].expand(-1, width).contiguous()
-    uniq.scatter_(1, pos, srt)
-    counts = torch.zeros(samples.shape[0], width).scatter_add_(1, pos, torch.ones_like(srt, dtype=torch.float32))
-    return uniq, counts.log_()
-
-
-class SparseAdagradM:
-    """The reference's IndexedAdagradM: acc += g^2; step = -lr * g / sqrt(acc + eps), with optional
-    momentum; per-item tables are updated only on the rows used (duplicates summed first)."""
-
-    def __init__(self, lr: float, momentum: float) -> None:
-        self.lr = lr
-        self.momentum = momentum
-        self.acc: dict[int, torch.Tensor] = {}
-        self.mom: dict[int, torch.Tensor] = {}
-
-    def _state(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = id(p)
-        if key not in self.acc:
-            self.acc[key] = torch.zeros_like(p)
-            if self.momentum > 0:
-                self.mom[key] = torch.zeros_like(p)
-        return self.acc[key], self.mom.get(key)
-
-    @torch.no_grad()
-    def dense(self, p: torch.Tensor, g: torch.Tensor) -> None:
-        acc, mom = self._state(p)
-        acc.addcmul_(g, g)
-        denom = (acc + ADAGRAD_EPS).sqrt_()
-        if mom is not None:
-            mom.mul_(self.momentum).addcdiv_(g, denom, value=-self.lr)
-            p.add_(mom)
-        else:
-            p.addcdiv_(g, denom, value=-self.lr)
-
-    @torch.no_grad()
-    def sparse(self, p: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> None:
-        uniq, inverse = torch.unique(idx, return_inverse=True)
-        self.sparse_coalesced(p, uniq, torch.zeros(len(uniq), g.shape[1], dtype=g.dtype).index_add_(0, inverse, g))
-
-    @torch.no_grad()
-    def sparse_coalesced(self, p: torch.Tensor, uniq: torch.Tensor, gs: torch.Tensor) -> None:
-        """Update rows ``uniq`` (distinct) with their summed gradients ``gs`` (overwritten)."""
-        acc, mom = self._state(p)
-        a = acc.index_select(0, uniq).addcmul_(gs, gs)
-        acc.index_copy_(0, uniq, a)
-        step = gs.div_(a.add_(ADAGRAD_EPS).sqrt_()).mul_(-self.lr)
-        if mom is not None:
-            m = mom.index_select(0, uniq).mul_(self.momentum).add_(step)
-            mom.index_copy_(0, uniq, m)
-            step = m
-        p.index_add_(0, uniq, step)
 
 
 def fit(net: GRU4RecNet, data: pd.DataFrame, params: GRU4RecParams | None = None, *, n_epochs: int | None = None,
@@ -313,169 +199,112 @@ class _Trainer:
 
     def step(self, X: torch.Tensor, T: torch.Tensor, Y: torch.Tensor, H: list[torch.Tensor],
              F: torch.Tensor | None = None) -> float:
-        net, p, opt = self.net, self.p, self.opt
-        Wy, By = net.Wy.weight, net.By.weight
-        types = T if net.T is not None else None
+        """One session-parallel step: inputs ``X`` (event types ``T``, feature rows ``F``), targets ``Y``;
+        ``H`` is replaced by the new hidden states (detached). Updates the weights; returns the loss."""
         rows = self.table.detach().index_select(0, X)
-        if self.manual:
-            out, cache = self._forward(rows, types, H, F)
-        else:
-            for param in self.dense:
-                param.grad = None
-            rows.requires_grad_()
-            with torch.enable_grad():
-                out = net.step_rows(rows, H, types, training=True, generator=self.gen, features=F)
-            for i in range(len(H)):
-                H[i] = H[i].detach()
+        out, cache = self._recurrent_forward(rows, T, H, F)
+        Yall, lq = self._columns(Y)
         Xh = out.detach()
-        B = X.shape[0]
-        with torch.no_grad():
-            # columns: the B targets of the mini-batch, then the shared samples
-            lq = None
-            if self.sampler is None:
-                Yall = Y
-            elif self.merge:
-                S, log_mult = self.sampler.next_merged()
-                Yall = torch.cat([Y, S])
-                lq = torch.cat([torch.zeros(B), log_mult.neg()])
-            else:
-                S = self.sampler.next()
-                Yall = torch.cat([Y, S])
-            if self.logq is not None:
-                corr = self.log_counts.index_select(0, Y)
-                if self.sampler is not None:
-                    corr = torch.cat([corr, self.log_counts_samples.index_select(0, S)])
-                corr.mul_(self.logq)
-                lq = corr if lq is None else lq.add_(corr)
-            O = Wy.detach().index_select(0, Yall)
-            b = By.detach().index_select(0, Yall).view(1, -1)
-            R = torch.addmm(b, Xh, O.T)
-            scale = 1.0 / p.batch_size
-            if p.loss == "cross-entropy":
-                loss, dR = cross_entropy(R, lq, scale)
-            else:
-                loss, dR = bpr_max(R, p.bpreg, p.elu_param, scale)
-            dXh = dR @ O
-            dO = dR.T @ Xh
-            db = dR.sum(0).view(-1, 1)
+        loss, dXh, dO, db = self._output_gradients(Xh, Yall, lq)
         if self.manual:
-            d_rows = self._backward(dXh, cache)
+            d_rows = gru_backward(self.net, self.opt, dXh, cache, self.reference_type)
         else:
-            out.backward(dXh)
-            d_rows = rows.grad
-        with torch.no_grad():
-            if not self.manual:
-                if net.T is not None and net.T.weight.grad is not None:
-                    net.T.weight.grad[self.reference_type] = 0.0
-                for _, emb in net.feature_tables():
-                    if emb.weight.grad is not None:  # row 0 ("absent") stays zero
-                        emb.weight.grad[0] = 0.0
-                for param in self.dense:
-                    if param.grad is not None:
-                        opt.dense(param, param.grad)
-            # one coalescing (distinct rows + summed gradients) serves Wy and By
-            if self.shared_input:
-                idx, g = torch.cat([X, Yall]), torch.cat([d_rows, dO])
-            else:
-                opt.sparse(self.table, X, d_rows)
-                idx, g = Yall, dO
-            uniq, inv = torch.unique(idx, return_inverse=True)
-            gs = torch.zeros(len(uniq), g.shape[1]).index_add_(0, inv, g)
-            inv_y = inv[B:] if self.shared_input else inv
-            gb = torch.zeros(len(uniq), 1).index_add_(0, inv_y, db)
-            if self.shared_input and self.opt.momentum > 0:
-                # By's rows are the scored items only (an input-only row must not take a momentum step)
-                used = torch.zeros(len(uniq), dtype=torch.bool)
-                used[inv_y] = True
-                opt.sparse_coalesced(By, uniq[used], gb[used])
-            else:
-                opt.sparse_coalesced(By, uniq, gb)
-            opt.sparse_coalesced(Wy, uniq, gs)
+            d_rows = self._autograd_backward(out, rows, dXh)
+        self._update_item_rows(X, Yall, d_rows, dO, db)
         return loss
 
-    # --- hand-written forward/backward of the recurrent part (GRUCell layers), no autograd ----------
-    @torch.no_grad()
-    def _forward(self, x: torch.Tensor, types: torch.Tensor | None, H: list[torch.Tensor],
-                 F: torch.Tensor | None = None):
-        net, p, gen = self.net, self.p, self.gen
-        if types is not None:
-            x = x + net.T.weight.index_select(0, types)
-        if F is not None and not net.concat:
-            for col, emb in net.feature_tables():
-                x = x + emb.weight.index_select(0, F[:, col])
-        if net.concat:
-            x = torch.cat([x] + [emb.weight.index_select(0, F[:, col]) if F is not None else
-                                 torch.zeros(x.shape[0], emb.embedding_dim) for col, emb in net.feature_tables()], 1)
-        mask_e = _mask(x, p.dropout_p_embed, gen)
-        if mask_e is not None:
-            x = x * mask_e
-        layers = []
-        for i, cell in enumerate(net.G):
-            h = H[i]
-            hs = h.shape[1]
-            gi = torch.addmm(cell.bias_ih, x, cell.weight_ih.T)
-            gh = torch.addmm(cell.bias_hh, h, cell.weight_hh.T)
-            rz = torch.sigmoid(gi[:, :2 * hs] + gh[:, :2 * hs])
-            r, z = rz[:, :hs], rz[:, hs:]
-            ghn = gh[:, 2 * hs:]
-            n = torch.tanh(torch.addcmul(gi[:, 2 * hs:], r, ghn))
-            hn = torch.addcmul(n, z, h - n)
-            mask_h = _mask(hn, p.dropout_p_hidden, gen)
-            out = hn * mask_h if mask_h is not None else hn
-            layers.append((x, h, rz, ghn, n, mask_h))
-            H[i] = out
-            x = out
-        return x, (types, F, mask_e, layers)
+    def _recurrent_forward(self, rows: torch.Tensor, T: torch.Tensor, H: list[torch.Tensor],
+                           F: torch.Tensor | None) -> tuple[torch.Tensor, ForwardCache | None]:
+        net, p = self.net, self.p
+        types = T if net.T is not None else None
+        if self.manual:
+            return gru_forward(net, rows, types, H, F, p.dropout_p_embed, p.dropout_p_hidden, self.gen)
+        for param in self.dense:
+            param.grad = None
+        rows.requires_grad_()
+        with torch.enable_grad():
+            out = net.step_rows(rows, H, types, training=True, generator=self.gen, features=F)
+        for i in range(len(H)):
+            H[i] = H[i].detach()
+        return out, None
 
     @torch.no_grad()
-    def _backward(self, d_out: torch.Tensor, cache) -> torch.Tensor:
-        net, opt = self.net, self.opt
-        types, F, mask_e, layers = cache
-        grads = []
-        for i in range(len(layers) - 1, -1, -1):
-            cell = net.G[i]
-            x, h, rz, ghn, n, mask_h = layers[i]
-            hs = h.shape[1]
-            dh = d_out * mask_h if mask_h is not None else d_out
-            r, z = rz[:, :hs], rz[:, hs:]
-            dn_pre = (dh * (1.0 - z)) * (1.0 - n * n)
-            dz = dh * (h - n)
-            drz = torch.cat([dn_pre * ghn, dz], dim=1).mul_(rz * (1.0 - rz))
-            dgi = torch.cat([drz, dn_pre], dim=1)
-            dgh = torch.cat([drz, dn_pre * r], dim=1)
-            grads.append((cell.weight_ih, dgi.T @ x))
-            grads.append((cell.bias_ih, dgi.sum(0)))
-            grads.append((cell.weight_hh, dgh.T @ h))
-            grads.append((cell.bias_hh, dgh.sum(0)))
-            d_out = dgi @ cell.weight_ih
-        if mask_e is not None:
-            d_out = d_out * mask_e
-        d_feats = {col: d_out for col, _ in net.feature_tables()}
-        if net.concat:  # the input was [item (+type) | feature embeddings]: split its gradient
-            widths = [net.n_input] + [emb.embedding_dim for _, emb in net.feature_tables()]
-            d_out, *rest = torch.split(d_out, widths, dim=1)
-            d_feats = {col: g for (col, _), g in zip(net.feature_tables(), rest)}
-        if types is not None:
-            gT = torch.zeros_like(net.T.weight).index_add_(0, types, d_out)
-            gT[self.reference_type] = 0.0
-            grads.append((net.T.weight, gT))
-        for param, g in grads:
-            opt.dense(param, g)
-        if F is not None:
-            for col, emb in net.feature_tables():
-                idx = F[:, col]
-                used = idx > 0  # row 0 ("absent") stays zero
-                if bool(used.any()):
-                    opt.sparse(emb.weight, idx[used], d_feats[col][used])
-        return d_out
+    def _columns(self, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scored columns, the B targets of the mini-batch then the shared samples, and what is added
+        to their scores (log multiplicity of merged samples, logQ correction), or None."""
+        B = Y.shape[0]
+        lq, S = None, None
+        if self.sampler is None:
+            Yall = Y
+        elif self.merge:
+            S, log_mult = self.sampler.next_merged()
+            Yall = torch.cat([Y, S])
+            lq = torch.cat([torch.zeros(B), log_mult.neg()])
+        else:
+            S = self.sampler.next()
+            Yall = torch.cat([Y, S])
+        if self.logq is not None:
+            corr = self.log_counts.index_select(0, Y)
+            if S is not None:
+                corr = torch.cat([corr, self.log_counts_samples.index_select(0, S)])
+            corr.mul_(self.logq)
+            lq = corr if lq is None else lq.add_(corr)
+        return Yall, lq
 
+    @torch.no_grad()
+    def _output_gradients(self, Xh: torch.Tensor, Yall: torch.Tensor,
+                          lq: torch.Tensor | None) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss and its gradients w.r.t. the top layer's output, the scored rows of Wy and of By."""
+        p = self.p
+        O = self.net.Wy.weight.detach().index_select(0, Yall)
+        b = self.net.By.weight.detach().index_select(0, Yall).view(1, -1)
+        R = torch.addmm(b, Xh, O.T)
+        scale = 1.0 / p.batch_size
+        if p.loss == "cross-entropy":
+            loss, dR = cross_entropy(R, lq, scale)
+        else:
+            loss, dR = bpr_max(R, p.bpreg, p.elu_param, scale)
+        return loss, dR @ O, dR.T @ Xh, dR.sum(0).view(-1, 1)
 
-def _mask(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor | None:
-    """Inverted-dropout multiplier with ``p`` the drop probability (None when p == 0)."""
-    if p <= 0.0:
-        return None
-    keep = 1.0 - p
-    return torch.empty_like(x).bernoulli_(keep, generator=gen).div_(keep)
+    def _autograd_backward(self, out: torch.Tensor, rows: torch.Tensor, dXh: torch.Tensor) -> torch.Tensor:
+        """Autograd through the recurrent part; dense updates applied, input-row gradient returned."""
+        net = self.net
+        out.backward(dXh)
+        with torch.no_grad():
+            if net.T is not None and net.T.weight.grad is not None:
+                net.T.weight.grad[self.reference_type] = 0.0
+            for _, emb in net.feature_tables():
+                if emb.weight.grad is not None:  # row 0 ("absent") stays zero
+                    emb.weight.grad[0] = 0.0
+            for param in self.dense:
+                if param.grad is not None:
+                    self.opt.dense(param, param.grad)
+        return rows.grad
+
+    @torch.no_grad()
+    def _update_item_rows(self, X: torch.Tensor, Yall: torch.Tensor, d_rows: torch.Tensor, dO: torch.Tensor,
+                          db: torch.Tensor) -> None:
+        """Sparse Adagrad on the item rows the step used: the input table (``X``) and Wy, By (``Yall``)."""
+        opt, B = self.opt, X.shape[0]
+        Wy, By = self.net.Wy.weight, self.net.By.weight
+        # one coalescing (distinct rows + summed gradients) serves Wy and By
+        if self.shared_input:
+            idx, g = torch.cat([X, Yall]), torch.cat([d_rows, dO])
+        else:
+            opt.sparse(self.table, X, d_rows)
+            idx, g = Yall, dO
+        uniq, inv = torch.unique(idx, return_inverse=True)
+        gs = torch.zeros(len(uniq), g.shape[1]).index_add_(0, inv, g)
+        inv_y = inv[B:] if self.shared_input else inv
+        gb = torch.zeros(len(uniq), 1).index_add_(0, inv_y, db)
+        if self.shared_input and opt.momentum > 0:
+            # By's rows are the scored items only (an input-only row must not take a momentum step)
+            used = torch.zeros(len(uniq), dtype=torch.bool)
+            used[inv_y] = True
+            opt.sparse_coalesced(By, uniq[used], gb[used])
+        else:
+            opt.sparse_coalesced(By, uniq, gb)
+        opt.sparse_coalesced(Wy, uniq, gs)
 
 
 def train_model(data: pd.DataFrame, params: GRU4RecParams | None = None, progress: bool = True,

@@ -33,6 +33,18 @@ KIND_VIEWED, KIND_CART = 0, 1  # session item kinds (state record: 4 * row + kin
 _DAY_S = 86400
 
 
+class _NoCategory:
+    """Equal to no category string: an include filter of only this allows no item at all."""
+
+    def __repr__(self) -> str:
+        return "<no category>"
+
+
+# an include filter that no item passes (a request's categories and the settings' have none in common);
+# an empty include set means "no include filter" instead
+NOTHING_INCLUDED: frozenset[Any] = frozenset({_NoCategory()})
+
+
 def _categories(raw: str | Iterable[str]) -> frozenset[str]:
     if isinstance(raw, str):
         raw = raw.split(",")
@@ -68,6 +80,17 @@ class RuleConfig:
     @property
     def tracks_session(self) -> bool:
         return self.session_viewed or self.session_cart
+
+
+def request_categories(cfg: RuleConfig, include: frozenset[str], exclude: frozenset[str]
+                       ) -> tuple[frozenset[Any], frozenset[str]]:
+    """The (include, exclude) sets of a request with its own category filter: a request narrows the settings'
+    filters, never widens them. Exclusions add up; include sets intersect (the request's alone, or the
+    settings' alone, when only one has one), and an empty intersection allows nothing (``NOTHING_INCLUDED``)."""
+    both = exclude | cfg.exclude_categories
+    if not include or not cfg.include_categories:
+        return include or cfg.include_categories, both
+    return (include & cfg.include_categories) or NOTHING_INCLUDED, both
 
 
 @dataclass(frozen=True)
@@ -163,8 +186,8 @@ def catalogue_masks(view: CatalogueView, vocab: Any, include: frozenset[str] = f
                     exclude: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
     """Sorted vocabulary rows each catalogue rule masks; an item is counted under the first rule of
     ``CATALOGUE_RULES`` that masks it. ``include`` keeps only items whose category is in it (items without a
-    category are masked then); ``exclude`` masks the items of those categories. Request filters call this
-    with their own sets."""
+    category are masked then); ``exclude`` masks the items of those categories. A request with its own
+    filter calls this with ``request_categories``' sets."""
     unavailable, deny, category = [], [], []
     for item_id, rule in view.rules.items():
         if not rule.available:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import orjson
@@ -29,6 +29,8 @@ BAD_K = "bad_k"
 BAD_USER_ID = "bad_user_id"
 BAD_BODY = "bad_body"
 TOO_MANY_ITEMS = "too_many_items"
+BAD_FILTER = "bad_filter"
+TOO_MANY_FILTER_VALUES = "too_many_filter_values"
 BODY_TOO_LARGE = "body_too_large"
 NOT_READY = "not_ready"
 TIMEOUT = "timeout"
@@ -55,6 +57,19 @@ class ServeLimits:
     max_items: int = 50
     max_id_bytes: int = 256
     because_items: int = 2  # 0 = answers carry no "because"
+    max_filter_values: int = 32  # categories one request's filters may name, all together
+
+
+@dataclass(frozen=True)
+class CategoryFilter:
+    """A request's own category filter (item categories of the item-rules topic): only items of an
+    ``include`` category (empty: no such filter), never items of an ``exclude`` category."""
+
+    include: frozenset[str] = frozenset()
+    exclude: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.include or self.exclude)
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,7 @@ class Session:
     items: tuple[str, ...]
     types: tuple[int, ...]
     k: int
+    categories: CategoryFilter = CategoryFilter()
 
 
 def parse_k(raw: str | None, limits: ServeLimits) -> int:
@@ -85,8 +101,49 @@ def check_user_id(user_id: str, limits: ServeLimits) -> bytes:
     return key
 
 
-def parse_session(body: bytes, limits: ServeLimits) -> Session:
-    """``{"items": [id, ...], "event_types": ["view"|"click"|"cart"|"purchase", ...]?, "k": n?}``."""
+_FILTER_SYNTAX = "a filter is category:<c>[,<c>...] (only these categories) or -category:<c>[,<c>...] (never these)"
+
+
+def parse_filters(values: Sequence[str], limits: ServeLimits) -> CategoryFilter:
+    """The ``filter`` values of one request, each ``category:a,b`` (include) or ``-category:c`` (exclude).
+    Repeated filters of a kind add their categories up; an excluded category is never shown, even if it is
+    also included. Values are trimmed; empty ones, other fields and more than ``limits.max_filter_values``
+    categories in all are refused (400)."""
+    include: set[str] = set()
+    exclude: set[str] = set()
+    named = 0
+    for value in values:
+        negate = value.startswith("-")
+        field, sep, rest = (value[1:] if negate else value).partition(":")
+        if not sep or field.strip() != "category":
+            raise RequestError(400, BAD_FILTER, _FILTER_SYNTAX)
+        cats = [c.strip() for c in rest.split(",")]
+        if not all(cats):
+            raise RequestError(400, BAD_FILTER, "a filter names no empty category; " + _FILTER_SYNTAX)
+        if any(len(c.encode("utf-8", "surrogatepass")) > limits.max_id_bytes for c in cats):
+            raise RequestError(400, BAD_FILTER, f"a category has at most {limits.max_id_bytes} UTF-8 bytes")
+        named += len(cats)
+        if named > limits.max_filter_values:
+            raise RequestError(400, TOO_MANY_FILTER_VALUES,
+                               f"the filters may name at most {limits.max_filter_values} categories in all")
+        (exclude if negate else include).update(cats)
+    return CategoryFilter(frozenset(include), frozenset(exclude))
+
+
+def _body_filters(raw: Any) -> list[str]:
+    """A POST body's ``filter``: one filter string or a list of them."""
+    if raw is None:
+        return []
+    raw = [raw] if isinstance(raw, str) else raw
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        raise RequestError(400, BAD_FILTER, '"filter" is a filter string or a list of them; ' + _FILTER_SYNTAX)
+    return raw
+
+
+def parse_session(body: bytes, limits: ServeLimits, query_filters: Sequence[str] = ()) -> Session:
+    """``{"items": [id, ...], "event_types": ["view"|"click"|"cart"|"purchase", ...]?, "k": n?,
+    "filter": "category:a,b" | [...]?}``; ``query_filters``: the URL's own ``filter`` values, which add up
+    with the body's."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -114,7 +171,8 @@ def parse_session(body: bytes, limits: ServeLimits) -> Session:
             raise RequestError(400, BAD_BODY, f"event types are {sorted(_TYPES)}")
         codes = tuple(int(_TYPES[t]) for t in types)
     k = doc.get("k")
-    return Session(tuple(ids), codes, parse_k(None if k is None else str(k), limits))
+    categories = parse_filters([*query_filters, *_body_filters(doc.get("filter"))], limits)
+    return Session(tuple(ids), codes, parse_k(None if k is None else str(k), limits), categories)
 
 
 def step_session(model: Recommender, session: Session, history: int) -> tuple[np.ndarray | None, list[int]]:

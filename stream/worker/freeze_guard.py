@@ -28,6 +28,8 @@ from typing import Callable
 class FreezeGuard:
     session_timeout_s: float
     clock: Callable[[], float] = time.monotonic
+    # called once per freeze seen (the worker counts them: gruflow_worker_freezes_total)
+    on_freeze: Callable[[], object] | None = None
     _last: float | None = field(init=False, default=None)  # None until the first look: start-up is no freeze
     _thawed_at: float | None = field(init=False, default=None)
     freezes: int = field(init=False, default=0)
@@ -43,6 +45,8 @@ class FreezeGuard:
         if self._last is not None and now - self._last > self.session_timeout_s / 2:
             self._thawed_at = now
             self.freezes += 1
+            if self.on_freeze is not None:
+                self.on_freeze()
         self._last = now
 
     def hold_s(self) -> float:

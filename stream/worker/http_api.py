@@ -12,6 +12,9 @@
   client sent (and the broker acknowledged) before the request is reflected in the answer.
 - ``POST /recommendations`` steps a fresh hidden state through an anonymous visitor's items and
   answers; nothing is stored.
+- ``filter=category:a,b`` / ``filter=-category:c`` (both endpoints; POST also in its body): the request's
+  own category filter, masked before the top-K like the settings' rules, which it narrows and never widens
+  (``serving.parse_filters``, ``rules.request_categories``).
 
 The maths runs in the worker's compute thread (``Pipeline.executor``, between batches), never on the
 event loop; each request is bounded by GRUFLOW_SERVE_TIMEOUT_S (504). Errors are JSON
@@ -33,13 +36,15 @@ from aiohttp import web
 from yarl import URL
 
 from stream.observe.metrics import Metrics
-from stream.pipeline.serving import (BODY_TOO_LARGE, NOT_READY, OWNER_UNREACHABLE, TIMEOUT, Query, RequestError,
-                                     ServeLimits, answer_many, check_user_id, parse_k, parse_session, session_query,
-                                     user_query)
+from stream.pipeline.rules import request_categories
+from stream.pipeline.serving import (BODY_TOO_LARGE, NOT_READY, OWNER_UNREACHABLE, TIMEOUT, CategoryFilter, Query,
+                                     RequestError, ServeLimits, answer_many, check_user_id, parse_filters, parse_k,
+                                     parse_session, session_query, user_query)
 from stream.settings import Settings
 from stream.kafka.topics import STATE_TABLE_NAME
 
 log = logging.getLogger("gruflow.http")
+_Waiting = tuple[Any, CategoryFilter, Callable[..., Query], tuple, asyncio.Future]
 ROUTED_HEADER = "X-Gruflow-Routed"  # set on a forwarded request: the receiver answers or says 503, never forwards
 _JSON = "application/json"
 
@@ -97,8 +102,8 @@ class ServeEndpoints:
         self.history = sv.because_history if sv.because else 0
         self.end_offsets = EndOffsets(settings)
         self._client: aiohttp.ClientSession | None = None
-        # requests waiting for the compute thread: (model, query maker, its arguments, future of the answer)
-        self._waiting: list[tuple[Any, Callable[..., Query], tuple, asyncio.Future]] = []
+        # requests waiting for the compute thread: (model, category filter, query maker, its arguments, future)
+        self._waiting: list[_Waiting] = []
         self._draining = False
 
     def add_routes(self, app: web.Application) -> None:
@@ -134,6 +139,7 @@ class ServeEndpoints:
     async def _user(self, request: web.Request) -> web.Response:
         key = check_user_id(request.match_info["user_id"], self.limits)
         k = parse_k(request.query.get("k"), self.limits)
+        categories = parse_filters(request.query.getall("filter", []), self.limits)
         rt = self._ready_runtime()
         pipeline = rt.pipeline
         partition = pipeline.store.partition_for(key)
@@ -148,7 +154,7 @@ class ServeEndpoints:
                 raise RequestError(503, NOT_READY, "the user's partition is moving to another worker; retry")
         state = pipeline.read_states(partition, [key]).get(key)
         model = rt.holder.current
-        doc = await self._compute(user_query, model, state, k)
+        doc = await self._compute(user_query, model, state, k, categories=categories)
         return web.Response(body=orjson.dumps(doc), content_type=_JSON)
 
     async def _anonymous(self, request: web.Request) -> web.Response:
@@ -158,9 +164,10 @@ class ServeEndpoints:
         body = await request.content.read(limit + 1)
         if len(body) > limit:
             raise RequestError(413, BODY_TOO_LARGE, f"the body may have at most {limit} bytes")
-        session = parse_session(body, self.limits)
+        session = parse_session(body, self.limits, request.query.getall("filter", []))
         rt = self._ready_runtime()
-        doc = await self._compute(session_query, rt.holder.current, session, self.history)
+        doc = await self._compute(session_query, rt.holder.current, session, self.history,
+                                  categories=session.categories)
         return web.Response(body=orjson.dumps(doc), content_type=_JSON)
 
     # --- helpers -----------------------------------------------------------------------------------------
@@ -173,12 +180,14 @@ class ServeEndpoints:
             raise RequestError(503, NOT_READY, reason)
         return rt
 
-    async def _compute(self, make: Callable[..., Query], model: Any, *args: Any) -> dict:
-        """The answer of ``make(model, *args)``. Requests that arrive while the compute thread is busy (a
-        stream batch, or earlier requests) are answered together by its next turn: one hop to the thread and
-        one top-K for all of them, so a burst costs about what one batch of events costs."""
+    async def _compute(self, make: Callable[..., Query], model: Any, *args: Any,
+                       categories: CategoryFilter = CategoryFilter()) -> dict:
+        """The answer of ``make(model, *args)``, ranked with the request's own ``categories`` filter on top of
+        the settings' rules. Requests that arrive while the compute thread is busy (a stream batch, or earlier
+        requests) are answered together by its next turn: one hop to the thread and one top-K per model and
+        filter, so a burst costs about what one batch of events costs."""
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append((model, make, args, future))
+        self._waiting.append((model, categories, make, args, future))
         if not self._draining:
             self._draining = True
             asyncio.ensure_future(self._drain())
@@ -202,21 +211,24 @@ class ServeEndpoints:
         finally:
             self._draining = False
 
-    def _answer_batch(self, batch: list[tuple[Any, Callable[..., Query], tuple, asyncio.Future]]) -> list[dict]:
-        """In the compute thread: the queries of a batch, answered per model (a swap may split one)."""
+    def _answer_batch(self, batch: list[_Waiting]) -> list[dict]:
+        """In the compute thread: the queries of a batch, answered per model (a swap may split one) and
+        category filter (each filter masks its own catalogue rows)."""
         pipeline = self.runtime.pipeline
         scorers = pipeline.scorers
         docs: list[dict | None] = [None] * len(batch)
-        by_model: dict[int, list[int]] = {}
-        for i, (model, *_) in enumerate(batch):
-            by_model.setdefault(id(model), []).append(i)
-        for idx in by_model.values():
+        groups: dict[tuple[int, CategoryFilter], list[int]] = {}
+        for i, (model, categories, *_) in enumerate(batch):
+            groups.setdefault((id(model), categories), []).append(i)
+        for (_, categories), idx in groups.items():
             model = batch[idx[0]][0]
             scorer = scorers.get(model)
-            queries = [batch[i][1](model, *batch[i][2]) for i in idx]
+            queries = [batch[i][2](model, *batch[i][3]) for i in idx]
+            include, exclude = (request_categories(pipeline.rules, categories.include, categories.exclude)
+                                if categories else (None, None))
             # the stream's business rules; a request's list is not counted against the exposure cap (it
             # damps what the stream publishes, which requests only read)
-            rules = pipeline.rule_context(model, record=False)
+            rules = pipeline.rule_context(model, include, exclude, record=False)
             for i, doc in zip(idx, answer_many(model, queries, self.limits,
                                                scorer.top_k if scorer is not None else None, rules)):
                 docs[i] = doc

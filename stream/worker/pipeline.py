@@ -108,7 +108,7 @@ class Pipeline:
         self.rules = RuleConfig.from_settings(s)
         self._catalogue_masks = CatalogueMasks()
         self.exposure = ExposureWindow(s.rules.exposure_window_s) if s.rules.exposure_cap > 0 else None
-        self.freeze = FreezeGuard(s.worker.broker_session_timeout_s)
+        self.freeze = FreezeGuard(s.worker.broker_session_timeout_s, on_freeze=m.worker_freezes.inc)
 
     # --- the batch ---------------------------------------------------------------------------
     async def handle(self, batch: Batch, generation: int) -> None:

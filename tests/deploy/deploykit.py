@@ -96,19 +96,42 @@ def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> di
     return hits[0]
 
 
-def pod_env(objects: list[dict[str, Any]], workload: dict[str, Any]) -> dict[str, str]:
-    """The GRUFLOW_* environment a pod of ``workload`` gets from its ConfigMap(s) and env, with placeholder
-    values for the Secret-backed variables."""
+# what the kubelet's downward API puts into a pod's env (placeholders: one pod of the cluster)
+FIELD_VALUES = {"status.podIP": "10.244.3.17", "metadata.name": "gruflow-worker-0", "metadata.namespace": "gruflow",
+                "spec.nodeName": "node-1"}
+_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def kubelet_expand(value: str, env: dict[str, str]) -> str:
+    """``$(NAME)`` replaced by a variable defined before it (left as it is otherwise), ``$$`` by ``$``: the
+    kubelet's expansion of an env value."""
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return _REFERENCE.sub(sub, value)
+
+
+def pod_env(objects: list[dict[str, Any]], workload: dict[str, Any],
+            fields: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a pod of ``workload`` gets from its ConfigMap(s) and env, as the kubelet builds it:
+    ``envFrom`` first, then ``env`` in order with ``$(NAME)`` references expanded; placeholder values for
+    the Secret-backed variables and the downward API's fields (``fields`` overrides ``FIELD_VALUES``)."""
     env: dict[str, str] = {}
+    known = {**FIELD_VALUES, **(fields or {})}
     container = workload["spec"]["template"]["spec"]["containers"][0]
     for source in container.get("envFrom", []):
         cm = one(objects, "ConfigMap", source["configMapRef"]["name"])
         env.update(cm["data"])
     for var in container.get("env", []):
+        source = var.get("valueFrom", {})
         if "value" in var:
-            env[var["name"]] = var["value"]
-        elif "secretKeyRef" in var.get("valueFrom", {}):
-            env[var["name"]] = f"secret-{var['valueFrom']['secretKeyRef']['key']}"
+            env[var["name"]] = kubelet_expand(var["value"], env)
+        elif "secretKeyRef" in source:
+            env[var["name"]] = f"secret-{source['secretKeyRef']['key']}"
+        elif "fieldRef" in source:
+            env[var["name"]] = known[source["fieldRef"]["fieldPath"]]
     return env
 
 

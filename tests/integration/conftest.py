@@ -1,5 +1,6 @@
 """Integration fixtures: ONE real Apache Kafka broker per test session (embedded, from Maven jars), or
-the cluster in GRUFLOW_BOOTSTRAP_SERVERS when that is set (SASL/SSL settings from the environment too).
+the cluster in GRUFLOW_BOOTSTRAP_SERVERS when that is set (SASL/SSL settings from the environment too). The
+embedded broker also has a SASL OAUTHBEARER listener (``kafka.oauthbearer_settings()``).
 
     def test_x(kafka):
         settings = kafka.settings(partitions=4)      # unique topic prefix, app id, data dir, web port
@@ -27,6 +28,7 @@ class KafkaFixture:
     tmp_root: Path
     embedded: bool
     broker: Any = None  # the EmbeddedKafka, when embedded
+    oauthbearer_servers: str = ""  # its SASL OAUTHBEARER listener (unsecured JWTs; stream/kafka/broker_oauth.py)
     _counter: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def settings(self, **overrides: Any) -> Settings:
@@ -50,6 +52,15 @@ class KafkaFixture:
         Path(settings.process.data_dir).mkdir(parents=True, exist_ok=True)
         return settings
 
+    def oauthbearer_settings(self, principal: str = "gruflow-test", **overrides: Any) -> Settings:
+        """``settings(**overrides)`` as a client of the OAUTHBEARER listener, with unsecured JWTs for
+        ``principal``; skips the test where there is no such listener (an external cluster)."""
+        from stream.kafka.broker_oauth import oauthbearer_client_settings
+
+        if not self.oauthbearer_servers:
+            pytest.skip("no SASL OAUTHBEARER listener: the tests run against an external cluster")
+        return oauthbearer_client_settings(self.settings(**overrides), self.oauthbearer_servers, principal)
+
     def env(self, settings: Settings, **extra: str) -> dict[str, str]:
         """os.environ without stray GRUFLOW_* variables, plus every field of ``settings`` as GRUFLOW_*, for
         starting gruflow subprocesses (workers) configured exactly like ``settings``."""
@@ -65,12 +76,13 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaFixture]:
         return
     from stream.kafka.broker import BrokerError, EmbeddedKafka
 
-    broker = EmbeddedKafka.from_settings(base)
+    broker = EmbeddedKafka.from_settings(base, oauthbearer=True)
     try:
         broker.start()
     except BrokerError as exc:
         pytest.fail(f"cannot start the embedded Apache Kafka broker: {exc}", pytrace=False)
     try:
-        yield KafkaFixture(broker.bootstrap_servers, broker.settings(base), tmp_root, embedded=True, broker=broker)
+        yield KafkaFixture(broker.bootstrap_servers, broker.settings(base), tmp_root, embedded=True, broker=broker,
+                           oauthbearer_servers=broker.oauthbearer_bootstrap_servers)
     finally:
         broker.stop()

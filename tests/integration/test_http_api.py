@@ -3,8 +3,6 @@ a user owned by the other worker, read-your-writes, the cold start, anonymous se
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import orjson
@@ -23,13 +21,7 @@ def model_path(tmp_path: Path) -> Path:
 
 
 def request(worker: WorkerProc, path: str, body: bytes | None = None, timeout: float = 10.0) -> tuple[int, dict]:
-    req = urllib.request.Request(worker.url + path, data=body, method="POST" if body is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, orjson.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, orjson.loads(exc.read())
+    return worker.request(path, body, timeout)
 
 
 def last_event_of(events: list[Ev]) -> dict[str, Ev]:

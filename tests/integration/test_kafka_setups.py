@@ -2,9 +2,9 @@
 names set one by one (no common prefix), a field map for events with the shop's own field names, and
 client properties passed through to librdkafka and aiokafka by their own names.
 
-SASL: the embedded broker has a PLAINTEXT listener only, so OAUTHBEARER is checked at the mapping level
-(tests/unit/stream/kafka/test_passthrough.py); here the same pass-through carries other properties over a
-real connection, and the broker shows they arrived (a consumer group member's client id).
+SASL OAUTHBEARER over a real connection: tests/integration/test_sasl_oauthbearer.py. Here the same
+pass-through carries other properties over a real connection, and the broker shows they arrived (a consumer
+group member's client id).
 """
 
 from __future__ import annotations

@@ -140,5 +140,6 @@ def test_a_worker_frozen_past_its_session_timeout_comes_back_and_loses_nothing(k
         g.check()
         assert w1.metric("gruflow_recommendations_out_total") > answered_by_w1
         assert _group_members(g.settings) == 2
+        assert w2.metric("gruflow_worker_freezes_total") >= 1, "the freeze guard did not count w2's freeze"
     finally:
         g.close()

@@ -293,6 +293,19 @@ class WorkerProc:
     def get(self, path: str) -> tuple[int, str]:
         return harness.http_get(self.url + path)
 
+    def request(self, path: str, body: bytes | None = None, timeout: float = 10.0) -> tuple[int, dict]:
+        """GET ``path`` (POST with a JSON ``body``): the status and the decoded JSON answer, errors included."""
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(self.url + path, data=body, method="POST" if body is not None else "GET",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, orjson.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, orjson.loads(exc.read())
+
     def wait_ready(self, timeout: float = 120.0) -> None:
         try:
             self.process.wait_ready(timeout)

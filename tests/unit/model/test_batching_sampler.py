@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from model.batching import index_sessions, session_parallel
-from model.train import NegativeSampler
+from model.negative_sampling import NegativeSampler
 
 
 def _table(lengths: list[int], starts: list[float] | None = None) -> pd.DataFrame:

@@ -14,9 +14,10 @@ import torch
 
 from model.exposure import (GINI, ITEM_EXPOSURE, ConcentrationLimits, Exposure, concentration_problem, coverage,
                             gini, item_jump, topk_exposure)
-from model.finetune import FineTuneConfig, FineTuner, ModelState, SessionBuffer
+from model.finetune import FineTuneConfig, FineTuner, ModelState
 from model.network import GRU4RecNet
 from model.params import OFFICIAL, GRU4RecParams
+from model.session_buffer import SessionBuffer
 from model.vocab import Vocabulary
 
 

@@ -121,7 +121,7 @@ def test_hand_written_backward_with_features_matches_autograd(feature_dim: int, 
 
 
 def test_online_buffer_carries_category_and_price_into_training() -> None:
-    from model.finetune import SessionBuffer
+    from model.session_buffer import SessionBuffer
 
     buf = SessionBuffer(max_events=100, max_age_s=3600.0)
     for n, (user, item, cat, price) in enumerate([("u", "i1", "c1", 9.5), ("u", "i2", "c2", None), ("v", "i1", None, 3.0)]):

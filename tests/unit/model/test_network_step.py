@@ -132,7 +132,9 @@ def test_merged_repeated_samples_train_exactly_like_repeated_columns() -> None:
 def test_training_steps_equal_a_plain_autograd_reference_step(monkeypatch) -> None:
     """Whole steps (dropout, shared samples with repeats, logQ, loss / batch_size, Adagrad on every parameter)
     against a straightforward dense autograd version of the reference's maths, with the same samples and masks."""
-    import model.train as mt
+    import model.gru_backprop as backprop
+    from model.adagrad import ADAGRAD_EPS
+    from model.negative_sampling import _merge_rows
 
     n_items, B, n_sample, hidden = 30, 6, 50, 8
     params = GRU4RecParams(layers=(hidden,), batch_size=B, n_sample=n_sample, sample_alpha=0.3, logq=1.0,
@@ -144,12 +146,12 @@ def test_training_steps_equal_a_plain_autograd_reference_step(monkeypatch) -> No
     acc = {name: torch.zeros_like(p) for name, p in ref.items()}
     rs = np.random.RandomState(4)
     masks: dict[str, torch.Tensor] = {}
-    monkeypatch.setattr(mt, "_mask", lambda x, p, gen: masks["h"] if p > 0 else None)
+    monkeypatch.setattr(backprop, "_mask", lambda x, p, gen: masks["h"] if p > 0 else None)
     H, H_ref = [torch.zeros(B, hidden)], torch.zeros(B, hidden)
     for _ in range(6):
         X, Y, S = (torch.from_numpy(rs.randint(0, n_items, n)) for n in (B, B, n_sample))
         masks["h"] = torch.from_numpy((rs.rand(B, hidden) > 0.25).astype(np.float32) / 0.75)
-        uniq, logc = mt._merge_rows(S[None])
+        uniq, logc = _merge_rows(S[None])
         trainer.sampler.next_merged = lambda u=uniq[0], c=logc[0]: (u, c)
         loss = trainer.step(X, torch.ones(B, dtype=torch.int64), Y, H)
         # reference: repeated sample columns kept, targets corrected by log(count), samples by alpha*log(count)
@@ -165,7 +167,7 @@ def test_training_steps_equal_a_plain_autograd_reference_step(monkeypatch) -> No
             for (name, p), g in zip(ref.items(), grads):
                 if g is not None:
                     acc[name] += g * g
-                    p -= params.learning_rate * g / torch.sqrt(acc[name] + mt.ADAGRAD_EPS)
+                    p -= params.learning_rate * g / torch.sqrt(acc[name] + ADAGRAD_EPS)
         H_ref = h.detach()
         assert loss == pytest.approx(float(L.detach()), rel=1e-5)
         assert torch.allclose(H[0], H_ref, atol=1e-5)

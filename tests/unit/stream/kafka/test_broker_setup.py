@@ -140,3 +140,21 @@ def test_an_unreadable_ports_file_is_an_error_not_new_ports(tmp_path):
     (tmp_path / broker_setup.PORTS_FILE).write_text("{not json")
     with pytest.raises(BrokerError, match="unreadable"):
         broker.EmbeddedKafka(data_dir=tmp_path)._prepare_run_dir()
+
+
+def test_the_oauthbearer_listener_is_an_option_of_the_broker_config(tmp_path):
+    def props(text: str) -> dict[str, str]:
+        return dict(line.split("=", 1) for line in text.splitlines() if line)
+
+    plain = props(broker_setup.server_properties(9092, 9093, tmp_path))
+    assert "OAUTH" not in plain["listeners"] and not [k for k in plain if "oauthbearer" in k]
+    oauth = props(broker_setup.server_properties(9092, 9093, tmp_path, oauthbearer_port=9094))
+    assert oauth["listeners"] == plain["listeners"] + ",OAUTH://127.0.0.1:9094"
+    assert oauth["advertised.listeners"] == plain["advertised.listeners"] + ",OAUTH://127.0.0.1:9094"
+    assert oauth["listener.security.protocol.map"].endswith(",OAUTH:SASL_PLAINTEXT")
+    assert oauth["listener.name.oauth.sasl.enabled.mechanisms"] == "OAUTHBEARER"
+    assert oauth["listener.name.oauth.oauthbearer.sasl.jaas.config"].startswith(
+        "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required ")
+    assert oauth["inter.broker.listener.name"] == "PLAINTEXT"  # the broker's own traffic stays plaintext
+    # no server callback handler is named: Kafka's default for OAUTHBEARER is the unsecured JWS validator
+    assert not [k for k in oauth if "callback.handler" in k]

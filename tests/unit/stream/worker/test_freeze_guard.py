@@ -65,3 +65,28 @@ def test_a_freeze_seen_first_by_the_batch_holds_too() -> None:
 def test_the_tick_interval_sees_half_a_session() -> None:
     assert FreezeGuard(6.0).tick_interval_s < 6.0 / 2
     assert FreezeGuard(0.1).tick_interval_s == 0.05
+
+
+def test_each_freeze_is_counted_in_the_workers_metrics_from_zero() -> None:
+    from pipelinekit import make_rig
+
+    rig = make_rig()  # a real Pipeline (session timeout 600 s) with the worker's own Metrics
+    try:
+        name = "gruflow_worker_freezes_total"
+        assert rig.metrics.registry.get_sample_value(name) == 0.0  # exported from the start, before any freeze
+        clock = Clock()
+        rig.pipeline.freeze.clock = clock
+        rig.pipeline.freeze.tick()
+        clock.now += 200.0  # less than half the session: a late timer, no freeze
+        rig.pipeline.freeze.tick()
+        assert rig.sample(name) == 0.0
+        clock.now += 301.0
+        assert rig.pipeline.freeze.hold_s() == 600.0
+        clock.now += 1.0
+        rig.pipeline.freeze.tick()  # the same freeze, seen again: counted once
+        assert rig.sample(name) == 1.0
+        clock.now += 400.0
+        rig.pipeline.freeze.tick()
+        assert rig.sample(name) == 2.0 and rig.pipeline.freeze.freezes == 2
+    finally:
+        rig.close()

@@ -20,6 +20,8 @@ from model.params import GRU4RecParams
 from model.recommender import Recommender
 from model.vocab import Vocabulary
 from stream.observe.metrics import Metrics
+from stream.pipeline.ranking import RuleContext
+from stream.pipeline.rules import Catalogue, ItemRule, RuleConfig, catalogue_masks
 from stream.settings import Settings
 from stream.worker.http_api import ROUTED_HEADER, ServeEndpoints
 
@@ -51,8 +53,18 @@ class FakePipeline:
 
         self.store, self.scorers = Store(), Scorers()
 
-    def rule_context(self, model: Any, record: bool = True) -> None:
-        return None
+    rules: RuleConfig = field(default_factory=RuleConfig)
+    catalogue: Catalogue = field(default_factory=Catalogue)
+
+    def rule_context(self, model: Any, include: frozenset[str] | None = None,
+                     exclude: frozenset[str] | None = None, record: bool = True) -> RuleContext | None:
+        """As the worker's: the catalogue's masks with these category filters (None: the settings')."""
+        cfg = self.rules
+        masks = catalogue_masks(self.catalogue.view(), model.vocab,
+                                cfg.include_categories if include is None else include,
+                                cfg.exclude_categories if exclude is None else exclude)
+        ctx = RuleContext(cfg, masks, None, time.time(), record)
+        return ctx if ctx.active else None
 
     def active_partitions(self) -> list[int]:
         return self.owned
@@ -151,3 +163,31 @@ def test_requests_waiting_for_the_compute_thread_are_answered_in_one_turn() -> N
     docs = asyncio.run(go())
     assert [len(d["items"]) for d in docs] == [1, 2, 3, 4, 5] and all(d["cold_start"] for d in docs)
     assert runtime.pipeline.turns == 1  # one hop to the compute thread, one top-K for the five
+
+
+def test_category_filters_mask_the_answer_and_bad_ones_are_400s() -> None:
+    pipeline = FakePipeline([0], rules=RuleConfig(exclude_categories=frozenset({"banned"})))
+    for r in range(30):
+        pipeline.catalogue.apply(f"i{r}", ItemRule(category=("even", "odd")[r % 2] if r != 4 else "banned"))
+    got, metrics = _run(FakeRuntime(pipeline, Holder()), [
+        ("GET", "/users/u1/recommendations?k=6&filter=category:even", None, {}),
+        ("GET", "/users/u1/recommendations?k=6&filter=-category:even", None, {}),
+        ("POST", "/recommendations?filter=category:odd", orjson.dumps({"items": ["i3"], "k": 4}), {}),
+        ("POST", "/recommendations", orjson.dumps({"items": ["i3"], "filter": "category:banned"}), {}),
+        ("GET", "/users/u1/recommendations?filter=color:red", None, {}),
+        ("GET", "/users/u1/recommendations?filter=category:" + ",".join("x" * 40), None, {}),
+        ("POST", "/recommendations", orjson.dumps({"items": ["i3"], "filter": {"category": "odd"}}), {}),
+    ])
+
+    def rows(doc: dict) -> list[int]:
+        return [int(i["item_id"][1:]) for i in doc["items"]]
+
+    (s1, even), (s2, not_even), (s3, odd), (s4, banned) = got[:4]
+    assert (s1, s2, s3, s4) == (200, 200, 200, 200)
+    assert len(rows(even)) == 6 and all(r % 2 == 0 and r != 4 for r in rows(even))
+    assert len(rows(not_even)) == 6 and all(r % 2 == 1 for r in rows(not_even))
+    assert len(rows(odd)) == 4 and all(r % 2 == 1 for r in rows(odd))
+    assert banned["items"] == [], "a request cannot include what the settings exclude"
+    assert [(s, d["error"]) for s, d in got[4:]] == [(400, "bad_filter"), (400, "too_many_filter_values"),
+                                                     (400, "bad_filter")]
+    assert metrics.http_requests.labels(endpoint="user", status="400")._value.get() == 2
