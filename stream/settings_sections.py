@@ -181,6 +181,8 @@ class Trainer:
                                                        "share of the current one (0 = off)")
     guardrail_max_item_exposure_factor: float = setting(0.0, "refuse a candidate that lifts one item's share of top-K "
                                                              "lists by more than this factor (0 = off)")
+    guardrail_hold_back_items: int = setting(3, "with the item-exposure check on: before refusing, give up to this "
+                                                "many of the items that rise most their current output rows back")
 
 
 @dataclass(frozen=True)
