@@ -37,12 +37,16 @@ class Exposure:
 @dataclass(frozen=True)
 class ConcentrationLimits:
     """0 switches a check off. ``smoothing_share``: lists added to both counts before the item ratio,
-    as a share of the lists, so an item rising from 0 to a handful of lists is not a jump."""
+    as a share of the lists, so an item rising from 0 to a handful of lists is not a jump.
+    ``hold_back_items``: before the item-exposure check refuses a candidate, up to this many of the items
+    that rise most get their output rows back from the current model (``model.guardrail.judge``), so one
+    pushed item costs the round its own rise, not everything else the round learned."""
 
     max_gini_increase: float = 0.0
     min_coverage_ratio: float = 0.0
     max_item_exposure_factor: float = 0.0
     smoothing_share: float = 0.01
+    hold_back_items: int = 0
 
     @property
     def active(self) -> bool:

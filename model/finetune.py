@@ -59,11 +59,13 @@ class FineTuneConfig:
     guardrail_max_gini_increase: float = 0.0
     guardrail_min_coverage_ratio: float = 0.0
     guardrail_max_item_exposure_factor: float = 0.0
+    guardrail_hold_back_items: int = 0
 
     @property
     def concentration(self) -> ConcentrationLimits:
         return ConcentrationLimits(self.guardrail_max_gini_increase, self.guardrail_min_coverage_ratio,
-                                   self.guardrail_max_item_exposure_factor)
+                                   self.guardrail_max_item_exposure_factor,
+                                   hold_back_items=self.guardrail_hold_back_items)
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> "FineTuneConfig":
@@ -274,6 +276,9 @@ def _decision(verdict: Verdict, tolerance: float) -> tuple[str, str]:
         return "rejected", f"worse than current beyond tolerance {tolerance}"
     if verdict.refusal:
         return "rejected", f"concentration: {verdict.detail}"
+    if verdict.held_back:
+        return "promoted", (f"not worse than current; {len(verdict.held_back)} item(s) whose exposure rose past "
+                            "the limit keep their current output rows")
     return "promoted", "not worse than current"
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from model.evaluate import evaluate
-from model.exposure import ConcentrationLimits, concentration_problem, item_jump, topk_exposure
+from model.exposure import (ITEM_EXPOSURE, ConcentrationLimits, Exposure, concentration_problem, item_jump,
+                            topk_exposure)
 from model.network import GRU4RecNet
 from model.vocab import Vocabulary
 
@@ -53,6 +54,7 @@ class Verdict:
     not_worse: bool  # recall and MRR within the tolerance of the served model's
     refusal: str  # the concentration check that refused the candidate (model.exposure), or ""
     detail: str  # its explanation
+    held_back: tuple[int, ...] = ()  # rows whose output weights were taken back from the current model
 
 
 def _scores(result: dict, k: int) -> dict:
@@ -64,14 +66,42 @@ def _scores(result: dict, k: int) -> dict:
 
 def judge(current: tuple[GRU4RecNet, Vocabulary], candidate: tuple[GRU4RecNet, Vocabulary], hold_eval: pd.DataFrame,
           cutoff: int, tolerance: float, limits: ConcentrationLimits) -> Verdict:
-    """Score both (net, vocabulary) pairs on ``hold_eval``; ``tolerance`` is absolute, on recall@K and MRR@K."""
+    """Score both (net, vocabulary) pairs on ``hold_eval``; ``tolerance`` is absolute, on recall@K and MRR@K.
+    With ``limits.hold_back_items`` the candidate network may be changed in place (``_hold_back``); the
+    verdict then scores the network as changed."""
+    cur_x = topk_exposure(current[0], current[1], hold_eval, cutoff)
+    cand_x = topk_exposure(candidate[0], candidate[1], hold_eval, cutoff)
+    refusal, detail = concentration_problem(cur_x, cand_x, limits)
+    held: list[int] = []
+    if refusal == ITEM_EXPOSURE and limits.hold_back_items > 0:
+        cand_x, refusal, detail = _hold_back(current, candidate, hold_eval, cutoff, limits, cur_x, cand_x, held)
     cur_s = _scores(evaluate(current[0], current[1], hold_eval, cutoffs=(cutoff,)), cutoff)
     cand_s = _scores(evaluate(candidate[0], candidate[1], hold_eval, cutoffs=(cutoff,)), cutoff)
     ok = cand_s["recall"] >= cur_s["recall"] - tolerance and cand_s["mrr"] >= cur_s["mrr"] - tolerance
     # exposure is measured even with every concentration check off: it is reported with the scores
-    cur_x = topk_exposure(current[0], current[1], hold_eval, cutoff)
-    cand_x = topk_exposure(candidate[0], candidate[1], hold_eval, cutoff)
     cur_s["exposure"], cand_s["exposure"] = cur_x.summary(), cand_x.summary()
     cand_s["exposure"]["max_item_factor"] = item_jump(cur_x, cand_x, limits.smoothing_share)[1]
-    refusal, detail = concentration_problem(cur_x, cand_x, limits)
-    return Verdict(cur_s, cand_s, ok, refusal, detail)
+    cand_s["exposure"]["held_back_items"] = len(held)
+    return Verdict(cur_s, cand_s, ok, refusal, detail, tuple(held))
+
+
+def _hold_back(current: tuple[GRU4RecNet, Vocabulary], candidate: tuple[GRU4RecNet, Vocabulary],
+               hold_eval: pd.DataFrame, cutoff: int, limits: ConcentrationLimits, cur_x: Exposure,
+               cand_x: Exposure, held: list[int]) -> tuple[Exposure, str, str]:
+    """Give the item whose exposure rises most its current output row back, and check again, at most
+    ``limits.hold_back_items`` times. An item the current model lacks has no row to go back to: the
+    check's refusal then stands. Returns the candidate's exposure and the check's last answer; ``held``
+    gets the rows taken back."""
+    refusal, detail = ITEM_EXPOSURE, ""
+    n_current = len(current[1])
+    while refusal == ITEM_EXPOSURE and len(held) < limits.hold_back_items:
+        row, _ = item_jump(cur_x, cand_x, limits.smoothing_share)
+        if row < 0 or row >= n_current or row in held:
+            break
+        candidate[0].copy_item_outputs(current[0], [row])
+        held.append(row)
+        cand_x = topk_exposure(candidate[0], candidate[1], hold_eval, cutoff)
+        refusal, detail = concentration_problem(cur_x, cand_x, limits)
+    if refusal == ITEM_EXPOSURE:
+        detail = concentration_problem(cur_x, cand_x, limits)[1]
+    return cand_x, refusal, detail

@@ -255,6 +255,14 @@ class GRU4RecNet(nn.Module):
             emb.num_embeddings = n_items
         self.n_items = n_items
 
+    @torch.no_grad()
+    def copy_item_outputs(self, source: "GRU4RecNet", rows: list[int]) -> None:
+        """Give ``rows`` the output weights and biases (``Wy``, ``By``) of ``source``; with a constrained
+        embedding that is their input row too. ``rows`` must exist in both networks."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        self.Wy.weight[idx] = source.Wy.weight[idx]
+        self.By.weight[idx] = source.By.weight[idx]
+
     def score_items(self, Xh: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of the items ``Y`` (all items when None) for each row of ``Xh``."""
         if Y is None:

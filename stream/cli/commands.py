@@ -123,14 +123,9 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.set_defaults(func=_broker)
 
     p = sub.add_parser("demo", help="embedded broker + quick model + worker + replay, with a live summary")
-    p.add_argument("--data", default=None, help="event file to train on and replay (default: synthetic data)")
-    p.add_argument("--format", "-f", dest="format", default=None, help="format of --data (see `gruflow train`)")
-    p.add_argument("--events", type=int, default=60_000, help="events to replay (default 60,000)")
-    p.add_argument("--seconds", type=float, default=90.0,
-                   help="stop the replay after this long even if events remain (default 90)")
-    p.add_argument("--rate", type=float, default=None, help="cap on replayed events per second")
-    p.add_argument("--broker-data-dir", default=None,
-                   help="the embedded broker keeps its data here across runs (see `gruflow broker --data-dir`)")
+    from stream.tools.demo import add_demo_args
+
+    add_demo_args(p)
     p.set_defaults(func=_demo)
 
     lab = sub.add_parser("lab", help="experiments on the running system that print JSON")
@@ -150,33 +145,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.set_defaults(func=_bench_serve)
 
     p = bench_sub.add_parser("stream", help="end-to-end worker throughput and latency on the embedded broker")
-    p.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
-    p.add_argument("--items", default="20000", help="catalogue size (default 20,000); several, comma-separated "
-                                                   "(20000,200000,1000000), run one after another into one JSON")
-    p.add_argument("--hidden", type=int, default=100, help="GRU hidden size (default 100)")
-    p.add_argument("--publish-check", action="store_true",
-                   help="time a new model version from publication to serving (always on with several --items)")
-    p.add_argument("--model-cache", default=None,
-                   help="directory that keeps the trained bench models by size, so runs compare on the same model")
-    p.add_argument("--k", type=int, default=20, help="recommendations per event (default 20)")
-    p.add_argument("--events", type=int, default=200_000, help="events for the throughput run (default 200,000)")
-    p.add_argument("--rate", type=float, default=2000.0, help="offered rate of the latency run (default 2,000/s)")
-    p.add_argument("--latency-seconds", type=float, default=20.0, help="length of the latency run (default 20 s)")
-    p.add_argument("--warmup-seconds", type=float, default=20.0,
-                   help="unmeasured load at the same rate before the latency run, so that the broker's JIT has "
-                        "compiled its hot paths (default 20 s; 0 to skip)")
-    p.add_argument("--partitions", type=int, default=8, help="partitions of the input topics (default 8)")
-    p.add_argument("--profile", default=None,
-                   help="py-spy profile of the worker during the throughput run (.svg flame graph, else raw stacks)")
-    p.add_argument("--worker-log", default=None, help="copy the worker's log here")
-    p.add_argument("--no-echo", action="store_true",
-                   help="skip the latency peer (a plain consume -> produce loop measured in the worker's place)")
-    p.add_argument("--no-training", action="store_true",
-                   help="skip the latency run with a trainer process running fine-tune rounds")
-    p.add_argument("--train-buffer", type=int, default=20_000,
-                   help="trainer buffer (events per fine-tune round) in the training run (default 20,000)")
-    p.add_argument("--train-interval", type=float, default=1.0,
-                   help="seconds between the trainer's rounds in the training run (default 1: back to back)")
-    p.add_argument("--train-wait", type=float, default=300.0,
-                   help="how long to wait for the trainer's first round (default 300 s)")
+    from stream.lab.bench import add_bench_args
+
+    add_bench_args(p)
     p.set_defaults(func=_bench)

@@ -171,14 +171,14 @@ def _model_list(args: argparse.Namespace) -> int:
 
 
 def _model_rollback(args: argparse.Namespace) -> int:
-    from stream.online import model_protocol, model_sync
+    from stream.online import model_protocol, model_rollback
     from stream.online.model_store import ModelStore
 
     settings = _settings(args)
     if not _need_cluster(settings, "model rollback"):
         return 2
     try:
-        new = model_sync.rollback(settings, args.version, ModelStore.from_settings(settings))
+        new = model_rollback.rollback(settings, args.version, ModelStore.from_settings(settings))
     except (LookupError, model_protocol.ModelSyncError) as exc:
         print(f"gruflow model rollback: {exc}", file=sys.stderr)
         return 1

@@ -34,36 +34,15 @@ from types import FrameType
 from typing import Any, Callable
 
 from stream.settings import Settings
-from stream.kafka.broker_setup import BrokerError, PORTS_FILE, _cluster_id, _forget_storage, _is_formatted, _java_id, _log, _mb, _random_cluster_id, _read_ports, _write_ports, default_cache_dir, find_java, free_port, kafka_version, resolve_jars, server_properties
-from stream.kafka.broker_process import _live, _live_lock, RUN_DIR_PREFIX, _pdeathsig_preexec, _signal_group, _spawn, _stop_all, _sweep_stale_run_dirs
+from stream.kafka.broker_process import (RUN_DIR_PREFIX, _live, _live_lock, _pdeathsig_preexec, _signal_group, _spawn,
+                                         _stop_all, _sweep_stale_run_dirs)
+from stream.kafka.broker_setup import (LOG4J2_PROPERTIES, PORTS_FILE, BrokerError, _cluster_id, _forget_storage,
+                                       _is_formatted, _log, _mb, _random_cluster_id, _read_ports, _write_ports,
+                                       cds_flags, default_cache_dir, find_java, free_port, kafka_version,
+                                       publish_cds, resolve_jars, server_properties)
 
 
-# --------------------------------------------------------------------------- tools and jars
 
-
-# --------------------------------------------------------------------------- ports, config files
-
-
-LOG4J2_PROPERTIES = """\
-# written by gruflow: broker log to a file in the run directory
-status = warn
-appender.file.type = File
-appender.file.name = FILE
-appender.file.fileName = {log_file}
-appender.file.layout.type = PatternLayout
-appender.file.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = {level}
-rootLogger.appenderRef.file.ref = FILE
-logger.statechange.name = state.change.logger
-logger.statechange.level = WARN
-logger.request.name = kafka.request.logger
-logger.request.level = WARN
-logger.cleaner.name = kafka.log.LogCleaner
-logger.cleaner.level = INFO
-"""
-
-
-# --------------------------------------------------------------------------- process guard
 
 _atexit_registered = False
 
@@ -225,28 +204,6 @@ class EmbeddedKafka:
             LOG4J2_PROPERTIES.format(log_file=self.run_dir / "logs" / "server.log", level=self.log_level)
         )
 
-    def _cds(self, name: str, java: str) -> tuple[list[str], Path | None]:
-        """Class-data sharing: the first run dumps the classes it loaded into an archive that later runs
-        map instead of parsing jars, which shortens JVM start-up. Returns (JVM flags, archive to publish
-        into the cache after a clean exit or None)."""
-        assert self.run_dir is not None
-        archive = self.cache_dir / f"cds-{name}-{_java_id(java)}.jsa"
-        if archive.is_file():
-            return [f"-XX:SharedArchiveFile={archive}", "-Xshare:auto"], None
-        dump = self.run_dir / f"{name}.jsa"
-        return [f"-XX:ArchiveClassesAtExit={dump}"], dump
-
-    def _publish_cds(self, dump: Path | None, name: str, java: str) -> None:
-        if dump is None or not dump.is_file() or dump.stat().st_size == 0:
-            return
-        archive = self.cache_dir / f"cds-{name}-{_java_id(java)}.jsa"
-        tmp = archive.with_suffix(f".tmp-{os.getpid()}")
-        try:
-            shutil.copyfile(dump, tmp)
-            os.replace(tmp, archive)  # atomic: concurrent starts see a whole archive or none
-        except OSError:
-            tmp.unlink(missing_ok=True)
-
     def _java_cmd(self, java: str, lib: Path, main: str, *args: str, short_lived: bool = False,
                   cds: list[str] = ()) -> list[str]:
         assert self.run_dir is not None
@@ -280,7 +237,7 @@ class EmbeddedKafka:
         elif not self.quiet:
             _log(f"reusing the Kafka data in {self.run_dir / 'data'} (cluster id {_cluster_id(self.run_dir / 'data')})")
         out = open(self.run_dir / "logs" / "stdout.log", "wb")
-        cds, self._server_dump = self._cds("server", java)
+        cds, self._server_dump = cds_flags(self.cache_dir, self.run_dir, "server", java)
         self._java = java
         self.proc = _spawn(
             self._java_cmd(java, lib, "kafka.Kafka", props, cds=cds),
@@ -292,7 +249,7 @@ class EmbeddedKafka:
         return formatted
 
     def _format(self, java: str, lib: Path, props: str) -> None:
-        cds, dump = self._cds("storage-tool", java)
+        cds, dump = cds_flags(self.cache_dir, self.run_dir, "storage-tool", java)
         fmt = subprocess.run(
             self._java_cmd(java, lib, "kafka.tools.StorageTool", "format", "--standalone", "-t", _random_cluster_id(),
                            "-c", props, short_lived=True, cds=cds),
@@ -300,7 +257,7 @@ class EmbeddedKafka:
         )
         if fmt.returncode != 0:
             raise BrokerError(f"formatting the KRaft storage failed (exit {fmt.returncode}):\n{fmt.stdout}{fmt.stderr}")
-        self._publish_cds(dump, "storage-tool", java)
+        publish_cds(self.cache_dir, dump, "storage-tool", java)
 
     def _wait_ready(self) -> None:
         from confluent_kafka import KafkaException
@@ -352,7 +309,7 @@ class EmbeddedKafka:
                 _signal_group(proc, signal.SIGTERM)
                 try:
                     proc.wait(timeout)
-                    self._publish_cds(self._server_dump, "server", self._java)
+                    publish_cds(self.cache_dir, self._server_dump, "server", self._java)
                 except subprocess.TimeoutExpired:
                     _signal_group(proc, signal.SIGKILL)
                     proc.wait(10)

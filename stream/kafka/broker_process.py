@@ -1,4 +1,6 @@
-"""The embedded broker's JVM never outlives gruflow: child processes are spawned by one launcher thread with PR_SET_PDEATHSIG (the kernel kills them if the Python parent dies), every running broker is stopped at interpreter exit, and run directories of dead parents are swept."""
+"""The embedded broker's JVM never outlives gruflow: child processes are spawned by one launcher thread with
+PR_SET_PDEATHSIG (the kernel kills them if the Python parent dies), every running broker is stopped at
+interpreter exit, and run directories of dead parents are swept."""
 
 from __future__ import annotations
 import ctypes

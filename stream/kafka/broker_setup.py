@@ -1,4 +1,7 @@
-"""What the embedded broker needs before it starts: Java and Maven, the Apache Kafka jars (resolved once into a cache directory from stream/kafka/pom.xml), free ports, the broker's configuration, and the KRaft storage directory (formatted once, its cluster id and listener ports kept across restarts)."""
+"""What the embedded broker needs before it starts: Java and Maven, the Apache Kafka jars (resolved once into a
+cache directory from stream/kafka/pom.xml), free ports, the broker's configuration and log set-up, the JVM's
+class-data sharing archives, and the KRaft storage directory (formatted once, its cluster id and listener
+ports kept across restarts)."""
 
 from __future__ import annotations
 import hashlib
@@ -193,6 +196,25 @@ def server_properties(port: int, controller_port: int, log_dir: Path, host: str 
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
 
+LOG4J2_PROPERTIES = """\
+# written by gruflow: broker log to a file in the run directory
+status = warn
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = {log_file}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = {level}
+rootLogger.appenderRef.file.ref = FILE
+logger.statechange.name = state.change.logger
+logger.statechange.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.cleaner.name = kafka.log.LogCleaner
+logger.cleaner.level = INFO
+"""
+
+
 def _java_id(java: str) -> str:
     """Names CDS archives per JVM build: an archive only fits the JVM that wrote it."""
     real = os.path.realpath(java)
@@ -201,6 +223,34 @@ def _java_id(java: str) -> str:
     except OSError:
         stamp = real
     return hashlib.sha1(stamp.encode()).hexdigest()[:12]
+
+
+def _cds_archive(cache_dir: Path, name: str, java: str) -> Path:
+    return cache_dir / f"cds-{name}-{_java_id(java)}.jsa"
+
+
+def cds_flags(cache_dir: Path, run_dir: Path, name: str, java: str) -> tuple[list[str], Path | None]:
+    """Class-data sharing: the first run dumps the classes it loaded into an archive that later runs
+    map instead of parsing jars, which shortens JVM start-up. Returns (JVM flags, archive to publish
+    into the cache after a clean exit or None)."""
+    archive = _cds_archive(cache_dir, name, java)
+    if archive.is_file():
+        return [f"-XX:SharedArchiveFile={archive}", "-Xshare:auto"], None
+    dump = run_dir / f"{name}.jsa"
+    return [f"-XX:ArchiveClassesAtExit={dump}"], dump
+
+
+def publish_cds(cache_dir: Path, dump: Path | None, name: str, java: str) -> None:
+    """Copy a JVM's class-data dump into the cache, where the next start of ``name`` maps it."""
+    if dump is None or not dump.is_file() or dump.stat().st_size == 0:
+        return
+    archive = _cds_archive(cache_dir, name, java)
+    tmp = archive.with_suffix(f".tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(dump, tmp)
+        os.replace(tmp, archive)  # atomic: concurrent starts see a whole archive or none
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def _mb(size: str) -> int:

@@ -51,12 +51,9 @@ def parse_properties(raw: str, name: str) -> dict[str, Any]:
         return {}
     if raw.startswith("{"):
         try:
-            value = orjson.loads(raw)
+            return orjson.loads(raw)  # a JSON text that starts with "{" is an object or is refused here
         except orjson.JSONDecodeError as exc:
             raise SettingsError(f"{name}: not a JSON object: {exc}") from None
-        if not isinstance(value, dict):
-            raise SettingsError(f"{name}: expected a JSON object")
-        return value
     out: dict[str, Any] = {}
     for part in raw.replace("\n", ";").split(";"):
         if not part.strip():

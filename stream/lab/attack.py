@@ -153,7 +153,9 @@ def _rounds(rounds: list[dict]) -> dict:
     status = pd.Series([r["status"] for r in rounds], dtype=object).value_counts().to_dict()
     conc = pd.Series([r.get("concentration", "") for r in rounds], dtype=object)
     return {"n": len(rounds), **{str(k): int(v) for k, v in status.items()},
-            "concentration_refusals": {str(k): int(v) for k, v in conc[conc != ""].value_counts().items()}}
+            "concentration_refusals": {str(k): int(v) for k, v in conc[conc != ""].value_counts().items()},
+            "held_back_items": int(sum(r["candidate"].get("exposure", {}).get("held_back_items", 0) or 0
+                                       for r in rounds if r.get("candidate")))}
 
 
 def run_attack_experiment(args: argparse.Namespace) -> dict:

@@ -53,7 +53,7 @@ from stream.lab.bench_model import bench_data, compute_ceiling, prepare_model
 from stream.lab.bench_report import bench_json
 from stream.lab.bench_runs import backlog_run, echo_comparison, latency_run, training_comparison
 from stream.settings import ENV_PREFIX, Settings
-from stream.tools.harness import GruflowProcess, stop_process
+from stream.tools.harness import GruflowProcess, kafka_for, stop_process
 
 
 def bench_settings(base: Settings, name: str, work: Path, args: argparse.Namespace) -> Settings:
@@ -100,61 +100,94 @@ def _log_ceiling(ceiling: dict[str, Any]) -> None:
         f"({ceiling['scorer_path']} path; int8 proved {ceiling['topk_int8_fraction'] or 0:.1%} of the rows)")
 
 
+def _clean_up(args: argparse.Namespace, work: Path, worker: subprocess.Popen[bytes] | None,
+              procs: list[subprocess.Popen[bytes]], result: dict[str, Any]) -> None:
+    """After a bench run, finished or not: the index timings from the worker's log into ``result``, every
+    process stopped, the log copied where --worker-log says, the work directory removed."""
+    if worker is not None and (work / "worker.log").exists():
+        from stream.lab.bench_scale import faiss_simd, index_times
+
+        result.update(index_times((work / "worker.log").read_text(errors="replace")), faiss_simd=faiss_simd())
+    for proc in procs:
+        stop_process(proc)
+    stop_process(worker)
+    if getattr(args, "worker_log", None) and (work / "worker.log").exists():
+        shutil.copy(work / "worker.log", args.worker_log)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """One bench run on its own embedded broker (or the configured cluster) and work directory."""
-    from stream.kafka.broker import EmbeddedKafka
     from stream.tools.replay import replay
 
-    base = Settings.from_env()
-    work = Path(tempfile.mkdtemp(prefix="gruflow-bench-"))
-    kafka: EmbeddedKafka | None = None
     worker: subprocess.Popen[bytes] | None = None
     procs: list[subprocess.Popen[bytes]] = []
     result: dict[str, Any] = {}
-    try:
-        if base.embedded:
-            kafka = EmbeddedKafka.from_settings(base, quiet=True).start()
-            base = kafka.settings(base)
-        settings = bench_settings(base, "bench", work, args)
-        train, df = bench_data(args.events, args.items)
-        model_path = prepare_model(args, train, work)
-        log(f"producing {len(df):,} events (backlog) ...")
-        stats = replay(settings, df, progress=False)
-        n = stats.delivered
-        ceiling = compute_ceiling(settings, model_path, df)
-        _log_ceiling(ceiling)
+    with kafka_for(Settings.from_env(), quiet=True) as base:
+        work = Path(tempfile.mkdtemp(prefix="gruflow-bench-"))
+        try:
+            settings = bench_settings(base, "bench", work, args)
+            train, df = bench_data(args.events, args.items)
+            model_path = prepare_model(args, train, work)
+            log(f"producing {len(df):,} events (backlog) ...")
+            stats = replay(settings, df, progress=False)
+            n = stats.delivered
+            ceiling = compute_ceiling(settings, model_path, df)
+            _log_ceiling(ceiling)
 
-        reader = RecReader(settings)
-        env = settings.subprocess_env(**{ENV_PREFIX + "MODEL_PATH": str(model_path)})
-        worker = GruflowProcess("worker", env, settings.process.web_port, work / "worker.log").start(wait=False).proc
-        assert worker is not None
-        backlog = backlog_run(args, settings, reader, worker, n, work)
-        lat, latency_steal = latency_run(args, settings, reader)
-        serving = _publish_check(args, settings, model_path)
-        training: dict[str, Any] = {}
-        if not getattr(args, "no_training", False):
-            training = training_comparison(args, settings, env, reader, work, procs, lat)
-        reader.close()
-        peak_rss = peak_rss_bytes(worker.pid)
-        echo: dict[str, Any] = {}
-        if not getattr(args, "no_echo", False):
-            for proc in procs:  # the peer runs alone, as the worker did before the training run
-                stop_process(proc)
-            stop_process(worker)
-            echo = echo_comparison(args, settings, work, lat)
-        result = bench_json(args, settings, backlog, ceiling, (lat, latency_steal), reader.to_publish_ms, peak_rss,
-                            training, echo, serving)
-    finally:
-        if worker is not None and (work / "worker.log").exists():
-            from stream.lab.bench_scale import faiss_simd, index_times
-
-            result.update(index_times((work / "worker.log").read_text(errors="replace")), faiss_simd=faiss_simd())
-        for proc in procs:
-            stop_process(proc)
-        stop_process(worker)
-        if getattr(args, "worker_log", None) and (work / "worker.log").exists():
-            shutil.copy(work / "worker.log", args.worker_log)
-        if kafka is not None:
-            kafka.stop()
-        shutil.rmtree(work, ignore_errors=True)
+            reader = RecReader(settings)
+            env = settings.subprocess_env(**{ENV_PREFIX + "MODEL_PATH": str(model_path)})
+            worker_log = work / "worker.log"
+            worker = GruflowProcess("worker", env, settings.process.web_port, worker_log).start(wait=False).proc
+            assert worker is not None
+            backlog = backlog_run(args, settings, reader, worker, n, work)
+            lat, latency_steal = latency_run(args, settings, reader)
+            serving = _publish_check(args, settings, model_path)
+            training: dict[str, Any] = {}
+            if not getattr(args, "no_training", False):
+                training = training_comparison(args, settings, env, reader, work, procs, lat)
+            reader.close()
+            peak_rss = peak_rss_bytes(worker.pid)
+            echo: dict[str, Any] = {}
+            if not getattr(args, "no_echo", False):
+                for proc in procs:  # the peer runs alone, as the worker did before the training run
+                    stop_process(proc)
+                stop_process(worker)
+                echo = echo_comparison(args, settings, work, lat)
+            result = bench_json(args, settings, backlog, ceiling, (lat, latency_steal), reader.to_publish_ms,
+                                peak_rss, training, echo, serving)
+        finally:
+            _clean_up(args, work, worker, procs, result)
     return result
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
+    p.add_argument("--items", default="20000", help="catalogue size (default 20,000); several, comma-separated "
+                                                   "(20000,200000,1000000), run one after another into one JSON")
+    p.add_argument("--hidden", type=int, default=100, help="GRU hidden size (default 100)")
+    p.add_argument("--publish-check", action="store_true",
+                   help="time a new model version from publication to serving (always on with several --items)")
+    p.add_argument("--model-cache", default=None,
+                   help="directory that keeps the trained bench models by size, so runs compare on the same model")
+    p.add_argument("--k", type=int, default=20, help="recommendations per event (default 20)")
+    p.add_argument("--events", type=int, default=200_000, help="events for the throughput run (default 200,000)")
+    p.add_argument("--rate", type=float, default=2000.0, help="offered rate of the latency run (default 2,000/s)")
+    p.add_argument("--latency-seconds", type=float, default=20.0, help="length of the latency run (default 20 s)")
+    p.add_argument("--warmup-seconds", type=float, default=20.0,
+                   help="unmeasured load at the same rate before the latency run, so that the broker's JIT has "
+                        "compiled its hot paths (default 20 s; 0 to skip)")
+    p.add_argument("--partitions", type=int, default=8, help="partitions of the input topics (default 8)")
+    p.add_argument("--profile", default=None,
+                   help="py-spy profile of the worker during the throughput run (.svg flame graph, else raw stacks)")
+    p.add_argument("--worker-log", default=None, help="copy the worker's log here")
+    p.add_argument("--no-echo", action="store_true",
+                   help="skip the latency peer (a plain consume -> produce loop measured in the worker's place)")
+    p.add_argument("--no-training", action="store_true",
+                   help="skip the latency run with a trainer process running fine-tune rounds")
+    p.add_argument("--train-buffer", type=int, default=20_000,
+                   help="trainer buffer (events per fine-tune round) in the training run (default 20,000)")
+    p.add_argument("--train-interval", type=float, default=1.0,
+                   help="seconds between the trainer's rounds in the training run (default 1: back to back)")
+    p.add_argument("--train-wait", type=float, default=300.0,
+                   help="how long to wait for the trainer's first round (default 300 s)")

@@ -40,7 +40,7 @@ from stream.lab.bench import bench_settings
 from stream.lab.bench_load import WARMUP_PREFIX, RecReader, latency_window, percentiles, warm_up
 from stream.lab.bench_machine import cpu_flags, cpu_model, log
 from stream.lab.bench_model import bench_data, train_model
-from stream.tools.harness import PROJECT_ROOT, stop_process
+from stream.tools.harness import PROJECT_ROOT, kafka_for, stop_process
 from stream.settings import ENV_PREFIX, Settings
 
 
@@ -163,39 +163,31 @@ def _serve_phases(settings: Settings, args: argparse.Namespace, model_path: Path
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
-    from stream.kafka.broker import EmbeddedKafka
-
-    base = Settings.from_env()
-    work = Path(tempfile.mkdtemp(prefix="gruflow-bench-serve-"))
-    kafka: EmbeddedKafka | None = None
     result: dict[str, Any] = {}
-    try:
-        if base.embedded:
-            kafka = EmbeddedKafka.from_settings(base, quiet=True).start()
-            base = kafka.settings(base)
-        settings = bench_settings(base, "serve", work, args)
-        model_path = Path(args.model) if args.model else work / "bench-model.gfc"
-        train, df = bench_data(args.because_events, args.items)
-        if model_path.exists():
-            log(f"model: {model_path} (kept from an earlier run; --items and --hidden must match it)")
-        else:
-            train_model(model_path, train, args.items, args.hidden)
-        load_before = os.getloadavg()[0]
-        result.update(_serve_phases(settings, args, model_path, work))
-        if not args.no_because:
-            off = _throughput(settings, model_path, df, work, because=False)
-            on = _throughput(settings, model_path, df, work, because=True)
-            log(f"throughput: {off:,.0f} events/s without because, {on:,.0f} with")
-            result.update({"because_off_events_per_s": round(off, 1), "because_on_events_per_s": round(on, 1),
-                           "because_throughput_ratio": round(on / off, 3), "because_events": len(df)})
-        result.update({"offered_rate": args.rate, "catalogue_items": args.items, "hidden": args.hidden, "k": args.k,
-                       "partitions": args.partitions, "cpus": os.cpu_count(), "cpu_model": cpu_model(),
-                       "cpu_flags": cpu_flags(), "load_avg_1m_before": round(load_before, 2),
-                       "load_avg_1m": round(os.getloadavg()[0], 2)})
-    finally:
-        if kafka is not None:
-            kafka.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    with kafka_for(Settings.from_env(), quiet=True) as base:
+        work = Path(tempfile.mkdtemp(prefix="gruflow-bench-serve-"))
+        try:
+            settings = bench_settings(base, "serve", work, args)
+            model_path = Path(args.model) if args.model else work / "bench-model.gfc"
+            train, df = bench_data(args.because_events, args.items)
+            if model_path.exists():
+                log(f"model: {model_path} (kept from an earlier run; --items and --hidden must match it)")
+            else:
+                train_model(model_path, train, args.items, args.hidden)
+            load_before = os.getloadavg()[0]
+            result.update(_serve_phases(settings, args, model_path, work))
+            if not args.no_because:
+                off = _throughput(settings, model_path, df, work, because=False)
+                on = _throughput(settings, model_path, df, work, because=True)
+                log(f"throughput: {off:,.0f} events/s without because, {on:,.0f} with")
+                result.update({"because_off_events_per_s": round(off, 1), "because_on_events_per_s": round(on, 1),
+                               "because_throughput_ratio": round(on / off, 3), "because_events": len(df)})
+            result.update({"offered_rate": args.rate, "catalogue_items": args.items, "hidden": args.hidden, "k": args.k,
+                           "partitions": args.partitions, "cpus": os.cpu_count(), "cpu_model": cpu_model(),
+                           "cpu_flags": cpu_flags(), "load_avg_1m_before": round(load_before, 2),
+                           "load_avg_1m": round(os.getloadavg()[0], 2)})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
     return 0
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 
-from stream.tools.harness import GruflowProcess, RunningTotals, Samples, total
+from stream.tools.harness import GruflowProcess, RunningTotals, Samples, kafka_for, total
 
 
 def _log(msg: str) -> None:
@@ -312,18 +312,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
 def with_broker(settings: Any, run: Callable[[Any, Path], Any]) -> Any:
     """``run(settings, tmpdir)`` against the embedded broker (started and stopped here) or the cluster
     GRUFLOW_BOOTSTRAP_SERVERS names."""
-    broker = None
-    with tempfile.TemporaryDirectory(prefix="gruflow-exp-") as tmpdir:
-        try:
-            if settings.embedded:
-                from stream.kafka.broker import EmbeddedKafka
-
-                broker = EmbeddedKafka.from_settings(settings).start()
-                settings = broker.settings(settings)
-            return run(settings, Path(tmpdir))
-        finally:
-            if broker is not None:
-                broker.stop()
+    with kafka_for(settings) as settings, tempfile.TemporaryDirectory(prefix="gruflow-exp-") as tmpdir:
+        return run(settings, Path(tmpdir))
 
 
 def run_online_experiment(args: argparse.Namespace) -> dict:

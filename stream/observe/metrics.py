@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Any, Literal, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -27,6 +27,7 @@ from stream.pipeline.processor import STATE_RESET_REASONS
 from stream.pipeline.rules import RULES
 from stream.pipeline.training_filter import FILTER_REASONS
 
+PREFIX = "gruflow_"
 Role = Literal["worker", "trainer"]
 ROLES: tuple[Role, ...] = ("worker", "trainer")
 # fields of Metrics only the trainer exports; every other field is the worker's unless it is shared
@@ -46,6 +47,8 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 HTTP_ENDPOINTS = ("user", "anonymous")
 HTTP_STATUSES = ("200", "400", "413", "503", "504")
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+STATE_RECORD_BUCKETS = (256, 512, 768, 1024, 1536, 2048, 3072, 4096)  # bytes
+FINETUNE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)  # seconds
 
 
 @dataclass(frozen=True)
@@ -104,99 +107,119 @@ class Metrics:
         if role not in ROLES:
             raise ValueError(f"unknown metrics role {role!r}; one of {ROLES}")
         target = registry if registry is not None else CollectorRegistry()
-        r = None  # every collector is built unregistered; those of `role` are registered on `target` below
-        p = "gruflow_"
-        m = cls(
-            registry=target,
-            events_in=Counter(p + "events_in", "Input events decoded, by topic and event type",
-                              ["topic", "event_type"], registry=r),
-            dlq=Counter(p + "dlq", "Messages sent to the dead-letter topic, by reason", ["reason"], registry=r),
-            recommendations_out=Counter(p + "recommendations_out", "Recommendation messages published", registry=r),
-            unknown_items=Counter(p + "unknown_items", "Events whose item is not in the model's vocabulary",
-                                  registry=r),
-            topk_rows=Counter(p + "topk_rows", "Events scored for a top-K, by path: int8 (answered from the int8 "
-                              "pre-filter's proven candidates), float32 (the whole catalogue), approximate (the "
-                              "candidates of the model's index, re-scored in float32)", ["path"], registry=r),
-            scorer=Info(p + "scorer", "Top-K path of the model served (label path: float32, int8, compiled or "
-                        "approximate), chosen by timing each on this machine unless GRUFLOW_SCORER_PATH forces one; "
-                        "approximate where GRUFLOW_RETRIEVAL says so", registry=r),
-            batch_size=Histogram(p + "batch_size_events", "Events per processed micro-batch",
-                                 buckets=BATCH_BUCKETS, registry=r),
-            step_latency=Histogram(p + "step_latency_seconds", "GRU step + top-K scoring time per micro-batch",
-                                   buckets=LATENCY_BUCKETS, registry=r),
-            end_to_end_latency=Histogram(p + "end_to_end_latency_seconds",
-                                         "Broker append time of the event to publication of its recommendation",
-                                         buckets=LATENCY_BUCKETS, registry=r),
-            state_entries=Gauge(p + "state_entries", "Users held in the active partitions of this worker's state "
-                                "table (exact: counted after each recovery, then kept up to date)", registry=r),
-            state_evictions=Counter(p + "state_evictions", "Idle users evicted from the state table (TTL)",
-                                    registry=r),
-            state_resets=Counter(p + "state_resets", "Hidden states dropped because they were NaN or infinite (the "
-                                 "user starts a new session), by reason: non_finite_step (made by a GRU step), "
-                                 "non_finite_stored (read back from the state table)", ["reason"], registry=r),
-            rocksdb_bytes=Gauge(p + "rocksdb_bytes", "On-disk size of this worker's RocksDB state", registry=r),
-            rocksdb_memory=Gauge(p + "rocksdb_memory_bytes", "Memory of this worker's RocksDB state: memtables and "
-                                 "block caches of every open partition (GRUFLOW_ROCKSDB_* bound it)", registry=r),
-            consumer_lag=Gauge(p + "consumer_lag_messages", "Committed lag: input messages after the consumer"
-                               " group's committed offset, summed over this worker's input partitions",
-                               registry=r),
-            model_version=Gauge(p + "model_version", "Version of the model currently served", registry=r),
-            model_swaps=Counter(p + "model_swaps", "Model versions swapped in", registry=r),
-            model_refusals=Counter(p + "model_refusals", "Model versions refused (corrupt, incompatible, non-finite or "
-                                   "absurd weights, not newer than the served one), by reason",
-                                   ["reason"], registry=r),
-            prequential_events=Counter(p + "prequential_events", "Events checked against the recommendations"
-                                       " published before them, by recommender (gru|popularity) and model version", ["model", "version"], registry=r),
-            prequential_hits=Counter(p + "prequential_hits", "Events whose item was in the top-K published before"
-                                     " them", ["model", "version", "k"], registry=r),
-            prequential_reciprocal_rank=Counter(p + "prequential_reciprocal_rank", "Sum of 1/rank of the event's"
-                                                " item in the top-K published before it (0 when absent)",
-                                                ["model", "version", "k"], registry=r),
-            forgotten_users=Counter(p + "forgotten_users", "Users whose state was tombstoned on request "
-                                    "(gruflow forget)", registry=r),
-            worker_freezes=Counter(p + "worker_freezes", "Times this worker stood still for more than half its group "
-                                   "session timeout (stream/worker/freeze_guard.py); the outputs it then had were held "
-                                   "until the group settled", registry=r),
-            ready=Gauge(p + "ready", "1 once state recovery is done and the worker serves", registry=r),
-            http_requests=Counter(p + "http_requests", "Recommendation requests answered, by endpoint (user|anonymous)"
-                                   " and HTTP status", ["endpoint", "status"], registry=r),
-            http_latency=Histogram(p + "http_request_duration_seconds", "Time to answer a recommendation request, "
-                                   "by endpoint (routing to the owning worker included)", ["endpoint"],
-                                   buckets=LATENCY_BUCKETS, registry=r),
-            http_routed=Counter(p + "http_routed_requests", "User requests forwarded to the worker that owns the "
-                                "user's partition", registry=r),
-            rule_masked=Counter(p + "rule_masked_items", "Items a business rule kept out of a published list (they "
-                                "would have been in it), by rule; exposure: items damped out by the exposure cap",
-                                ["rule"], registry=r),
-            item_rules=Gauge(p + "item_rules_items", "Items with a rule from the item-rules topic", registry=r),
-            item_rules_rejected=Counter(p + "item_rules_rejected", "item-rules records that could not be read "
-                                        "(logged with the reason; the item's previous rule stays)", registry=r),
-            state_record_bytes=Histogram(p + "state_record_bytes", "Size of the user state records written",
-                                         buckets=(256, 512, 768, 1024, 1536, 2048, 3072, 4096), registry=r),
-            finetune_rounds=Counter(p + "finetune_rounds", "Fine-tune rounds run by the trainer", registry=r),
-            finetune_duration=Histogram(p + "finetune_duration_seconds", "Duration of a fine-tune round",
-                                        buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=r),
-            finetune_loss=Gauge(p + "finetune_loss", "Mean training loss of the last fine-tune round", registry=r),
-            promotions=Counter(p + "model_promotions", "Candidate models promoted", registry=r),
-            rejections=Counter(p + "model_rejections", "Candidate models rejected by the guardrail", registry=r),
-            finetune_diverged=Counter(p + "finetune_diverged", "Fine-tune rounds discarded because training "
-                                      "diverged (non-finite loss) or left non-finite or absurd weights", registry=r),
-            buffer_events=Gauge(p + "trainer_buffer_events", "Events held in the trainer's buffer", registry=r),
-            buffer_bytes=Gauge(p + "trainer_buffer_bytes", "Approximate memory of the trainer's buffer", registry=r),
-            vocabulary_size=Gauge(p + "vocabulary_items", "Items in the model vocabulary", registry=r),
-            new_items=Counter(p + "new_items", "Items added to the vocabulary from the stream", registry=r),
-            retired_items=Counter(p + "retired_items", "Items retired from the vocabulary", registry=r),
-            training_filtered=Counter(p + "training_filtered", "Input events the trainer did not learn from (the "
-                                      "worker still answered them), by reason (stream/pipeline/training_filter.py)",
-                                      ["reason"], registry=r),
-            concentration_refusals=Counter(p + "model_concentration_refusals", "Candidate models refused because "
-                                           "their top-K lists concentrate on few items (model/exposure.py), by "
-                                           "reason", ["reason"], registry=r),
-        )
+        m = cls(registry=target, **_worker_families(), **_trainer_families())
         for name in families_of(role):
             target.register(getattr(m, name))
         init_label_values(m)
         return m
+
+
+# Every collector is built unregistered (registry=None); ``Metrics.create`` registers those of its role.
+def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+    return Counter(PREFIX + name, doc, labels, registry=None)
+
+
+def _gauge(name: str, doc: str) -> Gauge:
+    return Gauge(PREFIX + name, doc, registry=None)
+
+
+def _histogram(name: str, doc: str, labels: Sequence[str] = (), *, buckets: Sequence[float]) -> Histogram:
+    return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=None)
+
+
+def _info(name: str, doc: str) -> Info:
+    return Info(PREFIX + name, doc, registry=None)
+
+
+def _worker_families() -> dict[str, Any]:
+    """The worker's collectors and the shared ones (SHARED_FAMILIES), by Metrics field."""
+    return dict(
+        events_in=_counter("events_in", "Input events decoded, by topic and event type", ["topic", "event_type"]),
+        dlq=_counter("dlq", "Messages sent to the dead-letter topic, by reason", ["reason"]),
+        recommendations_out=_counter("recommendations_out", "Recommendation messages published"),
+        unknown_items=_counter("unknown_items", "Events whose item is not in the model's vocabulary"),
+        topk_rows=_counter("topk_rows", "Events scored for a top-K, by path: int8 (answered from the int8 "
+                                        "pre-filter's proven candidates), float32 (the whole catalogue), approximate "
+                                        "(the candidates of the model's index, re-scored in float32)", ["path"]),
+        scorer=_info("scorer", "Top-K path of the model served (label path: float32, int8, compiled or approximate), "
+                               "chosen by timing each on this machine unless GRUFLOW_SCORER_PATH forces one; "
+                               "approximate where GRUFLOW_RETRIEVAL says so"),
+        batch_size=_histogram("batch_size_events", "Events per processed micro-batch", buckets=BATCH_BUCKETS),
+        step_latency=_histogram("step_latency_seconds", "GRU step + top-K scoring time per micro-batch",
+                                                        buckets=LATENCY_BUCKETS),
+        end_to_end_latency=_histogram("end_to_end_latency_seconds", "Broker append time of the event to publication "
+                                                                    "of its recommendation", buckets=LATENCY_BUCKETS),
+        state_entries=_gauge("state_entries", "Users held in the active partitions of this worker's state table "
+                                              "(exact: counted after each recovery, then kept up to date)"),
+        state_evictions=_counter("state_evictions", "Idle users evicted from the state table (TTL)"),
+        state_resets=_counter("state_resets", "Hidden states dropped because they were NaN or infinite (the user "
+                                              "starts a new session), by reason: non_finite_step (made by a GRU "
+                                              "step), non_finite_stored (read back from the state table)",
+                                              ["reason"]),
+        rocksdb_bytes=_gauge("rocksdb_bytes", "On-disk size of this worker's RocksDB state"),
+        rocksdb_memory=_gauge("rocksdb_memory_bytes", "Memory of this worker's RocksDB state: memtables and block "
+                                                      "caches of every open partition (GRUFLOW_ROCKSDB_* bound it)"),
+        consumer_lag=_gauge("consumer_lag_messages", "Committed lag: input messages after the consumer group's "
+                                                     "committed offset, summed over this worker's input partitions"),
+        model_version=_gauge("model_version", "Version of the model currently served"),
+        model_swaps=_counter("model_swaps", "Model versions swapped in"),
+        model_refusals=_counter("model_refusals", "Model versions refused (corrupt, incompatible, non-finite or "
+                                                  "absurd weights, not newer than the served one), by reason",
+                                                  ["reason"]),
+        prequential_events=_counter("prequential_events", "Events checked against the recommendations published "
+                                                          "before them, by recommender (gru|popularity) and model "
+                                                          "version", ["model", "version"]),
+        prequential_hits=_counter("prequential_hits", "Events whose item was in the top-K published before them",
+                                                      ["model", "version", "k"]),
+        prequential_reciprocal_rank=_counter("prequential_reciprocal_rank", "Sum of 1/rank of the event's item in "
+                                                                            "the top-K published before it (0 when "
+                                                                            "absent)", ["model", "version", "k"]),
+        forgotten_users=_counter("forgotten_users", "Users whose state was tombstoned on request (gruflow forget)"),
+        worker_freezes=_counter("worker_freezes", "Times this worker stood still for more than half its group session "
+                                                  "timeout (stream/worker/freeze_guard.py); the outputs it then had "
+                                                  "were held until the group settled"),
+        ready=_gauge("ready", "1 once state recovery is done and the worker serves"),
+        http_requests=_counter("http_requests", "Recommendation requests answered, by endpoint (user|anonymous) and "
+                                                "HTTP status", ["endpoint", "status"]),
+        http_latency=_histogram("http_request_duration_seconds", "Time to answer a recommendation request, by "
+                                                                 "endpoint (routing to the owning worker included)",
+                                                                 ["endpoint"], buckets=LATENCY_BUCKETS),
+        http_routed=_counter("http_routed_requests", "User requests forwarded to the worker that owns the user's "
+                                                     "partition"),
+        rule_masked=_counter("rule_masked_items", "Items a business rule kept out of a published list (they would "
+                                                  "have been in it), by rule; exposure: items damped out by the "
+                                                  "exposure cap", ["rule"]),
+        item_rules=_gauge("item_rules_items", "Items with a rule from the item-rules topic"),
+        item_rules_rejected=_counter("item_rules_rejected", "item-rules records that could not be read (logged with "
+                                                            "the reason; the item's previous rule stays)"),
+        state_record_bytes=_histogram("state_record_bytes", "Size of the user state records written",
+                                                            buckets=STATE_RECORD_BUCKETS),
+    )
+
+
+def _trainer_families() -> dict[str, Any]:
+    """The trainer's collectors (TRAINER_FAMILIES), by Metrics field."""
+    return dict(
+        finetune_rounds=_counter("finetune_rounds", "Fine-tune rounds run by the trainer"),
+        finetune_duration=_histogram("finetune_duration_seconds", "Duration of a fine-tune round",
+                                                                  buckets=FINETUNE_BUCKETS),
+        finetune_loss=_gauge("finetune_loss", "Mean training loss of the last fine-tune round"),
+        promotions=_counter("model_promotions", "Candidate models promoted"),
+        rejections=_counter("model_rejections", "Candidate models rejected by the guardrail"),
+        finetune_diverged=_counter("finetune_diverged", "Fine-tune rounds discarded because training diverged "
+                                                        "(non-finite loss) or left non-finite or absurd weights"),
+        buffer_events=_gauge("trainer_buffer_events", "Events held in the trainer's buffer"),
+        buffer_bytes=_gauge("trainer_buffer_bytes", "Approximate memory of the trainer's buffer"),
+        vocabulary_size=_gauge("vocabulary_items", "Items in the model vocabulary"),
+        new_items=_counter("new_items", "Items added to the vocabulary from the stream"),
+        retired_items=_counter("retired_items", "Items retired from the vocabulary"),
+        training_filtered=_counter("training_filtered", "Input events the trainer did not learn from (the worker "
+                                                        "still answered them), by reason "
+                                                        "(stream/pipeline/training_filter.py)", ["reason"]),
+        concentration_refusals=_counter("model_concentration_refusals", "Candidate models refused because their "
+                                                                        "top-K lists concentrate on few items "
+                                                                        "(model/exposure.py), by reason", ["reason"]),
+    )
 
 
 def families_of(role: Role) -> list[str]:

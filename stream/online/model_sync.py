@@ -21,7 +21,8 @@ its weights are finite and of a sane size (``model.weight_check``). A version no
 served is refused too, once the reader has caught up with the topic (older versions kept on the topic
 are history, not news). Anything else is refused (``gruflow_model_refusals_total{reason}``, and a
 warning in the log) and the current model stays.
-Rollback republishes an old version's weights as a new, higher version with ``rollback_of`` set.
+Rollback (stream/online/model_rollback.py) republishes an old version's weights as a new, higher version
+with ``rollback_of`` set.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from stream.online.model_protocol import (MAX_PENDING_VERSIONS, R_LOWER, R_SAME, R_VOCAB, Assembled, Assembler,
-                                          ModelSyncError, check_compatible, chunk_key, encode_chunks, header_meta,
+from stream.online.model_protocol import (MAX_PENDING_VERSIONS, R_LOWER, R_SAME, Assembled, Assembler,
+                                          ModelSyncError, check_compatible, chunk_key, encode_chunks,
                                           message_chunk, to_recommender)
 
 log = logging.getLogger("gruflow.model_sync")
@@ -41,7 +42,7 @@ log = logging.getLogger("gruflow.model_sync")
 
 # ----------------------------------------------------------------------------- Kafka side
 
-def _topic(settings: Any) -> str:
+def topic_name(settings: Any) -> str:
     from stream.kafka.topics import TopicNames
 
     return TopicNames.from_settings(settings).models
@@ -67,7 +68,7 @@ def _consumer(settings: Any) -> Any:
 def publish_version(settings: Any, ckpt_bytes: bytes, version: int, parent: int, meta: dict | None = None,
                     producer: Any = None, timeout: float = 60.0) -> int:
     """Publish one version (all chunks, flushed); returns the number of chunks."""
-    topic = _topic(settings)
+    topic = topic_name(settings)
     producer = producer or _producer(settings)
     errors: list[str] = []
 
@@ -94,7 +95,7 @@ def publish_version(settings: Any, ckpt_bytes: bytes, version: int, parent: int,
 
 def delete_version(settings: Any, version: int, n_chunks: int, producer: Any = None) -> None:
     """Tombstone every chunk of ``version`` so compaction removes it."""
-    topic = _topic(settings)
+    topic = topic_name(settings)
     producer = producer or _producer(settings)
     for i in range(n_chunks):
         producer.produce(topic, value=None, key=chunk_key(version, i), partition=0)
@@ -139,7 +140,7 @@ def _read_all(settings: Any, timeout: float = 30.0) -> Iterable[Any]:
     """Every message of the models topic from the start to the end offset at call time."""
     from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-    topic = _topic(settings)
+    topic = topic_name(settings)
     consumer = _consumer(settings)
     try:
         low, high = _watermarks(consumer, TopicPartition(topic, 0), timeout)
@@ -301,7 +302,7 @@ class ModelSubscriber:
     def _run(self) -> None:
         from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
-        topic = _topic(self.settings)
+        topic = topic_name(self.settings)
         try:
             consumer = _consumer(self.settings)
         except Exception as exc:  # noqa: BLE001 - reported, the worker keeps serving its model
@@ -373,60 +374,3 @@ class ModelSubscriber:
                                           f"republishes an old version under a new, higher number)")
         raise ModelSyncError(R_SAME, f"model version {version} was published again while it is served: the "
                                      f"served one stays (are two trainers publishing?)")
-
-
-def rollback(settings: Any, version: int, store: Any = None) -> int:
-    """Republish the weights of ``version`` as a new, newest version (metadata ``rollback_of``).
-
-    Items added to the vocabulary after ``version`` keep their rows (rows never change meaning, and
-    workers refuse a vocabulary that shrinks); those rows take the newest version's vectors and are
-    marked retired, so the rolled-back model does not recommend them until a fine-tune round has
-    trained them again. Returns the new version number."""
-    import numpy as np
-
-    from model.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
-    from model.finetune import ITEM_ROW_PARAMS, grow_net
-    from model.weight_check import weight_problem
-
-    infos = [i for i in list_versions(settings) if i.complete]
-    if not infos:
-        raise LookupError(f"no model version on {_topic(settings)}: nothing to roll back")
-    newest = max(i.version for i in infos)
-    data = read_version_bytes(settings, version)
-    if data is None and store is not None:
-        data = store.load(version)
-    if data is None:
-        where = f"{_topic(settings)}" + (f" or in {store.root}" if store is not None else "")
-        raise LookupError(f"model version {version} is not on {where}; available: "
-                          f"{sorted({i.version for i in infos} | set(store.versions() if store else []))}")
-    old = checkpoint_from_bytes(data)
-    problem = weight_problem(old.net, old.popularity)
-    if problem is not None:  # every reader would refuse it: say so here instead of publishing it
-        raise ModelSyncError(problem.reason, f"cannot roll back to version {version}: {problem}")
-    latest_data = read_version_bytes(settings, newest)
-    if latest_data is None:
-        raise LookupError(f"the newest model version {newest} could not be read from {_topic(settings)}")
-    latest = checkpoint_from_bytes(latest_data)
-    n_old, n_new = len(old.vocab), len(latest.vocab)
-    if latest.vocab.ids[:n_old] != old.vocab.ids:
-        raise ModelSyncError(R_VOCAB, f"cannot roll back to version {version}: its vocabulary is not a prefix of the "
-                                      f"newest version {newest}'s")
-    net, vocab = old.net, old.vocab
-    pop = np.asarray(old.popularity, dtype=np.float64)
-    retired = set(int(r) for r in (old.metadata or {}).get("retired_rows", []))
-    if n_new > n_old:
-        state = latest.net.state_dict()
-        init = {name: state[name][n_old:] for name in ITEM_ROW_PARAMS if name in state}
-        net = grow_net(old.net, n_new, init)
-        vocab = latest.vocab
-        pop = np.concatenate([pop, np.asarray(latest.popularity, dtype=np.float64)[n_old:]])
-        retired |= set(range(n_old, n_new))
-    new_version = newest + 1
-    meta = {**(old.metadata or {}), "version": new_version, "parent_version": newest, "rollback_of": version,
-            "created_at": time.time(), "retired_rows": sorted(retired), "n_items": len(vocab)}
-    meta.pop("guardrail", None)
-    payload = checkpoint_to_bytes(net, vocab, old.params, pop, meta)
-    publish_version(settings, payload, new_version, newest, header_meta(meta))
-    if store is not None:
-        store.save(new_version, payload, header_meta(meta))
-    return new_version

@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from model.finetune import FineTuneConfig, FineTuner, ModelState, RoundResult, SessionBuffer
 from stream.observe.metrics import Metrics
@@ -264,24 +264,21 @@ class Trainer:
             self._cond.notify_all()
 
     def wait_consumed(self, n: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self.events_consumed < n and self.error is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.5))
-        return self.events_consumed >= n
+        return self._wait_for(lambda: self.events_consumed >= n, timeout)
 
     def wait_rounds(self, n: int, timeout: float) -> bool:
+        return self._wait_for(lambda: self.rounds_done >= n, timeout)
+
+    def _wait_for(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``done()`` or a failure of the trainer (which ends the wait early: it will not come)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self.rounds_done < n and self.error is None:
+            while not done() and self.error is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self._cond.wait(min(left, 0.5))
-        return self.rounds_done >= n
+        return done()
 
     # ------------------------------------------------------------------ rounds
     def _due(self) -> bool:

@@ -31,7 +31,9 @@ BUCKETS = 10
 # the cap counts against at least this many lists: while the window is young (start-up), one list is
 # not yet "a share" of anything, and every item of the first lists would be over any cap below 1
 MIN_LISTS = 100
-PAD = -2  # an empty slot of a row (fewer candidates than K); the processor's filler
+# an empty slot of a row (fewer candidates than K, fewer popular items than K); never equal to a row or to
+# -1 (an unknown item), so a padded slot never matches an event's item
+PAD = -2
 
 
 class ExposureWindow:

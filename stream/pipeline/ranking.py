@@ -1,7 +1,8 @@
-"""The one ranking step with business rules: top-K candidates, rules masked, exposure cap, K kept.
+"""The one ranking step: top-K candidates, business rules masked, exposure cap, K kept.
 
-``rank`` is what the stream's batch processor calls for every list it publishes, and what a request
-path calls for its own (same rules, same counts). Pure: numpy and the model's top-K.
+``score_states`` is what the stream's batch processor calls for every list it publishes, and what a
+request path calls for its own (same rules, same counts); with rules active it ranks through ``rank``.
+Pure: numpy and the model's top-K.
 
 How K items survive the masks without scoring every item twice: the top-K fetches ``k + candidates``
 items per row (``GRUFLOW_RULE_CANDIDATES``); masked ones are dropped, and a row left with fewer than K
@@ -25,6 +26,7 @@ from stream.pipeline.rules import CATALOGUE_RULES, EXPOSURE, RuleConfig
 
 TopK = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 UserRules = list[tuple[str, np.ndarray]]  # (rule, rows) of one list
+_TOPK_CHUNK = 512  # rows scored at once without a scorer: bounds the [chunk, n_items] score matrix
 
 
 @dataclass
@@ -151,3 +153,33 @@ def rank(model, hidden: np.ndarray, has_hidden: np.ndarray, k: int, ctx: RuleCon
     if ctx.record:
         ctx.exposure.record(out_rows, ctx.now_s)
     return out_rows, out_scores, counts
+
+
+def score_states(model, hidden: np.ndarray, has_hidden: np.ndarray, kk: int, top_k: TopK | None = None,
+                 rules: RuleContext | None = None, users: list[UserRules] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """The top-``kk`` rows and scores of each hidden state (popular items where ``has_hidden`` is False), and
+    the items each business rule masked: the one ranking step of the stream's batches and of requests
+    (``stream/pipeline/serving.py``), so the rules apply to both. ``users[i]``: row i's user rules. Rows
+    past the popular list are ``PAD``."""
+    n = hidden.shape[0]
+    if rules is not None and rules.active:
+        return rank(model, hidden, has_hidden, kk, rules, users if users is not None else [[]] * n, top_k)
+    rec_rows = np.empty((n, kk), dtype=np.int64)
+    rec_scores = np.empty((n, kk), dtype=np.float32)
+    hid = np.flatnonzero(has_hidden)
+    if top_k is not None and hid.shape[0]:
+        rec_rows[hid], rec_scores[hid] = top_k(hidden[hid], kk)
+    else:
+        for s in range(0, hid.shape[0], _TOPK_CHUNK):
+            part = hid[s:s + _TOPK_CHUNK]
+            r, sc = model.top_k(hidden[part], kk)
+            rec_rows[part], rec_scores[part] = r, sc
+    cold = np.flatnonzero(~has_hidden)
+    if cold.shape[0]:
+        pr, ps = model.popular(kk)
+        m = pr.shape[0]
+        rec_rows[cold] = PAD
+        rec_scores[cold] = 0.0
+        rec_rows[cold, :m], rec_scores[cold, :m] = pr, ps
+    return rec_rows, rec_scores, {}

@@ -1,6 +1,6 @@
 """Recommendations on request: request checking and the answers themselves. Pure (no Kafka, no web server).
 
-Both answers score through ``stream.pipeline.processor.score_states``, the stream's own top-K step, so a
+Both answers score through ``stream.pipeline.ranking.score_states``, the stream's own top-K step, so a
 request gets the list the stream would publish for the same state. A user's answer comes from the
 stored state as the worker last decided it; an anonymous session's from a fresh hidden state stepped
 through its items, which is then forgotten. Users without a hidden state in the current session (never
@@ -20,8 +20,8 @@ from model.events import EventType
 from model.recommender import Recommender
 from state.codec import UserState
 from stream.pipeline.because import because_rows
-from stream.pipeline.processor import TopK, _vocab_ids, score_states
-from stream.pipeline.ranking import RuleContext
+from stream.pipeline.ranking import RuleContext, TopK, score_states
+from stream.pipeline.recommendation_json import vocab_ids as _vocab_ids
 from stream.pipeline.rules import as_lists, user_exclusions
 
 # request error codes (the "error" field of a 4xx/5xx answer)

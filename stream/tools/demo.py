@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from stream.tools import harness
-from stream.tools.harness import stop_process
 from stream.settings import Settings
 
 TRAIN_SESSIONS = 5000  # synthetic sessions the quick model trains on (a few seconds per epoch)
@@ -212,96 +210,108 @@ def _samples(settings: Settings, n: int = 4) -> list[str]:
         c.close()
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from stream.kafka.broker import EmbeddedKafka
+def _demo_settings(base: Settings, work: Path) -> Settings:
+    """The demo's own topics (created here), consumer group, state directory and web port on ``base``'s broker."""
     from stream.kafka.broker_setup import free_port
-    from stream.tools.replay import replay
     from stream.kafka.topics import ensure_topics
 
-    started = time.monotonic()
-    base = Settings.from_env()
-    work = Path(tempfile.mkdtemp(prefix="gruflow-demo-"))
-    kafka: EmbeddedKafka | None = None
-    worker: subprocess.Popen[bytes] | None = None
-    try:
-        if base.embedded:
-            _say("starting the embedded Apache Kafka broker ...")
-            kafka = EmbeddedKafka.from_settings(base, data_dir=args.broker_data_dir).start()
-            base = kafka.settings(base)
-        run_id = time.strftime("%H%M%S")
-        settings = base.replace(topic_prefix=f"demo{run_id}.", app_id=f"gruflow-demo-{run_id}",
-                                data_dir=work / "state", web_host="127.0.0.1", web_port=free_port(),
-                                partitions=min(base.topics.partitions, 4), broker_session_timeout_s=6.0)
-        ensure_topics(settings)
-        _say(f"topics {settings.topic('clicks')}, {settings.topic('purchases')} -> "
-             f"{settings.topic('recommendations')} / {settings.topic('dlq')} on {settings.connection.bootstrap_servers}")
+    run_id = time.strftime("%H%M%S")
+    settings = base.replace(topic_prefix=f"demo{run_id}.", app_id=f"gruflow-demo-{run_id}",
+                            data_dir=work / "state", web_host="127.0.0.1", web_port=free_port(),
+                            partitions=min(base.topics.partitions, 4), broker_session_timeout_s=6.0)
+    ensure_topics(settings)
+    _say(f"topics {settings.topic('clicks')}, {settings.topic('purchases')} -> "
+         f"{settings.topic('recommendations')} / {settings.topic('dlq')} on {settings.connection.bootstrap_servers}")
+    return settings
 
+
+def _start_run(settings: Settings, model_path: Path, log: Path) -> harness.GruflowProcess:
+    """`gruflow run`: the worker plus the online trainer in one process; the trainer publishes the quick
+    model as version 1, fine-tunes on the replayed stream and the worker swaps new versions in."""
+    from stream.kafka.broker_setup import free_port
+
+    env = settings.subprocess_env(GRUFLOW_MODEL_PATH=str(model_path),
+                                  GRUFLOW_FINETUNE_EVERY_EVENTS=str(FINETUNE_EVERY_EVENTS),
+                                  GRUFLOW_FINETUNE_INTERVAL_S=str(FINETUNE_INTERVAL_S))
+    run = harness.GruflowProcess(["run", "--trainer-port", str(free_port())], env, settings.process.web_port,
+                                 log).start(wait=False)
+    assert run.proc is not None
+    _say(f"worker + trainer pid {run.proc.pid}: waiting for it to join the group and restore state "
+         f"({run.url}/readyz) ...")
+    run.wait_ready(120.0)
+    return run
+
+
+def _replay_and_watch(args: argparse.Namespace, settings: Settings, rest: Any, url: str) -> Snapshot | None:
+    """Replay ``rest`` (and the malformed messages) in a thread while printing a summary line from the worker's
+    /metrics every few seconds, until every delivered event is answered or time is up; the last snapshot."""
+    from stream.tools.replay import replay
+
+    rate = args.rate or 4000.0
+    n_bad = len(_bad_messages(settings, 0))
+    limit = min(len(rest), int(rate * args.seconds))
+    _say(f"replaying {limit:,} events at up to {rate:,.0f}/s (+ {n_bad} malformed "
+         "messages for the DLQ); live summary from the worker's /metrics:")
+    stats: dict[str, Any] = {}
+
+    def _replay() -> None:
+        from confluent_kafka import Producer
+
+        from stream.kafka.config import producer_config
+
+        producer = Producer(producer_config(settings))
+        for topic, key, value in _bad_messages(settings, int(time.time() * 1000)):
+            producer.produce(topic, value, key)
+        stats["r"] = replay(settings, rest, rate=rate, progress=False, limit=limit, producer=producer)
+
+    thread = threading.Thread(target=_replay, name="demo-replay", daemon=True)
+    thread.start()
+    totals = harness.RunningTotals(PREQUENTIAL)
+    prev = scrape(url, totals)
+    deadline = time.monotonic() + args.seconds + 60
+    expected = None
+    while time.monotonic() < deadline:
+        time.sleep(3.0)
+        cur = scrape(url, totals)
+        if cur is None:
+            _say(f"  (the worker's /metrics did not answer within {SCRAPE_TIMEOUT_S:.0f} s: busy)")
+            continue
+        _say(summary_line(prev, cur))
+        prev = cur
+        if not thread.is_alive():
+            if expected is None:
+                r = stats.get("r")
+                expected = r.delivered if r else limit
+            if cur.recs >= expected and cur.dlq >= n_bad:
+                break
+    thread.join(timeout=5)
+    return scrape(url, totals)
+
+
+def final_line(final: Snapshot) -> str:
+    g, p = final.gru, final.pop
+    return (f"done: {final.recs:,.0f} recommendations for {final.events:,.0f} valid events, {final.dlq:,.0f} in "
+            f"the DLQ, {final.unknown:,.0f} unknown items; prequential HR@20 gru "
+            f"{(g[1] / g[0] if g[0] else 0):.3f} vs popularity {(p[1] / p[0] if p[0] else 0):.3f} "
+            f"over {g[0]:,.0f} events; end-to-end latency p50 {quantile(final.latency_buckets, 0.5) * 1000:.1f}"
+            f" ms, p99 {quantile(final.latency_buckets, 0.99) * 1000:.1f} ms")
+
+
+def _demo(args: argparse.Namespace, base: Settings) -> int:
+    """The demo on ``base``'s broker, in a work directory of its own (removed at the end)."""
+    work = Path(tempfile.mkdtemp(prefix="gruflow-demo-"))
+    run: harness.GruflowProcess | None = None
+    try:
+        settings = _demo_settings(base, work)
         train, rest = _data(args)
         _say(f"data: {'synthetic sessions' if not args.data else args.data}; training on {len(train):,} events, "
              f"replaying the next {len(rest):,}")
         model_path = work / "demo-model.gfc"
         _train(train, model_path)
-
-        log = work / "worker.log"
-        url = f"http://127.0.0.1:{settings.process.web_port}"
-        # `gruflow run`: the worker plus the online trainer in one process; the trainer publishes the quick
-        # model as version 1, fine-tunes on the replayed stream and the worker swaps new versions in.
-        env = settings.subprocess_env(GRUFLOW_MODEL_PATH=str(model_path),
-                                      GRUFLOW_FINETUNE_EVERY_EVENTS=str(FINETUNE_EVERY_EVENTS),
-                                      GRUFLOW_FINETUNE_INTERVAL_S=str(FINETUNE_INTERVAL_S))
-        run = harness.GruflowProcess(["run", "--trainer-port", str(free_port())], env, settings.process.web_port,
-                                     log).start(wait=False)
-        worker = run.proc
-        _say(f"worker + trainer pid {worker.pid}: waiting for it to join the group and restore state "
-             f"({url}/readyz) ...")
-        run.wait_ready(120.0)
-
-        rate = args.rate or 4000.0
-        n_bad = len(_bad_messages(settings, 0))
-        limit = min(len(rest), int(rate * args.seconds))
-        _say(f"replaying {limit:,} events at up to {rate:,.0f}/s (+ {n_bad} malformed "
-             "messages for the DLQ); live summary from the worker's /metrics:")
-        stats: dict[str, Any] = {}
-
-        def _replay() -> None:
-            from confluent_kafka import Producer
-
-            from stream.kafka.config import producer_config
-
-            producer = Producer(producer_config(settings))
-            for topic, key, value in _bad_messages(settings, int(time.time() * 1000)):
-                producer.produce(topic, value, key)
-            stats["r"] = replay(settings, rest, rate=rate, progress=False, limit=limit, producer=producer)
-
-        thread = threading.Thread(target=_replay, name="demo-replay", daemon=True)
-        thread.start()
-        totals = harness.RunningTotals(PREQUENTIAL)
-        prev = scrape(url, totals)
-        deadline = time.monotonic() + args.seconds + 60
-        expected = None
-        while time.monotonic() < deadline:
-            time.sleep(3.0)
-            cur = scrape(url, totals)
-            if cur is None:
-                _say(f"  (the worker's /metrics did not answer within {SCRAPE_TIMEOUT_S:.0f} s: busy)")
-                continue
-            _say(summary_line(prev, cur))
-            prev = cur
-            if not thread.is_alive():
-                if expected is None:
-                    r = stats.get("r")
-                    expected = r.delivered if r else limit
-                if cur.recs >= expected and cur.dlq >= n_bad:
-                    break
-        thread.join(timeout=5)
-        final = scrape(url, totals)
+        run = _start_run(settings, model_path, work / "worker.log")
+        final = _replay_and_watch(args, settings, rest, run.url)
         if final is not None:
-            g, p = final.gru, final.pop
-            _say(f"done: {final.recs:,.0f} recommendations for {final.events:,.0f} valid events, {final.dlq:,.0f} in "
-                 f"the DLQ, {final.unknown:,.0f} unknown items; prequential HR@20 gru "
-                 f"{(g[1] / g[0] if g[0] else 0):.3f} vs popularity {(p[1] / p[0] if p[0] else 0):.3f} "
-                 f"over {g[0]:,.0f} events; end-to-end latency p50 {quantile(final.latency_buckets, 0.5) * 1000:.1f}"
-                 f" ms, p99 {quantile(final.latency_buckets, 0.99) * 1000:.1f} ms")
+            _say(final_line(final))
         _say("sample recommendations:")
         for line in _samples(settings):
             _say("  " + line)
@@ -310,8 +320,29 @@ def run_demo(args: argparse.Namespace) -> int:
         _say("interrupted")
         return 130
     finally:
-        stop_process(worker)
-        if kafka is not None:
-            kafka.stop()
+        if run is not None:
+            run.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="event file to train on and replay (default: synthetic data)")
+    p.add_argument("--format", "-f", dest="format", default=None, help="format of --data (see `gruflow train`)")
+    p.add_argument("--events", type=int, default=60_000, help="events to replay (default 60,000)")
+    p.add_argument("--seconds", type=float, default=90.0,
+                   help="stop the replay after this long even if events remain (default 90)")
+    p.add_argument("--rate", type=float, default=None, help="cap on replayed events per second")
+    p.add_argument("--broker-data-dir", default=None,
+                   help="the embedded broker keeps its data here across runs (see `gruflow broker --data-dir`)")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    base = Settings.from_env()
+    if base.embedded:
+        _say("starting the embedded Apache Kafka broker ...")
+    try:
+        with harness.kafka_for(base, data_dir=args.broker_data_dir) as base:
+            return _demo(args, base)
+    finally:
         _say(f"demo finished in {time.monotonic() - started:.0f} s")

@@ -1,10 +1,11 @@
 """One harness for running gruflow the way an operator does, shared by the demo, the lab (bench,
 experiment, faults) and the integration tests: start ``gruflow worker`` (or ``trainer``) as a subprocess
 configured by GRUFLOW_* variables and wait until ``/readyz`` answers 200; read ``/metrics``; train a
-quick model to serve."""
+quick model to serve; run against the configured cluster or an embedded broker (``kafka_for``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -14,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 # the directory that holds the ``stream`` package: child processes start there so ``python -m stream...``
 # resolves to this copy of gruflow
@@ -25,6 +26,33 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 class NotReady(RuntimeError):
     """A gruflow process exited or did not become ready in time; the message ends with its log's tail."""
+
+
+def cluster_settings(args: Any, settings: Any, command: str, alternative: str = "") -> Any:
+    """The settings of a tool that talks to a running cluster: ``settings`` if given, else from the environment
+    with ``--bootstrap`` (``args.bootstrap``) winning. SettingsError when they name no cluster, since such a
+    tool has nothing to start an embedded broker for (``alternative`` ends the message with another way)."""
+    from stream.settings import Settings, SettingsError
+
+    if settings is None:
+        settings = Settings.from_env(bootstrap_servers=getattr(args, "bootstrap", None))
+    if settings.embedded:
+        raise SettingsError(f"`gruflow {command}` needs a running Kafka cluster: set GRUFLOW_BOOTSTRAP_SERVERS or "
+                            f"--bootstrap (e.g. the address `gruflow broker` prints){alternative}")
+    return settings
+
+
+@contextlib.contextmanager
+def kafka_for(settings: Any, **broker_options: Any) -> Iterator[Any]:
+    """``settings`` pointed at a running Kafka for the ``with`` block: the cluster they name, or, when they name
+    none, an embedded broker started here (``broker_options`` go to ``EmbeddedKafka``) and stopped on exit."""
+    if not settings.embedded:
+        yield settings
+        return
+    from stream.kafka.broker import EmbeddedKafka
+
+    with EmbeddedKafka.from_settings(settings, **broker_options) as kafka:
+        yield kafka.settings(settings)
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:

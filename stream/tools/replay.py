@@ -23,7 +23,8 @@ import numpy as np
 import orjson
 
 from model.events import EVENT_TYPE_NAMES, EventType
-from stream.settings import Settings, SettingsError
+from stream.settings import Settings
+from stream.tools.harness import cluster_settings
 
 
 _POLL_EVERY = 1000
@@ -250,10 +251,7 @@ def run_replay(args: argparse.Namespace, settings: Settings | None = None) -> in
     from model.data import load_events
     from stream.kafka.topics import ensure_topics
 
-    settings = settings if settings is not None else Settings.from_env(bootstrap_servers=getattr(args, "bootstrap", None))
-    if settings.embedded:
-        raise SettingsError("`gruflow replay` needs a running Kafka cluster: set GRUFLOW_BOOTSTRAP_SERVERS or "
-                            "--bootstrap (e.g. the address `gruflow broker` prints), or use `gruflow demo`")
+    settings = cluster_settings(args, settings, "replay", ", or use `gruflow demo`")
     df = load_events(args.data, args.format)
     ensure_topics(settings)
     print(f"replaying {min(len(df), args.limit or len(df)):,} events from {args.data} to "

@@ -18,7 +18,8 @@ from typing import Any, Callable, TextIO
 
 import orjson
 
-from stream.settings import Settings, SettingsError
+from stream.settings import Settings
+from stream.tools.harness import cluster_settings
 
 
 def format_recommendation(value: bytes, items: int = 5) -> str:
@@ -92,10 +93,7 @@ def add_tail_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_tail(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    settings = settings if settings is not None else Settings.from_env(bootstrap_servers=getattr(args, "bootstrap", None))
-    if settings.embedded:
-        raise SettingsError("`gruflow tail` needs a running Kafka cluster: set GRUFLOW_BOOTSTRAP_SERVERS or "
-                            "--bootstrap (e.g. the address `gruflow broker` prints)")
+    settings = cluster_settings(args, settings, "tail")
     tail(settings, from_beginning=args.from_beginning, max_messages=args.max, as_json=args.json,
          items=args.items, idle_timeout=args.idle_timeout)
     return 0

@@ -81,20 +81,45 @@ def _changelog_end_offsets(settings: Settings) -> Any:
 
 def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_letter_bytes: int) -> Runtime:
     """The faust app with its table and batch path wired; start it with a faust Worker."""
-    import faust
-
-    from stream.kafka.config import faust_broker_kwargs
-
     names = TopicNames.from_settings(settings)
     datadir = table_dir(settings)
     datadir.mkdir(parents=True, exist_ok=True)
     exactly_once = settings.worker.processing_guarantee == "exactly_once"
+    app = _faust_app(settings, str(datadir))
+    for name in (*names.inputs, names.control):
+        app.topics.add(app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.topics.partitions,
+                                 key_serializer="raw", value_serializer="raw"))
+    table = _state_table(app, settings, names)
+    store = TableStore(table, settings.topics.partitions)
+    install_changelog_guard(app, store, _changelog_end_offsets(settings))
+    if exactly_once:
+        sink: Any = TransactionalSink(app, names.clicks, names.recommendations, names.changelog, names.dlq)
+    else:
+        sink = BatchSink(settings, names.recommendations, names.changelog, names.dlq)
+    pipeline = Pipeline(app, settings, names, store, holder, metrics, sink, exactly_once, dead_letter_bytes)
+
+    consumer = app.consumer
+    assert isinstance(consumer, BatchConsumer)
+    consumer.batch_handler = pipeline.handle
+    consumer.batch_topics = frozenset((*names.inputs, names.control))
+    consumer.batch_max_events = settings.worker.batch_max_events
+    consumer.batch_max_s = settings.worker.batch_max_ms / 1000.0
+    _add_timers(app, table, pipeline, settings)
+    return Runtime(app, pipeline, holder, metrics)
+
+
+def _faust_app(settings: Settings, datadir: str) -> Any:
+    """The faust app with the batching transport; its topics and table are added by ``build_app``."""
+    import faust
+
+    from stream.kafka.config import faust_broker_kwargs
+
     session_ms = int(settings.worker.broker_session_timeout_s * 1000)
     app = faust.App(
         settings.process.app_id,
         **faust_broker_kwargs(settings),
         store="rocksdb://",
-        datadir=str(datadir),
+        datadir=datadir,
         web_enabled=False,  # stream/observe/web.py serves /metrics, /livez, /readyz and requests from process start
         canonical_url=settings.web_url(),  # the address faust's assignment gives the other workers (routing)
         processing_guarantee=settings.worker.processing_guarantee,
@@ -116,40 +141,31 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     )
     app.transport = BatchTransport(app.conf.broker_consumer, app)
     # faust caches app.in_transaction (exactly_once) on first use, and only counts it inside a worker:
-    # say so now, before the consumer below reads it
+    # say so now, before anything reads the consumer (``build_app`` does)
     app.in_worker = True
-    for name in (*names.inputs, names.control):
-        app.topics.add(app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.topics.partitions,
-                                 key_serializer="raw", value_serializer="raw"))
+    return app
+
+
+def _state_table(app: Any, settings: Settings, names: TopicNames) -> Any:
+    """The "user-state" table: RocksDB per partition, with its compacted changelog."""
     # acks=False as faust gives its own changelog topics: nothing consumes the changelog as a stream (recovery
     # reads it), and an acking topic is checked by faust's livelock detector, which took every active
     # changelog partition for a stalled stream (an ERROR per partition every few seconds)
     changelog = app.topic(names.changelog, key_type=bytes, value_type=bytes, partitions=settings.topics.partitions,
                           key_serializer="raw", value_serializer="raw", compacting=True, deleting=False, acks=False)
-    table = app.Table(STATE_TABLE_NAME, key_type=bytes, value_type=bytes, partitions=settings.topics.partitions,
-                      default=None, changelog_topic=changelog, options=rocksdb_options(settings))
-    store = TableStore(table, settings.topics.partitions)
-    install_changelog_guard(app, store, _changelog_end_offsets(settings))
-    if exactly_once:
-        sink: Any = TransactionalSink(app, names.clicks, names.recommendations, names.changelog, names.dlq)
-    else:
-        sink = BatchSink(settings, names.recommendations, names.changelog, names.dlq)
-    pipeline = Pipeline(app, settings, names, store, holder, metrics, sink, exactly_once, dead_letter_bytes)
+    return app.Table(STATE_TABLE_NAME, key_type=bytes, value_type=bytes, partitions=settings.topics.partitions,
+                     default=None, changelog_topic=changelog, options=rocksdb_options(settings))
 
-    consumer = app.consumer
-    assert isinstance(consumer, BatchConsumer)
-    consumer.batch_handler = pipeline.handle
-    consumer.batch_topics = frozenset((*names.inputs, names.control))
-    consumer.batch_max_events = settings.worker.batch_max_events
-    consumer.batch_max_s = settings.worker.batch_max_ms / 1000.0
 
+def _add_timers(app: Any, table: Any, pipeline: Pipeline, settings: Settings) -> None:
+    """The upkeep around the batch path: user count after recovery, gauges, freeze ticks, the TTL scan."""
     @table.on_recover
     async def _count_users() -> None:
-        pipeline.count_users()
+        pipeline.upkeep.count_users()
 
     @app.timer(2.0)
     async def _gauges() -> None:
-        pipeline.update_gauges()
+        pipeline.upkeep.update_gauges()
 
     @app.timer(pipeline.freeze.tick_interval_s)
     async def _freeze_tick() -> None:
@@ -159,5 +175,3 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
         @app.timer(max(1.0, min(60.0, settings.worker.state_ttl_s / 10)))
         async def _ttl_scan() -> None:
             await pipeline.scan_for_evictions()
-
-    return Runtime(app, pipeline, holder, metrics)

@@ -2,11 +2,11 @@
 
 faust's own path creates an Event, a queue entry and at least one event-loop round trip per message
 (``wait_first(callback(message), ...)`` in faust's drain loop), so that overhead, not the
-computation, would set a worker's throughput (docs/hot-path.md). This subclass keeps everything else of faust — group membership, the
-partition assignor, table recovery and standbys, offset commits, transactions — and only replaces the
-drain loop: records of the input topics are collected up to a size/time bound and passed as one batch
-to ``batch_handler``; records of every other topic (table changelogs during recovery) still go
-through faust's conductor one by one.
+computation, would set a worker's throughput (docs/hot-path.md). This subclass keeps everything else
+of faust — group membership, the partition assignor, table recovery and standbys, offset commits,
+transactions — and only replaces the drain loop: records of the input topics are collected up to a
+size/time bound and passed as one batch to ``batch_handler``; records of every other topic (table
+changelogs during recovery) still go through faust's conductor one by one.
 
 Offsets are acked in bulk (``ack_offsets``) with the same bookkeeping as ``Consumer.ack``, so faust's
 commit logic (gaps, consecutive offsets, transactions) works unchanged. In exactly-once mode the
@@ -225,11 +225,7 @@ class BatchConsumer(compat.ConsumerHooks):
         return records
 
     async def drain(self, fetcher: Any) -> None:  # pragma: no cover - exercised by integration tests
-        callback = self.callback
         consumer_should_stop, fetcher_should_stop = self.stop_checks(fetcher)
-        read_offset = self.read_offsets
-        next_offset = self._next
-        acks_enabled_for = self.app.topics.acks_enabled_for
         # The size/time bound counts from when the previous batch was handed over, not from when this one's
         # first record is seen: records that arrived while the previous batch was computed have waited
         # already, so a batch starts at once when that took longer than the bound. Records already
@@ -237,80 +233,13 @@ class BatchConsumer(compat.ConsumerHooks):
         handed_over = 0.0
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
-                seek: int | None = None  # the seek count of the records collected
-                batch: dict[TP, list[Any]] = {}
-                n = 0
-                deadline = 0.0
-                timeout = 1.0
-                while True:
-                    records = await self._fetch(timeout)
-                    if records is None or self.should_stop:
-                        break
-                    fetched_under = getattr(records, "seeks", seek) if records else seek
-                    if fetched_under != seek:
-                        batch, n, deadline, seek = {}, 0, 0.0, fetched_under  # see the module docstring
-                    ready = seek is not None and seek == self._ready_seek
-                    before = n
-                    for tp, recs in records.items():
-                        if tp.topic in self.batch_topics:
-                            if not ready:
-                                continue  # returned before a seek that rewinds past them
-                            first = next_offset.get(tp)
-                            if first is not None and recs and recs[0].offset < first:
-                                recs = [r for r in recs if r.offset >= first]
-                            if recs:
-                                batch.setdefault(tp, []).extend(recs)
-                                n += len(recs)
-                        else:
-                            for record in recs:
-                                detail = record_guard.unreadable_detail(record)
-                                if detail is not None:
-                                    # not an input (a changelog): there is no dead letter for it; its offset is
-                                    # passed like a gap, as faust does for transaction markers
-                                    self.log.error("skipped an unreadable record at %s offset %d: %s",
-                                                   tp, record.offset, detail)
-                                    read_offset[tp] = record.offset
-                                    continue
-                                message = self.to_message(tp, record)
-                                r0 = read_offset.get(tp)
-                                if r0 is None or message.offset >= r0:
-                                    await callback(message)
-                                    read_offset[tp] = message.offset
-                    if n == 0:
-                        break
-                    now = time.monotonic()
-                    if not deadline:
-                        deadline = max(now, handed_over + self.batch_max_s)
-                    elif n == before and now >= deadline:
-                        break  # time is up and nothing more was waiting
-                    timeout = max(0.0, deadline - now)
-                    if n >= self.batch_max_events:
-                        break
+                batch, seek = await self._collect(handed_over)
                 if not batch or seek != self._ready_seek or self.should_stop:
                     await asyncio.sleep(0)
                     continue
-                # gaps (transaction markers, compaction) must be known before the offsets are acked
-                for tp, recs in batch.items():
-                    if acks_enabled_for(tp.topic):
-                        prev = read_offset.get(tp)
-                        for r in recs:
-                            if prev and r.offset - prev > 1:
-                                await self.add_gap(tp, prev + 1, r.offset)
-                            prev = r.offset
-                if seek != self._ready_seek:
-                    continue  # revoked while the gaps were added
-                for tp, recs in batch.items():
-                    read_offset[tp] = recs[-1].offset
-                    next_offset[tp] = recs[-1].offset + 1
-                assert self.batch_handler is not None, "BatchConsumer.batch_handler is not set"
-                handed_over = time.monotonic()
-                # what a faust stream records per event: the livelock detector reports a partition whose
-                # records wait while this time gets old, and one that never had any as never started
-                inbound = self.app.monitor.stream_inbound_time
-                for tp in batch:
-                    inbound[tp] = handed_over
-                await self.batch_handler(list(batch.items()), self.app.consumer_generation_id)
-                await self.commit_if_due()
+                at = await self._hand_over(batch, seek)
+                if at is not None:
+                    handed_over = at
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 self.log.info("Broker stopped consumer, shutting down...")
@@ -324,6 +253,94 @@ class BatchConsumer(compat.ConsumerHooks):
         except Exception as exc:
             self.log.exception("Drain messages raised: %r", exc)
             raise
+
+    async def _collect(self, handed_over: float) -> tuple[dict[TP, list[Any]], int | None]:
+        """One batch of input records (up to the size/time bound) and the seek count they were fetched
+        under; records of other topics go to faust on the way."""
+        next_offset = self._next
+        seek: int | None = None  # the seek count of the records collected
+        batch: dict[TP, list[Any]] = {}
+        n = 0
+        deadline = 0.0
+        timeout = 1.0
+        while True:
+            records = await self._fetch(timeout)
+            if records is None or self.should_stop:
+                break
+            fetched_under = getattr(records, "seeks", seek) if records else seek
+            if fetched_under != seek:
+                batch, n, deadline, seek = {}, 0, 0.0, fetched_under  # see the module docstring
+            ready = seek is not None and seek == self._ready_seek
+            before = n
+            for tp, recs in records.items():
+                if tp.topic in self.batch_topics:
+                    if not ready:
+                        continue  # returned before a seek that rewinds past them
+                    first = next_offset.get(tp)
+                    if first is not None and recs and recs[0].offset < first:
+                        recs = [r for r in recs if r.offset >= first]
+                    if recs:
+                        batch.setdefault(tp, []).extend(recs)
+                        n += len(recs)
+                else:
+                    await self._pass_on(tp, recs)
+            if n == 0:
+                break
+            now = time.monotonic()
+            if not deadline:
+                deadline = max(now, handed_over + self.batch_max_s)
+            elif n == before and now >= deadline:
+                break  # time is up and nothing more was waiting
+            timeout = max(0.0, deadline - now)
+            if n >= self.batch_max_events:
+                break
+        return batch, seek
+
+    async def _pass_on(self, tp: TP, recs: list[Any]) -> None:
+        """Records of a topic that is not an input (a changelog during recovery): to faust one by one."""
+        read_offset = self.read_offsets
+        for record in recs:
+            detail = record_guard.unreadable_detail(record)
+            if detail is not None:
+                # not an input (a changelog): there is no dead letter for it; its offset is
+                # passed like a gap, as faust does for transaction markers
+                self.log.error("skipped an unreadable record at %s offset %d: %s", tp, record.offset, detail)
+                read_offset[tp] = record.offset
+                continue
+            message = self.to_message(tp, record)
+            r0 = read_offset.get(tp)
+            if r0 is None or message.offset >= r0:
+                await self.callback(message)
+                read_offset[tp] = message.offset
+
+    async def _hand_over(self, batch: dict[TP, list[Any]], seek: int | None) -> float | None:
+        """Gaps noted, offsets advanced, the batch handled and a commit if one is due; returns when it was
+        handed over, or None when a revocation came while the gaps were added (nothing handed over)."""
+        read_offset = self.read_offsets
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        # gaps (transaction markers, compaction) must be known before the offsets are acked
+        for tp, recs in batch.items():
+            if acks_enabled_for(tp.topic):
+                prev = read_offset.get(tp)
+                for r in recs:
+                    if prev and r.offset - prev > 1:
+                        await self.add_gap(tp, prev + 1, r.offset)
+                    prev = r.offset
+        if seek != self._ready_seek:
+            return None  # revoked while the gaps were added
+        for tp, recs in batch.items():
+            read_offset[tp] = recs[-1].offset
+            self._next[tp] = recs[-1].offset + 1
+        assert self.batch_handler is not None, "BatchConsumer.batch_handler is not set"
+        handed_over = time.monotonic()
+        # what a faust stream records per event: the livelock detector reports a partition whose
+        # records wait while this time gets old, and one that never had any as never started
+        inbound = self.app.monitor.stream_inbound_time
+        for tp in batch:
+            inbound[tp] = handed_over
+        await self.batch_handler(list(batch.items()), self.app.consumer_generation_id)
+        await self.commit_if_due()
+        return handed_over
 
 
 class FreshTransactionManager(TransactionManager):

@@ -41,7 +41,8 @@ class FreezeGuard:
 
     def tick(self) -> None:
         now = self.clock()
-        if self._last is not None and now - self._last > self.session_timeout_s / 2:  # the loop stood still: the session may have expired
+        # the loop stood still: the session may have expired
+        if self._last is not None and now - self._last > self.session_timeout_s / 2:
             self._thawed_at = now
             self.freezes += 1
             if self.on_freeze is not None:

@@ -2,8 +2,9 @@
 
 Startup order: settings -> web endpoints (/livez 200 from here on, /readyz 503 with the reason) ->
 topics ensured and first model loaded (models topic, else GRUFLOW_MODEL_PATH), retried while the
-cluster is unreachable -> faust app -> faust worker (group join, table recovery, batches). SIGTERM / Ctrl-C stop it cleanly: the current batch finishes or is dropped unacked, offsets
-are committed, RocksDB is closed.
+cluster is unreachable -> faust app -> faust worker (group join, table recovery, batches). SIGTERM /
+Ctrl-C stop it cleanly: the current batch finishes or is dropped unacked, offsets are committed, RocksDB
+is closed.
 
 exactly_once: outputs and changelog writes of an open transaction reach RocksDB before the commit,
 so after an unclean exit the local store may hold writes that were aborted. Like Kafka Streams, the
@@ -84,24 +85,20 @@ def _clear_marker(settings: Settings) -> None:
     (Path(table_dir(settings)) / RUNNING_MARKER).unlink(missing_ok=True)
 
 
-def run_worker(settings: Settings, model: Recommender | None = None) -> int:
-    """Run until SIGTERM/SIGINT. Returns the process exit code."""
-    if settings.embedded:
-        print("gruflow worker needs a Kafka cluster: set GRUFLOW_BOOTSTRAP_SERVERS (or --bootstrap). For a "
-              "self-contained run use `gruflow demo`, or start a broker with `gruflow broker` and point "
-              "GRUFLOW_BOOTSTRAP_SERVERS at it.", file=sys.stderr)
-        return 2
-    import asyncio
-    import signal
+class _Startup:
+    """What /readyz answers while the worker starts: what it waits for, then the runtime's own answer."""
 
+    def __init__(self) -> None:
+        self.runtime: Any = None
+        self.why = "starting"
+
+    def ready(self) -> tuple[bool, str]:
+        rt = self.runtime
+        return rt.ready() if rt is not None else (False, self.why)
+
+
+def _configure_process(settings: Settings) -> None:
     import torch
-
-    import faust
-
-    from stream.worker.app import build_app
-    from stream.worker.http_api import ServeEndpoints
-    from stream.kafka.topics import TopicError, dead_letter_budget, ensure_topics
-    from stream.observe.web import WebServer
 
     logging.basicConfig(level=settings.process.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -109,85 +106,63 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     # three busy threads share the GIL (event loop, compute, faust's consumer thread): hand it over
     # every 1 ms instead of 5 ms so fetched records are not left waiting behind a long Python stretch
     sys.setswitchinterval(0.001)
-    metrics = Metrics.create(role="worker")
 
-    # the endpoints come up first, on the loop faust will run on: /livez answers while Kafka is
-    # unreachable, /readyz says what the worker is waiting for
-    phase: dict[str, Any] = {"runtime": None, "why": "starting"}
 
-    def ready() -> tuple[bool, str]:
-        rt = phase["runtime"]
-        return rt.ready() if rt is not None else (False, phase["why"])
+async def _first_model(settings: Settings, model: Recommender | None, metrics: Metrics, startup: _Startup,
+                       stop: Any) -> Recommender | None:
+    """Topics and first model, retried until the cluster answers; None when ``stop`` is set first."""
+    import asyncio
 
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    serve = ServeEndpoints(settings, metrics)  # answers 503 until the runtime below exists
-    web = WebServer(metrics, ready, settings.process.web_host, settings.process.web_port, serve)
-    loop.run_until_complete(web.start())
-    log.info("health endpoints on http://%s:%d (/metrics /livez /readyz), requests as %s (/users/{id}/recommendations,"
-             " /recommendations)", settings.process.web_host, settings.process.web_port, settings.web_url())
-    from stream.kafka.passthrough import untranslated
+    from stream.kafka.topics import TopicError, ensure_topics
 
-    only_librdkafka = untranslated(settings)
-    if only_librdkafka:
-        log.info("client properties for librdkafka only (aiokafka has no counterpart; docs/kafka-setups.md): %s",
-                 ", ".join(only_librdkafka))
+    loop = asyncio.get_running_loop()
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            startup.why = f"waiting for Kafka at {settings.connection.bootstrap_servers}"
+            await loop.run_in_executor(None, ensure_topics, settings)
+            startup.why = "loading the model"
+            return model or await loop.run_in_executor(None, load_initial_model, settings, metrics)
+        except WorkerError:
+            raise
+        except (TopicError, ValueError, OSError) as exc:
+            if isinstance(exc, TopicError) and "cannot reach" in str(exc):
+                retry = exc  # the cluster is down or not there yet
+            else:
+                raise WorkerError(str(exc)) from None  # wrong partitions, unreadable checkpoint, ...
+        except Exception as exc:  # noqa: BLE001 - broker down or not reachable yet: retry
+            retry = exc
+        log.warning("cannot start yet (%s); retrying in %.0f s", retry, delay)
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+        delay = min(30.0, delay * 2)
+    return None
+
+
+def _wait_for_start(loop: Any, settings: Settings, model: Recommender | None, metrics: Metrics,
+                    startup: _Startup) -> Recommender | None:
+    """``_first_model`` with SIGTERM/SIGINT ending the wait; faust's worker takes the signals over later."""
+    import asyncio
+    import signal
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
-    async def prepare() -> Recommender | None:
-        """Topics and first model, retried until the cluster answers (or SIGTERM)."""
-        delay = 1.0
-        while not stop.is_set():
-            try:
-                phase["why"] = f"waiting for Kafka at {settings.connection.bootstrap_servers}"
-                await loop.run_in_executor(None, ensure_topics, settings)
-                phase["why"] = "loading the model"
-                return model or await loop.run_in_executor(None, load_initial_model, settings, metrics)
-            except WorkerError:
-                raise
-            except (TopicError, ValueError, OSError) as exc:
-                if isinstance(exc, TopicError) and "cannot reach" in str(exc):
-                    retry = exc  # the cluster is down or not there yet
-                else:
-                    raise WorkerError(str(exc)) from None  # wrong partitions, unreadable checkpoint, ...
-            except Exception as exc:  # noqa: BLE001 - broker down or not reachable yet: retry
-                retry = exc
-            log.warning("cannot start yet (%s); retrying in %.0f s", retry, delay)
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
-            delay = min(30.0, delay * 2)
-        return None
-
     try:
-        first = loop.run_until_complete(prepare())
-    except WorkerError as exc:
-        print(f"gruflow worker: {exc}", file=sys.stderr)
-        loop.run_until_complete(web.stop())
-        loop.run_until_complete(serve.close())
-        return 2
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
-    if first is None:  # stopped while waiting for the cluster
-        loop.run_until_complete(web.stop())
-        loop.run_until_complete(serve.close())
-        loop.close()
-        return 0
-    model = first
-    dead_letter_bytes = loop.run_until_complete(loop.run_in_executor(None, dead_letter_budget, settings))
-    metrics.model_version.set(model.version)
-    holder = ModelHolder(model)
-    _wipe_if_dirty(settings)
-    runtime = build_app(settings, holder, metrics, dead_letter_bytes)
-    phase["why"] = "choosing the top-K path"
-    loop.run_until_complete(loop.run_in_executor(None, runtime.pipeline.prepare_scorer, model, True))
-    phase["runtime"] = runtime
-    serve.runtime = runtime
-    subscriber: Any = None
+        return loop.run_until_complete(_first_model(settings, model, metrics, startup, stop))
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _faust_worker(settings: Settings, runtime: Any, holder: ModelHolder, metrics: Metrics, web: Any, serve: Any,
+                  loop: Any) -> Any:
+    """The faust Worker that runs ``runtime``'s app: the item-rules reader and the model subscriber start
+    once it runs, and everything stops in order on shutdown."""
+    import faust
+
     from stream.worker.item_rules import ItemRulesReader
 
     rules_reader = ItemRulesReader(settings, runtime.pipeline.names.item_rules, runtime.pipeline.catalogue, metrics)
@@ -195,6 +170,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
         from stream.online.model_sync import ModelSubscriber
     except ImportError:
         ModelSubscriber = None  # type: ignore[assignment,misc]
+    subscriber: Any = None
 
     class GruflowWorker(faust.Worker):
         async def on_execute(self) -> None:
@@ -219,8 +195,63 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
             rules_reader.stop()
             runtime.pipeline.close()
 
-    worker = GruflowWorker(runtime.app, loglevel=settings.process.log_level.lower(), quiet=True,
-                           override_logging=False, redirect_stdouts=False, loop=loop)
+    return GruflowWorker(runtime.app, loglevel=settings.process.log_level.lower(), quiet=True,
+                         override_logging=False, redirect_stdouts=False, loop=loop)
+
+
+def run_worker(settings: Settings, model: Recommender | None = None) -> int:
+    """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    if settings.embedded:
+        print("gruflow worker needs a Kafka cluster: set GRUFLOW_BOOTSTRAP_SERVERS (or --bootstrap). For a "
+              "self-contained run use `gruflow demo`, or start a broker with `gruflow broker` and point "
+              "GRUFLOW_BOOTSTRAP_SERVERS at it.", file=sys.stderr)
+        return 2
+    import asyncio
+
+    from stream.kafka.passthrough import untranslated
+    from stream.kafka.topics import dead_letter_budget
+    from stream.observe.web import WebServer
+    from stream.worker.app import build_app
+    from stream.worker.http_api import ServeEndpoints
+
+    _configure_process(settings)
+    metrics = Metrics.create(role="worker")
+    # the endpoints come up first, on the loop faust will run on: /livez answers while Kafka is
+    # unreachable, /readyz says what the worker is waiting for
+    startup = _Startup()
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    serve = ServeEndpoints(settings, metrics)  # answers 503 until the runtime below exists
+    web = WebServer(metrics, startup.ready, settings.process.web_host, settings.process.web_port, serve)
+    loop.run_until_complete(web.start())
+    log.info("health endpoints on http://%s:%d (/metrics /livez /readyz), requests as %s (/users/{id}/recommendations,"
+             " /recommendations)", settings.process.web_host, settings.process.web_port, settings.web_url())
+    only_librdkafka = untranslated(settings)
+    if only_librdkafka:
+        log.info("client properties for librdkafka only (aiokafka has no counterpart; docs/kafka-setups.md): %s",
+                 ", ".join(only_librdkafka))
+    try:
+        first = _wait_for_start(loop, settings, model, metrics, startup)
+    except WorkerError as exc:
+        print(f"gruflow worker: {exc}", file=sys.stderr)
+        loop.run_until_complete(web.stop())
+        loop.run_until_complete(serve.close())
+        return 2
+    if first is None:  # stopped while waiting for the cluster
+        loop.run_until_complete(web.stop())
+        loop.run_until_complete(serve.close())
+        loop.close()
+        return 0
+    dead_letter_bytes = loop.run_until_complete(loop.run_in_executor(None, dead_letter_budget, settings))
+    metrics.model_version.set(first.version)
+    holder = ModelHolder(first)
+    _wipe_if_dirty(settings)
+    runtime = build_app(settings, holder, metrics, dead_letter_bytes)
+    startup.why = "choosing the top-K path"
+    loop.run_until_complete(loop.run_in_executor(None, runtime.pipeline.prepare_scorer, first, True))
+    startup.runtime = runtime
+    serve.runtime = runtime
+    worker = _faust_worker(settings, runtime, holder, metrics, web, serve, loop)
     code = 0
     try:
         worker.execute_from_commandline()

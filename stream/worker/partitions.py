@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from stream.worker.upkeep import active_partitions
+
 _NONE: frozenset[int] = frozenset()
 
 
@@ -32,11 +34,7 @@ class ActivePartitions:
         self._actives = _NONE
 
     def _read(self) -> frozenset[int]:
-        try:
-            actives = self.app.assignor.assigned_actives()
-        except Exception:  # noqa: BLE001 - not assigned yet
-            return _NONE
-        return frozenset(tp.partition for tp in actives if tp.topic == self.changelog)
+        return frozenset(active_partitions(self.app, self.changelog))
 
     def get(self) -> frozenset[int]:
         app = self.app

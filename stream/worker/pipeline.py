@@ -8,11 +8,9 @@
 A batch whose partitions were revoked while it was computed is dropped unacked; its new owner
 processes it again from the committed offsets.
 
-TTL (settings.state_ttl_s > 0) uses EVENT time: a user whose newest event is more than the TTL older
-than the newest event this worker has seen is evicted. A periodic scan lists candidates per
-partition (stream/worker/upkeep.py); the next batch of that partition re-checks and deletes them, with a
-changelog tombstone sent like any other state change (so eviction is in the same transaction in
-exactly_once mode).
+Beside it: stream/worker/batch_decode.py sorts a batch's records out, stream/worker/state_view.py holds the
+states of batches in flight (read-your-writes), stream/worker/tombstones.py the TTL and forget deletions,
+stream/worker/upkeep.py the metrics and gauges.
 """
 
 from __future__ import annotations
@@ -28,27 +26,28 @@ from typing import Any
 
 import numpy as np
 
-from model.events import EVENT_TYPE_NAMES
 from model.retrieval_scorer import RetrievalPolicy
-from state.codec import decode as decode_state, encode as encode_state
-from stream.compat import observe_many
-from stream.worker.batch_consumer import Batch, BatchConsumer
-from stream.worker.freeze_guard import FreezeGuard
-from stream.worker.upkeep import PipelineUpkeep, new_phases
 from model.topk_calibration import ScorerCache
-from stream.pipeline.events import CLICKS, PURCHASES, UNREADABLE_RECORD, Event, InputShape, Limits, Rejected, decode_event
-from stream.observe.metrics import TOPK_ROW_PATHS, Metrics, PrequentialVersions
-from stream.worker.model_holder import ModelHolder
-from stream.pipeline.exposure import ExposureWindow
-from stream.pipeline.processor import PopularityBaseline, ProcessorConfig, process_batch
-from stream.pipeline.ranking import RuleContext
-from stream.kafka.record_guard import unreadable_detail
-from stream.pipeline.rules import RULES, Catalogue, CatalogueMasks, RuleConfig
-from stream.settings import Scoring, Settings
-from stream.worker.sinks import Outgoing, dead_letter
-from stream.worker.table_store import TableStore
+from state.codec import encode as encode_state
+from stream.compat import observe_many
 from stream.kafka.topics import TopicNames
-from stream.pipeline.control import control_action
+from stream.observe.metrics import TOPK_ROW_PATHS, Metrics
+from stream.pipeline.events import Event, InputShape, Limits
+from stream.pipeline.exposure import ExposureWindow
+from stream.pipeline.prequential import PopularityBaseline
+from stream.pipeline.processor import ProcessorConfig, process_batch
+from stream.pipeline.ranking import RuleContext
+from stream.pipeline.rules import Catalogue, CatalogueMasks, RuleConfig
+from stream.settings import Scoring, Settings
+from stream.worker.batch_consumer import Batch, BatchConsumer
+from stream.worker.batch_decode import BatchDecoder
+from stream.worker.freeze_guard import FreezeGuard
+from stream.worker.model_holder import ModelHolder
+from stream.worker.sinks import Outgoing
+from stream.worker.state_view import StateView
+from stream.worker.table_store import TableStore
+from stream.worker.tombstones import StateTtl, Writes, forget_users
+from stream.worker.upkeep import Upkeep, active_partitions
 
 log = logging.getLogger("gruflow.worker")
 _FAST_TOPK_MIN_ITEMS = 4096
@@ -63,7 +62,7 @@ def retrieval_policy(sc: Scoring) -> RetrievalPolicy:
 
 
 @dataclass
-class Pipeline(PipelineUpkeep):
+class Pipeline:
     app: Any
     settings: Settings
     names: TopicNames
@@ -75,30 +74,25 @@ class Pipeline(PipelineUpkeep):
     dead_letter_bytes: int  # of a bad record's key + value (topics.dead_letter_budget)
     popularity: PopularityBaseline = field(default_factory=PopularityBaseline)
     catalogue: Catalogue = field(default_factory=Catalogue)  # filled by the item-rules reader
-    stream_time_ms: int = 0
-    evict_candidates: dict[int, set[bytes]] = field(default_factory=dict)
-    batches: int = 0
-    events: int = 0
-    _overlay: dict = field(default_factory=dict)  # key -> (batch seq, encoded state | None) in flight
+    stream_time_ms: int = 0  # the newest event time this worker has seen (the TTL's clock)
     _pending: deque = field(default_factory=deque)  # finishing tasks of batches in flight, oldest first
     _seq: int = 0
     _generation: int = -1
     _failure: BaseException | None = None
-    _phases: list = field(default_factory=new_phases)
-    _phases_logged: float = field(default_factory=time.monotonic)
     _gc_frozen: bool = False
-    # input (topic, partition) -> next offset whose event the states as read by ``read_states`` reflect
-    applied: dict[tuple[str, int], int] = field(default_factory=dict)
-    _advanced: asyncio.Event | None = None  # set (and replaced) after each batch: wakes read-your-writes waits
 
     def __post_init__(self) -> None:
         s = self.settings
         self.cfg = ProcessorConfig(k=s.scoring.top_k, session_gap_ms=int(s.worker.session_gap_s * 1000),
                                    because_history=s.serving.because_history if s.serving.because else 0)
-        self.limits = Limits(s.worker.max_message_bytes, s.worker.max_id_bytes)
-        self.kinds = self.names.kinds()
         shape = InputShape.parse(s.worker.field_map, s.worker.event_type_map)
-        self.shape = shape if shape.active else None
+        kinds = self.names.kinds()
+        limits = Limits(s.worker.max_message_bytes, s.worker.max_id_bytes)
+        self.decoder = BatchDecoder(self.names.control, kinds, limits, shape if shape.active else None,
+                                    self.dead_letter_bytes)
+        self.view = StateView(self.store, self.app)
+        self.ttl = StateTtl(s.worker.state_ttl_s)
+        self.upkeep = Upkeep(self.app, self.store, self.metrics, kinds, self.names.changelog, s.scoring.top_k)
         # one compute thread: batches are sequential anyway; the top-K's threads (scoring_threads) and
         # torch's own do the maths
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-compute")
@@ -111,13 +105,9 @@ class Pipeline(PipelineUpkeep):
         # a swapped-in model's scorer: calibrated in the swapping thread, before the model is served
         self.holder.on_prepare(self.prepare_scorer)
         self._topk_rows = {path: m.topk_rows.labels(path=path) for path in TOPK_ROW_PATHS}
-        self._events_in = {(k, t): m.events_in.labels(topic=k, event_type=n)
-                           for k in (CLICKS, PURCHASES) for t, n in EVENT_TYPE_NAMES.items()}
-        self._prequential = PrequentialVersions(m, s.scoring.top_k)
         self.rules = RuleConfig.from_settings(s)
         self._catalogue_masks = CatalogueMasks()
         self.exposure = ExposureWindow(s.rules.exposure_window_s) if s.rules.exposure_cap > 0 else None
-        self._rule_masked = {rule: m.rule_masked.labels(rule=rule) for rule in RULES}
         self.freeze = FreezeGuard(s.worker.broker_session_timeout_s, on_freeze=m.worker_freezes.inc)
 
     # --- the batch ---------------------------------------------------------------------------
@@ -130,12 +120,11 @@ class Pipeline(PipelineUpkeep):
             raise self._failure
         if generation != self._generation:
             await self.drain()  # batches of the old generation drop themselves unacked
-            self._overlay.clear()
-            self.applied.clear()
+            self.view.reset()
             self._generation = generation
         t0 = time.perf_counter()
         now_ms = int(time.time() * 1000)
-        out, events, dead, forget = self._decode(batch, now_ms)
+        out, events, dead, forget = self.decoder.decode(batch, now_ms)
         part_of, states = self._batch_states(events)
 
         t1 = time.perf_counter()
@@ -155,9 +144,10 @@ class Pipeline(PipelineUpkeep):
 
         t2 = time.perf_counter()
         local, created = self._stage(result, events, states, part_of, out)
-        evicted = self._evictions(batch, part_of, out, local)
+        evicted = self.ttl.evict(batch, part_of, self.stream_time_ms, self.view.read, out, local)
         if forget:
-            self._forget(forget, result.states if result is not None else {}, out, local)
+            n = forget_users(forget, result.states if result is not None else {}, self.view.read, out, local)
+            self.metrics.forgotten_users.inc(n)
 
         offsets = [(tp, [r.offset for r in records]) for tp, records in batch]
         staged = (local, created, offsets, generation, events, result, dead, evicted)
@@ -168,7 +158,7 @@ class Pipeline(PipelineUpkeep):
             await self._send_pipelined(out, *staged)
         t3 = time.perf_counter()
         age = (now_ms - min(e.append_ts_ms for e in events)) / 1000.0 if events else 0.0
-        self._phase(len(events), age, t1 - t0, t2 - t1, t3 - t2)
+        self.upkeep.phase(len(events), age, t1 - t0, t2 - t1, t3 - t2)
         if not self._gc_frozen and events:
             # what is alive after the first batch (faust, the clients, torch, the first model) lives about
             # as long as the worker: keep it out of the collector's full passes, each of which would walk
@@ -176,36 +166,6 @@ class Pipeline(PipelineUpkeep):
             # objects is never collected (at most the first model's once a newer one is served)
             gc.freeze()
             self._gc_frozen = True
-
-    def _decode(self, batch: Batch,
-                now_ms: int) -> tuple[Outgoing, list[Event], Counter[str], dict[int, list[bytes]]]:
-        """Valid events, dead letters (with their reasons counted) and forget requests of a batch."""
-        out = Outgoing()
-        events: list[Event] = []
-        dead: Counter[str] = Counter()
-        forget: dict[int, list[bytes]] = defaultdict(list)
-        for tp, records in batch:
-            p = tp.partition
-            if tp.topic == self.names.control:
-                forget[p].extend(r.key for r in records if control_action(r.key, r.value) is not None)
-                continue
-            kind = self.kinds[tp.topic]
-            for r in records:
-                unreadable = unreadable_detail(r)
-                if unreadable is not None:  # stored by the broker, not parseable by the client: what was read of it
-                    out.dlq[p].append(dead_letter(r.key, r.value, UNREADABLE_RECORD, unreadable, tp.topic, p, r.offset,
-                                                  r.timestamp, self.dead_letter_bytes))
-                    dead[UNREADABLE_RECORD] += 1
-                    continue
-                res = decode_event(r.value, r.key, kind, self.limits, topic=tp.topic, partition=p, offset=r.offset,
-                                   append_ts_ms=r.timestamp or 0, now_ms=now_ms, shape=self.shape)
-                if isinstance(res, Rejected):
-                    out.dlq[p].append(dead_letter(r.key, r.value, res.reason, res.detail, tp.topic, p, r.offset,
-                                                  r.timestamp, self.dead_letter_bytes))
-                    dead[res.reason] += 1
-                else:
-                    events.append(res)
-        return out, events, dead, forget
 
     def _batch_states(self, events: list[Event]) -> tuple[dict[bytes, int], dict[bytes, Any]]:
         """Each user's partition, and the states of the batch's users (one multi-get per partition)."""
@@ -217,14 +177,14 @@ class Pipeline(PipelineUpkeep):
             by_part[p].append(key)
         states = {}
         for p, keys in by_part.items():
-            states.update(self._read(p, keys))
+            states.update(self.view.read(p, keys))
         return part_of, states
 
     def _stage(self, result: Any, events: list[Event], states: dict[bytes, Any], part_of: dict[bytes, int],
-               out: Outgoing) -> tuple[dict[int, list[tuple[bytes, bytes | None]]], set[bytes]]:
+               out: Outgoing) -> tuple[Writes, set[bytes]]:
         """Recommendations and changelog records into ``out``; the RocksDB writes per partition, and the
         users this batch adds (read as absent)."""
-        local: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
+        local: Writes = defaultdict(list)
         created: set[bytes] = set()  # users this batch adds to the state (read as absent)
         if result is not None:
             for i, (key, value) in enumerate(result.outputs):
@@ -241,7 +201,7 @@ class Pipeline(PipelineUpkeep):
             self.stream_time_ms = max(self.stream_time_ms, max(e.ts_ms for e in events))
         return local, created
 
-    async def _send_in_transaction(self, out: Outgoing, local: dict, created: set[bytes], offsets: list,
+    async def _send_in_transaction(self, out: Outgoing, local: Writes, created: set[bytes], offsets: list,
                                    generation: int, events: list[Event], result: Any, dead: Counter[str],
                                    evicted: int) -> bool:
         """exactly_once: outputs into the partitions' transactions, then RocksDB, then the acks; False when
@@ -266,16 +226,16 @@ class Pipeline(PipelineUpkeep):
                 self.store.write_partition(p, recs, created)
             for tp, offs in offsets:
                 consumer.ack_offsets(tp, offs)
-            self._mark_applied(offsets)
+            self.view.mark_applied(offsets)
         highest: dict[int, int] = {}
         for p, fut in changelog_futs:
             meta = fut.result()
             highest[p] = max(highest.get(p, -1), meta.offset)
         self.store.mark_changelog_offsets(highest, on_commit=True)
-        self._observe(events, result, dead, evicted, time.time())
+        self.upkeep.observe(events, result, dead, evicted, time.time())
         return True
 
-    async def _send_pipelined(self, out: Outgoing, local: dict, created: set[bytes], offsets: list,
+    async def _send_pipelined(self, out: Outgoing, local: Writes, created: set[bytes], offsets: list,
                               generation: int, events: list[Event], result: Any, dead: Counter[str],
                               evicted: int) -> None:
         """at_least_once, pipelined: the next batch is computed while this one is in flight; its states are
@@ -283,10 +243,8 @@ class Pipeline(PipelineUpkeep):
         ticket = self.sink.submit(out)
         self._seq += 1
         seq = self._seq
-        for p, recs in local.items():
-            for key, raw in recs:
-                self._overlay[key] = (seq, raw)
-        self._mark_applied(offsets)
+        self.view.stage(seq, local)
+        self.view.mark_applied(offsets)
         prev = self._pending[-1] if self._pending else None
         task = asyncio.ensure_future(self._finish(prev, seq, ticket, local, created, offsets, generation, events,
                                                   result, dead, evicted))
@@ -331,10 +289,9 @@ class Pipeline(PipelineUpkeep):
             log.warning("could not prepare the top-K scorer of model version %s: %r",
                         getattr(model, "version", "?"), exc)
 
-    async def _finish(self, prev: "asyncio.Task[None] | None", seq: int, ticket: Any,
-                      local: dict[int, list[tuple[bytes, bytes | None]]], created: set[bytes],
-                      offsets: list[tuple[Any, list[int]]],
-                      generation: int, events: list[Event], result: Any, dead: Counter[str], evicted: int) -> None:
+    async def _finish(self, prev: "asyncio.Task[None] | None", seq: int, ticket: Any, local: Writes,
+                      created: set[bytes], offsets: list[tuple[Any, list[int]]], generation: int,
+                      events: list[Event], result: Any, dead: Counter[str], evicted: int) -> None:
         """Once a batch is delivered (and every earlier batch finished): RocksDB, changelog offsets, acks."""
         try:
             if prev is not None:
@@ -342,21 +299,19 @@ class Pipeline(PipelineUpkeep):
             await asyncio.wait([ticket.future])  # not ``await``: ``check`` says why a batch was not delivered
             delivered = ticket.check()
             if self.freeze.hold_s() > 0 and not await self._wait_out_freeze(generation, len(events)):
-                self._overlay.clear()
+                self.view.overlay.clear()
                 return
             if self.app.consumer_generation_id != generation or self.app.should_stop:
-                self._overlay.clear()  # the consumer seeks back to the committed offsets
+                self.view.overlay.clear()  # the consumer seeks back to the committed offsets
                 return
             for p, recs in local.items():
                 self.store.write_partition(p, recs, created)
-                for key, _raw in recs:
-                    if self._overlay.get(key, (0,))[0] == seq:
-                        del self._overlay[key]
+                self.view.settle(seq, recs)
             self.store.mark_changelog_offsets(delivered.changelog_offsets)
             consumer: BatchConsumer = self.app.consumer
             for tp, offs in offsets:
                 consumer.ack_offsets(tp, offs)
-            self._observe(events, result, dead, evicted, delivered.delivered_at)
+            self.upkeep.observe(events, result, dead, evicted, delivered.delivered_at)
         except Exception as exc:
             if self._failure is None:
                 self._failure = exc  # re-raised by the next batch: the worker crashes, nothing is acked
@@ -381,38 +336,23 @@ class Pipeline(PipelineUpkeep):
                  n_events)
         return False
 
-    def _mark_applied(self, offsets: list[tuple[Any, list[int]]]) -> None:
-        """The batch's states are now what ``read_states`` returns: its offsets count as applied."""
-        for tp, offs in offsets:
-            if offs:
-                key = (tp.topic, tp.partition)
-                self.applied[key] = max(self.applied.get(key, 0), max(offs) + 1)
-        if self._advanced is not None:
-            self._advanced.set()
-            self._advanced = None
-
-    def position(self, topic: str, partition: int) -> int:
-        """Offset of one input partition below which every event is reflected in the states read here."""
-        from faust.types import TP
-
-        resumed = getattr(self.app.consumer, "resumed_at", {}).get(TP(topic, partition)) or 0
-        return max(resumed, self.applied.get((topic, partition), 0))
+    def active_partitions(self) -> list[int]:
+        return active_partitions(self.app, self.names.changelog)
 
     async def wait_applied(self, ends: dict[tuple[str, int], int]) -> None:
         """Return once every event below ``ends`` (input partition -> offset) is reflected in the states
         (the caller bounds the wait)."""
-        while any(self.position(t, p) < end for (t, p), end in ends.items()):
-            if self._advanced is None:
-                self._advanced = asyncio.Event()
-            await self._advanced.wait()
+        await self.view.wait_applied(ends)
 
     def read_states(self, partition: int, keys: list[bytes], db: Any = None) -> dict[bytes, Any]:
-        """States as the worker last decided them (see ``_read``): what requests answer from. ``db``: the
-        partition's handle (``store.partition_db``, taken on the event loop) when called from the compute
-        thread; the overlay is read key by key there, each lookup atomic, and a key leaves it only after
-        its state is in RocksDB, so a read never goes back in time (short of a rebalance dropping the batches in
-        flight, as for reads on the loop)."""
-        return self._read(partition, keys, db)
+        """States as the worker last decided them (in-flight batches' first, then RocksDB): what requests
+        answer from. ``db``: the partition's handle (``store.partition_db``, taken on the event loop) when
+        called from the compute thread (``StateView.read``)."""
+        return self.view.read(partition, keys, db)
+
+    async def scan_for_evictions(self) -> None:
+        """The TTL's scan of the active partitions (``StateTtl.scan``)."""
+        await self.ttl.scan(self.stream_time_ms, self.active_partitions(), self.store, self.state_lock)
 
     def _prune(self) -> None:
         """Forget finished batches (oldest first); a failed one fails the batch loop."""
@@ -421,59 +361,11 @@ class Pipeline(PipelineUpkeep):
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
 
-    def _read(self, partition: int, keys: list[bytes], db: Any = None) -> dict[bytes, Any]:
-        """States as the worker last decided them: in-flight batches' states first, then RocksDB."""
-        overlay = self._overlay
-        if not overlay:
-            return self.store.get_partition(partition, keys) if db is None else self.store.get_from(db, keys)
-        out: dict[bytes, Any] = {}
-        rest: list[bytes] = []
-        for key in keys:
-            hit = overlay.get(key)
-            if hit is None:
-                rest.append(key)
-            elif hit[1] is not None:
-                out[key] = decode_state(hit[1])
-        out.update(self.store.get_partition(partition, rest) if db is None else self.store.get_from(db, rest))
-        return out
-
     async def drain(self) -> None:
         """Wait for the batches in flight (rebalance, shutdown)."""
         while self._pending:
             await asyncio.wait([self._pending[0]])
             self._prune()
-
-    def _evictions(self, batch: Batch, part_of: dict[bytes, int], out: Outgoing,
-                   local: dict[int, list[tuple[bytes, bytes | None]]]) -> int:
-        if not self.evict_candidates or self.settings.worker.state_ttl_s <= 0:
-            return 0
-        cutoff = self.stream_time_ms - int(self.settings.worker.state_ttl_s * 1000)
-        n = 0
-        for tp, _ in batch:
-            cands = self.evict_candidates.pop(tp.partition, None)
-            if not cands:
-                continue
-            keys = [k for k in cands if k not in part_of]  # touched in this batch: alive
-            for key, st in self._read(tp.partition, keys).items():
-                if st.last_ts_ms < cutoff:
-                    out.changelog[tp.partition].append((key, None))
-                    local[tp.partition].append((key, None))
-                    n += 1
-        return n
-
-    def _forget(self, forget: dict[int, list[bytes]], batch_states: dict[bytes, Any], out: Outgoing,
-                local: dict[int, list[tuple[bytes, bytes | None]]]) -> None:
-        """``gruflow forget``: tombstone each named user after this batch's own writes (the request wins
-        over events of the same batch). The changelog always gets the tombstone; RocksDB deletes only
-        keys that exist, so the user count stays exact."""
-        for p, keys in forget.items():
-            present = set(self._read(p, [k for k in keys if k not in batch_states]))
-            for key in dict.fromkeys(keys):
-                out.changelog[p].append((key, None))
-                if key in batch_states or key in present:
-                    local[p].append((key, None))
-            self.metrics.forgotten_users.inc(len(set(keys)))
-        log.info("forgot %d user(s) on request", sum(len(set(k)) for k in forget.values()))
 
     def close(self) -> None:
         """Before faust stops (and commits for the last time): the batches in flight finish, so that their

@@ -1,10 +1,10 @@
-"""The worker's bookkeeping around the batch path: metrics of each batch, where a batch's time goes, the
-periodic gauges (users, RocksDB, committed lag) and the TTL scan. A mixin of ``Pipeline``
-(stream/worker/pipeline.py), kept apart so the batch path reads on its own."""
+"""The worker's bookkeeping around the batch path: metrics of each batch, where a batch's time goes and
+the periodic gauges (users, RocksDB, committed lag). ``Pipeline`` (stream/worker/pipeline.py) holds one
+``Upkeep`` and reports each batch to it; what it observes it is handed at construction, so the batch path
+reads on its own."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from model.events import EventType
-from state.codec import HEADER_SIZE
+from model.events import EVENT_TYPE_NAMES, EventType
 from stream.compat import observe_many
+from stream.observe.metrics import Metrics, PrequentialVersions
 from stream.pipeline.events import CLICKS, PURCHASES, Event
+from stream.pipeline.rules import RULES
 
 log = logging.getLogger("gruflow.worker")
-_LAST_TS_AT = 13  # byte offset of last_ts_ms in a state record (state/codec.py), read without decoding
 PHASE_LOG_S = 30.0  # seconds between the batch-phase log lines
 
 
@@ -34,24 +34,33 @@ def committed_lag(ends: dict[Any, int | None], committed: dict[Any, int | None])
     return sum(max(0, end - (committed.get(tp) or 0)) for tp, end in ends.items() if end is not None)
 
 
-class PipelineUpkeep:
-    """Methods of ``Pipeline`` that observe rather than process; they use its fields."""
+def active_partitions(app: Any, changelog: str) -> list[int]:
+    """The state partitions this worker holds as active now (none while it is not assigned yet)."""
+    try:
+        actives = app.assignor.assigned_actives()
+    except Exception:  # noqa: BLE001 - not assigned yet
+        return []
+    return sorted(tp.partition for tp in actives if tp.topic == changelog)
 
-    app: Any
-    settings: Any
-    metrics: Any
-    store: Any
-    kinds: Any
-    names: Any
-    state_lock: asyncio.Lock
-    stream_time_ms: int
-    evict_candidates: dict[int, set[bytes]]
-    batches: int
-    events: int
-    _phases: list
-    _phases_logged: float
 
-    def _phase(self, n: int, *seconds: float) -> None:
+class Upkeep:
+    """What the worker observes rather than processes: per-batch metrics, batch phases, periodic gauges.
+    ``app``: the faust app (assignment, consumer positions); ``store``: the state table adapter;
+    ``kinds``: the input topics (topic -> kind); ``changelog``: the state table's changelog topic."""
+
+    def __init__(self, app: Any, store: Any, metrics: Metrics, kinds: dict[str, str], changelog: str,
+                 top_k: int) -> None:
+        self.app, self.store, self.metrics, self.kinds, self.changelog = app, store, metrics, kinds, changelog
+        self.batches = 0
+        self.events = 0
+        self._phases = new_phases()
+        self._phases_logged = time.monotonic()
+        self._events_in = {(k, t): metrics.events_in.labels(topic=k, event_type=n)
+                           for k in (CLICKS, PURCHASES) for t, n in EVENT_TYPE_NAMES.items()}
+        self._prequential = PrequentialVersions(metrics, top_k)
+        self._rule_masked = {rule: metrics.rule_masked.labels(rule=rule) for rule in RULES}
+
+    def phase(self, n: int, *seconds: float) -> None:
         """Where a batch's time goes (oldest event's age when the batch starts, decode+read, compute,
         produce), mean and max per batch, logged every 30 s."""
         acc = self._phases
@@ -69,8 +78,8 @@ class PipelineUpkeep:
             self._phases = new_phases()
             self._phases_logged = now
 
-    def _observe(self, events: list[Event], result: Any, dead: Counter[str], evicted: int,
-                 published_s: float) -> None:
+    def observe(self, events: list[Event], result: Any, dead: Counter[str], evicted: int, published_s: float) -> None:
+        """One finished batch's counters: dead letters, evictions, events in, answers out, latencies."""
         m = self.metrics
         for reason, n in dead.items():
             m.dlq.labels(reason=reason).inc(n)
@@ -104,33 +113,12 @@ class PipelineUpkeep:
         self.events += len(events)
 
     def active_partitions(self) -> list[int]:
-        try:
-            actives = self.app.assignor.assigned_actives()
-        except Exception:  # noqa: BLE001 - not assigned yet
-            return []
-        return sorted(tp.partition for tp in actives if tp.topic == self.names.changelog)
+        return active_partitions(self.app, self.changelog)
 
     def count_users(self) -> None:
         """After a recovery (faust's changelog replay bypasses the store's counts): count the active partitions."""
         self.store.count_partitions(self.active_partitions())
         self.metrics.state_entries.set(self.store.users(self.active_partitions()))
-
-    async def scan_for_evictions(self) -> None:
-        """List idle users per active partition (event time); the partition's next batch deletes them."""
-        ttl_ms = int(self.settings.worker.state_ttl_s * 1000)
-        if ttl_ms <= 0 or not self.stream_time_ms:
-            return
-        cutoff = self.stream_time_ms - ttl_ms
-        for p in self.active_partitions():
-            cands: set[bytes] = set()
-            async with self.state_lock:
-                for i, (key, raw) in enumerate(self.store.iter_partition(p)):
-                    if len(raw) >= HEADER_SIZE and \
-                            int.from_bytes(raw[_LAST_TS_AT:_LAST_TS_AT + 6], "little", signed=True) < cutoff:
-                        cands.add(key)
-            if cands:
-                self.evict_candidates.setdefault(p, set()).update(cands)
-            await asyncio.sleep(0)
 
     def update_gauges(self) -> None:
         m = self.metrics

@@ -17,7 +17,7 @@ import torch
 from model.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes, load_checkpoint, save_checkpoint
 from model.weight_check import weight_problem
 from state.codec import UserState, encode
-from stream.online import model_protocol, model_sync
+from stream.online import model_protocol, model_rollback, model_sync
 from stream.observe.metrics import Metrics
 from stream.online.model_store import ModelStore
 from stream.tools.replay import replay
@@ -200,7 +200,7 @@ def test_trainer_refuses_poisoned_versions_survives_divergence_and_publishes_onl
 
         # rolling back to the absurd version is refused before anything is published
         with pytest.raises(model_protocol.ModelSyncError) as info:
-            model_sync.rollback(settings, 3, ModelStore.from_settings(settings))
+            model_rollback.rollback(settings, 3, ModelStore.from_settings(settings))
         assert info.value.reason == model_protocol.R_ABSURD
         assert max(i.version for i in model_sync.list_versions(settings)) == 4
 

@@ -11,7 +11,7 @@ from model.checkpoint import checkpoint_to_bytes, save_checkpoint
 from model.params import GRU4RecParams
 from model.synthetic import generate
 from model.train import train_model
-from stream.online import model_protocol, model_sync
+from stream.online import model_protocol, model_rollback, model_sync
 from stream.observe.metrics import Metrics
 from stream.worker.model_holder import ModelHolder
 from stream.online.model_store import ModelStore
@@ -125,7 +125,7 @@ def test_trainer_finetunes_publishes_and_rolls_back(kafka, small_model, tmp_path
         assert metrics.registry.get_sample_value("gruflow_vocabulary_items") == len(latest.vocab)
 
         # rollback to version 3: a new version 6 with 3's weights, the trainer adopts it
-        new = model_sync.rollback(settings, 3, ModelStore.from_settings(settings))
+        new = model_rollback.rollback(settings, 3, ModelStore.from_settings(settings))
         assert new == 6
         rolled = model_sync.load_latest(settings)
         assert rolled.version == 6 and rolled.metadata["rollback_of"] == 3

@@ -47,7 +47,8 @@ def test_model_and_state_know_nothing_of_the_stream(path: Path) -> None:
     assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
-@pytest.mark.parametrize("path", sources(*(f"stream/{room}" for room in PRODUCT_ROOMS)) + [ROOT / "stream/settings.py"],
+@pytest.mark.parametrize("path", sources(*(f"stream/{room}" for room in PRODUCT_ROOMS))
+                         + [ROOT / "stream/settings.py", ROOT / "stream/settings_sections.py"],
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_product_code_never_imports_tools_or_lab(path: Path) -> None:
     bad = sorted(m for m in imported_modules(path) if first_part_in(m, DEV_ROOMS))

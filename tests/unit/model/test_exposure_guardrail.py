@@ -113,3 +113,48 @@ def test_concentration_guardrail_refuses_a_poisoned_round(poisoned) -> None:
     on = _poisoned_round(poisoned, guardrail_max_item_exposure_factor=3.0)
     assert on.status == "rejected" and on.concentration == ITEM_EXPOSURE, on.summary()
     assert "concentration" in on.reason and target not in on.reason
+
+
+
+def test_holding_back_the_pushed_item_keeps_the_rest_of_the_candidate() -> None:
+    from model.guardrail import judge
+
+    torch.manual_seed(0)
+    n = 60
+    vocab = Vocabulary([f"i{i}" for i in range(n)])
+    current = GRU4RecNet(n, GRU4RecParams(layers=(16,), seed=3))
+    candidate = copy.deepcopy(current)
+    target = vocab.row("i7")
+    with torch.no_grad():
+        for w in candidate.dense_parameters():  # what the round learned elsewhere: small changes
+            w.add_(0.001 * torch.randn_like(w))
+        candidate.Wy.weight.add_(0.001 * torch.randn_like(candidate.Wy.weight))
+        candidate.By.weight[target] += 50.0  # the pushed item outscores everything for everyone
+    learned = candidate.Wy.weight.clone()
+    held = _sessions(n, 80, seed=1)
+    limits = ConcentrationLimits(max_item_exposure_factor=2.0)
+    refused = judge((current, vocab), (copy.deepcopy(candidate), vocab), held, 20, 1.0, limits)
+    assert refused.refusal == ITEM_EXPOSURE and refused.held_back == ()
+    kept = judge((current, vocab), (candidate, vocab), held, 20, 1.0, dataclasses.replace(limits, hold_back_items=3))
+    assert kept.refusal == "" and kept.held_back == (target,), kept
+    assert kept.candidate["exposure"]["held_back_items"] == 1 and kept.candidate["exposure"]["max_item_factor"] <= 2.0
+    assert torch.equal(candidate.By.weight[target], current.By.weight[target])
+    assert torch.equal(candidate.Wy.weight[target], current.Wy.weight[target])
+    others = [r for r in range(n) if r != target]
+    assert torch.equal(candidate.Wy.weight[others], learned[others])  # nothing else taken back
+
+
+def test_holding_back_stops_at_an_item_the_current_model_lacks() -> None:
+    from model.guardrail import judge
+
+    n = 40
+    vocab = Vocabulary([f"i{i}" for i in range(n)])
+    current = GRU4RecNet(n, GRU4RecParams(layers=(16,), seed=3))
+    grown = Vocabulary(vocab.ids + ["new"])
+    candidate = copy.deepcopy(current)
+    candidate.expand_items(n + 1, seed=1)
+    with torch.no_grad():
+        candidate.By.weight[n] += 50.0  # a new item in every list: there is no current row to go back to
+    limits = ConcentrationLimits(max_item_exposure_factor=2.0, hold_back_items=3)
+    verdict = judge((current, vocab), (candidate, grown), _sessions(n, 60, seed=2), 10, 1.0, limits)
+    assert verdict.refusal == ITEM_EXPOSURE and verdict.held_back == ()

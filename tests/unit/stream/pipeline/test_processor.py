@@ -287,7 +287,7 @@ def _documents_by_orjson(model: Recommender, events: list[Event], rows: np.ndarr
 @pytest.mark.parametrize("k", [0, 1, 5])
 def test_compiled_and_python_encoders_write_orjsons_documents(model: Recommender, monkeypatch, k: int) -> None:
     from model import native
-    from stream.pipeline import processor as P
+    from stream.pipeline import recommendation_json as P
     rng = np.random.default_rng(5)
     n = 40
     users = ["a", "ünï\"cödé\\", "x" * 200, "\n\t", "7"]
@@ -300,13 +300,13 @@ def test_compiled_and_python_encoders_write_orjsons_documents(model: Recommender
         scores[5, 0] = 0.0
         scores[6, -1] = -1e-7
     expected = _documents_by_orjson(model, events, rows, scores, 1_700_000_000_999)
-    compiled = P._encode_outputs(model, events, rows, scores, 1_700_000_000_999)
+    compiled = P.encode_outputs(model, events, rows, scores, 1_700_000_000_999)
     assert [key for key, _ in compiled] == [e.key for e in events]
     if native.library() is not None:
-        assert P._encode_compiled(native.library(), model, events, rows,
+        assert P.encode_compiled(native.library(), model, events, rows,
                                   orjson.dumps(np.round(scores.astype(np.float64), 6),
                                                option=orjson.OPT_SERIALIZE_NUMPY),
                                   b'],"model_version":7,"event_ts":', b',"published_ts":1700000000999}') is not None
     monkeypatch.setattr(native, "library", lambda: None)
-    python = P._encode_outputs(model, events, rows, scores, 1_700_000_000_999)
+    python = P.encode_outputs(model, events, rows, scores, 1_700_000_000_999)
     assert [v for _, v in compiled] == [v for _, v in python] == expected

@@ -77,3 +77,34 @@ def test_running_totals_keep_what_dropped_series_counted() -> None:
     totals.update({v("1"): 2.0, v("2"): 9.0})  # version 1 served again: a new series
     assert totals.total("e_total", model="gru") == 15 + 9 + 2
     assert totals.total("other_total") == 0.0
+
+
+def test_cluster_settings_refuse_settings_that_name_no_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tool that talks to a running cluster (replay, tail) says so, and how to name one, instead of starting."""
+    from argparse import Namespace
+
+    from stream.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError) as info:
+        harness.cluster_settings(Namespace(), Settings(), "replay", ", or use `gruflow demo`")
+    assert str(info.value).startswith("`gruflow replay` needs a running Kafka cluster: set GRUFLOW_BOOTSTRAP_SERVERS")
+    assert str(info.value).endswith("prints), or use `gruflow demo`")
+    named = Settings.of(bootstrap_servers="broker-a:9092")
+    assert harness.cluster_settings(Namespace(), named, "tail") is named
+    monkeypatch.delenv("GRUFLOW_BOOTSTRAP_SERVERS", raising=False)
+    from_args = harness.cluster_settings(Namespace(bootstrap="broker-b:9092"), None, "tail")
+    assert from_args.connection.bootstrap_servers == "broker-b:9092"
+
+
+def test_kafka_for_leaves_a_named_cluster_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings that name a cluster pass through unchanged, and no broker is started for them."""
+    from stream.kafka import broker
+    from stream.settings import Settings
+
+    def no_broker(*args: object, **kwargs: object) -> None:
+        raise AssertionError("kafka_for started a broker although the settings name a cluster")
+
+    monkeypatch.setattr(broker.EmbeddedKafka, "start", no_broker)
+    named = Settings.of(bootstrap_servers="broker-a:9092")
+    with harness.kafka_for(named, quiet=True) as settings:
+        assert settings is named

@@ -245,7 +245,7 @@ def test_a_pipelined_batch_sees_the_state_of_the_batch_still_in_flight(rigs) -> 
     assert writes == [("write", 0, (b"a", b"b")), ("write", 0, (b"a",))]
     for key in (b"a", b"b"):
         same_state(rig.store.states()[key], offline.state(key))
-    assert rig.pipeline._overlay == {}  # every in-flight state is in the store now
+    assert rig.pipeline.view.overlay == {}  # every in-flight state is in the store now
 
 
 @pytest.mark.parametrize("exactly_once", [False, True])
@@ -284,7 +284,7 @@ def test_a_rebalance_before_delivery_writes_and_acks_nothing_of_the_batches_in_f
         rig.sink.deliver(0)
         rig.sink.deliver(1)
         await asyncio.wait_for(rig.pipeline.drain(), 60)
-        assert rig.store.states() == {} and rig.app.consumer.acks == [] and rig.pipeline._overlay == {}
+        assert rig.store.states() == {} and rig.app.consumer.acks == [] and rig.pipeline.view.overlay == {}
         # the new generation reads both batches again from the committed offsets, as one
         await rig.pipeline.handle(first + second, 2)
         rig.sink.deliver(2)
@@ -366,7 +366,7 @@ def test_an_idle_user_is_evicted_by_event_time_and_an_active_one_kept(rigs, exac
         await rig.pipeline.drain()
         await rig.pipeline.scan_for_evictions()
         # both older than the TTL; "back" returns in the next batch of the partition, which evicts "idle"
-        assert rig.pipeline.evict_candidates == {0: {b"idle", b"back"}}
+        assert rig.pipeline.ttl.candidates == {0: {b"idle", b"back"}}
         await rig.pipeline.handle([_clicks(rig, offsets, 0, [("back", "i4", late + 1)])], 1)
         await rig.pipeline.drain()
 
@@ -375,4 +375,4 @@ def test_an_idle_user_is_evicted_by_event_time_and_an_active_one_kept(rigs, exac
     assert (b"idle", None) in out.changelog[0]
     assert set(rig.store.states()) == {b"back", b"busy"}
     assert rig.sample("gruflow_state_evictions_total") == 1
-    assert rig.pipeline.evict_candidates == {}
+    assert rig.pipeline.ttl.candidates == {}
