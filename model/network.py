@@ -255,6 +255,11 @@ class GRU4RecNet(nn.Module):
             emb.num_embeddings = n_items
         self.n_items = n_items
 
+    def output_weights(self) -> torch.Tensor:
+        """The item output matrix (one row per item, ``score = h @ W.T + b``); with a constrained embedding it
+        is the input table too. The parameter itself, not a copy."""
+        return self.Wy.weight
+
     @torch.no_grad()
     def copy_item_outputs(self, source: "GRU4RecNet", rows: list[int]) -> None:
         """Give ``rows`` the output weights and biases (``Wy``, ``By``) of ``source``; with a constrained

@@ -53,3 +53,8 @@ class Vocabulary:
     @property
     def ids(self) -> list[str]:
         return list(self._ids)
+
+    def ids_view(self) -> Sequence[str]:
+        """The ids by row without a copy, for hot paths that index it per batch. Read it only: rows are
+        append-only, so a view taken earlier stays right for every row it has."""
+        return self._ids

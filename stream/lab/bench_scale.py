@@ -73,7 +73,7 @@ def moved_version(model_path: Path, version: int, seed: int = 7) -> bytes:
     from model.checkpoint import checkpoint_to_bytes, load_checkpoint
 
     ckpt = load_checkpoint(model_path)
-    W = ckpt.net.Wy.weight
+    W = ckpt.net.output_weights()
     rng = np.random.default_rng(seed)
     rows = torch.from_numpy(rng.choice(W.shape[0], size=max(1, int(W.shape[0] * _MOVED_SHARE)), replace=False))
     with torch.no_grad():

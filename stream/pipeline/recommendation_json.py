@@ -32,8 +32,7 @@ _prefix_table_cache: list = [None, None]  # [(vocabulary, size), (blob, offsets,
 
 def vocab_ids(model: Recommender) -> list:
     """The model's item ids by row, without a copy."""
-    vocab = model.vocab
-    return vocab._ids if hasattr(vocab, "_ids") else vocab.ids
+    return model.vocab.ids_view()
 
 
 def _item_prefixes(model: Recommender) -> _ItemPrefixes:
