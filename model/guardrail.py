@@ -71,10 +71,11 @@ def judge(current: tuple[GRU4RecNet, Vocabulary], candidate: tuple[GRU4RecNet, V
     verdict then scores the network as changed."""
     cur_x = topk_exposure(current[0], current[1], hold_eval, cutoff)
     cand_x = topk_exposure(candidate[0], candidate[1], hold_eval, cutoff)
-    refusal, detail = concentration_problem(cur_x, cand_x, limits)
+    answer = concentration_problem(cur_x, cand_x, limits)
     held: list[int] = []
-    if refusal == ITEM_EXPOSURE and limits.hold_back_items > 0:
-        cand_x, refusal, detail = _hold_back(current, candidate, hold_eval, cutoff, limits, cur_x, cand_x, held)
+    if limits.hold_back_items > 0:
+        cand_x, answer, held = _hold_back(current, candidate, hold_eval, cutoff, limits, cur_x, cand_x, answer)
+    refusal, detail = answer
     cur_s = _scores(evaluate(current[0], current[1], hold_eval, cutoffs=(cutoff,)), cutoff)
     cand_s = _scores(evaluate(candidate[0], candidate[1], hold_eval, cutoffs=(cutoff,)), cutoff)
     ok = cand_s["recall"] >= cur_s["recall"] - tolerance and cand_s["mrr"] >= cur_s["mrr"] - tolerance
@@ -87,21 +88,18 @@ def judge(current: tuple[GRU4RecNet, Vocabulary], candidate: tuple[GRU4RecNet, V
 
 def _hold_back(current: tuple[GRU4RecNet, Vocabulary], candidate: tuple[GRU4RecNet, Vocabulary],
                hold_eval: pd.DataFrame, cutoff: int, limits: ConcentrationLimits, cur_x: Exposure,
-               cand_x: Exposure, held: list[int]) -> tuple[Exposure, str, str]:
-    """Give the item whose exposure rises most its current output row back, and check again, at most
-    ``limits.hold_back_items`` times. An item the current model lacks has no row to go back to: the
-    check's refusal then stands. Returns the candidate's exposure and the check's last answer; ``held``
-    gets the rows taken back."""
-    refusal, detail = ITEM_EXPOSURE, ""
-    n_current = len(current[1])
-    while refusal == ITEM_EXPOSURE and len(held) < limits.hold_back_items:
+               cand_x: Exposure, answer: tuple[str, str]) -> tuple[Exposure, tuple[str, str], list[int]]:
+    """While the item-exposure check refuses (``answer``), give the item whose exposure rises most its
+    current output row back and check again, at most ``limits.hold_back_items`` times. An item the current
+    model lacks has no row to go back to: the check's refusal then stands. Returns the candidate's
+    exposure, the check's last answer and the rows taken back."""
+    held: list[int] = []
+    while answer[0] == ITEM_EXPOSURE and len(held) < limits.hold_back_items:
         row, _ = item_jump(cur_x, cand_x, limits.smoothing_share)
-        if row < 0 or row >= n_current or row in held:
+        if row < 0 or row >= len(current[1]) or row in held:
             break
         candidate[0].copy_item_outputs(current[0], [row])
         held.append(row)
         cand_x = topk_exposure(candidate[0], candidate[1], hold_eval, cutoff)
-        refusal, detail = concentration_problem(cur_x, cand_x, limits)
-    if refusal == ITEM_EXPOSURE:
-        detail = concentration_problem(cur_x, cand_x, limits)[1]
-    return cand_x, refusal, detail
+        answer = concentration_problem(cur_x, cand_x, limits)
+    return cand_x, answer, held
