@@ -37,12 +37,17 @@ def _sessions(n_items: int, n_sessions: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["SessionId", "ItemId", "Time"]).assign(EventType=np.int8(1))
 
 
-def test_a_candidate_built_to_over_expose_one_item_is_refused() -> None:
+def _current_and_copy(n: int) -> tuple[Vocabulary, GRU4RecNet, GRU4RecNet]:
+    """A small untrained network over ``n`` items and a copy of it to turn into a candidate."""
     torch.manual_seed(0)
-    n = 60
     vocab = Vocabulary([f"i{i}" for i in range(n)])
     current = GRU4RecNet(n, GRU4RecParams(layers=(16,), seed=3))
-    candidate = copy.deepcopy(current)
+    return vocab, current, copy.deepcopy(current)
+
+
+def test_a_candidate_built_to_over_expose_one_item_is_refused() -> None:
+    n = 60
+    vocab, current, candidate = _current_and_copy(n)
     target = vocab.row("i7")
     with torch.no_grad():
         candidate.state_dict()["By.weight"][target] += 50.0  # the item outscores everything for everyone
@@ -115,15 +120,11 @@ def test_concentration_guardrail_refuses_a_poisoned_round(poisoned) -> None:
     assert "concentration" in on.reason and target not in on.reason
 
 
-
 def test_holding_back_the_pushed_item_keeps_the_rest_of_the_candidate() -> None:
     from model.guardrail import judge
 
-    torch.manual_seed(0)
     n = 60
-    vocab = Vocabulary([f"i{i}" for i in range(n)])
-    current = GRU4RecNet(n, GRU4RecParams(layers=(16,), seed=3))
-    candidate = copy.deepcopy(current)
+    vocab, current, candidate = _current_and_copy(n)
     target = vocab.row("i7")
     with torch.no_grad():
         for w in candidate.dense_parameters():  # what the round learned elsewhere: small changes
@@ -148,10 +149,8 @@ def test_holding_back_stops_at_an_item_the_current_model_lacks() -> None:
     from model.guardrail import judge
 
     n = 40
-    vocab = Vocabulary([f"i{i}" for i in range(n)])
-    current = GRU4RecNet(n, GRU4RecParams(layers=(16,), seed=3))
+    vocab, current, candidate = _current_and_copy(n)
     grown = Vocabulary(vocab.ids + ["new"])
-    candidate = copy.deepcopy(current)
     candidate.expand_items(n + 1, seed=1)
     with torch.no_grad():
         candidate.By.weight[n] += 50.0  # a new item in every list: there is no current row to go back to
