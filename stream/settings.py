@@ -96,6 +96,18 @@ class Settings:
         return dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s), **v)
                                             for s, v in by_section.items()})
 
+    @staticmethod
+    def parse_changes(texts: Mapping[str, str]) -> dict[str, Any]:
+        """Field values from text by field name (``{"top_k": "5"}`` -> ``{"top_k": 5}``), parsed as the
+        environment's are: for ``replace`` from a command line."""
+        out: dict[str, Any] = {}
+        for name, raw in texts.items():
+            if name not in SECTION_OF:
+                raise SettingsError(f"unknown setting {name!r}")
+            hint = get_type_hints(SECTIONS[SECTION_OF[name]])[name]
+            out[name] = _parse(name, raw, hint)
+        return out
+
     def values(self) -> Iterator[tuple[str, str, Any]]:
         """(section, field name, value) for every field, in declaration order."""
         for section in SECTIONS:

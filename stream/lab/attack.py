@@ -49,6 +49,19 @@ DEFENCES = {"training_filter": True, "guardrail_max_item_exposure_factor": 10.0,
             "guardrail_max_gini_increase": 0.05, "guardrail_min_coverage_ratio": 0.7}
 
 
+def defence_settings(changes: list[str]) -> dict[str, Any]:
+    """The settings of the defended runs: ``DEFENCES`` with the command line's ``NAME=VALUE`` changes on top."""
+    from stream.settings import Settings
+
+    texts: dict[str, str] = {}
+    for change in changes:
+        name, sep, value = change.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--defence {change!r}: expected NAME=VALUE (a setting's field name)")
+        texts[name.strip()] = value.strip()
+    return {**DEFENCES, **Settings.parse_changes(texts)}
+
+
 def pick_targets(rest: pd.DataFrame, known: list[str], n: int, seed: int) -> list[str]:
     """``n`` items the warm-up model knows that are neither head nor tail of the stream (40th-60th
     percentile of stream counts): an item an attacker would want to lift, with an organic exposure."""
@@ -165,6 +178,8 @@ def run_attack_experiment(args: argparse.Namespace) -> dict:
     shapes = [SHAPES[name] for name in args.shapes.split(",")]
     t0, t1 = float(rest["Time"].min()), float(rest["Time"].max())
     k = prep.settings.scoring.top_k
+    defences = defence_settings(args.defence)
+    _log(f"defended runs: {', '.join(f'{n}={v}' for n, v in defences.items())}")
     _log(f"targets: {len(targets)} item(s); shapes: {[s.name for s in shapes]}; share {args.share}")
 
     def one(name: str, base: Any, stream: pd.DataFrame, fake: set[str], tmp: Any) -> dict:
@@ -178,7 +193,7 @@ def run_attack_experiment(args: argparse.Namespace) -> dict:
         organic = [one(f"organic{i}", settings, rest, set(), tmp) for i in range(1 + int(args.repeat_organic))]
         ref = organic[0]["exposure"]["share"]
         result: dict[str, Any] = {"organic": _summary(organic[0], None), "targets": len(targets),
-                                  "share": args.share, "k": k, "shapes": {}}
+                                  "share": args.share, "k": k, "defences": defences, "shapes": {}}
         if len(organic) > 1:
             result["organic_repeat"] = _summary(organic[1], None)
         for shape in shapes:
@@ -188,7 +203,7 @@ def run_attack_experiment(args: argparse.Namespace) -> dict:
             stream = pd.concat([rest, fakes], ignore_index=True).sort_values("Time", kind="stable")
             stream = stream.reset_index(drop=True)
             und = one(f"{shape.name}-undefended", settings, stream, fake_ids, tmp)
-            dfd = one(f"{shape.name}-defended", settings.replace(**DEFENCES), stream, fake_ids, tmp)
+            dfd = one(f"{shape.name}-defended", settings.replace(**defences), stream, fake_ids, tmp)
             result["shapes"][shape.name] = {"fake_sessions": len(fake_ids), "fake_events": len(fakes),
                                             "undefended": _summary(und, ref), "defended": _summary(dfd, ref)}
         first = result["shapes"][shapes[0].name]
@@ -212,6 +227,9 @@ def add_attack_parser(exp_sub: Any, handler: Any) -> None:
     p.add_argument("--params", default="", help="GRU4Rec parameters of the warm-up model, name=value,...")
     p.add_argument("--every", type=int, default=4000, help="events per fine-tune round")
     p.add_argument("--bins", type=int, default=8, help="event-time bins of exposure_over_time")
+    p.add_argument("--defence", action="append", default=[], metavar="NAME=VALUE",
+                   help="change a setting of the defended runs (a settings field name, e.g. "
+                   "guardrail_max_item_exposure_factor=0); repeatable")
     p.add_argument("--repeat-organic", action="store_true", help="run the organic reference twice (noise)")
     p.add_argument("--seed", type=int, default=0, help="seed of target choice and fake sessions")
     p.add_argument("--limit", type=int, default=None, help="replay at most N recorded events (smoke runs)")

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
+from stream.lab import attack
 from stream.lab.attack import SHAPES, exposure_report, fake_sessions, normal_hr, pick_targets
+from stream.settings import SettingsError
 
 
 def _stream(n_sessions: int = 200, seed: int = 0) -> pd.DataFrame:
@@ -55,3 +58,17 @@ def test_exposure_and_hr_count_normal_users_only() -> None:
     assert exp["share"] == 1 / 3 and exp["mean_rank"] == 2.0 and exp["lists"] == 3
     hr = normal_hr(lists, stream, {"2"}, 20)
     assert hr["n"] == 2 and hr["hr"]["20"] == 0.5  # b was in the first list, c not in the second
+
+
+def test_defence_changes_parse_by_the_settings_type_and_override_the_defaults() -> None:
+    changed = attack.defence_settings(["guardrail_max_item_exposure_factor=0", "guardrail_hold_back_items = 7"])
+    assert changed["guardrail_max_item_exposure_factor"] == 0.0
+    assert changed["guardrail_hold_back_items"] == 7 and isinstance(changed["guardrail_hold_back_items"], int)
+    assert changed["training_filter"] is attack.DEFENCES["training_filter"]
+    assert attack.defence_settings([]) == attack.DEFENCES
+
+
+@pytest.mark.parametrize("change", ["no_such_setting=1", "guardrail_hold_back_items=many", "=3", "top_k"])
+def test_a_bad_defence_change_is_refused_with_its_reason(change: str) -> None:
+    with pytest.raises((SettingsError, SystemExit)):
+        attack.defence_settings([change])
