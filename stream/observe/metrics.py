@@ -86,6 +86,7 @@ class Metrics:
     state_record_bytes: Histogram
     forgotten_users: Counter
     worker_freezes: Counter
+    transactions_fenced: Counter
     # trainer
     finetune_rounds: Counter
     finetune_duration: Histogram
@@ -178,6 +179,9 @@ def _worker_families() -> dict[str, Any]:
         worker_freezes=_counter("worker_freezes", "Times this worker stood still for more than half its group session "
                                                   "timeout (stream/worker/freeze_guard.py); the outputs it then had "
                                                   "were held until the group settled"),
+        transactions_fenced=_counter("transactions_fenced", "exactly_once commits refused because a newer producer "
+                                                            "holds this worker's transactional ids (its partitions "
+                                                            "moved; the open transactions were aborted)"),
         ready=_gauge("ready", "1 once state recovery is done and the worker serves"),
         http_requests=_counter("http_requests", "Recommendation requests answered, by endpoint (user|anonymous) and "
                                                 "HTTP status", ["endpoint", "status"]),

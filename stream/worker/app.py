@@ -101,6 +101,7 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     consumer = app.consumer
     assert isinstance(consumer, BatchConsumer)
     consumer.batch_handler = pipeline.handle
+    consumer.transactions.on_fenced = metrics.transactions_fenced.inc
     consumer.batch_topics = frozenset((*names.inputs, names.control))
     consumer.batch_max_events = settings.worker.batch_max_events
     consumer.batch_max_s = settings.worker.batch_max_ms / 1000.0

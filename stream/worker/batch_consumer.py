@@ -44,12 +44,12 @@ import asyncio
 import time
 from typing import Any, Awaitable, Callable, Mapping, Set
 
-from faust.transport.consumer import TransactionManager
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from faust.types import TP
 
 from stream import compat
 from stream.kafka import record_guard
+from stream.worker.transactions import FreshTransactionManager
 
 # (tp, records) pairs; records are aiokafka ConsumerRecords of one partition, in offset order
 Batch = list[tuple[TP, list[Any]]]
@@ -341,26 +341,6 @@ class BatchConsumer(compat.ConsumerHooks):
         await self.batch_handler(list(batch.items()), self.app.consumer_generation_id)
         await self.commit_if_due()
         return handed_over
-
-
-class FreshTransactionManager(TransactionManager):
-    """exactly_once: every rebalance starts every transactional producer afresh.
-
-    faust keeps the producer of a transactional id across a rebalance unless it counts the partition as
-    revoked, and it kept the producers of the partitions a worker handed over when a second worker joined
-    (no stop was logged). That worker fenced them (a new producer epoch for the same transactional id),
-    and when the partitions came back (that worker killed), faust reused the fenced producers: begin
-    failed ("Invalid state transition IN_TRANSACTION", logged and ignored) and the first batch's send
-    failed ("Can't send messages while not in transaction"), which stopped the worker. A producer that
-    lost its partition for a while (a network cut) is fenced the same way. A new producer per rebalance
-    is always valid, and nothing is lost: the revocation committed every acked batch, and nothing is sent
-    between the revocation and the next generation's seek."""
-
-    async def on_rebalance(self, assigned: Set[TP], revoked: Set[TP], newly_assigned: Set[TP]) -> None:
-        producers = compat.transaction_producers(self.producer)
-        for transactional_id in list(producers):
-            await self.producer.stop_transaction(transactional_id)
-        await super().on_rebalance(assigned, revoked, newly_assigned)
 
 
 class BatchTransport(AIOKafkaTransport):

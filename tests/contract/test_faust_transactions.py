@@ -12,7 +12,7 @@ from faust.types import TP
 
 from contractkit import run
 from stream.worker.app import Runtime
-from stream.worker.batch_consumer import FreshTransactionManager
+from stream.worker.transactions import FreshTransactionManager
 from stream.worker.sinks import Outgoing, TransactionalSink
 
 
@@ -23,6 +23,7 @@ class RecordingProducer:
         self.transactional_id = transactional_id
         self.calls: list[str] = []
         self.sent: list[tuple[str, bytes | None, bytes | None, int, Any]] = []
+        self.fenced = False  # True: the broker gave this transactional id to a newer producer
 
     async def start(self) -> None:
         self.calls.append("start")
@@ -39,6 +40,17 @@ class RecordingProducer:
 
     async def flush(self) -> None:
         self.calls.append("flush")
+
+    async def send_offsets_to_transaction(self, offsets: Any, group_id: str) -> None:
+        if self.fenced:
+            from aiokafka.errors import ProducerFenced
+
+            raise ProducerFenced()
+        self.calls.append("send_offsets_to_transaction")
+        self.offsets = (dict(offsets), group_id)
+
+    async def commit_transaction(self) -> None:
+        self.calls.append("commit_transaction")
 
     async def stop(self) -> None:
         self.calls.append("stop")
@@ -131,3 +143,42 @@ def test_every_rebalance_starts_the_transactional_producers_afresh(eos_runtime: 
     assert all(p.calls[-1] == "stop" for p in old.values())
     assert made[kept] is not old[kept] and made[kept].calls == ["start", "begin_transaction"]
     assert producer._transaction_producers == {kept: made[kept]}
+
+
+def test_commit_commits_each_partition_in_its_own_transaction(eos_runtime: Runtime, transactions: Any) -> None:
+    """``FreshTransactionManager.commit`` (faust's consumer commits through it) sends each partition's offset to
+    the transaction of the id the sink sends in, commits it and begins the next, as faust's own commit."""
+    producer, made = transactions
+    manager = eos_runtime.app.consumer.transactions
+    clicks = eos_runtime.pipeline.names.clicks
+    tids = [eos_runtime.pipeline.sink._transactional_id(p) for p in range(2)]
+    for tid in tids:
+        run(eos_runtime, producer.begin_transaction(tid))
+    assert run(eos_runtime, manager.commit({TP(clicks, 0): 10, TP(clicks, 1): 20})) is True
+    for p, tid in enumerate(tids):
+        assert made[tid].calls[-3:] == ["send_offsets_to_transaction", "commit_transaction", "begin_transaction"]
+        assert made[tid].offsets == ({TP(clicks, p): 10 * (p + 1)}, eos_runtime.app.conf.id)
+
+
+def test_a_fenced_commit_reports_failure_instead_of_crashing(eos_runtime: Runtime, transactions: Any,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newer producer holds the transactional id (the partition moved while this worker stood still): the
+    commit returns False and counts it; the app is not crashed (faust's own commit would crash it)."""
+    producer, made = transactions
+    manager = eos_runtime.app.consumer.transactions
+    crashed: list[BaseException] = []
+
+    async def crash(exc: BaseException) -> None:
+        crashed.append(exc)
+
+    monkeypatch.setattr(eos_runtime.app, "crash", crash)
+    def fenced() -> float | None:
+        return eos_runtime.metrics.registry.get_sample_value("gruflow_transactions_fenced_total")
+
+    before = fenced()
+    tid = eos_runtime.pipeline.sink._transactional_id(0)
+    run(eos_runtime, producer.begin_transaction(tid))
+    made[tid].fenced = True
+    assert run(eos_runtime, manager.commit({TP(eos_runtime.pipeline.names.clicks, 0): 5})) is False
+    assert not crashed and "commit_transaction" not in made[tid].calls
+    assert before is not None and fenced() == before + 1

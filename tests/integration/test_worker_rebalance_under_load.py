@@ -23,6 +23,7 @@ from workerkit import TopicReader, WorkerProc, save_tiny_model
 pytestmark = pytest.mark.integration
 
 SESSION_TIMEOUT_S = 6  # WorkerProc's GRUFLOW_BROKER_SESSION_TIMEOUT_S
+GUARANTEES = ["at_least_once", "exactly_once"]
 
 
 def _group_members(settings) -> int:
@@ -38,14 +39,15 @@ def _group_members(settings) -> int:
 class _Group:
     """Workers of one group on one test's topics, readers of its outputs, and the load."""
 
-    def __init__(self, kafka, tmp_path: Path, seed: int, load_s: float, partitions: int = 4) -> None:
+    def __init__(self, kafka, tmp_path: Path, seed: int, load_s: float, guarantee: str, partitions: int = 4) -> None:
         self.kafka, self.tmp_path = kafka, tmp_path
+        self.exactly_once = guarantee == "exactly_once"
         self.model_path = save_tiny_model(tmp_path / "tiny.gfc")
-        self.settings = kafka.settings(partitions=partitions)
+        self.settings = kafka.settings(partitions=partitions, processing_guarantee=guarantee)
         ensure_topics(self.settings)
         self.events, self.bad = make_load(seed=seed, n=int(RATE * load_s))
-        self.recs = TopicReader(self.settings, self.settings.topic("recommendations"))
-        self.dlq = TopicReader(self.settings, self.settings.topic("dlq"))
+        self.recs = TopicReader(self.settings, self.settings.topic("recommendations"), read_committed=self.exactly_once)
+        self.dlq = TopicReader(self.settings, self.settings.topic("dlq"), read_committed=self.exactly_once)
         self.load = Load(self.settings, self.events, self.bad)
         self.workers: list[WorkerProc] = []
 
@@ -64,7 +66,7 @@ class _Group:
 
     def check(self) -> None:
         check_takeover(self.settings, self.model_path, self.load, self.events, self.bad, self.recs, self.dlq,
-                       self.workers, exactly_once=False)
+                       self.workers, exactly_once=self.exactly_once)
 
     def close(self) -> None:
         for w in self.workers:
@@ -89,10 +91,11 @@ def _wait_http(w: WorkerProc, timeout: float = 120.0) -> None:
             time.sleep(0.1)
 
 
-def test_a_third_worker_joining_under_load_loses_nothing(kafka, tmp_path: Path) -> None:
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_a_third_worker_joining_under_load_loses_nothing(kafka, tmp_path: Path, guarantee: str) -> None:
     # six partitions: faust's assignor caps a member at ceil(partitions / members) and keeps the others where
     # they are, so with four a third member would get none (2 + 2 + 0) and nothing would move
-    g = _Group(kafka, tmp_path, seed=23, load_s=14.0, partitions=6)
+    g = _Group(kafka, tmp_path, seed=23, load_s=14.0, guarantee=guarantee, partitions=6)
     try:
         w1, w2 = g.worker("w1").start(wait_ready=False), g.worker("w2").start(wait_ready=False)
         wait_serving([w1, w2])
@@ -113,9 +116,11 @@ def test_a_third_worker_joining_under_load_loses_nothing(kafka, tmp_path: Path) 
         g.close()
 
 
-def test_a_worker_frozen_past_its_session_timeout_comes_back_and_loses_nothing(kafka, tmp_path: Path) -> None:
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_a_worker_frozen_past_its_session_timeout_comes_back_and_loses_nothing(kafka, tmp_path: Path,
+                                                                               guarantee: str) -> None:
     load_s, stop_after_s = 22.0, 3.0
-    g = _Group(kafka, tmp_path, seed=29, load_s=load_s)
+    g = _Group(kafka, tmp_path, seed=29, load_s=load_s, guarantee=guarantee)
     try:
         w1, w2 = g.worker("w1").start(wait_ready=False), g.worker("w2").start(wait_ready=False)
         wait_serving([w1, w2])
