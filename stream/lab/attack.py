@@ -45,7 +45,10 @@ class AttackShape:
 
 SHAPES = {"bot": AttackShape("bot", 5, 15, 1.0, 0.0, False),
           "human": AttackShape("human", 1, 30, 45.0, 1.2, True)}
-DEFENCES = {"training_filter": True, "guardrail_max_item_exposure_factor": 10.0,
+# The per-round item-exposure check stays off: on the YooChoose sample organic rounds lift single items by
+# factors of 12-17 (trending items), so any limit that stops a push also refuses organic rounds, and the
+# refusals cost normal users' HR (docs/security.md has the measurements with it at 10).
+DEFENCES = {"training_filter": True, "guardrail_max_item_exposure_factor": 0.0,
             "guardrail_max_gini_increase": 0.05, "guardrail_min_coverage_ratio": 0.7}
 
 
