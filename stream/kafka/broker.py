@@ -71,7 +71,7 @@ class EmbeddedKafka:
         keep_run_dir: bool = False,
         quiet: bool = False,
         data_dir: Path | str | None = None,
-        oauthbearer: bool = False,
+        sasl: bool = False,
     ) -> None:
         self.host = "127.0.0.1"
         self._want_port, self._want_controller_port = port, controller_port
@@ -82,8 +82,8 @@ class EmbeddedKafka:
         self.log_level = log_level
         self.keep_run_dir = keep_run_dir
         self.quiet = quiet
-        self.oauthbearer = oauthbearer  # also a SASL OAUTHBEARER listener (stream/kafka/broker_oauth.py)
-        self.oauthbearer_port = 0
+        self.sasl = sasl  # also a SASL listener: OAUTHBEARER, PLAIN, SCRAM (stream/kafka/broker_sasl.py)
+        self.sasl_port = 0
         self.port = 0
         self.controller_port = 0
         self.run_dir: Path | None = None
@@ -107,11 +107,11 @@ class EmbeddedKafka:
         return f"{self.host}:{self.port}"
 
     @property
-    def oauthbearer_bootstrap_servers(self) -> str:
-        """The OAUTHBEARER listener (``oauthbearer=True``; a new free port on every start, data dir or not)."""
-        if not self.oauthbearer_port:
-            raise BrokerError("the embedded broker has no OAUTHBEARER listener (start it with oauthbearer=True)")
-        return f"{self.host}:{self.oauthbearer_port}"
+    def sasl_bootstrap_servers(self) -> str:
+        """The SASL listener (``sasl=True``; a new free port on every start, data dir or not)."""
+        if not self.sasl_port:
+            raise BrokerError("the embedded broker has no SASL listener (start it with sasl=True)")
+        return f"{self.host}:{self.sasl_port}"
 
     @property
     def running(self) -> bool:
@@ -186,9 +186,9 @@ class EmbeddedKafka:
         self.controller_port = self._want_controller_port or (stored[1] if stored else free_port(self.host))
         while self.controller_port == self.port:
             self.controller_port = free_port(self.host)
-        self.oauthbearer_port = 0
-        while self.oauthbearer and self.oauthbearer_port in (0, self.port, self.controller_port):
-            self.oauthbearer_port = free_port(self.host)
+        self.sasl_port = 0
+        while self.sasl and self.sasl_port in (0, self.port, self.controller_port):
+            self.sasl_port = free_port(self.host)
         if self.data_dir is not None:
             self.run_dir = self.data_dir
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +198,7 @@ class EmbeddedKafka:
             (self.run_dir / "owner.pid").write_text(str(os.getpid()))
             (self.run_dir / "logs").mkdir()
         (self.run_dir / "server.properties").write_text(
-            server_properties(self.port, self.controller_port, self.run_dir / "data", self.host, self.oauthbearer_port)
+            server_properties(self.port, self.controller_port, self.run_dir / "data", self.host, self.sasl_port)
         )
         (self.run_dir / "log4j2.properties").write_text(
             LOG4J2_PROPERTIES.format(log_file=self.run_dir / "logs" / "server.log", level=self.log_level)

@@ -15,7 +15,7 @@ import time
 import uuid
 from pathlib import Path
 from model.cache_dir import cache_root
-from stream.kafka.broker_oauth import with_oauthbearer_listener
+from stream.kafka.broker_sasl import with_sasl_listener
 from stream.kafka.config import MESSAGE_MAX_BYTES
 from stream.settings import Settings
 
@@ -155,9 +155,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def server_properties(port: int, controller_port: int, log_dir: Path, host: str = "127.0.0.1",
-                      oauthbearer_port: int = 0) -> str:
-    """The broker's server.properties; ``oauthbearer_port``: also a SASL OAUTHBEARER listener there
-    (stream/kafka/broker_oauth.py)."""
+                      sasl_port: int = 0) -> str:
+    """The broker's server.properties; ``sasl_port``: also a SASL listener there (OAUTHBEARER, PLAIN, SCRAM;
+    stream/kafka/broker_sasl.py)."""
     props = {
         "process.roles": "broker,controller",
         "node.id": "1",
@@ -191,8 +191,8 @@ def server_properties(port: int, controller_port: int, log_dir: Path, host: str 
         "background.threads": "4",
         "log.segment.bytes": str(256 * 1024 * 1024),
     }
-    if oauthbearer_port:
-        props = with_oauthbearer_listener(props, host, oauthbearer_port)
+    if sasl_port:
+        props = with_sasl_listener(props, host, sasl_port)
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
 

@@ -1,6 +1,6 @@
 """Integration fixtures: ONE real Apache Kafka broker per test session (embedded, from Maven jars), or
 the cluster in GRUFLOW_BOOTSTRAP_SERVERS when that is set (SASL/SSL settings from the environment too). The
-embedded broker also has a SASL OAUTHBEARER listener (``kafka.oauthbearer_settings()``).
+embedded broker also has a SASL listener (``kafka.oauthbearer_settings()``, ``kafka.password_settings()``).
 
     def test_x(kafka):
         settings = kafka.settings(partitions=4)      # unique topic prefix, app id, data dir, web port
@@ -18,7 +18,14 @@ from typing import Any, Iterator
 
 import pytest
 
+from stream.kafka.broker_sasl import PLAIN_USER
 from stream.settings import Settings
+
+
+# the password users of the embedded broker's SASL listener, by mechanism (PLAIN's is in its JAAS line)
+SASL_USERS = {"PLAIN": PLAIN_USER,
+              "SCRAM-SHA-256": ("gruflow-scram256", "scram-256-secret"),
+              "SCRAM-SHA-512": ("gruflow-scram512", "scram-512-secret")}
 
 
 @dataclass
@@ -28,7 +35,7 @@ class KafkaFixture:
     tmp_root: Path
     embedded: bool
     broker: Any = None  # the EmbeddedKafka, when embedded
-    oauthbearer_servers: str = ""  # its SASL OAUTHBEARER listener (unsecured JWTs; stream/kafka/broker_oauth.py)
+    sasl_servers: str = ""  # its SASL listener (OAUTHBEARER, PLAIN, SCRAM; stream/kafka/broker_sasl.py)
     _counter: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def settings(self, **overrides: Any) -> Settings:
@@ -55,11 +62,22 @@ class KafkaFixture:
     def oauthbearer_settings(self, principal: str = "gruflow-test", **overrides: Any) -> Settings:
         """``settings(**overrides)`` as a client of the OAUTHBEARER listener, with unsecured JWTs for
         ``principal``; skips the test where there is no such listener (an external cluster)."""
-        from stream.kafka.broker_oauth import oauthbearer_client_settings
+        from stream.kafka.broker_sasl import oauthbearer_client_settings
 
-        if not self.oauthbearer_servers:
+        if not self.sasl_servers:
             pytest.skip("no SASL OAUTHBEARER listener: the tests run against an external cluster")
-        return oauthbearer_client_settings(self.settings(**overrides), self.oauthbearer_servers, principal)
+        return oauthbearer_client_settings(self.settings(**overrides), self.sasl_servers, principal)
+
+    def password_settings(self, mechanism: str, **overrides: Any) -> Settings:
+        """``settings(**overrides)`` as a PLAIN or SCRAM client of the SASL listener, with the user that
+        mechanism knows (SCRAM users are stored in the cluster at the session's start); skips the test where
+        there is no such listener (an external cluster)."""
+        from stream.kafka.broker_sasl import password_client_settings
+
+        if not self.sasl_servers:
+            pytest.skip("no SASL listener: the tests run against an external cluster")
+        user, password = SASL_USERS[mechanism]
+        return password_client_settings(self.settings(**overrides), self.sasl_servers, mechanism, user, password)
 
     def env(self, settings: Settings, **extra: str) -> dict[str, str]:
         """os.environ without stray GRUFLOW_* variables, plus every field of ``settings`` as GRUFLOW_*, for
@@ -76,13 +94,17 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaFixture]:
         return
     from stream.kafka.broker import BrokerError, EmbeddedKafka
 
-    broker = EmbeddedKafka.from_settings(base, oauthbearer=True)
+    broker = EmbeddedKafka.from_settings(base, sasl=True)
     try:
         broker.start()
     except BrokerError as exc:
         pytest.fail(f"cannot start the embedded Apache Kafka broker: {exc}", pytrace=False)
     try:
+        from stream.kafka.broker_sasl import add_scram_user
+
+        for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+            add_scram_user(broker.bootstrap_servers, *SASL_USERS[mechanism], mechanism=mechanism)
         yield KafkaFixture(broker.bootstrap_servers, broker.settings(base), tmp_root, embedded=True, broker=broker,
-                           oauthbearer_servers=broker.oauthbearer_bootstrap_servers)
+                           sasl_servers=broker.sasl_bootstrap_servers)
     finally:
         broker.stop()

@@ -1,5 +1,5 @@
 """SASL OAUTHBEARER against a real Apache Kafka broker: the embedded broker's OAUTHBEARER listener
-(stream/kafka/broker_oauth.py: SASL_PLAINTEXT, Kafka's default unsecured JWS validator) and gruflow's clients
+(stream/kafka/broker_sasl.py: SASL_PLAINTEXT, Kafka's default unsecured JWS validator) and gruflow's clients
 configured only through settings, as an operator would (GRUFLOW_SECURITY_PROTOCOL=SASL_PLAINTEXT,
 GRUFLOW_SASL_MECHANISM=OAUTHBEARER, librdkafka's ``enable.sasl.oauthbearer.unsecure.jwt=true`` and
 ``sasl.oauthbearer.config=principal=...`` in GRUFLOW_LIBRDKAFKA_CONFIG):
@@ -36,7 +36,7 @@ def test_librdkafka_clients_authenticate_with_oauthbearer(kafka) -> None:
     from stream.kafka.config import admin_config, assign_whole_topic, consumer_config, producer_config
 
     settings = kafka.oauthbearer_settings(partitions=2)
-    assert settings.connection.bootstrap_servers == kafka.oauthbearer_servers != kafka.bootstrap_servers
+    assert settings.connection.bootstrap_servers == kafka.sasl_servers != kafka.bootstrap_servers
     names = ensure_topics(settings)  # the admin client, over OAUTHBEARER
     assert names.recommendations in AdminClient(admin_config(settings)).list_topics(timeout=15).topics
     p = Producer(producer_config(settings))
@@ -57,7 +57,7 @@ def test_librdkafka_clients_authenticate_with_oauthbearer(kafka) -> None:
     assert sorted(got) == sorted(f"v{n}".encode() for n in range(10))
 
     # control: the same listener refuses a token that is not a JWT
-    refused = AdminClient({"bootstrap.servers": kafka.oauthbearer_servers, "security.protocol": "SASL_PLAINTEXT",
+    refused = AdminClient({"bootstrap.servers": kafka.sasl_servers, "security.protocol": "SASL_PLAINTEXT",
                            "sasl.mechanism": "OAUTHBEARER", "oauth_cb": lambda _cfg: ("not-a-jwt", time.time() + 600)})
     with pytest.raises(KafkaException):
         refused.list_topics(timeout=5)
@@ -134,7 +134,7 @@ def test_a_worker_answers_over_oauthbearer_only(kafka, tmp_path: Path) -> None:
     reader = TopicReader(settings, settings.topic("recommendations"))
     try:
         with WorkerProc(kafka, settings, model, tmp_path, name="oauth") as worker:
-            assert worker.env["GRUFLOW_BOOTSTRAP_SERVERS"] == kafka.oauthbearer_servers
+            assert worker.env["GRUFLOW_BOOTSTRAP_SERVERS"] == kafka.sasl_servers
             produce(settings, events)
             got = reader.poll_until(lambda c: {(e.user, e.ts) for e in events} <= set(c.answered()), 90,
                                     "an answer to every event")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.kafka import broker, broker_process, broker_setup
+from stream.kafka import broker, broker_process, broker_sasl, broker_setup
 from stream.kafka.broker_setup import BrokerError, default_cache_dir, find_java, find_mvn, kafka_version, resolve_jars
 from stream.settings import Settings
 
@@ -142,19 +142,25 @@ def test_an_unreadable_ports_file_is_an_error_not_new_ports(tmp_path):
         broker.EmbeddedKafka(data_dir=tmp_path)._prepare_run_dir()
 
 
-def test_the_oauthbearer_listener_is_an_option_of_the_broker_config(tmp_path):
+def test_the_sasl_listener_is_an_option_of_the_broker_config(tmp_path):
     def props(text: str) -> dict[str, str]:
         return dict(line.split("=", 1) for line in text.splitlines() if line)
 
     plain = props(broker_setup.server_properties(9092, 9093, tmp_path))
-    assert "OAUTH" not in plain["listeners"] and not [k for k in plain if "oauthbearer" in k]
-    oauth = props(broker_setup.server_properties(9092, 9093, tmp_path, oauthbearer_port=9094))
-    assert oauth["listeners"] == plain["listeners"] + ",OAUTH://127.0.0.1:9094"
-    assert oauth["advertised.listeners"] == plain["advertised.listeners"] + ",OAUTH://127.0.0.1:9094"
-    assert oauth["listener.security.protocol.map"].endswith(",OAUTH:SASL_PLAINTEXT")
-    assert oauth["listener.name.oauth.sasl.enabled.mechanisms"] == "OAUTHBEARER"
-    assert oauth["listener.name.oauth.oauthbearer.sasl.jaas.config"].startswith(
+    assert "SASL" not in plain["listeners"] and not [k for k in plain if "sasl" in k]
+    sasl = props(broker_setup.server_properties(9092, 9093, tmp_path, sasl_port=9094))
+    assert sasl["listeners"] == plain["listeners"] + ",SASL://127.0.0.1:9094"
+    assert sasl["advertised.listeners"] == plain["advertised.listeners"] + ",SASL://127.0.0.1:9094"
+    assert sasl["listener.security.protocol.map"].endswith(",SASL:SASL_PLAINTEXT")
+    assert sasl["listener.name.sasl.sasl.enabled.mechanisms"] == "OAUTHBEARER,PLAIN,SCRAM-SHA-256,SCRAM-SHA-512"
+    assert sasl["listener.name.sasl.oauthbearer.sasl.jaas.config"].startswith(
         "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required ")
-    assert oauth["inter.broker.listener.name"] == "PLAINTEXT"  # the broker's own traffic stays plaintext
+    user, password = broker_sasl.PLAIN_USER
+    assert sasl["listener.name.sasl.plain.sasl.jaas.config"] == (
+        f'org.apache.kafka.common.security.plain.PlainLoginModule required user_{user}="{password}";')
+    for mechanism in ("scram-sha-256", "scram-sha-512"):  # SCRAM users live in the cluster's metadata
+        assert sasl[f"listener.name.sasl.{mechanism}.sasl.jaas.config"] == (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;")
+    assert sasl["inter.broker.listener.name"] == "PLAINTEXT"  # the broker's own traffic stays plaintext
     # no server callback handler is named: Kafka's default for OAUTHBEARER is the unsecured JWS validator
-    assert not [k for k in oauth if "callback.handler" in k]
+    assert not [k for k in sasl if "callback.handler" in k]
