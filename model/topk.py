@@ -51,6 +51,7 @@ _CANDIDATES = 64  # at most this many items re-scored exactly per row by the int
 _CANDIDATE_BLOCKS = 48  # best blocks of 32 items searched for them
 _INT_CHUNK = 256  # rows scored at once by the int8 path: a [256, N] int32 block
 _PROBE_ROWS = 4096  # rows after which an int8 path that proves less than half of them is dropped
+_CODE_CHUNK = 65_536  # items coded at a time (float64 temporaries of this many rows)
 _MAX_BIAS_COLUMNS = 64  # more would mean biases far larger than the weights: float32 path only
 _NATIVE_CANDIDATES = 256  # items re-scored exactly per row by the compiled int8 path, at most
 _NATIVE_BLOCK_CAP = 128  # blocks it keeps per row while the threshold rises, at most
@@ -101,14 +102,15 @@ class Int8Prefilter:
 
     def __init__(self, W: torch.Tensor, b: torch.Tensor) -> None:
         n, h = W.shape
-        W64, b64 = W.double(), b.double()
-        amax = float(W64.abs().max()) if n and h else 0.0
-        if not math.isfinite(amax) or amax == 0.0 or not bool(torch.isfinite(b64).all()):
+        b64 = b.double()
+        # float64 work goes _CODE_CHUNK items at a time: whole-catalogue float64 temporaries of a 1M x 100
+        # matrix are 800 MB each, and held together they took the worker's peak memory past 5 GB
+        maxima = [float(W[i:i + _CODE_CHUNK].abs().max()) for i in range(0, n, _CODE_CHUNK)] if h else []
+        amax = max(maxima, default=0.0)
+        if not all(map(math.isfinite, maxima)) or amax == 0.0 or not bool(torch.isfinite(b64).all()):
             raise ValueError("weights are empty, all zero or not finite")
         sw = amax / _QMAX
         unit = sw / _QMAX
-        wq = torch.round(W64 / sw).clamp_(-_QMAX, _QMAX)
-        e = W64 / sw - wq
         b_int = torch.round(b64 / unit)
         coarse = torch.round(b_int / _QMAX)
         fine = b_int - _QMAX * coarse  # in [-63, 63]
@@ -117,21 +119,27 @@ class Int8Prefilter:
             raise ValueError("biases are too large next to the weights for int8 codes")
         width = -(-(h + n_coarse + 1) // 8) * 8
         self.padded = -(-n // _BLOCK) * _BLOCK  # whole blocks; the extra items are masked by the caller
-        codes = torch.zeros((width, self.padded), dtype=torch.float64)
-        codes[:h, :n] = wq.T
+        by_item = torch.zeros((self.padded, width), dtype=torch.int8)  # [N, width]: each item's codes together
+        w_norm = e_norm = 0.0
+        for i in range(0, n, _CODE_CHUNK):
+            scaled = W[i:i + _CODE_CHUNK].double() / sw
+            wq = torch.round(scaled).clamp_(-_QMAX, _QMAX)
+            by_item[i:i + len(wq), :h] = wq.to(torch.int8)
+            w_norm = max(w_norm, float(scaled.norm(dim=1).max()))  # max |w / sw|
+            e_norm = max(e_norm, float((scaled - wq).norm(dim=1).max()))  # max |e|
         base = torch.trunc(coarse / n_coarse)
         rest = coarse - base * n_coarse  # |rest| < n_coarse: one more unit in |rest| columns
         for c in range(n_coarse):
-            codes[h + c, :n] = base + torch.sign(rest) * (rest.abs() > c)
-        codes[h + n_coarse, :n] = fine
-        self.codes = _column_major(codes.to(torch.int8))  # [width, N]
+            by_item[:n, h + c] = (base + torch.sign(rest) * (rest.abs() > c)).to(torch.int8)
+        by_item[:n, h + n_coarse] = fine.to(torch.int8)
+        self.codes = _column_major(by_item.T)  # [width, N], stored item by item (no copy)
         self.const = torch.zeros(width, dtype=torch.int8)
         self.const[h:h + n_coarse] = _QMAX
         self.const[h + n_coarse] = 1
         self.hidden = h
         self.n_coarse = n_coarse
-        self.w_norm = float((W64 / sw).norm(dim=1).max())  # max |w / sw|
-        self.e_norm = float(e.norm(dim=1).max())  # max |e|
+        self.w_norm = w_norm
+        self.e_norm = e_norm
         # float32 rounding of the exact scores themselves (the reference is a float32 product): a
         # generous relative bound, in integer units, on top of the quantisation error
         self.fp_slack = 1e-4 * (_QMAX * math.sqrt(h) * self.w_norm + float(b_int.abs().max())) + 2.0

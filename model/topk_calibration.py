@@ -36,6 +36,7 @@ _CALIBRATION_PASSES = 3  # timed passes per path; the best one counts (the machi
 _CALIBRATION_BUDGET_S = 1.0  # no further passes once this much was spent timing
 _CALIBRATION_DROP = 4.0  # a path this many times slower than the best after a pass is not timed again
 _CALIBRATION_CHECK_ROWS = 64  # rows whose answers are checked against float64 scores, per path
+_CHECK_ITEMS = 65_536  # items whose float64 scores the check computes at a time
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,14 @@ def candidate_scorers(model: Recommender, k: int, *, threads: int = 1, compiled:
                       ) -> dict[ScorerPath, TopKScorer]:
     """One scorer per path that can run here for ``model`` and ``k``: float32 always; int8 where the
     weights allow its bound and k is small enough for its candidates; compiled where the kernel runs too."""
-    scorers: dict[ScorerPath, TopKScorer] = {"float32": TopKScorer(model, int8=False, threads=threads)}
-    if min(k, model.n_items) >= _CANDIDATE_BLOCKS:
-        return scorers  # top_k would answer every row in float32 anyway
+    if min(k, model.n_items) >= _CANDIDATE_BLOCKS:  # top_k would answer every row in float32 anyway
+        return {"float32": TopKScorer(model, int8=False, threads=threads)}
     full = TopKScorer(model, threads=threads, compiled=compiled)
+    # the paths share the read-only weights (a 1M-item catalogue's transposed copy alone is 400 MB); each
+    # scorer has its own counters
+    plain = copy.copy(full)
+    plain.prefilter = plain.native = None
+    scorers: dict[ScorerPath, TopKScorer] = {"float32": plain}
     if full.prefilter is None:
         return scorers
     if full.native is not None:
@@ -91,12 +96,18 @@ def is_exact_top_k(scorer: TopKScorer, hidden: np.ndarray, k: int, rows: np.ndar
     twice, no retired item, the values true, in descending order, and no better item left out."""
     k = min(k, scorer.n)
     x = torch.from_numpy(np.ascontiguousarray(hidden[:, -scorer.top_width:], dtype=np.float32)).double()
-    W, b = scorer.W.double(), scorer.b.double()
-    exact = torch.addmm(b, x, W.T)
+    # the float64 weights a slice of items at a time: a whole 1M-item copy would be 800 MB
+    parts, magnitude = [], torch.zeros(len(x), dtype=torch.float64)
+    for i in range(0, scorer.n, _CHECK_ITEMS):
+        W = scorer.W[i:i + _CHECK_ITEMS].double()
+        parts.append(torch.addmm(scorer.b[i:i + _CHECK_ITEMS].double(), x, W.T))
+        magnitude = torch.maximum(magnitude, (x.abs() @ W.abs().T).amax(dim=1))
+    exact = torch.cat(parts, dim=1)
+    del parts
     if scorer.retired is not None:
         exact[:, scorer.retired] = -torch.inf
     # float32 rounding of a dot product: a few ulps of the sum of the magnitudes of its terms
-    tol = (64 * float(np.finfo(np.float32).eps) * ((x.abs() @ W.abs().T).amax(dim=1) + b.abs().max())).unsqueeze(1)
+    tol = (64 * float(np.finfo(np.float32).eps) * (magnitude + scorer.b.double().abs().max())).unsqueeze(1)
     r = torch.from_numpy(np.asarray(rows, dtype=np.int64))
     v = torch.from_numpy(np.asarray(values, dtype=np.float64))
     if r.shape != (len(hidden), k) or v.shape != r.shape:
