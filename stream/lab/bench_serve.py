@@ -135,6 +135,34 @@ def _throughput(base: Settings, model_path: Path, df: Any, work: Path, because: 
         stop_process(worker)
 
 
+def _handler_quantiles(port: int) -> dict[str, float | None]:
+    """The worker's own time per request (``gruflow_http_request_duration_seconds``, both endpoints): the
+    upper bound of the histogram bucket holding the p50/p99, in ms. Set beside the client's latency, it says
+    whether a slow answer was slow inside the handler or before it (the event loop, the network stack)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    cumulative: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "gruflow_http_request_duration_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    le = float(sample.labels["le"])
+                    cumulative[le] = cumulative.get(le, 0.0) + sample.value
+    total = cumulative.get(float("inf"), 0.0)
+
+    def upper(q: float) -> float | None:
+        for le in sorted(cumulative):
+            if total and cumulative[le] >= q * total:
+                return None if le == float("inf") else le * 1000.0
+        return None
+
+    return {"requests": int(total), "p50_at_most": upper(0.5), "p99_at_most": upper(0.99)}
+
+
 def _serve_phases(settings: Settings, args: argparse.Namespace, model_path: Path, work: Path) -> dict[str, Any]:
     worker = _start_worker(settings, model_path, work / "worker.log")
     reader = RecReader(settings)
@@ -153,6 +181,7 @@ def _serve_phases(settings: Settings, args: argparse.Namespace, model_path: Path
         together, _ = latency_window(settings, reader, args)
         requests = queue.get(timeout=args.latency_seconds + 120)
         load.join(30)
+        requests["worker_handler_ms"] = _handler_quantiles(settings.process.web_port)
     finally:
         reader.close()
         stop_process(worker)
