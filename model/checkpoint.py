@@ -24,6 +24,7 @@ import json
 import os
 import struct
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,8 +159,14 @@ def checkpoint_from_bytes(data: bytes | bytearray | memoryview) -> Checkpoint:
         if tuple(arr.shape) != tuple(ref.shape):
             raise CheckpointError(f"checkpoint tensor {name!r} has shape {tuple(arr.shape)}, "
                                   f"the network expects {tuple(ref.shape)}")
-        new_state[name] = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True)).to(ref.dtype)
+        native = arr.astype(arr.dtype.newbyteorder("="), copy=False)  # a view of ``data`` unless swapped
+        with warnings.catch_warnings():  # read only: load_state_dict copies into the network's own tensors
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            new_state[name] = torch.from_numpy(native).to(ref.dtype)
+    # no second copy of the weights: at 1M items the tables are 400 MB each, and a model arriving on the models
+    # topic is parsed while the served one is still in memory
     net.load_state_dict(new_state)
+    del new_state
     net.categories = categories
     net.eval()
     popularity = None

@@ -195,7 +195,7 @@ def list_versions(settings: Any, timeout: float = 30.0) -> list[VersionInfo]:
     return out
 
 
-def read_version_bytes(settings: Any, version: int, timeout: float = 30.0) -> bytes | None:
+def read_version_bytes(settings: Any, version: int, timeout: float = 30.0) -> bytearray | None:
     """The verified checkpoint bytes of ``version`` from the topic, or None when absent/incomplete."""
     asm = Assembler(max_pending=1)
     found: Assembled | None = None
