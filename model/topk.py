@@ -167,7 +167,10 @@ def int8_product_is_exact(pf: Int8Prefilter, items: int = 512) -> bool:
     codes."""
     codes, const, hidden = pf.codes, pf.const, pf.hidden
     n = codes.shape[1]
-    largest = torch.topk(codes[:hidden].abs().sum(dim=0, dtype=torch.int64), min(8, n)).indices
+    # summed a slice of items at a time: the int64 copy of all the codes would be 800 MB at 1M items
+    magnitude = torch.cat([codes[:hidden, i:i + _CODE_CHUNK].abs().sum(dim=0, dtype=torch.int64)
+                           for i in range(0, n, _CODE_CHUNK)])
+    largest = torch.topk(magnitude, min(8, n)).indices
     cols = torch.unique(torch.cat([torch.arange(min(items, n)), largest]))
     w = codes.index_select(1, cols)
     g = torch.Generator().manual_seed(0)
