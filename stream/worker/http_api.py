@@ -16,9 +16,8 @@
   own category filter, masked before the top-K like the settings' rules, which it narrows and never widens
   (``serving.parse_filters``, ``rules.request_categories``).
 
-The maths runs in the worker's request thread (beside the stream's compute thread, so a request never
-waits for a stream batch), never on the event loop, and so do the users' state reads: the loop only
-routes (docs/serving-cost.md). Each request is
+The maths runs in the worker's compute thread (``Pipeline.executor``, between batches), never on the
+event loop, and so do the users' state reads: the loop only routes (docs/serving-cost.md). Each request is
 bounded by GRUFLOW_SERVE_TIMEOUT_S (504). Errors are JSON
 ``{"error", "detail"}`` and never repeat the user id.
 """
@@ -53,14 +52,14 @@ log = logging.getLogger("gruflow.http")
 
 @dataclass(frozen=True)
 class UserAsk:
-    """A known user's request: the state to read (in the request thread) and the list's length."""
+    """A known user's request: the state to read (in the compute thread) and the list's length."""
 
     partition: int
     key: bytes
     k: int
 
 
-# a request waiting for the request thread: (model, category filter, a UserAsk or an anonymous Session, future)
+# a request waiting for the compute thread: (model, category filter, a UserAsk or an anonymous Session, future)
 _Waiting = tuple[Any, CategoryFilter, "UserAsk | Session", asyncio.Future]
 
 
@@ -77,7 +76,7 @@ def _true(raw: str | None) -> bool:
 
 class EndOffsets:
     """Log end offsets from the broker, through one long-lived group-less consumer in its own thread
-    (read-your-writes requests; the compute and request threads and the event loop never wait on the broker)."""
+    (read-your-writes requests; the compute thread and the event loop never wait on the broker)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -229,7 +228,7 @@ class ServeEndpoints:
     async def _compute(self, model: Any, ask: UserAsk | Session,
                        categories: CategoryFilter = CategoryFilter()) -> bytes:
         """The answer to ``ask`` with ``model`` (its JSON), ranked with the request's own ``categories`` filter on
-        top of the settings' rules. Requests that arrive while the request thread is busy (with earlier
+        top of the settings' rules. Requests that arrive while the compute thread is busy (a stream batch, or earlier
         requests) are answered together by its next turn: one hop to the thread, one state read per
         partition, one GRU pass for the anonymous sessions and one top-K per model and filter, so a burst
         costs about what one batch of events costs."""
@@ -261,7 +260,7 @@ class ServeEndpoints:
             self._draining = False
 
     def _bind_reads(self, waiting: list[_Waiting]) -> tuple[list[_Waiting], dict[int, Any]]:
-        """On the event loop, just before a turn of the request thread: the database handle of each partition
+        """On the event loop, just before a turn of the compute thread: the database handle of each partition
         the turn reads (faust opens and drops them on this loop), and 503 for a request whose partition left
         this worker since it was checked."""
         actives = self.active_partitions()
@@ -280,7 +279,7 @@ class ServeEndpoints:
         return batch, dbs
 
     def _queries(self, batch: list[_Waiting], dbs: dict[int, Any]) -> list[Query]:
-        """In the request thread: the query of each request. The users' states come from one read per
+        """In the compute thread: the query of each request. The users' states come from one read per
         partition, as the worker last decided them; the anonymous sessions of a model are stepped together."""
         pipeline = self.runtime.pipeline
         keys: dict[int, dict[bytes, None]] = {}
@@ -302,7 +301,7 @@ class ServeEndpoints:
         return queries  # type: ignore[return-value]
 
     def _answer_batch(self, batch: list[_Waiting], dbs: dict[int, Any]) -> list[bytes]:
-        """In the request thread: the answers of a batch as JSON, ranked per model (a swap may split one) and
+        """In the compute thread: the answers of a batch as JSON, ranked per model (a swap may split one) and
         category filter (each filter masks its own catalogue rows)."""
         pipeline = self.runtime.pipeline
         scorers = pipeline.scorers

@@ -347,7 +347,7 @@ class Pipeline:
     def read_states(self, partition: int, keys: list[bytes], db: Any = None) -> dict[bytes, Any]:
         """States as the worker last decided them (in-flight batches' first, then RocksDB): what requests
         answer from. ``db``: the partition's handle (``store.partition_db``, taken on the event loop) when
-        called from the request thread (``StateView.read``)."""
+        called from the compute thread (``StateView.read``)."""
         return self.view.read(partition, keys, db)
 
     async def scan_for_evictions(self) -> None:
