@@ -123,10 +123,7 @@ class ServeEndpoints:
         self.history = sv.because_history if sv.because else 0
         self.end_offsets = EndOffsets(settings)
         self._client: aiohttp.ClientSession | None = None
-        self._waiting: list[_Waiting] = []  # requests waiting for the request thread
-        # requests have a thread of their own: a request never waits behind a stream batch (torch, RocksDB
-        # and the JSON encoder release the GIL, so the two threads overlap on a machine with 2 cores)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-requests")
+        self._waiting: list[_Waiting] = []  # requests waiting for the compute thread
         self._draining = False
         self._actives: ActivePartitions | None = None
         self._partition_of: Callable[[bytes], int] | None = None
@@ -140,7 +137,6 @@ class ServeEndpoints:
         if self._client is not None:
             await self._client.close()
         self.end_offsets.close()
-        self._executor.shutdown(wait=False)
 
     # --- handlers ----------------------------------------------------------------------------------------
     async def user_recommendations(self, request: web.Request) -> web.Response:
@@ -247,7 +243,7 @@ class ServeEndpoints:
                 if not batch:
                     continue
                 try:
-                    docs = await loop.run_in_executor(self._executor, self._answer_batch, batch, dbs)
+                    docs = await loop.run_in_executor(self.runtime.pipeline.executor, self._answer_batch, batch, dbs)
                 except Exception as exc:  # noqa: BLE001 - each request reports it (500) instead of hanging
                     for *_, future in batch:
                         if not future.done():

@@ -240,9 +240,9 @@ def test_a_request_whose_partition_moved_while_it_waited_gets_503_and_the_assign
     release = threading.Event()
 
     async def go() -> tuple[Any, Any, Any]:
-        busy = asyncio.get_running_loop().run_in_executor(serve._executor, release.wait)  # earlier requests' turn
+        busy = asyncio.get_running_loop().run_in_executor(runtime.pipeline.executor, release.wait)  # a stream batch
         first = asyncio.ensure_future(serve._compute(Holder.current, UserAsk(0, b"u1", 3)))
-        await asyncio.sleep(0.1)  # its turn is bound and waits for the request thread
+        await asyncio.sleep(0.1)  # its turn is bound and waits for the compute thread
         second = asyncio.ensure_future(serve._compute(Holder.current, UserAsk(0, b"u2", 3)))
         await asyncio.sleep(0.1)
         runtime.pipeline.owned = []  # a rebalance moves partition 0 away before the second's turn
@@ -260,24 +260,3 @@ def test_a_request_whose_partition_moved_while_it_waited_gets_503_and_the_assign
     assert isinstance(second, RequestError) and (second.status, second.code) == (503, "not_ready")
     assert runtime.pipeline.reads == [(0, [b"u1"], "db0")]  # the moved partition was not read
     assert runtime.app.asked == 2
-
-
-def test_a_request_is_answered_while_a_stream_batch_holds_the_compute_thread() -> None:
-    import threading
-
-    runtime = FakeRuntime(FakePipeline([0]), Holder())
-    serve = ServeEndpoints(Settings(), Metrics.create(role="worker"))
-    serve.runtime = runtime
-    release = threading.Event()
-
-    async def go() -> bytes:
-        busy = asyncio.get_running_loop().run_in_executor(runtime.pipeline.executor, release.wait)  # a stream batch
-        try:
-            return await asyncio.wait_for(serve._compute(Holder.current, UserAsk(0, b"u1", 3)), timeout=10)
-        finally:
-            release.set()
-            await busy
-
-    answer = asyncio.run(go())
-    assert len(orjson.loads(answer)["items"]) == 3
-    assert runtime.pipeline.reads == [(0, [b"u1"], "db0")]
