@@ -382,3 +382,11 @@ def test_the_scorer_path_setting() -> None:
         Settings.from_env({"GRUFLOW_SCORER_PATH": "fastest"})
     with pytest.raises(SettingsError, match="GRUFLOW_COMPILED_TOPK"):
         Settings.from_env({"GRUFLOW_SCORER_PATH": "compiled", "GRUFLOW_COMPILED_TOPK": "false"})
+
+
+def test_a_non_finite_weight_past_the_first_slice_of_items_is_refused() -> None:
+    """The codes are built a slice of items at a time: a NaN in a later slice still refuses the int8 bound."""
+    W, b = torch.ones((70_000, 4)), torch.zeros(70_000)
+    W[69_999, 2] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        Int8Prefilter(W, b)
