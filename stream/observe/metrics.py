@@ -179,9 +179,10 @@ def _worker_families() -> dict[str, Any]:
         worker_freezes=_counter("worker_freezes", "Times this worker stood still for more than half its group session "
                                                   "timeout (stream/worker/freeze_guard.py); the outputs it then had "
                                                   "were held until the group settled"),
-        transactions_fenced=_counter("transactions_fenced", "exactly_once commits refused because a newer producer "
-                                                            "holds this worker's transactional ids (its partitions "
-                                                            "moved; the open transactions were aborted)"),
+        transactions_fenced=_counter("transactions_fenced", "exactly_once commits or batch sends refused because a "
+                                                            "newer producer holds this worker's transactional ids "
+                                                            "(its partitions moved, or a transaction timed out; the "
+                                                            "open transactions were aborted)"),
         ready=_gauge("ready", "1 once state recovery is done and the worker serves"),
         http_requests=_counter("http_requests", "Recommendation requests answered, by endpoint (user|anonymous) and "
                                                 "HTTP status", ["endpoint", "status"]),

@@ -101,7 +101,13 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
     consumer = app.consumer
     assert isinstance(consumer, BatchConsumer)
     consumer.batch_handler = pipeline.handle
-    consumer.transactions.on_fenced = metrics.transactions_fenced.inc
+
+    def on_fenced() -> None:
+        metrics.transactions_fenced.inc()
+        store.mark_uncommitted()  # the aborted transactions' writes are in the local store
+
+    consumer.transactions.on_fenced = on_fenced
+    consumer.transactions.fence_grace_s = 2 * settings.worker.broker_session_timeout_s
     consumer.batch_topics = frozenset((*names.inputs, names.control))
     consumer.batch_max_events = settings.worker.batch_max_events
     consumer.batch_max_s = settings.worker.batch_max_ms / 1000.0

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from aiokafka.errors import ProducerFenced
 
 from model.retrieval_scorer import RetrievalPolicy
 from model.topk_calibration import ScorerCache
@@ -108,7 +109,14 @@ class Pipeline:
         self.rules = RuleConfig.from_settings(s)
         self._catalogue_masks = CatalogueMasks()
         self.exposure = ExposureWindow(s.rules.exposure_window_s) if s.rules.exposure_cap > 0 else None
-        self.freeze = FreezeGuard(s.worker.broker_session_timeout_s, on_freeze=m.worker_freezes.inc)
+        self.freeze = FreezeGuard(s.worker.broker_session_timeout_s, on_freeze=self._on_freeze)
+
+    def _on_freeze(self) -> None:
+        """A freeze seen: counted; under exactly_once the open transactions were aborted meanwhile by the
+        partitions' new owner, so the local store is rebuilt at the next recovery (``mark_uncommitted``)."""
+        self.metrics.worker_freezes.inc()
+        if self.exactly_once:
+            self.store.mark_uncommitted()
 
     # --- the batch ---------------------------------------------------------------------------
     async def handle(self, batch: Batch, generation: int) -> None:
@@ -221,7 +229,12 @@ class Pipeline:
             # per broker), so a commit could carry this batch's offsets while its outputs went out
             # after the EndTxn and were refused, silently. A refused record raises here instead,
             # before anything is acked.
-            await asyncio.gather(*futs)
+            try:
+                await asyncio.gather(*futs)
+            except ProducerFenced as exc:  # nothing written or acked: the batch is fetched again after the seek
+                consumer.transactions.fenced(exc)
+                log.info("a batch of %d events was dropped unacked: its transaction was fenced", len(events))
+                return False
             for p, recs in local.items():
                 self.store.write_partition(p, recs, created)
             for tp, offs in offsets:

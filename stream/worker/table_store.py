@@ -43,6 +43,7 @@ class TableStore:
         self.corrupt = 0  # undecodable records met (treated as absent, overwritten by the next event)
         self._corrupt_keys: set[bytes] = set()  # stored but undecodable: overwriting one creates no user
         self._users: dict[int, int] = {}  # partition -> user records, for the partitions counted since recovery
+        self._uncommitted: set[int] = set()  # partitions whose local store may hold aborted writes
 
     @property
     def _store(self) -> Any:
@@ -145,6 +146,24 @@ class TableStore:
             it.next()
         db.write(batch)
         return n
+
+    def mark_uncommitted(self) -> None:
+        """exactly_once, in a running worker that was fenced or frozen: its open transactions were aborted, but
+        their writes reached the local store before the commit (as after an unclean exit, which the worker's
+        start handles in stream/worker/main.py). Every partition is rebuilt from the committed changelog at
+        its next recovery, else a key the new owner had not written yet would keep its aborted state."""
+        self._uncommitted = set(range(self.partitions))
+
+    def take_uncommitted(self, tps: Iterable[TP]) -> list[TP]:
+        """Those of ``tps`` marked by ``mark_uncommitted``, wiped now (and unmarked) for a rebuild."""
+        out = [tp for tp in tps if tp.partition in self._uncommitted]
+        for tp in out:
+            self._uncommitted.discard(tp.partition)
+            self.wipe_partition(tp.partition)
+        if out:
+            log.warning("exactly_once: rebuilding %d partition(s) of the state table from the committed changelog "
+                        "(this worker was fenced or frozen with transactions open)", len(out))
+        return out
 
     def has_records(self, partition: int) -> bool:
         """Whether the partition's local store holds any user record (faust's offset key aside)."""
@@ -261,13 +280,17 @@ class ChangelogGuardRecovery(compat.RecoveryHooks):
     """
 
     def __init__(self, app: Any, tables: Any, *, on_stale: Callable[[Mapping[TP, tuple[int, int]]], None],
-                 has_records: Callable[[TP], bool], end_offsets: EndOffsets, **kwargs: Any) -> None:
+                 has_records: Callable[[TP], bool], end_offsets: EndOffsets,
+                 take_uncommitted: Callable[[Iterable[TP]], list[TP]] = lambda tps: [], **kwargs: Any) -> None:
         super().__init__(app, tables, **kwargs)
         self._on_stale = on_stale
         self._has_records = has_records
         self._end_offsets = end_offsets
+        self._take_uncommitted = take_uncommitted
 
     async def check_offsets(self, tps: Any, destination: Any) -> None:
+        for tp in self._take_uncommitted(tps or ()):
+            destination[tp] = None  # wiped: faust reads its changelog from the earliest offset
         if tps:
             ends = await self._end_offsets(tps)
             stale = stale_partitions({tp: destination.get(tp) for tp in tps}, ends, self._has_records)
@@ -281,4 +304,5 @@ def install_changelog_guard(app: Any, store: TableStore, end_offsets: EndOffsets
     """Give the app's table manager a ``ChangelogGuardRecovery`` (before the worker starts: faust creates
     its own Recovery lazily, on first use of ``app.tables.recovery``)."""
     compat.install_recovery(app, ChangelogGuardRecovery, on_stale=store.on_stale_changelog,
-                            has_records=lambda tp: store.has_records(tp.partition), end_offsets=end_offsets)
+                            has_records=lambda tp: store.has_records(tp.partition), end_offsets=end_offsets,
+                            take_uncommitted=store.take_uncommitted)

@@ -160,18 +160,24 @@ def test_commit_commits_each_partition_in_its_own_transaction(eos_runtime: Runti
         assert made[tid].offsets == ({TP(clicks, p): 10 * (p + 1)}, eos_runtime.app.conf.id)
 
 
-def test_a_fenced_commit_reports_failure_instead_of_crashing(eos_runtime: Runtime, transactions: Any,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """A newer producer holds the transactional id (the partition moved while this worker stood still): the
-    commit returns False and counts it; the app is not crashed (faust's own commit would crash it)."""
+@pytest.mark.parametrize("rebalance", [True, False])
+def test_a_fenced_commit_reports_failure_and_crashes_only_if_no_rebalance_follows(
+        eos_runtime: Runtime, transactions: Any, monkeypatch: pytest.MonkeyPatch, rebalance: bool) -> None:
+    """A newer producer holds the transactional id: the commit returns False and counts it. If a rebalance
+    begins within the grace (the partition moved while this worker stood still), the app is not crashed; if
+    none does (a transaction timeout), it is crashed as faust's own commit would (a restart goes back to the
+    broker's committed offsets)."""
     producer, made = transactions
     manager = eos_runtime.app.consumer.transactions
+    app = eos_runtime.app
     crashed: list[BaseException] = []
 
     async def crash(exc: BaseException) -> None:
         crashed.append(exc)
 
-    monkeypatch.setattr(eos_runtime.app, "crash", crash)
+    monkeypatch.setattr(app, "crash", crash)
+    monkeypatch.setattr(manager, "fence_grace_s", 0.5)
+
     def fenced() -> float | None:
         return eos_runtime.metrics.registry.get_sample_value("gruflow_transactions_fenced_total")
 
@@ -179,6 +185,15 @@ def test_a_fenced_commit_reports_failure_instead_of_crashing(eos_runtime: Runtim
     tid = eos_runtime.pipeline.sink._transactional_id(0)
     run(eos_runtime, producer.begin_transaction(tid))
     made[tid].fenced = True
-    assert run(eos_runtime, manager.commit({TP(eos_runtime.pipeline.names.clicks, 0): 5})) is False
-    assert not crashed and "commit_transaction" not in made[tid].calls
+
+    async def commit_then_wait() -> bool:
+        ok = await manager.commit({TP(eos_runtime.pipeline.names.clicks, 0): 5})
+        if rebalance:
+            app.rebalancing_count += 1  # what faust's on_rebalance_start does
+        await asyncio.sleep(1.0)  # past the grace
+        return ok
+
+    assert run(eos_runtime, commit_then_wait()) is False
+    assert "commit_transaction" not in made[tid].calls
     assert before is not None and fenced() == before + 1
+    assert (crashed == []) if rebalance else (len(crashed) == 1 and type(crashed[0]).__name__ == "ProducerFenced")
