@@ -27,6 +27,7 @@ from typing import Any
 
 from stream import compat
 from stream.settings import INPUT_MESSAGE_MAX_BYTES, Settings
+from stream.worker.transactions import transactional_id
 
 
 @dataclass
@@ -188,8 +189,7 @@ class TransactionalSink:
         self.topics = (recommendations, changelog, dlq)
 
     def _transactional_id(self, partition: int) -> str:
-        group = self.app.assignor.group_for_topic(self.source_topic)
-        return f"{self.app.conf.id}-{group}-{partition}"
+        return transactional_id(self.app, self.source_topic, partition)
 
     async def send(self, out: Outgoing) -> tuple[list[tuple[int, Any]], list[Any]]:
         """Append the records to the open transactions; returns (changelog futures, all futures)."""

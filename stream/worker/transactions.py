@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import asyncio
 from collections import defaultdict
-from typing import Callable, Mapping, MutableMapping, Set
+from typing import Any, Callable, Mapping, MutableMapping, Set
 
 from aiokafka.errors import ProducerFenced
 from faust.transport.consumer import TransactionManager
@@ -31,6 +31,12 @@ from faust.types import TP
 from stream import compat
 
 log = logging.getLogger("gruflow.worker")
+
+
+def transactional_id(app: Any, topic: str, partition: int) -> str:
+    """faust's transactional id of a partition's transaction (its TransactionManager's naming, pinned by
+    ``test_the_sink_computes_faust_transactional_ids``): what the sink sends in and the commit commits."""
+    return f"{app.conf.id}-{app.assignor.group_for_topic(topic)}-{partition}"
 
 
 class FreshTransactionManager(TransactionManager):
@@ -63,8 +69,7 @@ class FreshTransactionManager(TransactionManager):
         ``TransactionalSink`` sends); False when a newer producer fenced one of them."""
         by_transactional_id: MutableMapping[str, MutableMapping[TP, int]] = defaultdict(dict)
         for tp, offset in offsets.items():
-            group = self.app.assignor.group_for_topic(tp.topic)
-            by_transactional_id[f"{self.app.conf.id}-{group}-{tp.partition}"][tp] = offset
+            by_transactional_id[transactional_id(self.app, tp.topic, tp.partition)][tp] = offset
         if not by_transactional_id:
             return True
         try:
