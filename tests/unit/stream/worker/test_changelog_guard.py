@@ -102,3 +102,38 @@ def test_guard_wipes_stale_partitions_before_faust_reads_their_offsets(tmp_path,
     assert len(errors) == 1
     assert f"{CL}[0] local offset 500 >= changelog end offset 0" in errors[0].getMessage()
     assert f"{CL}[1]" not in errors[0].getMessage()
+
+
+def test_after_mark_uncommitted_each_partition_is_rebuilt_once_at_its_next_recovery(tmp_path, caplog):
+    """exactly_once, a fenced or frozen worker: the local store may hold aborted writes, so every partition it
+    recovers next is wiped and read from the changelog's start, once; a later recovery keeps its offsets."""
+    app, store = _app_with_table(tmp_path)
+    tp0, tp1 = TP(CL, 0), TP(CL, 1)
+
+    async def end_offsets(tps):  # the changelog is ahead of the store: nothing stale by offsets
+        return {tp0: 100, tp1: 100}
+
+    install_changelog_guard(app, store, end_offsets)
+    recovery = app.tables.recovery
+    store.write_partition(0, [(b"u1", b"aborted")])
+    store.write_partition(1, [(b"v1", b"aborted")])
+    store.mark_changelog_offsets({0: 40, 1: 50})
+    store.mark_uncommitted()
+
+    class Consumer:
+        async def earliest_offsets(self, *tps):
+            return {tp0: 0, tp1: 0}
+
+    from collections import Counter
+
+    first: Counter = Counter({tp0: 40})
+    with caplog.at_level("WARNING", logger="gruflow.worker"):
+        asyncio.run(recovery._build_offsets(Consumer(), {tp0}, first, "active"))  # only partition 0 comes back
+    assert first[tp0] == -1 and store.get_partition(0, [b"u1"]) == {}
+    assert [k for k, _ in store.iter_partition(1)] == [b"v1"]  # not recovered yet: left as it is, still marked
+    assert any("rebuilding 1 partition" in r.getMessage() for r in caplog.records)
+
+    later: Counter = Counter({tp0: 60, tp1: 50})
+    asyncio.run(recovery._build_offsets(Consumer(), {tp0, tp1}, later, "active"))
+    assert later[tp0] == 60  # rebuilt once already
+    assert later[tp1] == -1 and store.get_partition(1, [b"v1"]) == {}
