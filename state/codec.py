@@ -159,6 +159,22 @@ def decode(data: bytes) -> UserState:
     return state
 
 
+def applied_offsets(data: bytes) -> tuple[int, ...]:
+    """The ``offsets`` of an encoded record, read from its header alone (changelog recovery reads many)."""
+    if len(data) < HEADER_SIZE or data[0] not in (1, FORMAT_VERSION, FORMAT_VERSION_RECENT):
+        raise StateCodecError("not a state record of a known format version")
+    fields = _HEADER.unpack_from(data, 0)
+    return fields[8] + (fields[9] << 16), fields[10] + (fields[11] << 16)
+
+
+def supersedes(newer: tuple[int, ...], older: tuple[int, ...]) -> bool:
+    """Whether a state that applied its sources' events up to ``newer`` holds every event of one that applied
+    them up to ``older``, and more. A user's events live in one partition per source, so a state's applied
+    offsets only grow along one history of that user; a record they supersede is a late copy of an older
+    state (a worker that lost the partition wrote it after the new owner's)."""
+    return newer != older and all(n >= o for n, o in zip(newer, older))
+
+
 def encoded_size(state_size: int, k: int, bought: int = 0, session_items: int = 0, recent: int = 0) -> int:
     """Bytes of a record with a hidden state of ``state_size`` floats, ``k`` recommendations, the rule
     lists' lengths and ``recent`` item rows."""

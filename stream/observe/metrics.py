@@ -87,6 +87,7 @@ class Metrics:
     forgotten_users: Counter
     worker_freezes: Counter
     transactions_fenced: Counter
+    changelog_superseded: Counter
     # trainer
     finetune_rounds: Counter
     finetune_duration: Histogram
@@ -183,6 +184,10 @@ def _worker_families() -> dict[str, Any]:
                                                             "newer producer holds this worker's transactional ids "
                                                             "(its partitions moved, or a transaction timed out; the "
                                                             "open transactions were aborted)"),
+        changelog_superseded=_counter("changelog_superseded", "State changelog records skipped by recovery or a "
+                                                              "standby because the state already applied for "
+                                                              "their user is newer (late writes of a worker that "
+                                                              "had lost the partition; docs/takeover.md)"),
         ready=_gauge("ready", "1 once state recovery is done and the worker serves"),
         http_requests=_counter("http_requests", "Recommendation requests answered, by endpoint (user|anonymous) and "
                                                 "HTTP status", ["endpoint", "status"]),

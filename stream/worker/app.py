@@ -20,7 +20,7 @@ from stream.observe.metrics import Metrics
 from stream.worker.model_holder import ModelHolder
 from stream.settings import Settings
 from stream.worker.sinks import BatchSink, TransactionalSink
-from stream.worker.table_store import TableStore, install_changelog_guard
+from stream.worker.table_store import StateTable, TableStore, install_changelog_guard
 from stream.kafka.topics import DLQ_MESSAGE_MAX_BYTES, STATE_TABLE_NAME, TopicNames
 
 log = logging.getLogger("gruflow.worker")
@@ -91,6 +91,8 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
                                  key_serializer="raw", value_serializer="raw"))
     table = _state_table(app, settings, names)
     store = TableStore(table, settings.topics.partitions)
+    table.keep_records = store.newest_records
+    store.on_superseded = metrics.changelog_superseded.inc
     install_changelog_guard(app, store, _changelog_end_offsets(settings))
     if exactly_once:
         sink: Any = TransactionalSink(app, names.clicks, names.recommendations, names.changelog, names.dlq)
@@ -126,6 +128,7 @@ def _faust_app(settings: Settings, datadir: str) -> Any:
         settings.process.app_id,
         **faust_broker_kwargs(settings),
         store="rocksdb://",
+        Table=StateTable,  # the changelog is replayed newest-state-wins (stream/worker/table_store.py)
         datadir=datadir,
         web_enabled=False,  # stream/observe/web.py serves /metrics, /livez, /readyz and requests from process start
         canonical_url=settings.web_url(),  # the address faust's assignment gives the other workers (routing)

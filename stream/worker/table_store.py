@@ -18,6 +18,13 @@ or the topic was recreated. faust then raises ConsistencyError at every start, a
 deleting the data dir ends. ``ChangelogGuardRecovery`` catches that case first: it logs one error, wipes
 the stale partitions (their records and persisted offsets) and lets faust's recovery rebuild them from
 the changelog as it is.
+
+A changelog can also end with an OLDER state of a user than one before it: under at_least_once nothing
+fences a worker that stood still past its session timeout, so its in-flight records land after those of
+the worker that took its partitions over. Replaying the changelog last-record-wins would hand the next
+owner that stale state while the group's committed offsets are past the events it misses.
+``StateTable`` therefore applies a changelog record only if it is not superseded (``state.codec.supersedes``)
+by the state already stored, or applied earlier in the same batch, for its key.
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ import logging
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
+import faust
 from aiokafka.partitioner import murmur2
 from faust.types import TP
 
-from state.codec import StateCodecError, UserState, decode
+from state.codec import StateCodecError, UserState, applied_offsets, decode, supersedes
 from stream import compat
 
 log = logging.getLogger("gruflow.worker")
@@ -44,6 +52,7 @@ class TableStore:
         self._corrupt_keys: set[bytes] = set()  # stored but undecodable: overwriting one creates no user
         self._users: dict[int, int] = {}  # partition -> user records, for the partitions counted since recovery
         self._uncommitted: set[int] = set()  # partitions whose local store may hold aborted writes
+        self.on_superseded: Callable[[int], None] = lambda n: None  # stale changelog records skipped
 
     @property
     def _store(self) -> Any:
@@ -123,6 +132,31 @@ class TableStore:
                 self.table.app.tables.persist_offset_on_commit(self._store, tp, offset)
             else:
                 self._store.set_persisted_offset(tp, offset)
+
+    def newest_records(self, records: Sequence[tuple[int, bytes, bytes | None]]) -> list[bool]:
+        """For changelog records (partition, key, value) in changelog order: which ones to apply, compared with
+        what the partitions' local stores hold now (``newest_records`` below). Skipped ones are logged and counted."""
+        by_partition: dict[int, list[int]] = {}
+        for i, (partition, _, _) in enumerate(records):
+            by_partition.setdefault(partition, []).append(i)
+        keep = [True] * len(records)
+        for partition, indexes in by_partition.items():
+            keys = list({records[i][1] for i in indexes if records[i][2] is not None})
+            stored: dict[bytes, tuple[int, ...]] = {}
+            for key, raw in zip(keys, self._db(partition)[keys] if keys else ()):
+                if raw is not None:
+                    try:
+                        stored[key] = applied_offsets(raw)
+                    except StateCodecError:
+                        pass  # an undecodable stored record is no newer than anything
+            for i, kept in zip(indexes, newest_records([records[i][1:] for i in indexes], stored)):
+                keep[i] = kept
+        skipped = keep.count(False)
+        if skipped:
+            log.warning("changelog recovery skipped %d state record(s) older than the state already applied for "
+                        "their user (late writes of a worker that had lost the partition)", skipped)
+            self.on_superseded(skipped)
+        return keep
 
     def wipe_partition(self, partition: int) -> int:
         """Delete every record of one partition's local store, faust's persisted offset included (so that
@@ -235,6 +269,55 @@ class TableStore:
         for p, ks in by_p.items():
             out.update(self.get_partition(p, ks))
         return out
+
+
+# --------------------------------------------------------------------------- stale changelog records
+
+
+def newest_records(records: Sequence[tuple[bytes, bytes | None]],
+                   stored: Mapping[bytes, tuple[int, ...]]) -> list[bool]:
+    """For one partition's changelog records (key, value; None = tombstone) in changelog order, given the
+    applied offsets of the states stored before them: whether to apply each. A state record is skipped when
+    the newest state of its key so far supersedes it; everything else is applied as faust would (last record
+    wins), including tombstones and records whose offsets cannot be read or compared."""
+    newest: dict[bytes, tuple[int, ...] | None] = dict(stored)
+    keep = []
+    for key, value in records:
+        offsets: tuple[int, ...] | None = None
+        if value is not None:
+            try:
+                offsets = applied_offsets(value)
+            except StateCodecError:
+                pass
+        current = newest.get(key)
+        if offsets is not None and current is not None and supersedes(current, offsets):
+            keep.append(False)
+            continue
+        newest[key] = offsets
+        keep.append(True)
+    return keep
+
+
+class StateTable(faust.Table):  # type: ignore[misc]
+    """faust's Table, replaying its changelog newest-state-wins (``newest_records``). Recovery and standby
+    replicas both go through ``apply_changelog_batch``, a public method of faust's tables."""
+
+    keep_records: Callable[[Sequence[tuple[int, bytes, bytes | None]]], list[bool]] | None = None
+
+    def apply_changelog_batch(self, batch: Iterable[Any]) -> None:
+        events = list(batch)
+        if self.keep_records is None or not events:
+            super().apply_changelog_batch(events)
+            return
+        keep = self.keep_records([(e.message.partition, e.message.key, e.message.value) for e in events])
+        super().apply_changelog_batch([e for e, kept in zip(events, keep) if kept])
+        if not all(keep):
+            # the store persists the highest offset it applied; the skipped records were read too
+            highest: dict[TP, int] = {}
+            for e in events:
+                highest[e.message.tp] = max(e.message.offset, highest.get(e.message.tp, -1))
+            for tp, offset in highest.items():
+                self.data.set_persisted_offset(tp, offset)
 
 
 # --------------------------------------------------------------------------- a replaced cluster

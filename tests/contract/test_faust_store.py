@@ -68,3 +68,21 @@ def test_changelog_offsets_persist_where_faust_recovery_reads_them(runtime: Runt
     assert data.persisted_offset(TP(changelog, 1)) == 7
     assert store._db(0).get(data.offset_key) is not None
     assert list(store.iter_partition(0)) == []
+
+
+def test_recovery_and_standbys_apply_the_changelog_through_the_state_table(runtime: Runtime) -> None:
+    """Newest-state-wins replay (``StateTable``) relies on faust's recovery (actives and standbys alike)
+    writing changelog records only through ``table.apply_changelog_batch``, and on the store's
+    ``set_persisted_offset`` to record how far it read."""
+    import inspect
+
+    from faust.tables.recovery import Recovery
+
+    from stream.worker.table_store import StateTable
+
+    table = runtime.pipeline.store.table
+    assert isinstance(table, StateTable) and table.keep_records == runtime.pipeline.store.newest_records
+    source = inspect.getsource(Recovery)
+    assert source.count(".apply_changelog_batch(") >= 2  # the buffered standby/active path and the final flush
+    assert "set_persisted_offset" not in source and "_db_for_partition" not in source  # no other write path
+    assert callable(table.data.set_persisted_offset)
