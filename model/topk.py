@@ -239,17 +239,22 @@ class TopKScorer:
     threads these do not spin between calls (spinning OpenMP threads took the CPU that the event loop
     and the broker needed; the end-to-end rate fell by about a quarter with two of them)."""
 
-    def __init__(self, model: Recommender, *, int8: bool = True, threads: int = 1, compiled: bool = True) -> None:
+    def __init__(self, model: Recommender, *, int8: bool = True, threads: int = 1, compiled: bool = True,
+                 rows: np.ndarray | None = None) -> None:
+        """``rows``: only these live rows, answered as catalogue rows (``model.topk_tiers`` proves the rest out)."""
         self.model = model
         self.threads = max(1, int(threads))
         net = model.net
+        self.row_ids = None if rows is None else np.asarray(rows, dtype=np.int64)
         with torch.no_grad():
-            self.W = net.Wy.weight.detach().float().contiguous()
-            self.b = net.By.weight.detach().float().reshape(-1).contiguous()
+            W, b = net.Wy.weight.detach().float(), net.By.weight.detach().float().reshape(-1)
+            if self.row_ids is not None:
+                W, b = W[torch.from_numpy(self.row_ids)], b[torch.from_numpy(self.row_ids)]
+            self.W, self.b = W.contiguous(), b.contiguous()
         self.n = self.W.shape[0]
         self.WT = self.W.T.contiguous()
         self.top_width = int(net.layers[-1])
-        retired = getattr(model, "_retired", None)
+        retired = getattr(model, "_retired", None) if rows is None else None
         self.retired = None
         if retired is not None and len(retired):
             self.retired = torch.as_tensor(np.asarray(retired, dtype=np.int64))
@@ -296,6 +301,8 @@ class TopKScorer:
         if prefilter is not None and seen >= _PROBE_ROWS > self.rows_scored and 2 * self.rows_int8 < seen:
             self.prefilter = None  # scores too flat for the int8 bound to prove anything
         self.rows_scored = seen
+        if self.row_ids is not None:
+            rows = self.row_ids[rows]
         return rows, values
 
     @torch.inference_mode()

@@ -25,10 +25,12 @@ from model.recommender import Recommender
 from model.retrieval import use_approximate
 from model.retrieval_scorer import IndexedScorer, IndexKeeper, RetrievalPolicy
 from model.topk import _CANDIDATE_BLOCKS, PATHS, ScorerPath, TopKScorer, int8_product_is_exact
+from model.topk_tiers import MIN_ITEMS, NormTiers, TieredTopK
 
 log = logging.getLogger(__name__)
 
-Scorer = TopKScorer | IndexedScorer  # what the worker scores with: an exact path, or a model's index
+ExactScorer = TopKScorer | TieredTopK
+Scorer = ExactScorer | IndexedScorer  # what the worker scores with: an exact path, or a model's index
 
 _CALIBRATION_SCORES = 6_000_000  # item scores per timed pass of a path (rows = this / items): short
 _CALIBRATION_ROWS = (64, 2048)  # but at least a chunk's worth of rows, at most a full batch
@@ -37,6 +39,7 @@ _CALIBRATION_BUDGET_S = 1.0  # no further passes once this much was spent timing
 _CALIBRATION_DROP = 4.0  # a path this many times slower than the best after a pass is not timed again
 _CALIBRATION_CHECK_ROWS = 64  # rows whose answers are checked against float64 scores, per path
 _CHECK_ITEMS = 65_536  # items whose float64 scores the check computes at a time
+_TIER_STATES = 256  # sample states that size the head of a tiered catalogue (model.topk_tiers)
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,37 @@ class Calibration:
 
 
 def candidate_scorers(model: Recommender, k: int, *, threads: int = 1, compiled: bool = True
-                      ) -> dict[ScorerPath, TopKScorer]:
+                      ) -> dict[ScorerPath, ExactScorer]:
     """One scorer per path that can run here for ``model`` and ``k``: float32 always; int8 where the
-    weights allow its bound and k is small enough for its candidates; compiled where the kernel runs too."""
+    weights allow its bound and k is small enough for its candidates; compiled where the kernel runs too.
+    In a large catalogue whose rows mostly cannot reach the top-K (``model.topk_tiers``), each path scores
+    only the rows that can, and the others are proven out by their norms."""
+    tiers, W, b, retired = _norm_tiers(model, k)
+    rows = tiers.head if tiers is not None else None
+    scorers = _path_scorers(model, k, threads, compiled, rows)
+    if tiers is None:
+        return scorers  # type: ignore[return-value]
+    return {name: TieredTopK(scorer, tiers, W, b, retired) for name, scorer in scorers.items()}
+
+
+def _norm_tiers(model: Recommender, k: int) -> tuple[NormTiers | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The head/tier split of ``model``'s catalogue (None where it does not pay), with the full tables."""
+    with torch.no_grad():
+        W = model.net.Wy.weight.detach().float()
+        b = model.net.By.weight.detach().float().reshape(-1)
+    retired = getattr(model, "_retired", None)
+    retired_rows = np.asarray(retired, dtype=np.int64) if retired is not None and len(retired) else None
+    tiers = None
+    if model.n_items >= MIN_ITEMS and k < _CANDIDATE_BLOCKS:
+        tiers = NormTiers.build(W, b, retired_rows, probe_states(model, _TIER_STATES, seed=1), k)
+    return tiers, W, b, None if retired_rows is None else torch.from_numpy(retired_rows)
+
+
+def _path_scorers(model: Recommender, k: int, threads: int, compiled: bool,
+                  rows: np.ndarray | None) -> dict[ScorerPath, TopKScorer]:
     if min(k, model.n_items) >= _CANDIDATE_BLOCKS:  # top_k would answer every row in float32 anyway
-        return {"float32": TopKScorer(model, int8=False, threads=threads)}
-    full = TopKScorer(model, threads=threads, compiled=compiled)
+        return {"float32": TopKScorer(model, int8=False, threads=threads, rows=rows)}
+    full = TopKScorer(model, threads=threads, compiled=compiled, rows=rows)
     # the paths share the read-only weights (a 1M-item catalogue's transposed copy alone is 400 MB); each
     # scorer has its own counters
     plain = copy.copy(full)
@@ -91,7 +119,7 @@ def probe_states(model: Recommender, rows: int, *, steps: int = 3, seed: int = 0
     return hidden
 
 
-def is_exact_top_k(scorer: TopKScorer, hidden: np.ndarray, k: int, rows: np.ndarray, values: np.ndarray) -> bool:
+def is_exact_top_k(scorer: ExactScorer, hidden: np.ndarray, k: int, rows: np.ndarray, values: np.ndarray) -> bool:
     """Whether ``rows``/``values`` are a top-k of float64 scores of ``hidden``, up to float32 rounding: no item
     twice, no retired item, the values true, in descending order, and no better item left out."""
     k = min(k, scorer.n)
@@ -135,7 +163,7 @@ def _cpu_clock() -> Callable[[], float]:
 
 
 def calibrate(model: Recommender, k: int, *, threads: int = 1, compiled: bool = True,
-              path: ScorerPath | Literal["auto"] = "auto") -> tuple[TopKScorer, Calibration]:
+              path: ScorerPath | Literal["auto"] = "auto") -> tuple[ExactScorer, Calibration]:
     """The scorer of the fastest exact path for ``model`` on this machine, and what was measured.
 
     Each path first answers a few probe states, checked against float64 scores (a path that errs is
