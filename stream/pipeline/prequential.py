@@ -13,6 +13,9 @@ from stream.pipeline.events import Event
 from stream.pipeline.exposure import PAD
 
 
+_MAX_PENDING_UPDATES = 64
+
+
 @dataclass
 class Prequential:
     events: int = 0
@@ -21,19 +24,30 @@ class Prequential:
 
 
 class PopularityBaseline:
-    """Running per-row counts of the items seen by this worker; the comparison for prequential metrics."""
+    """Running per-row counts of the items seen by this worker; the comparison for prequential metrics.
+
+    ``top`` ranks by count, then row (a total order). Counts only grow, so the top-k after an update lies
+    among the previous top-k and the rows updated since: a row in neither was ranked after the previous
+    k-th row and still is. ``top`` therefore ranks those candidates instead of the whole catalogue."""
 
     def __init__(self) -> None:
         self.counts = np.zeros(0, dtype=np.int64)
+        self._top = np.zeros(0, dtype=np.int64)  # the exact top-k of the last ``top`` call (zeros included)
+        self._touched: list[np.ndarray] = []  # rows updated since
 
     def top(self, k: int) -> np.ndarray:
         c = self.counts
         if c.shape[0] == 0:
             return np.zeros(0, dtype=np.int64)
-        k = min(k, c.shape[0])
-        part = np.argpartition(-c, k - 1)[:k]
-        order = np.lexsort((part, -c[part]))  # by count desc, then row asc: deterministic
-        top = part[order]
+        if len(self._top) == k:
+            part = np.unique(np.concatenate([self._top, *self._touched]))
+        else:
+            kk = min(k, c.shape[0])
+            kth = np.partition(c, c.shape[0] - kk)[c.shape[0] - kk]  # the kk-th largest count
+            above = np.flatnonzero(c > kth)
+            part = np.concatenate([above, np.flatnonzero(c == kth)[:kk - len(above)]])  # ties: lowest rows
+        top = part[np.lexsort((part, -c[part]))][:k]  # by count desc, then row asc: deterministic
+        self._top, self._touched = top, []
         return top[c[top] > 0]
 
     def update(self, rows: np.ndarray) -> None:
@@ -46,6 +60,9 @@ class PopularityBaseline:
             grown[: self.counts.shape[0]] = self.counts
             self.counts = grown
         np.add.at(self.counts, rows, 1)
+        self._touched.append(rows)
+        if len(self._touched) > _MAX_PENDING_UPDATES:  # nobody asks for the top: rank everything next time
+            self._top, self._touched = self._top[:0], []
 
 
 def prequential_counts(events: list[Event], states: dict[bytes, UserState], rows: np.ndarray,

@@ -310,3 +310,17 @@ def test_compiled_and_python_encoders_write_orjsons_documents(model: Recommender
     monkeypatch.setattr(native, "library", lambda: None)
     python = P.encode_outputs(model, events, rows, scores, 1_700_000_000_999)
     assert [v for _, v in compiled] == [v for _, v in python] == expected
+
+
+def test_the_popularity_top_ranked_from_candidates_equals_a_full_ranking():
+    """``PopularityBaseline.top`` ranks only the last top and the rows updated since; with many ties and a
+    growing catalogue it must equal the full ranking (count desc, then row asc) after every update."""
+    rng = np.random.default_rng(7)
+    pop = PopularityBaseline()
+    for step in range(300):
+        n = 50 + step  # the catalogue grows
+        pop.update(rng.integers(-1, n, size=int(rng.integers(0, 6))))
+        k = 5 if step % 50 else 8  # a different k now and then: ranked in full
+        c = pop.counts
+        full = sorted(range(len(c)), key=lambda r: (-c[r], r))[:k]
+        assert pop.top(k).tolist() == [r for r in full if c[r] > 0], step
