@@ -287,7 +287,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     import torch
 
     from model.checkpoint import checkpoint_to_bytes
-    from model.params import OFFICIAL, GRU4RecParams
+    from model.params import OFFICIAL, GRU4RecParams, read_params_file
     from model.train import train_model
     from stream.settings import Settings
 
@@ -303,7 +303,10 @@ def prepare(args: argparse.Namespace) -> Prepared:
         raise SystemExit(f"--warmup-days {args.warmup_days} leaves {len(warm)} warm-up and {len(rest)} stream events")
     _log(f"warm-up: {len(warm)} events before {time.strftime('%Y-%m-%d %H:%M', time.gmtime(cut))} UTC; "
          f"stream: {len(rest)} events")
-    params = GRU4RecParams.parse(args.params, base=OFFICIAL)  # the warm-up model: official config (measured so)
+    # the warm-up model: the official configuration (measured so), or a params file (`gruflow tune`), and
+    # --params on top
+    base = read_params_file(args.params_file) if getattr(args, "params_file", None) else OFFICIAL
+    params = GRU4RecParams.parse(args.params, base=base)
     net, vocab, pop = train_model(warm, params, progress=True)
     v1 = checkpoint_to_bytes(net, vocab, params, pop, {"version": 1, "parent_version": 0, "source": "warm-up"})
     return Prepared(settings, warm, rest, v1, vocab)
