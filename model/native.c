@@ -1,5 +1,6 @@
 /* gruflow's compiled helpers, loaded by model/native.py with ctypes:
-   - gf_topk: the int8 pre-filtered exact top-K of model/topk.py (x86-64 with AVX-512 VNNI only);
+   - gf_topk / gf_topk_avx2: the int8 pre-filtered exact top-K of model/topk.py (x86-64 with AVX-512 VNNI,
+     or with AVX2 and FMA: same bound, same answers);
    - gf_encode: the recommendation JSON documents of a batch (stream/pipeline/processor.py; any platform).
 
    gf_topk computes the int8 pre-filtered exact top-K in one pass per row.
@@ -34,15 +35,22 @@
 #define GROUP 16                 /* items per vector lane group */
 #define BLOCK 32                 /* items per block: two groups */
 #define ROWS 8                   /* rows computed together (each code vector is used ROWS times) */
+#define ROWS2 2                  /* the same for the AVX2 pass (16 registers, not 32) */
 #define MASKED (-(1 << 30))      /* accumulator start of retired and padding items */
 #define INVALID (-(1 << 29))     /* a block maximum below this holds no valid item */
-/* every function but gf_supported runs only where gf_supported said yes */
+/* the functions of one instruction set run only where its gf_supported* said yes */
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define AVX2 __attribute__((target("avx2,fma")))
 
 int gf_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
         && __builtin_cpu_supports("avx512vnni");
+}
+
+int gf_supported_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
 /* the k best block maxima so far, as a binary min-heap: heap[0] is the k-th best once full */
@@ -51,7 +59,6 @@ typedef struct {
     int n, k;
 } Heap;
 
-AVX512
 static void heap_push(Heap *h, int32_t value) {
     if (h->n < h->k) {
         int i = h->n++;
@@ -79,7 +86,6 @@ static void heap_push(Heap *h, int32_t value) {
 }
 
 /* threshold implied by the heap: below it no block can matter (INT32_MIN while fewer than k blocks) */
-AVX512
 static int32_t threshold(const Heap *h, double eps2) {
     if (h->n < h->k) return INT32_MIN;
     double t = ceil((double)h->v[0] - eps2);
@@ -97,8 +103,7 @@ typedef struct {
     int32_t *block_id, *block_max, *scores;
 } Row;
 
-AVX512
-static void keep_block(Row *row, int32_t block, int32_t bmax, __m512i a0, __m512i a1) {
+static void keep_block(Row *row, int32_t block, int32_t bmax, const int32_t *s) {
     if (row->kept == row->cap) {  /* full: drop what the risen threshold has ruled out */
         int w = 0;
         for (int i = 0; i < row->kept; i++) {
@@ -117,13 +122,19 @@ static void keep_block(Row *row, int32_t block, int32_t bmax, __m512i a0, __m512
     int i = row->kept++;
     row->block_id[i] = block;
     row->block_max[i] = bmax;
-    _mm512_storeu_si512((void *)(row->scores + (size_t)i * BLOCK), a0);
-    _mm512_storeu_si512((void *)(row->scores + (size_t)i * BLOCK + GROUP), a1);
+    memcpy(row->scores + (size_t)i * BLOCK, s, BLOCK * 4);
+}
+
+/* a block's maximum seen by a row: heap, threshold, and the block kept while it can still matter */
+static void offer_block(Row *row, int32_t blk, int32_t bmax, const int32_t *s) {
+    heap_push(&row->heap, bmax);
+    row->thr = threshold(&row->heap, row->eps2);
+    if (bmax >= row->thr && !row->overflow) keep_block(row, blk, bmax, s);
 }
 
 AVX512
-static void pass(const uint8_t *codes, const int32_t *init, int nblocks, int kw4,
-                 const int8_t *xq, int width, Row *rows, int nrows) {
+static void pass512(const uint8_t *codes, const int32_t *init, int nblocks, int kw4,
+                    const int8_t *xq, int width, Row *rows, int nrows) {
     for (int blk = 0; blk < nblocks; blk++) {
         const uint8_t *c0 = codes + (size_t)(2 * blk) * kw4 * 64;
         const uint8_t *c1 = c0 + (size_t)kw4 * 64;
@@ -157,17 +168,68 @@ static void pass(const uint8_t *codes, const int32_t *init, int nblocks, int kw4
                 Row *row = rows + r0 + r;
                 __m512i mx = _mm512_max_epi32(a0[r], a1[r]);
                 if (!_mm512_cmpge_epi32_mask(mx, _mm512_set1_epi32(row->thr))) continue;
-                int32_t bmax = _mm512_reduce_max_epi32(mx);
-                heap_push(&row->heap, bmax);
-                row->thr = threshold(&row->heap, row->eps2);
-                if (bmax >= row->thr && !row->overflow) keep_block(row, blk, bmax, a0[r], a1[r]);
+                int32_t s[BLOCK];
+                _mm512_storeu_si512((void *)s, a0[r]);
+                _mm512_storeu_si512((void *)(s + GROUP), a1[r]);
+                offer_block(row, blk, _mm512_reduce_max_epi32(mx), s);
+            }
+        }
+    }
+}
+
+/* AVX2 has no vpdpbusd, and vpmaddubsw adds its pairs of u8 x s8 products in 16 bits with saturation.
+   The codes of the hidden state and of the items are both in [-127, 127] (the +128 of the stored item
+   codes is taken off again here), so the sign of each hidden code is moved onto the item code
+   (vpsignb) and vpmaddubsw multiplies |x| <= 127 by it: a pair sums to at most 2 * 127 * 127 = 32,258,
+   which cannot saturate; vpmaddwd then adds the pairs into 32 bits. The products are exact, the
+   approximations those of the AVX-512 pass without its offset, and thresholds come from the same values. */
+AVX2
+static void pass256(const uint8_t *codes, const int32_t *init, int nblocks, int kw4,
+                    const int8_t *xq, int width, Row *rows, int nrows) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    for (int blk = 0; blk < nblocks; blk++) {
+        const uint8_t *c0 = codes + (size_t)(2 * blk) * kw4 * 64;
+        const uint8_t *c1 = c0 + (size_t)kw4 * 64;
+        const int32_t *ib = init + (size_t)blk * BLOCK;
+        __m256i i0 = _mm256_loadu_si256((const __m256i *)ib), i1 = _mm256_loadu_si256((const __m256i *)(ib + 8));
+        __m256i i2 = _mm256_loadu_si256((const __m256i *)(ib + 16)), i3 = _mm256_loadu_si256((const __m256i *)(ib + 24));
+        for (int r0 = 0; r0 < nrows; r0 += ROWS2) {
+            __m256i a00 = i0, a01 = i1, a02 = i2, a03 = i3, a10 = i0, a11 = i1, a12 = i2, a13 = i3;
+            const int8_t *x = xq + (size_t)r0 * width;
+            for (int q = 0; q < kw4; q++) {
+                __m256i v0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(c0 + (size_t)q * 64)), flip);
+                __m256i v1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(c0 + (size_t)q * 64 + 32)), flip);
+                __m256i v2 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(c1 + (size_t)q * 64)), flip);
+                __m256i v3 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(c1 + (size_t)q * 64 + 32)), flip);
+#define MAC(A, V, B, AB) A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_maddubs_epi16(AB, _mm256_sign_epi8(V, B)), ones))
+#define STEP(r, A0, A1, A2, A3) do { int32_t w_; memcpy(&w_, x + (size_t)(r) * width + 4 * q, 4); \
+                __m256i b_ = _mm256_set1_epi32(w_), ab_ = _mm256_abs_epi8(b_); \
+                MAC(A0, v0, b_, ab_); MAC(A1, v1, b_, ab_); MAC(A2, v2, b_, ab_); MAC(A3, v3, b_, ab_); } while (0)
+                STEP(0, a00, a01, a02, a03);
+                STEP(1, a10, a11, a12, a13);
+#undef STEP
+#undef MAC
+            }
+            __m256i acc[ROWS2][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}};
+            int live = nrows - r0 < ROWS2 ? nrows - r0 : ROWS2;
+            for (int r = 0; r < live; r++) {
+                Row *row = rows + r0 + r;
+                __m256i mx = _mm256_max_epi32(_mm256_max_epi32(acc[r][0], acc[r][1]),
+                                              _mm256_max_epi32(acc[r][2], acc[r][3]));
+                __m256i below = _mm256_cmpgt_epi32(_mm256_set1_epi32(row->thr), mx);
+                if (_mm256_movemask_epi8(below) == -1) continue;  /* every item below the threshold */
+                int32_t s[BLOCK];
+                for (int j = 0; j < 4; j++) _mm256_storeu_si256((__m256i *)(s + 8 * j), acc[r][j]);
+                int32_t bmax = s[0];
+                for (int j = 1; j < BLOCK; j++) bmax = s[j] > bmax ? s[j] : bmax;
+                offer_block(row, blk, bmax, s);
             }
         }
     }
 }
 
 AVX512
-static float dot(const float *a, const float *b, int h) {
+static float dot512(const float *a, const float *b, int h) {
     __m512 acc = _mm512_setzero_ps();
     int i = 0;
     for (; i + 16 <= h; i += 16)
@@ -179,17 +241,32 @@ static float dot(const float *a, const float *b, int h) {
     return _mm512_reduce_add_ps(acc);
 }
 
+AVX2
+static float dot256(const float *a, const float *b, int h) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= h; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    for (; i < h; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+typedef void (*PassFn)(const uint8_t *, const int32_t *, int, int, const int8_t *, int, Row *, int);
+typedef float (*DotFn)(const float *, const float *, int);
+
 /* Top-k of rows [0, m) of x ([m, h] float32). codes: [nblocks*2][kw4][16][4] unsigned item codes; init:
    [nblocks*32] accumulator starts (0, or MASKED for retired and padding items); W: [n, h] float32, b: [n].
    The int8 codes of a row are x * 127 rounded for the h hidden columns, then the constant columns (127
    for the n_coarse bias columns, 1 for the fine one), then zeros up to width = 4 * kw4.
    Writes items/values ([m, k], best first) and ok[m]; returns the number of rows proven. */
-AVX512
-int gf_topk(const uint8_t *codes, const int32_t *init, int nblocks, int kw4,
-            const float *W, const float *b, int n, int h, int n_coarse,
-            double w_norm, double e_norm, double fp_slack,
-            const float *x, int m, int k, int max_candidates, int block_cap,
-            int64_t *items, float *values, uint8_t *ok) {
+static int topk_run(PassFn pass, DotFn dot, const uint8_t *codes, const int32_t *init, int nblocks, int kw4,
+                    const float *W, const float *b, int n, int h, int n_coarse,
+                    double w_norm, double e_norm, double fp_slack,
+                    const float *x, int m, int k, int max_candidates, int block_cap,
+                    int64_t *items, float *values, uint8_t *ok) {
     int width = 4 * kw4;
     if (k < 1 || h + n_coarse + 1 > width || m <= 0) return 0;
     int8_t *xq = calloc((size_t)(m + ROWS) * width, 1);
@@ -243,11 +320,9 @@ int gf_topk(const uint8_t *codes, const int32_t *init, int nblocks, int kw4,
         for (int i = 0; i < row->kept && !full; i++) {
             if (row->block_max[i] < thr) continue;
             const int32_t *s = row->scores + (size_t)i * BLOCK;
-            __m512i t = _mm512_set1_epi32(thr);
-            uint32_t above = (uint32_t)_mm512_cmpge_epi32_mask(_mm512_loadu_si512((const void *)s), t)
-                | (uint32_t)_mm512_cmpge_epi32_mask(_mm512_loadu_si512((const void *)(s + GROUP)), t) << GROUP;
-            for (; above; above &= above - 1) {
-                int32_t item = row->block_id[i] * BLOCK + __builtin_ctz(above);
+            for (int j = 0; j < BLOCK; j++) {
+                if (s[j] < thr) continue;
+                int32_t item = row->block_id[i] * BLOCK + j;
                 if (item >= n) continue;
                 if (nc == max_candidates) { full = 1; break; }
                 cand[nc++] = item;
@@ -281,9 +356,20 @@ done:
     return proven;
 }
 
+#define TOPK_PARAMS const uint8_t *codes, const int32_t *init, int nblocks, int kw4, \
+    const float *W, const float *b, int n, int h, int n_coarse, double w_norm, double e_norm, double fp_slack, \
+    const float *x, int m, int k, int max_candidates, int block_cap, int64_t *items, float *values, uint8_t *ok
+#define TOPK_ARGS codes, init, nblocks, kw4, W, b, n, h, n_coarse, w_norm, e_norm, fp_slack, x, m, k, \
+    max_candidates, block_cap, items, values, ok
+
+int gf_topk(TOPK_PARAMS) { return topk_run(pass512, dot512, TOPK_ARGS); }
+int gf_topk_avx2(TOPK_PARAMS) { return topk_run(pass256, dot256, TOPK_ARGS); }
+
 #else /* not x86-64: no top-K kernel */
 int gf_supported(void) { return 0; }
+int gf_supported_avx2(void) { return 0; }
 int gf_topk(void) { return 0; }
+int gf_topk_avx2(void) { return 0; }
 #endif
 
 /* The recommendation documents of a batch, written one after the other into out (offsets in off[0..n]).

@@ -12,8 +12,8 @@ Where the library comes from, first found wins:
 
 Optional by design: without a library ``library()`` returns None (the reason logged once) and the
 callers keep their Python paths, which give the same answers; ``topk_kernel()`` also needs a CPU with
-AVX-512 VNNI (``model.topk`` uses torch elsewhere, and keeps the kernel only where calibration finds
-it fastest).
+AVX-512 VNNI, or AVX2 and FMA for the kernel's AVX2 version (``model.topk`` uses torch elsewhere, and keeps
+the kernel only where calibration finds it fastest).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from model.cache_dir import cache_root
 
@@ -75,10 +76,27 @@ def library() -> ctypes.CDLL | None:
         return _loaded[0]
 
 
-def topk_kernel() -> ctypes.CDLL | None:
-    """The library where its top-K kernel can run here (AVX-512 VNNI), else None."""
+class TopKKernel(NamedTuple):
+    run: Any  # the ctypes function (gf_topk or gf_topk_avx2), arguments as _TOPK_ARGS
+    isa: str  # "avx512_vnni" or "avx2"
+
+
+ISAS = ("avx512_vnni", "avx2")  # the top-K kernel's instruction sets, fastest first
+
+
+def topk_kernel(isa: str = "auto") -> TopKKernel | None:
+    """The top-K kernel for ``isa`` where it can run here, else None. "auto": AVX-512 VNNI where the CPU has
+    it, else AVX2 (with FMA); "avx2" also on a CPU that has AVX-512 (to measure what an AVX2 machine gets)."""
+    if isa != "auto" and isa not in ISAS:
+        raise ValueError(f"unknown instruction set {isa!r} for the top-K kernel: use auto or one of {ISAS}")
     lib = library()
-    return lib if lib is not None and lib.gf_supported() else None
+    if lib is None:
+        return None
+    if isa in ("auto", "avx512_vnni") and lib.gf_supported():
+        return TopKKernel(lib.gf_topk, "avx512_vnni")
+    if isa in ("auto", "avx2") and lib.gf_supported_avx2():
+        return TopKKernel(lib.gf_topk_avx2, "avx2")
+    return None
 
 
 def _find_or_build() -> Path:
@@ -125,8 +143,11 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.gf_supported.restype = _I
     lib.gf_supported.argtypes = []
-    lib.gf_topk.restype = _I
-    lib.gf_topk.argtypes = _TOPK_ARGS
+    lib.gf_supported_avx2.restype = _I
+    lib.gf_supported_avx2.argtypes = []
+    for kernel in (lib.gf_topk, lib.gf_topk_avx2):
+        kernel.restype = _I
+        kernel.argtypes = _TOPK_ARGS
     lib.gf_encode.restype = _L
     lib.gf_encode.argtypes = _ENCODE_ARGS
     return lib
@@ -142,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     lib = library()
     print("compiled helpers:", "available" if lib is not None else "unavailable (Python/torch paths)")
-    print("top-K kernel:", "available" if topk_kernel() is not None else "unavailable (torch path)")
+    kernel = topk_kernel()
+    print("top-K kernel:", f"available ({kernel.isa})" if kernel is not None else "unavailable (torch path)")
     return 0 if lib is not None else 1
 
 

@@ -12,11 +12,10 @@ top-K over N items per event. ``TopKScorer`` makes both cheaper without changing
   the bound proves that no other item can be in its exact top-K. Other rows (flat scores, untrained
   weights) take the float32 path.
 
-- Where the machine can build and run it (a C compiler, AVX-512 VNNI), the int8 path runs as one compiled
-  pass per batch (``native.c``, loaded by ``model.native``): the product is formed 32 items at a
-  time in registers and a block is dropped at once when it cannot reach the row's threshold so far, so
-  the [B, N] int32 matrix and the passes over it are never made. Same bound, same answers; elsewhere
-  torch runs the same steps.
+- Where the machine can build and run it (a C compiler, AVX-512 VNNI or AVX2), the int8 path runs as one
+  compiled pass per batch (``native.c``, loaded by ``model.native``): the product is formed 32 items at a time
+  in registers and a block is dropped at once when it cannot reach the row's threshold so far, so the [B, N]
+  int32 matrix and the passes over it are never made. Same bound, same answers; elsewhere torch runs them.
 
 Which of these paths is fastest depends on the CPU, not only on the model: ``model.topk_calibration`` times
 them on the served weights and keeps the fastest exact one (``ScorerCache``).
@@ -193,9 +192,9 @@ class NativeInt8TopK:
 
     _MASKED = -(1 << 30)
 
-    def __init__(self, lib, pf: Int8Prefilter, W: torch.Tensor, b: torch.Tensor, n: int,
+    def __init__(self, kernel: native.TopKKernel, pf: Int8Prefilter, W: torch.Tensor, b: torch.Tensor, n: int,
                  retired: torch.Tensor | None) -> None:
-        self.lib = lib
+        self.kernel = kernel
         self.pf = pf
         width = pf.codes.shape[0]
         self.kw4 = width // 4
@@ -219,7 +218,7 @@ class NativeInt8TopK:
         m = x.shape[0]
         ok = np.zeros(m, dtype=np.uint8)
         pf = self.pf
-        self.lib.gf_topk(self.codes.ctypes.data, self.init.ctypes.data, self.nblocks, self.kw4,
+        self.kernel.run(self.codes.ctypes.data, self.init.ctypes.data, self.nblocks, self.kw4,
                          self.W.ctypes.data, self.b.ctypes.data, self.n, pf.hidden, pf.n_coarse,
                          pf.w_norm, pf.e_norm, pf.fp_slack,
                          x.ctypes.data, m, k, _NATIVE_CANDIDATES, _NATIVE_BLOCK_CAP,
@@ -239,9 +238,10 @@ class TopKScorer:
     threads these do not spin between calls (spinning OpenMP threads took the CPU that the event loop
     and the broker needed; the end-to-end rate fell by about a quarter with two of them)."""
 
-    def __init__(self, model: Recommender, *, int8: bool = True, threads: int = 1, compiled: bool = True,
+    def __init__(self, model: Recommender, *, int8: bool = True, threads: int = 1, compiled: bool | str = True,
                  rows: np.ndarray | None = None) -> None:
-        """``rows``: only these live rows, answered as catalogue rows (``model.topk_tiers`` proves the rest out)."""
+        """``compiled``: False, True (the kernel's best instruction set here) or one of ``native.ISAS``;
+        ``rows``: only these live rows, answered as catalogue rows (``model.topk_tiers`` proves the rest out)."""
         self.model = model
         self.threads = max(1, int(threads))
         net = model.net
@@ -265,9 +265,10 @@ class TopKScorer:
             except ValueError:
                 self.prefilter = None
         self.native: NativeInt8TopK | None = None
-        lib = native.topk_kernel() if compiled and self.prefilter is not None else None
-        if lib is not None:
-            self.native = NativeInt8TopK(lib, self.prefilter, self.W, self.b, self.n, self.retired)
+        isa = "auto" if compiled is True else str(compiled)
+        kernel = native.topk_kernel(isa) if compiled and self.prefilter is not None else None
+        if kernel is not None:
+            self.native = NativeInt8TopK(kernel, self.prefilter, self.W, self.b, self.n, self.retired)
         elif self.prefilter is not None and not int8_product_is_exact(self.prefilter):
             log.warning("torch's int8 product is not exact on this CPU (it saturates): top-K in float32")
             self.prefilter = None

@@ -56,7 +56,7 @@ class Calibration:
     seconds: float = 0.0
 
 
-def candidate_scorers(model: Recommender, k: int, *, threads: int = 1, compiled: bool = True
+def candidate_scorers(model: Recommender, k: int, *, threads: int = 1, compiled: bool | str = True
                       ) -> dict[ScorerPath, ExactScorer]:
     """One scorer per path that can run here for ``model`` and ``k``: float32 always; int8 where the
     weights allow its bound and k is small enough for its candidates; compiled where the kernel runs too.
@@ -83,7 +83,7 @@ def _norm_tiers(model: Recommender, k: int) -> tuple[NormTiers | None, torch.Ten
     return tiers, W, b, None if retired_rows is None else torch.from_numpy(retired_rows)
 
 
-def _path_scorers(model: Recommender, k: int, threads: int, compiled: bool,
+def _path_scorers(model: Recommender, k: int, threads: int, compiled: bool | str,
                   rows: np.ndarray | None) -> dict[ScorerPath, TopKScorer]:
     if min(k, model.n_items) >= _CANDIDATE_BLOCKS:  # top_k would answer every row in float32 anyway
         return {"float32": TopKScorer(model, int8=False, threads=threads, rows=rows)}
@@ -162,7 +162,7 @@ def _cpu_clock() -> Callable[[], float]:
     return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
-def calibrate(model: Recommender, k: int, *, threads: int = 1, compiled: bool = True,
+def calibrate(model: Recommender, k: int, *, threads: int = 1, compiled: bool | str = True,
               path: ScorerPath | Literal["auto"] = "auto") -> tuple[ExactScorer, Calibration]:
     """The scorer of the fastest exact path for ``model`` on this machine, and what was measured.
 
@@ -232,7 +232,7 @@ class ScorerCache:
     ``retrieval`` decides where the scorer is the model's index instead (``IndexedScorer``), made in the same
     thread before the swap; an index is served only with the model it was built from (``_pairs``)."""
 
-    def __init__(self, threads: int = 1, min_items: int = 0, compiled: bool = True, *, k: int = 20,
+    def __init__(self, threads: int = 1, min_items: int = 0, compiled: bool | str = True, *, k: int = 20,
                  path: ScorerPath | Literal["auto"] = "auto",
                  on_choice: Callable[[Calibration], None] | None = None,
                  retrieval: RetrievalPolicy | None = None) -> None:

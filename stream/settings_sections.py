@@ -125,6 +125,9 @@ class Scoring:
     torch_threads: int = setting(1, "torch's own (OpenMP) threads in the worker")
     scoring_threads: int = setting(2, "threads that score the chunks of a batch's top-K at once")
     compiled_topk: bool = setting(True, "allow the compiled int8 top-K kernel where it runs (model/native.py)")
+    compiled_topk_isa: Literal["auto", "avx512_vnni", "avx2"] = setting(
+        "auto", "instruction set of the compiled top-K kernel: auto = AVX-512 VNNI where the CPU has it, else AVX2; "
+                "avx2 also runs on an AVX-512 CPU (to measure what an AVX2-only machine gets)")
     scorer_path: Literal["auto", "float32", "int8", "compiled"] = setting(
         "auto", "top-K path: auto = time each path that runs here and keep the fastest exact one; a name "
                 "forces that path")
@@ -138,6 +141,11 @@ class Scoring:
     retrieval_candidates: int = setting(100, "candidates per event from the index, re-scored exactly")
     retrieval_rebuild_every: int = setting(10, "model versions per full index build (incremental updates between)")
     retrieval_build_threads: int = setting(2, "OpenMP threads of the background index build")
+
+    @property
+    def compiled_kernel(self) -> bool | str:
+        """``TopKScorer``'s ``compiled``: False (off), True (the best instruction set here) or the one named."""
+        return self.compiled_topk and (True if self.compiled_topk_isa == "auto" else self.compiled_topk_isa)
 
 
 @dataclass(frozen=True)

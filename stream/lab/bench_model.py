@@ -61,7 +61,7 @@ def compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_0
     try:
         model = load_checkpoint(model_path).recommender(1)
         sc = settings.scoring
-        cache = ScorerCache(sc.scoring_threads, compiled=sc.compiled_topk, k=sc.top_k, path=sc.scorer_path,
+        cache = ScorerCache(sc.scoring_threads, compiled=sc.compiled_kernel, k=sc.top_k, path=sc.scorer_path,
                             retrieval=retrieval_policy(sc))
         scorer = cache.get(model)
         calibration = cache.calibration
@@ -102,6 +102,8 @@ def compute_ceiling(settings: Settings, model_path: Path, df: Any, n: int = 10_0
             "topk_ceiling_events_per_s": round(events_done / scoring_s, 1) if scoring_s else float("nan"),
             "topk_int8_fraction": round(scorer.rows_int8 / scorer.rows_scored, 4) if scorer.rows_scored else None,
             "compiled_topk": getattr(scorer, "native", None) is not None,
+            "compiled_topk_isa": kernel.isa if (kernel := getattr(getattr(scorer, "native", None), "kernel", None))
+            else None,
             "scorer_path": calibration.path,
             "recall_at_k_vs_exact": recall,
             "scorer_calibration_rows_per_s": dict(calibration.rows_per_s),

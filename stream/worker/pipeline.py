@@ -100,7 +100,7 @@ class Pipeline:
         self.state_lock = asyncio.Lock()
         m = self.metrics
         sc = s.scoring
-        self.scorers = ScorerCache(sc.scoring_threads, min_items=_FAST_TOPK_MIN_ITEMS, compiled=sc.compiled_topk,
+        self.scorers = ScorerCache(sc.scoring_threads, min_items=_FAST_TOPK_MIN_ITEMS, compiled=sc.compiled_kernel,
                                    k=sc.top_k, path=sc.scorer_path, retrieval=retrieval_policy(sc),
                                    on_choice=lambda c: m.scorer.info({"path": c.path}))
         # a swapped-in model's scorer: calibrated in the swapping thread, before the model is served

@@ -32,10 +32,11 @@ from stream.settings import Settings, SettingsError
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(params=[True, False], ids=["compiled", "torch"])
-def compiled(request) -> bool:
-    """Both int8 paths: the compiled kernel (where this machine can build and run it) and torch's."""
-    if request.param and native.topk_kernel() is None:
+@pytest.fixture(params=[True, "avx2", False], ids=["compiled", "compiled-avx2", "torch"])
+def compiled(request) -> bool | str:
+    """Every int8 path: the compiled kernel at its best instruction set here, its AVX2 version (where this
+    machine can build and run them), and torch's."""
+    if request.param and native.topk_kernel("auto" if request.param is True else request.param) is None:
         pytest.skip("the compiled top-K kernel cannot run here (see test_the_compiled_kernel_runs_where_it_can)")
     return request.param
 
@@ -50,7 +51,10 @@ def _cpu_has_vnni() -> bool:
 
 @pytest.mark.skipif(not _cpu_has_vnni() or not shutil.which("cc"), reason="needs AVX-512 VNNI and a C compiler")
 def test_the_compiled_kernel_runs_where_it_can() -> None:
-    assert native.topk_kernel() is not None
+    assert native.topk_kernel().isa == "avx512_vnni"
+    assert native.topk_kernel("avx2").isa == "avx2"  # every AVX-512 VNNI CPU has AVX2 and FMA too
+    with pytest.raises(ValueError, match="unknown instruction set"):
+        native.topk_kernel("neon")
 
 
 def _spread_model(n_items: int, hidden: int = 32, seed: int = 3, retired: list[int] | None = None) -> Recommender:
@@ -96,7 +100,9 @@ def test_int8_top_k_is_exact_and_proves_most_rows(n_items: int, same_top_k, comp
     hidden = _states(rec, 600)
     scorer = TopKScorer(rec, compiled=compiled)
     assert scorer.prefilter is not None
-    assert (scorer.native is not None) is compiled
+    assert (scorer.native is not None) is bool(compiled)
+    if compiled == "avx2":
+        assert scorer.native.kernel.isa == "avx2"
     same_top_k(rec, hidden, 20, *scorer.top_k(hidden, 20))
     assert scorer.rows_int8 > 0.9 * len(hidden), scorer.rows_int8
 
