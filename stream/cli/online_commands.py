@@ -262,7 +262,8 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("data", help="event file or directory (session-rec: *_train_full.txt + *_test.txt)")
     p.add_argument("--format", default="session-rec", help="data format (see `gruflow train --help`)")
     p.add_argument("--warmup-days", type=float, default=1.0, help="days trained offline before the replay")
-    p.add_argument("--params", default="", help="GRU4Rec parameters of the warm-up model, name=value,... (over the official configuration, or over --params-file)")
+    p.add_argument("--params", default="", help="GRU4Rec parameters of the warm-up model, name=value,... (over the "
+                                                "official configuration, or over --params-file)")
     p.add_argument("--params-file", default=None, help="the warm-up model's parameters from a file written by "
                                                        "'gruflow tune' (instead of the official configuration)")
     p.add_argument("--every", type=int, default=4000,

@@ -91,7 +91,7 @@ def build_app(settings: Settings, holder: ModelHolder, metrics: Metrics, dead_le
                                  key_serializer="raw", value_serializer="raw"))
     table = _state_table(app, settings, names)
     store = TableStore(table, settings.topics.partitions)
-    table.keep_records = store.newest_records
+    table.keep_records = store.replay_filter
     store.on_superseded = metrics.changelog_superseded.inc
     install_changelog_guard(app, store, _changelog_end_offsets(settings))
     if exactly_once:

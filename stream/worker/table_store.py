@@ -133,7 +133,7 @@ class TableStore:
             else:
                 self._store.set_persisted_offset(tp, offset)
 
-    def newest_records(self, records: Sequence[tuple[int, bytes, bytes | None]]) -> list[bool]:
+    def replay_filter(self, records: Sequence[tuple[int, bytes, bytes | None]]) -> list[bool]:
         """For changelog records (partition, key, value) in changelog order: which ones to apply, compared with
         what the partitions' local stores hold now (``newest_records`` below). Skipped ones are logged and counted."""
         by_partition: dict[int, list[int]] = {}
@@ -153,8 +153,8 @@ class TableStore:
                 keep[i] = kept
         skipped = keep.count(False)
         if skipped:
-            log.warning("changelog recovery skipped %d state record(s) older than the state already applied for "
-                        "their user (late writes of a worker that had lost the partition)", skipped)
+            log.warning("changelog replay (recovery or standby) skipped %d state record(s) older than the state "
+                        "already applied for their user (late writes of a worker that had lost the partition)", skipped)
             self.on_superseded(skipped)
         return keep
 

@@ -81,7 +81,7 @@ def test_recovery_and_standbys_apply_the_changelog_through_the_state_table(runti
     from stream.worker.table_store import StateTable
 
     table = runtime.pipeline.store.table
-    assert isinstance(table, StateTable) and table.keep_records == runtime.pipeline.store.newest_records
+    assert isinstance(table, StateTable) and table.keep_records == runtime.pipeline.store.replay_filter
     source = inspect.getsource(Recovery)
     assert source.count(".apply_changelog_batch(") >= 2  # the buffered standby/active path and the final flush
     assert "set_persisted_offset" not in source and "_db_for_partition" not in source  # no other write path

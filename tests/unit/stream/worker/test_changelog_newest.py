@@ -60,7 +60,7 @@ def test_state_table_replays_newest_state_wins_into_rocksdb_and_persists_the_las
     assert isinstance(table, StateTable)  # the app's Table setting makes every table of the app one
     store = TableStore(table, 2)
     skipped: list[int] = []
-    table.keep_records = store.newest_records
+    table.keep_records = store.replay_filter
     store.on_superseded = skipped.append
     store.write_partition(1, [(b"v", _record(50))])  # v's local state is newer than the changelog's first record
     batch = [_event(0, 10, b"u", _record(100)), _event(0, 11, b"u", _record(140)),
