@@ -37,7 +37,7 @@ class PopularityBaseline:
 
     def top(self, k: int) -> np.ndarray:
         c = self.counts
-        if c.shape[0] == 0:
+        if c.shape[0] == 0 or k <= 0:
             return np.zeros(0, dtype=np.int64)
         if len(self._top) == k:
             part = np.unique(np.concatenate([self._top, *self._touched]))
