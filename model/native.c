@@ -41,6 +41,9 @@
 /* the functions of one instruction set run only where its gf_supported* said yes */
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #define AVX2 __attribute__((target("avx2,fma")))
+/* the per-block bookkeeping shared by both passes, inlined into each: as calls out of the AVX-512 pass they
+   halved its rate (its accumulators then went through memory around every call) */
+#define INLINE __attribute__((always_inline)) inline
 
 int gf_supported(void) {
     __builtin_cpu_init();
@@ -59,7 +62,7 @@ typedef struct {
     int n, k;
 } Heap;
 
-static void heap_push(Heap *h, int32_t value) {
+INLINE static void heap_push(Heap *h, int32_t value) {
     if (h->n < h->k) {
         int i = h->n++;
         while (i > 0) {
@@ -86,7 +89,7 @@ static void heap_push(Heap *h, int32_t value) {
 }
 
 /* threshold implied by the heap: below it no block can matter (INT32_MIN while fewer than k blocks) */
-static int32_t threshold(const Heap *h, double eps2) {
+INLINE static int32_t threshold(const Heap *h, double eps2) {
     if (h->n < h->k) return INT32_MIN;
     double t = ceil((double)h->v[0] - eps2);
     if (!(t > (double)INT32_MIN)) return INT32_MIN;  /* also NaN */
@@ -103,7 +106,7 @@ typedef struct {
     int32_t *block_id, *block_max, *scores;
 } Row;
 
-static void keep_block(Row *row, int32_t block, int32_t bmax, const int32_t *s) {
+INLINE static void keep_block(Row *row, int32_t block, int32_t bmax, const int32_t *s) {
     if (row->kept == row->cap) {  /* full: drop what the risen threshold has ruled out */
         int w = 0;
         for (int i = 0; i < row->kept; i++) {
@@ -125,11 +128,11 @@ static void keep_block(Row *row, int32_t block, int32_t bmax, const int32_t *s) 
     memcpy(row->scores + (size_t)i * BLOCK, s, BLOCK * 4);
 }
 
-/* a block's maximum seen by a row: heap, threshold, and the block kept while it can still matter */
-static void offer_block(Row *row, int32_t blk, int32_t bmax, const int32_t *s) {
+/* a block's maximum seen by a row: into the heap, the threshold raised; whether the block is worth keeping */
+INLINE static int offer_max(Row *row, int32_t bmax) {
     heap_push(&row->heap, bmax);
     row->thr = threshold(&row->heap, row->eps2);
-    if (bmax >= row->thr && !row->overflow) keep_block(row, blk, bmax, s);
+    return bmax >= row->thr && !row->overflow;
 }
 
 AVX512
@@ -168,10 +171,12 @@ static void pass512(const uint8_t *codes, const int32_t *init, int nblocks, int 
                 Row *row = rows + r0 + r;
                 __m512i mx = _mm512_max_epi32(a0[r], a1[r]);
                 if (!_mm512_cmpge_epi32_mask(mx, _mm512_set1_epi32(row->thr))) continue;
+                int32_t bmax = _mm512_reduce_max_epi32(mx);
+                if (!offer_max(row, bmax)) continue;
                 int32_t s[BLOCK];
                 _mm512_storeu_si512((void *)s, a0[r]);
                 _mm512_storeu_si512((void *)(s + GROUP), a1[r]);
-                offer_block(row, blk, _mm512_reduce_max_epi32(mx), s);
+                keep_block(row, blk, bmax, s);
             }
         }
     }
@@ -222,7 +227,7 @@ static void pass256(const uint8_t *codes, const int32_t *init, int nblocks, int 
                 for (int j = 0; j < 4; j++) _mm256_storeu_si256((__m256i *)(s + 8 * j), acc[r][j]);
                 int32_t bmax = s[0];
                 for (int j = 1; j < BLOCK; j++) bmax = s[j] > bmax ? s[j] : bmax;
-                offer_block(row, blk, bmax, s);
+                if (offer_max(row, bmax)) keep_block(row, blk, bmax, s);
             }
         }
     }
@@ -262,7 +267,7 @@ typedef float (*DotFn)(const float *, const float *, int);
    The int8 codes of a row are x * 127 rounded for the h hidden columns, then the constant columns (127
    for the n_coarse bias columns, 1 for the fine one), then zeros up to width = 4 * kw4.
    Writes items/values ([m, k], best first) and ok[m]; returns the number of rows proven. */
-static int topk_run(PassFn pass, DotFn dot, const uint8_t *codes, const int32_t *init, int nblocks, int kw4,
+INLINE static int topk_run(PassFn pass, DotFn dot, const uint8_t *codes, const int32_t *init, int nblocks, int kw4,
                     const float *W, const float *b, int n, int h, int n_coarse,
                     double w_norm, double e_norm, double fp_slack,
                     const float *x, int m, int k, int max_candidates, int block_cap,
@@ -362,8 +367,9 @@ done:
 #define TOPK_ARGS codes, init, nblocks, kw4, W, b, n, h, n_coarse, w_norm, e_norm, fp_slack, x, m, k, \
     max_candidates, block_cap, items, values, ok
 
-int gf_topk(TOPK_PARAMS) { return topk_run(pass512, dot512, TOPK_ARGS); }
-int gf_topk_avx2(TOPK_PARAMS) { return topk_run(pass256, dot256, TOPK_ARGS); }
+/* topk_run inlined into each, with its own pass and dot product inlined too */
+AVX512 int gf_topk(TOPK_PARAMS) { return topk_run(pass512, dot512, TOPK_ARGS); }
+AVX2 int gf_topk_avx2(TOPK_PARAMS) { return topk_run(pass256, dot256, TOPK_ARGS); }
 
 #else /* not x86-64: no top-K kernel */
 int gf_supported(void) { return 0; }
