@@ -66,12 +66,10 @@ class NormTiers:
         x_norm = x.double().norm(dim=1).numpy()
         limit = len(order) // 4
         best = torch.full((len(x), k), -torch.inf)
+        best_rows = torch.full((len(x), k), -1, dtype=torch.int64)
         done, head = 0, _FIRST_HEAD
-        while head <= limit:
-            for s in range(done, head, _SLICE):  # the K best scores among the first ``head`` rows
-                rows = torch.from_numpy(order[s:min(head, s + _SLICE)])
-                scores = torch.addmm(b.index_select(0, rows), x, W.index_select(0, rows).T)
-                best = torch.topk(torch.cat([best, scores], dim=1), k, dim=1).values
+        while head <= limit:  # the K best scores among the first ``head`` rows
+            best, best_rows = merge_top_k(x, order[done:head], W, b, best, best_rows)
             done = head
             bound = x_norm * rest_norm[head] + rest_bias[head]
             if np.mean(best[:, -1].double().numpy() > bound) >= _HEAD_COVERAGE:
@@ -148,22 +146,30 @@ class TieredTopK:
             kth = values[:, -1].astype(np.float64)
             need = np.flatnonzero(reach >= kth - _ULPS * (np.abs(kth) + reach))
             if len(need):
-                self._score_tier(x, need, tier, k, rows, values)
+                self._score_tier(x, need, tier, rows, values)
         return rows, values
 
     @torch.inference_mode()
-    def _score_tier(self, x: torch.Tensor, states: np.ndarray, tier: Tier, k: int, rows: np.ndarray,
+    def _score_tier(self, x: torch.Tensor, states: np.ndarray, tier: Tier, rows: np.ndarray,
                     values: np.ndarray) -> None:
         """Merge the tier's rows into the top-k of ``states`` (in place)."""
         xs = x[torch.from_numpy(states)]
         best_v = torch.from_numpy(values[states])
         best_r = torch.from_numpy(rows[states])
-        for s in range(0, len(tier.rows), _SLICE):
-            ids = torch.from_numpy(tier.rows[s:s + _SLICE])
-            scores = torch.addmm(self.b.index_select(0, ids), xs, self.W.index_select(0, ids).T)
-            v, pick = torch.topk(torch.cat([best_v, scores], dim=1), k, dim=1, sorted=True)
-            best_r = torch.gather(torch.cat([best_r, ids.expand(len(states), -1)], dim=1), 1, pick)
-            best_v = v
+        best_v, best_r = merge_top_k(xs, tier.rows, self.W, self.b, best_v, best_r)
         values[states] = best_v.numpy()
         rows[states] = best_r.numpy()
         self.tail_rows += len(states) * len(tier.rows)
+
+
+def merge_top_k(x: torch.Tensor, ids: np.ndarray, W: torch.Tensor, b: torch.Tensor, values: torch.Tensor,
+                rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k (values, rows), best first, of ``x``'s states over their current top-k ``values``/``rows``
+    ([m, k]) and the catalogue rows ``ids``, scored in float32 ``_SLICE`` rows at a time."""
+    k = values.shape[1]
+    for s in range(0, len(ids), _SLICE):
+        part = torch.from_numpy(ids[s:s + _SLICE])
+        scores = torch.addmm(b.index_select(0, part), x, W.index_select(0, part).T)
+        values, pick = torch.topk(torch.cat([values, scores], dim=1), k, dim=1, sorted=True)
+        rows = torch.gather(torch.cat([rows, part.expand(len(x), -1)], dim=1), 1, pick)
+    return values, rows
