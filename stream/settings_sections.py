@@ -96,6 +96,8 @@ class Worker:
                                  "user_id=visitorid,item_id=itemid,ts=timestamp,event_type=event")
     event_type_map: str = setting("", "the shop's event_type values: theirs=gruflow's, e.g. "
                                       "addtocart=cart,transaction=purchase")
+    event_loop: Literal["uvloop", "asyncio"] = setting(
+        "uvloop", "the worker's event loop: uvloop (libuv; cheaper sockets for Kafka and HTTP) or Python's asyncio")
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,11 @@ class Serving:
     serve_max_items: int = setting(50, "most items of an anonymous session (POST /recommendations)")
     serve_max_body_bytes: int = setting(16384, "largest request body")
     serve_timeout_s: float = setting(2.0, "a request not answered by then gets 504 (forwarding and waiting included)")
+    serve_cache_users: int = setting(50000, "users whose last published list is kept in memory to answer their "
+                                            "requests without scoring (about 0.5 KB each; 0 = score every request)")
+    serve_cache_max_age_s: float = setting(60.0, "a kept list answers requests for at most this long after it was "
+                                                 "ranked: how far an answer may lag rules that change with time "
+                                                 "alone (exposure damping, purchase windows)")
     because: bool = setting(False, "each recommended item names the 1-2 recent session items most similar to it "
                                    "(model/attribution.py); the state record then keeps the user's last items")
     because_history: int = setting(5, "recent items kept per user for \"because\" (4 bytes each in the state record)")

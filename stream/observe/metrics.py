@@ -80,6 +80,7 @@ class Metrics:
     http_requests: Counter
     http_latency: Histogram
     http_routed: Counter
+    http_cached_answers: Counter
     rule_masked: Counter
     item_rules: Gauge
     item_rules_rejected: Counter
@@ -196,6 +197,9 @@ def _worker_families() -> dict[str, Any]:
                                                                  ["endpoint"], buckets=LATENCY_BUCKETS),
         http_routed=_counter("http_routed_requests", "User requests forwarded to the worker that owns the user's "
                                                      "partition"),
+        http_cached_answers=_counter("http_cached_answers", "User requests answered with the list published after "
+                                                            "the user's last event, without scoring "
+                                                            "(docs/serving-cost.md)"),
         rule_masked=_counter("rule_masked_items", "Items a business rule kept out of a published list (they would "
                                                   "have been in it), by rule; exposure: items damped out by the "
                                                   "exposure cap", ["rule"]),

@@ -39,6 +39,7 @@ import numpy as np
 
 from model.recommender import Recommender
 from state.codec import UserState
+from stream.pipeline.answer_cache import FinalLists
 from stream.pipeline.because import because_rows, encode_outputs_because
 from stream.pipeline.events import Event
 from stream.pipeline.exposure import PAD
@@ -76,6 +77,7 @@ class BatchResult:
     step_seconds: float = 0.0
     published_ms: int = 0
     rule_counts: dict[str, int] = field(default_factory=dict)  # rule -> items it masked from lists
+    lists: FinalLists | None = None  # each user's list after its last event (requests are answered from it)
 
 
 def process_batch(model: Recommender, events: list[Event], states: dict[bytes, UserState], cfg: ProcessorConfig,
@@ -104,21 +106,25 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
                                                       (RESET_NON_FINITE_STORED, len(walk.stored_resets))) if n}
     result.prequential = prequential_counts(events, states, rows, rec_rows, prev_event, fresh, model.version, cfg.k,
                                             popularity)
-    result.outputs = _encode(model, events, walk, rec_rows, rec_scores, cfg, published_ms)
+    because = (because_rows(model, np.where(rec_rows == PAD, -1, rec_rows), walk.recent_at, walk.has_hidden,
+                            cfg.because_items) if cfg.because_history else None)
+    result.outputs = _encode(model, events, rec_rows, rec_scores, because, published_ms)
     result.states = walk.final_states(last_idx, rec_rows, kk, int(model.version))
+    last = np.fromiter(last_idx.values(), dtype=np.int64, count=len(last_idx))
+    result.lists = FinalLists(list(last_idx), rec_rows[last], rec_scores[last],
+                              because[last] if because is not None else None, walk.has_hidden[last])
     if popularity is not None:
         popularity.update(rows[fresh])
     result.step_seconds = time.perf_counter() - t0
     return result
 
 
-def _encode(model: Recommender, events: list[Event], walk: WaveWalk, rec_rows: np.ndarray, rec_scores: np.ndarray,
-            cfg: ProcessorConfig, published_ms: int) -> list[tuple[bytes, bytes]]:
-    """The batch's recommendation messages, in event order; with "because" on, each item names the
+def _encode(model: Recommender, events: list[Event], rec_rows: np.ndarray, rec_scores: np.ndarray,
+            because: np.ndarray | None, published_ms: int) -> list[tuple[bytes, bytes]]:
+    """The batch's recommendation messages, in event order; with "because" rows, each item names the
     session items it is attributed to."""
-    if not cfg.because_history:
+    if because is None:
         return encode_outputs(model, events, rec_rows, rec_scores, published_ms)
     listed = np.where(rec_rows == PAD, -1, rec_rows)
-    because = because_rows(model, listed, walk.recent_at, walk.has_hidden, cfg.because_items)
     return encode_outputs_because(vocab_ids(model), int(model.version), events, listed, rec_scores, because,
                                   published_ms)

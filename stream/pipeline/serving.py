@@ -19,6 +19,7 @@ import orjson
 from model.events import EventType
 from model.recommender import Recommender
 from state.codec import UserState
+from stream.pipeline.answer_cache import CachedList
 from stream.pipeline.because import because_rows
 from stream.pipeline.ranking import RuleContext, TopK, score_states
 from stream.pipeline.recommendation_json import vocab_ids as _vocab_ids
@@ -305,6 +306,14 @@ def answer_many(model: Recommender, queries: list[Query], limits: ServeLimits, t
             doc["known_user"] = q.known_user
         docs.append(doc)
     return docs
+
+
+def answer_from_list(model: Recommender, cached: CachedList, k: int, limits: ServeLimits) -> dict[str, Any]:
+    """A known user's answer from the list the stream published after the user's last event
+    (``answer_cache.AnswerCache``): the document ``answer_user`` gives for the same state, model and rules."""
+    why = cached.because[:k].tolist() if limits.because_items and cached.because is not None else None
+    items = _items(cached.rows[:k].tolist(), cached.scores[:k].tolist(), why, _vocab_ids(model))
+    return {"items": items, "cold_start": cached.cold_start, "model_version": int(model.version), "known_user": True}
 
 
 def answer_user(model: Recommender, state: UserState | None, k: int, limits: ServeLimits,

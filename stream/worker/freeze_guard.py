@@ -19,9 +19,13 @@ to the producer before the freeze, which go out as soon as the process runs agai
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+
+log = logging.getLogger("gruflow.worker")
 
 
 @dataclass
@@ -55,3 +59,17 @@ class FreezeGuard:
         if self._thawed_at is None:
             return 0.0
         return max(0.0, self._thawed_at + self.session_timeout_s - self.clock())
+
+    async def wait_out(self, still_member: Callable[[], bool], n_events: int) -> bool:
+        """After a freeze: wait until the group's rebalance has begun (``still_member()`` False: returns False,
+        the batch is dropped unacked and the seek that ends the rebalance rewinds to it) or the hold has passed
+        with the worker still a member (True: its outputs may go out)."""
+        log.warning("this worker stood still for more than half its session timeout: a batch of %d events "
+                    "waits up to %.1f s for the group to settle before its outputs go out", n_events, self.hold_s())
+        while (hold := self.hold_s()) > 0 and still_member():
+            await asyncio.sleep(min(0.1, hold))
+        if still_member():
+            return True
+        log.info("rebalance after a freeze: a batch of %d events dropped unacked, it will be processed again",
+                 n_events)
+        return False

@@ -16,10 +16,13 @@
   own category filter, masked before the top-K like the settings' rules, which it narrows and never widens
   (``serving.parse_filters``, ``rules.request_categories``).
 
-The maths runs in the worker's compute thread (``Pipeline.executor``, between batches), never on the
-event loop, and so do the users' state reads: the loop only routes (docs/serving-cost.md). Each request is
-bounded by GRUFLOW_SERVE_TIMEOUT_S (504). Errors are JSON
-``{"error", "detail"}`` and never repeat the user id.
+A known user's request of the default shape (k at most the stream's K, no filter of its own) is answered
+on the event loop from the list the stream published after the user's last event, while nothing it depends
+on has changed (``Pipeline.answers``, stream/pipeline/answer_cache.py): no scoring at all. Every other
+request is scored in a thread of its own for requests, never on the event loop, and so are the users'
+state reads: a request does not wait behind a stream batch in the compute thread, and the stream does not
+wait behind requests (docs/serving-cost.md). Each request is bounded by GRUFLOW_SERVE_TIMEOUT_S (504).
+Errors are JSON ``{"error", "detail"}`` and never repeat the user id.
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ from yarl import URL
 from stream.observe.metrics import Metrics
 from stream.pipeline.rules import request_categories
 from stream.pipeline.serving import (BODY_TOO_LARGE, NOT_READY, OWNER_UNREACHABLE, TIMEOUT, CategoryFilter, Query,
-                                     RequestError, ServeLimits, Session, answer_many, check_user_id, parse_filters,
-                                     parse_k, parse_session, session_queries, user_query)
+                                     RequestError, ServeLimits, Session, answer_from_list, answer_many, check_user_id,
+                                     parse_filters, parse_k, parse_session, session_queries, user_query)
 from stream.settings import Settings
 from stream.kafka.topics import STATE_TABLE_NAME
 from stream.worker.partitions import ActivePartitions
@@ -52,14 +55,14 @@ log = logging.getLogger("gruflow.http")
 
 @dataclass(frozen=True)
 class UserAsk:
-    """A known user's request: the state to read (in the compute thread) and the list's length."""
+    """A known user's request: the state to read (in the request thread) and the list's length."""
 
     partition: int
     key: bytes
     k: int
 
 
-# a request waiting for the compute thread: (model, category filter, a UserAsk or an anonymous Session, future)
+# a request waiting for the request thread: (model, category filter, a UserAsk or an anonymous Session, future)
 _Waiting = tuple[Any, CategoryFilter, "UserAsk | Session", asyncio.Future]
 
 
@@ -76,7 +79,7 @@ def _true(raw: str | None) -> bool:
 
 class EndOffsets:
     """Log end offsets from the broker, through one long-lived group-less consumer in its own thread
-    (read-your-writes requests; the compute thread and the event loop never wait on the broker)."""
+    (read-your-writes requests; the request thread and the event loop never wait on the broker)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -123,7 +126,10 @@ class ServeEndpoints:
         self.history = sv.because_history if sv.because else 0
         self.end_offsets = EndOffsets(settings)
         self._client: aiohttp.ClientSession | None = None
-        self._waiting: list[_Waiting] = []  # requests waiting for the compute thread
+        self._waiting: list[_Waiting] = []  # requests waiting for the request thread
+        # requests are scored in a thread of their own: torch, the compiled top-K and RocksDB release the GIL, so
+        # on 2 cores a request overlaps a stream batch instead of queueing behind it (docs/serving-cost.md)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gruflow-requests")
         self._draining = False
         self._actives: ActivePartitions | None = None
         self._partition_of: Callable[[bytes], int] | None = None
@@ -137,6 +143,7 @@ class ServeEndpoints:
         if self._client is not None:
             await self._client.close()
         self.end_offsets.close()
+        self._executor.shutdown(wait=False)
 
     # --- handlers ----------------------------------------------------------------------------------------
     async def user_recommendations(self, request: web.Request) -> web.Response:
@@ -181,7 +188,14 @@ class ServeEndpoints:
             await pipeline.wait_applied(ends)
             if partition not in self.active_partitions():  # moved while waiting
                 raise _moving()
-        body = await self._compute(rt.holder.current, UserAsk(partition, key, k), categories)
+        model = rt.holder.current
+        if not categories:
+            cached = pipeline.answers.get(key, pipeline.answer_stamp(model), k)
+            if cached is not None:
+                self.metrics.http_cached_answers.inc()
+                body = orjson.dumps(answer_from_list(model, cached, k, self.limits))
+                return web.Response(body=body, content_type=_JSON)
+        body = await self._compute(model, UserAsk(partition, key, k), categories)
         return web.Response(body=body, content_type=_JSON)
 
     async def _anonymous(self, request: web.Request) -> web.Response:
@@ -224,10 +238,10 @@ class ServeEndpoints:
     async def _compute(self, model: Any, ask: UserAsk | Session,
                        categories: CategoryFilter = CategoryFilter()) -> bytes:
         """The answer to ``ask`` with ``model`` (its JSON), ranked with the request's own ``categories`` filter on
-        top of the settings' rules. Requests that arrive while the compute thread is busy (a stream batch, or earlier
-        requests) are answered together by its next turn: one hop to the thread, one state read per
-        partition, one GRU pass for the anonymous sessions and one top-K per model and filter, so a burst
-        costs about what one batch of events costs."""
+        top of the settings' rules. Requests that arrive while the request thread is busy are answered
+        together by its next turn: one hop to the thread, one state read per partition, one GRU pass for the
+        anonymous sessions and one top-K per model and filter, so a burst costs about what one batch of events
+        costs."""
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((model, categories, ask, future))
         if not self._draining:
@@ -243,7 +257,7 @@ class ServeEndpoints:
                 if not batch:
                     continue
                 try:
-                    docs = await loop.run_in_executor(self.runtime.pipeline.executor, self._answer_batch, batch, dbs)
+                    docs = await loop.run_in_executor(self._executor, self._answer_batch, batch, dbs)
                 except Exception as exc:  # noqa: BLE001 - each request reports it (500) instead of hanging
                     for *_, future in batch:
                         if not future.done():
@@ -256,7 +270,7 @@ class ServeEndpoints:
             self._draining = False
 
     def _bind_reads(self, waiting: list[_Waiting]) -> tuple[list[_Waiting], dict[int, Any]]:
-        """On the event loop, just before a turn of the compute thread: the database handle of each partition
+        """On the event loop, just before a turn of the request thread: the database handle of each partition
         the turn reads (faust opens and drops them on this loop), and 503 for a request whose partition left
         this worker since it was checked."""
         actives = self.active_partitions()
@@ -275,7 +289,7 @@ class ServeEndpoints:
         return batch, dbs
 
     def _queries(self, batch: list[_Waiting], dbs: dict[int, Any]) -> list[Query]:
-        """In the compute thread: the query of each request. The users' states come from one read per
+        """In the request thread: the query of each request. The users' states come from one read per
         partition, as the worker last decided them; the anonymous sessions of a model are stepped together."""
         pipeline = self.runtime.pipeline
         keys: dict[int, dict[bytes, None]] = {}
@@ -297,7 +311,7 @@ class ServeEndpoints:
         return queries  # type: ignore[return-value]
 
     def _answer_batch(self, batch: list[_Waiting], dbs: dict[int, Any]) -> list[bytes]:
-        """In the compute thread: the answers of a batch as JSON, ranked per model (a swap may split one) and
+        """In the request thread: the answers of a batch as JSON, ranked per model (a swap may split one) and
         category filter (each filter masks its own catalogue rows)."""
         pipeline = self.runtime.pipeline
         scorers = pipeline.scorers

@@ -108,6 +108,23 @@ def _configure_process(settings: Settings) -> None:
     sys.setswitchinterval(0.001)
 
 
+def new_event_loop(kind: str) -> Any:
+    """The worker's event loop. uvloop (libuv) runs the same asyncio code with its socket transports in C:
+    the Kafka clients' and the HTTP server's reads and writes cost the loop, and so the stream's batches,
+    about half as much as asyncio's (docs/serving-cost.md). faust's consumer thread makes its own loop
+    through the policy, so it gets the same kind."""
+    import asyncio
+
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # a platform without it (Windows): Python's own loop does the same work
+            log.warning("uvloop is not installed: the worker runs on asyncio's event loop")
+        else:
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.new_event_loop()
+
+
 async def _first_model(settings: Settings, model: Recommender | None, metrics: Metrics, startup: _Startup,
                        stop: Any) -> Recommender | None:
     """Topics and first model, retried until the cluster answers; None when ``stop`` is set first."""
@@ -219,7 +236,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     # the endpoints come up first, on the loop faust will run on: /livez answers while Kafka is
     # unreachable, /readyz says what the worker is waiting for
     startup = _Startup()
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop(settings.worker.event_loop)
     asyncio.set_event_loop(loop)
     serve = ServeEndpoints(settings, metrics)  # answers 503 until the runtime below exists
     web = WebServer(metrics, startup.ready, settings.process.web_host, settings.process.web_port, serve)

@@ -21,7 +21,7 @@ import logging
 import time
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from state.codec import encode as encode_state
 from stream.compat import observe_many
 from stream.kafka.topics import TopicNames
 from stream.observe.metrics import TOPK_ROW_PATHS, Metrics
+from stream.pipeline.answer_cache import AnswerCache, Stamp
 from stream.pipeline.events import Event, InputShape, Limits
 from stream.pipeline.exposure import ExposureWindow
 from stream.pipeline.prequential import PopularityBaseline
@@ -47,7 +48,7 @@ from stream.worker.model_holder import ModelHolder
 from stream.worker.sinks import Outgoing
 from stream.worker.state_view import StateView
 from stream.worker.table_store import TableStore
-from stream.worker.tombstones import StateTtl, Writes, forget_users
+from stream.worker.tombstones import StateTtl, Writes, deleted_keys, forget_users
 from stream.worker.upkeep import Upkeep, active_partitions
 
 log = logging.getLogger("gruflow.worker")
@@ -110,6 +111,8 @@ class Pipeline:
         self._catalogue_masks = CatalogueMasks()
         self.exposure = ExposureWindow(s.rules.exposure_window_s) if s.rules.exposure_cap > 0 else None
         self.freeze = FreezeGuard(s.worker.broker_session_timeout_s, on_freeze=self._on_freeze)
+        # each user's last published list, for requests (touched on the event loop only)
+        self.answers = AnswerCache(s.serving.serve_cache_users, s.serving.serve_cache_max_age_s)
 
     def _on_freeze(self) -> None:
         """A freeze seen: counted; under exactly_once the open transactions were aborted meanwhile by the
@@ -129,6 +132,7 @@ class Pipeline:
         if generation != self._generation:
             await self.drain()  # batches of the old generation drop themselves unacked
             self.view.reset()
+            self.answers.clear()
             self._generation = generation
         t0 = time.perf_counter()
         now_ms = int(time.time() * 1000)
@@ -237,6 +241,7 @@ class Pipeline:
                 return False
             for p, recs in local.items():
                 self.store.write_partition(p, recs, created)
+            self.answers.remember(result.lists if result is not None else None, deleted_keys(local))
             for tp, offs in offsets:
                 consumer.ack_offsets(tp, offs)
             self.view.mark_applied(offsets)
@@ -257,6 +262,7 @@ class Pipeline:
         self._seq += 1
         seq = self._seq
         self.view.stage(seq, local)
+        self.answers.remember(result.lists if result is not None else None, deleted_keys(local))
         self.view.mark_applied(offsets)
         prev = self._pending[-1] if self._pending else None
         task = asyncio.ensure_future(self._finish(prev, seq, ticket, local, created, offsets, generation, events,
@@ -270,15 +276,25 @@ class Pipeline:
     def _compute(self, model: Any, events: list[Event], states: dict[bytes, Any]) -> tuple[Any, dict[str, int]]:
         """The compute thread's part: the batch, and how many of its rows each top-K path answered. Even
         the first batch of a model nobody prepared builds its scorer here, off the event loop."""
+        # stamped before the rules are read: a catalogue that changes in between leaves an older stamp, so
+        # these lists are scored again on request, never served under rules they were not ranked with
+        stamp = self.answer_stamp(model)
         scorer = self.scorers.get(model)
-        rules = self.rule_context(model)
+        scored_before, int8_before = (scorer.rows_scored, scorer.rows_int8) if scorer is not None else (0, 0)
+        result = process_batch(model, events, states, self.cfg, self.popularity,
+                               scorer.top_k if scorer is not None else None, self.rule_context(model))
+        if result.lists is not None:
+            result.lists = replace(result.lists, stamp=stamp)
         if scorer is None:
-            return process_batch(model, events, states, self.cfg, self.popularity, None, rules), {}
-        scored_before, int8_before = scorer.rows_scored, scorer.rows_int8
-        result = process_batch(model, events, states, self.cfg, self.popularity, scorer.top_k, rules)
+            return result, {}
         int8 = scorer.rows_int8 - int8_before
         rest = scorer.rows_scored - scored_before - int8
         return result, {"int8": int8, "approximate" if scorer.path == "approximate" else "float32": rest}
+
+    def answer_stamp(self, model: Any) -> Stamp:
+        """What a list ranked now with ``model`` depends on besides the user's state (``AnswerCache``)."""
+        return Stamp(id(model), int(model.version), self.catalogue.view().version,
+                     getattr(self.app, "consumer_generation_id", None))
 
     def rule_context(self, model: Any, include: frozenset[str] | None = None,
                      exclude: frozenset[str] | None = None, record: bool = True) -> RuleContext | None:
@@ -313,9 +329,11 @@ class Pipeline:
             delivered = ticket.check()
             if self.freeze.hold_s() > 0 and not await self._wait_out_freeze(generation, len(events)):
                 self.view.overlay.clear()
+                self.answers.clear()
                 return
             if self.app.consumer_generation_id != generation or self.app.should_stop:
                 self.view.overlay.clear()  # the consumer seeks back to the committed offsets
+                self.answers.clear()
                 return
             for p, recs in local.items():
                 self.store.write_partition(p, recs, created)
@@ -331,23 +349,9 @@ class Pipeline:
             raise
 
     async def _wait_out_freeze(self, generation: int, n_events: int) -> bool:
-        """After a freeze of this worker (``FreezeGuard``): wait until the group's rebalance has begun
-        (False: the batch is dropped unacked and the seek that ends the rebalance rewinds to it) or the
-        hold has passed with this worker still a member (True: its outputs may go out)."""
-        def current() -> bool:
-            return self.app.consumer_generation_id == generation and self.app.consumer.flow_active \
-                and not self.app.should_stop
-
-        log.warning("this worker stood still for more than half its session timeout: a batch of %d events "
-                    "waits up to %.1f s for the group to settle before its outputs go out", n_events,
-                    self.freeze.hold_s())
-        while (hold := self.freeze.hold_s()) > 0 and current():
-            await asyncio.sleep(min(0.1, hold))
-        if current():
-            return True
-        log.info("rebalance after a freeze: a batch of %d events dropped unacked, it will be processed again",
-                 n_events)
-        return False
+        """``FreezeGuard.wait_out``, still a member while the batch's generation is current."""
+        return await self.freeze.wait_out(lambda: self.app.consumer_generation_id == generation
+                                          and self.app.consumer.flow_active and not self.app.should_stop, n_events)
 
     def active_partitions(self) -> list[int]:
         return active_partitions(self.app, self.names.changelog)
@@ -360,7 +364,7 @@ class Pipeline:
     def read_states(self, partition: int, keys: list[bytes], db: Any = None) -> dict[bytes, Any]:
         """States as the worker last decided them (in-flight batches' first, then RocksDB): what requests
         answer from. ``db``: the partition's handle (``store.partition_db``, taken on the event loop) when
-        called from the compute thread (``StateView.read``)."""
+        called from another thread (the request thread; ``StateView.read``)."""
         return self.view.read(partition, keys, db)
 
     async def scan_for_evictions(self) -> None:

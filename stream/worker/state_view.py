@@ -22,8 +22,8 @@ class StateView:
 
     def read(self, partition: int, keys: list[bytes], db: Any = None) -> dict[bytes, Any]:
         """States as the worker last decided them: in-flight batches' states first, then RocksDB. ``db``: the
-        partition's handle (``store.partition_db``) when called from another thread (the request path's
-        reads in the compute thread): the overlay is read key by key there, each lookup atomic, and a key
+        partition's handle (``store.partition_db``) when called from another thread (the request
+        thread's reads): the overlay is read key by key there, each lookup atomic, and a key
         leaves it only after its state is in RocksDB (``settle``), so such a read never goes back in time
         short of a rebalance dropping the batches in flight (``reset``), as for reads on the loop."""
         overlay = self.overlay

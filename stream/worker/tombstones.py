@@ -20,6 +20,11 @@ from stream.worker.sinks import Outgoing
 log = logging.getLogger("gruflow.worker")
 _LAST_TS_AT = 13  # byte offset of last_ts_ms in a state record (state/codec.py), read without decoding
 Writes = dict[int, list[tuple[bytes, bytes | None]]]  # partition -> RocksDB writes (None: delete)
+
+
+def deleted_keys(local: Writes) -> list[bytes]:
+    """The users whose state ``local`` deletes."""
+    return [key for recs in local.values() for key, raw in recs if raw is None]
 ReadStates = Callable[[int, list[bytes]], dict[bytes, Any]]  # (partition, keys) -> states as last decided
 
 

@@ -185,3 +185,40 @@ def test_anonymous_sessions_stepped_together_answer_as_each_stepped_alone(model:
         assert [d["cold_start"] for d in docs] == [d["cold_start"] for d in one_by_one]
         assert sum(d["cold_start"] for d in docs) >= 2  # the unknown-only and the empty session
     assert step_sessions(model, [], 3) == []
+
+
+def test_the_published_list_kept_for_requests_answers_as_scoring_the_state_does(model: Recommender) -> None:
+    """Users with purchases masked, a denied item, "because" on, and one with only unknown items (cold start):
+    the answer from the kept list equals the answer scored from the stored state, for every k up to K."""
+    from dataclasses import replace
+
+    from stream.pipeline.answer_cache import AnswerCache, Stamp
+    from stream.pipeline.ranking import RuleContext
+    from stream.pipeline.rules import RuleConfig
+    from stream.pipeline.serving import answer_from_list
+    from stream.settings import Settings
+
+    limits = ServeLimits(default_k=5, max_k=10, max_items=10, because_items=2)
+    cfg = RuleConfig.from_settings(Settings.of(rule_bought="forever"))
+    denied = np.zeros(model.n_items, dtype=bool)
+    denied[[2, 11]] = True
+    rules = RuleContext(cfg, {"deny": np.flatnonzero(denied)}, None, 2.0, record=False)
+    events = [_ev("a", "i4", 1000), _ev("b", "i9", 1100), _ev("a", "i7", 1200), _ev("c", "nope", 1300),
+              Event("a", "i1", 3, 1400, b"a", "purchases", 0, -1, 1400, 1), _ev("b", "i30", 1500)]
+    result = process_batch(model, events, {}, ProcessorConfig(k=5, because_history=3), rules=rules)
+    stamp = Stamp(1, 3, 0, 1)
+    cache = AnswerCache(10, 60.0)
+    cache.remember(replace(result.lists, stamp=stamp))
+    for user in (b"a", b"b", b"c"):
+        for k in (1, 3, 5):
+            kept = answer_from_list(model, cache.get(user, stamp, k), k, limits)
+            scored = answer_user(model, result.states[user], k, limits, None, rules)
+            assert [i["item_id"] for i in kept["items"]] == [i["item_id"] for i in scored["items"]]
+            assert [i.get("because") for i in kept["items"]] == [i.get("because") for i in scored["items"]]
+            np.testing.assert_allclose([i["score"] for i in kept["items"]], [i["score"] for i in scored["items"]],
+                                       atol=1e-5)
+            assert (kept["cold_start"], kept["known_user"], kept["model_version"]) == \
+                (scored["cold_start"], scored["known_user"], scored["model_version"])
+    assert answer_from_list(model, cache.get(b"c", stamp, 5), 5, limits)["cold_start"] is True
+    assert not {"i1", "i2", "i11"} & {i["item_id"] for i in answer_from_list(model, cache.get(b"a", stamp, 5), 5,
+                                                                               limits)["items"]}

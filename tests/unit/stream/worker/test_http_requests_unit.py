@@ -20,6 +20,7 @@ from model.params import GRU4RecParams
 from model.recommender import Recommender
 from model.vocab import Vocabulary
 from stream.observe.metrics import Metrics
+from stream.pipeline.answer_cache import AnswerCache, FinalLists, Stamp
 from stream.pipeline.ranking import RuleContext
 from stream.pipeline.rules import Catalogue, ItemRule, RuleConfig, catalogue_masks
 from stream.settings import Settings
@@ -32,8 +33,9 @@ torch.set_num_threads(1)
 class FakePipeline:
     owned: list[int]
     delay_s: float = 0.0
-    turns: int = 0  # turns the compute thread took for requests
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
+    turns: int = 0  # turns the request thread took
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))  # the stream's compute thread
+    answers: AnswerCache = field(default_factory=lambda: AnswerCache(100, 60.0))
     scorers: Any = None
 
     def __post_init__(self) -> None:
@@ -52,7 +54,7 @@ class FakePipeline:
             @staticmethod
             def get(model: Any) -> None:
                 pipeline.turns += 1
-                time.sleep(pipeline.delay_s)  # a busy compute thread
+                time.sleep(pipeline.delay_s)  # a busy request thread
                 return None
 
         self.store, self.scorers = Store(), Scorers()
@@ -72,6 +74,9 @@ class FakePipeline:
 
     names: Any = field(default_factory=lambda: Names())
     reads: list = field(default_factory=list)  # (partition, keys, db handle) of each state read
+
+    def answer_stamp(self, model: Any) -> Stamp:
+        return Stamp(id(model), int(model.version), self.catalogue.view().version, 1)
 
     def read_states(self, partition: int, keys: list[bytes], db: Any = None) -> dict:
         self.reads.append((partition, list(keys), db))
@@ -177,7 +182,7 @@ def test_body_limit_and_timeout() -> None:
     assert metrics.http_latency.labels(endpoint="anonymous")._sum.get() > 0
 
 
-def test_requests_waiting_for_the_compute_thread_are_answered_in_one_turn() -> None:
+def test_requests_waiting_for_the_request_thread_are_answered_in_one_turn() -> None:
     import threading
 
     runtime = FakeRuntime(FakePipeline([0]), Holder())
@@ -186,7 +191,7 @@ def test_requests_waiting_for_the_compute_thread_are_answered_in_one_turn() -> N
     release = threading.Event()
 
     async def go() -> list:
-        busy = asyncio.get_running_loop().run_in_executor(runtime.pipeline.executor, release.wait)  # a stream batch
+        busy = asyncio.get_running_loop().run_in_executor(serve._executor, release.wait)  # earlier requests' turn
         asks = [UserAsk(0, b"u%d" % (k % 3), k) for k in range(1, 6)]
         answers = asyncio.gather(*(serve._compute(Holder.current, ask) for ask in asks))
         await asyncio.sleep(0.2)
@@ -196,7 +201,7 @@ def test_requests_waiting_for_the_compute_thread_are_answered_in_one_turn() -> N
 
     docs = [orjson.loads(body) for body in asyncio.run(go())]
     assert [len(d["items"]) for d in docs] == [1, 2, 3, 4, 5] and all(d["cold_start"] for d in docs)
-    assert runtime.pipeline.turns == 1  # one hop to the compute thread, one top-K for the five
+    assert runtime.pipeline.turns == 1  # one hop to the request thread, one top-K for the five
     # and one state read for the five (three users of one partition), on the handle the loop took
     assert runtime.pipeline.reads == [(0, [b"u1", b"u2", b"u0"], "db0")]
 
@@ -240,9 +245,9 @@ def test_a_request_whose_partition_moved_while_it_waited_gets_503_and_the_assign
     release = threading.Event()
 
     async def go() -> tuple[Any, Any, Any]:
-        busy = asyncio.get_running_loop().run_in_executor(runtime.pipeline.executor, release.wait)  # a stream batch
+        busy = asyncio.get_running_loop().run_in_executor(serve._executor, release.wait)  # earlier requests' turn
         first = asyncio.ensure_future(serve._compute(Holder.current, UserAsk(0, b"u1", 3)))
-        await asyncio.sleep(0.1)  # its turn is bound and waits for the compute thread
+        await asyncio.sleep(0.1)  # its turn is bound and waits for the request thread
         second = asyncio.ensure_future(serve._compute(Holder.current, UserAsk(0, b"u2", 3)))
         await asyncio.sleep(0.1)
         runtime.pipeline.owned = []  # a rebalance moves partition 0 away before the second's turn
@@ -260,3 +265,59 @@ def test_a_request_whose_partition_moved_while_it_waited_gets_503_and_the_assign
     assert isinstance(second, RequestError) and (second.status, second.code) == (503, "not_ready")
     assert runtime.pipeline.reads == [(0, [b"u1"], "db0")]  # the moved partition was not read
     assert runtime.app.asked == 2
+
+
+def test_a_request_is_answered_while_a_stream_batch_holds_the_compute_thread() -> None:
+    import threading
+
+    runtime = FakeRuntime(FakePipeline([0]), Holder())
+    serve = ServeEndpoints(Settings(), Metrics.create(role="worker"))
+    serve.runtime = runtime
+    release = threading.Event()
+
+    async def go() -> bytes:
+        busy = asyncio.get_running_loop().run_in_executor(runtime.pipeline.executor, release.wait)  # a stream batch
+        try:
+            return await asyncio.wait_for(serve._compute(Holder.current, UserAsk(0, b"u1", 3)), timeout=10)
+        finally:
+            release.set()
+            await busy
+
+    answer = asyncio.run(go())
+    assert len(orjson.loads(answer)["items"]) == 3
+    assert runtime.pipeline.reads == [(0, [b"u1"], "db0")]
+
+
+def _published(pipeline: FakePipeline, key: bytes, rows: list[int], stamp: Stamp | None = None) -> None:
+    """The list the stream published after ``key``'s last event, as the worker keeps it."""
+    model = Holder.current
+    k = len(rows)
+    pipeline.answers.remember(FinalLists([key], np.array([rows]), np.linspace(2.0, 1.0, k, dtype=np.float32)[None],
+                                         None, np.array([True]), stamp or pipeline.answer_stamp(model)))
+
+
+def test_a_known_users_default_request_is_answered_from_the_published_list_without_a_turn() -> None:
+    pipeline = FakePipeline([0])
+    _published(pipeline, b"u1", [7, 3, 5, 9])
+    got, metrics = _run(FakeRuntime(pipeline, Holder()), [("GET", "/users/u1/recommendations?k=3", None, {})])
+    assert got[0][0] == 200
+    assert [i["item_id"] for i in got[0][1]["items"]] == ["i7", "i3", "i5"]
+    assert got[0][1]["cold_start"] is False and got[0][1]["known_user"] is True
+    assert pipeline.turns == 0 and pipeline.reads == []
+    assert metrics.http_cached_answers._value.get() == 1
+
+
+def test_requests_the_published_list_cannot_answer_are_scored() -> None:
+    """More items than the list has, a filter of the request's own, or a list of another model or rules."""
+    pipeline = FakePipeline([0])
+    _published(pipeline, b"u1", [7, 3, 5, 9])
+    _published(pipeline, b"u2", [7, 3, 5, 9], Stamp(id(Holder.current), 4, -1, 1))  # ranked under older rules
+    got, metrics = _run(FakeRuntime(pipeline, Holder()), [
+        ("GET", "/users/u1/recommendations?k=5", None, {}),
+        ("GET", "/users/u1/recommendations?k=3&filter=category:even", None, {}),
+        ("GET", "/users/u2/recommendations?k=3", None, {}),
+    ])
+    assert [status for status, _ in got] == [200, 200, 200]
+    assert all(doc["cold_start"] for _, doc in got)  # scored: the fake store has no state for them
+    assert pipeline.turns == 3 and metrics.http_cached_answers._value.get() == 0
+    assert len(pipeline.answers) == 1  # the stale list was dropped

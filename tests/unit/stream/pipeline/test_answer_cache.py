@@ -1,0 +1,59 @@
+"""The kept lists of requests: a list answers only under the stamp it was ranked with, while young enough, for
+at most its own length; the least recently used users leave first."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stream.pipeline.answer_cache import AnswerCache, FinalLists, Stamp
+
+STAMP = Stamp(model_id=7, model_version=2, catalogue_version=0, generation=3)
+
+
+def _lists(keys: list[bytes], stamp: Stamp | None = STAMP, k: int = 4) -> FinalLists:
+    n = len(keys)
+    rows = np.arange(n * k, dtype=np.int64).reshape(n, k)
+    rows[:, -1] = -2  # a padded slot (the stream's PAD) ends the list
+    return FinalLists(keys, rows, np.ones((n, k), dtype=np.float32), None, np.array([True] * n), stamp)
+
+
+class Clock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_list_answers_under_its_own_stamp_only() -> None:
+    cache = AnswerCache(10, 60.0)
+    cache.remember(_lists([b"a", b"b"]))
+    got = cache.get(b"a", STAMP, 4)
+    assert got is not None and got.rows.tolist() == [0, 1, 2, -1] and got.cold_start is False
+    for other in (Stamp(8, 2, 0, 3), Stamp(7, 3, 0, 3), Stamp(7, 2, 1, 3), Stamp(7, 2, 0, 4)):
+        assert cache.get(b"b", other, 4) is None
+    assert len(cache) == 1  # the stale entry went
+
+
+def test_age_length_and_capacity_bound_what_answers() -> None:
+    clock = Clock()
+    cache = AnswerCache(2, 30.0, clock)
+    cache.remember(_lists([b"a", b"b"]))
+    assert cache.get(b"a", STAMP, 5) is None and cache.get(b"a", STAMP, 4) is not None  # k beyond the list
+    cache.remember(_lists([b"c"]))  # "b" is the least recently used now
+    assert cache.get(b"b", STAMP, 1) is None and cache.get(b"a", STAMP, 1) is not None
+    clock.now += 31
+    assert cache.get(b"a", STAMP, 1) is None and cache.get(b"c", STAMP, 1) is None
+
+
+def test_forget_clear_unstamped_and_disabled() -> None:
+    cache = AnswerCache(10, 60.0)
+    cache.remember(_lists([b"a", b"b", b"c"]))
+    cache.forget([b"a", b"zzz"])
+    assert cache.get(b"a", STAMP, 1) is None and cache.get(b"b", STAMP, 1) is not None
+    cache.clear()
+    assert len(cache) == 0
+    cache.remember(_lists([b"a"], stamp=None))
+    assert len(cache) == 0  # the worker stamps what it keeps
+    for off in (AnswerCache(0, 60.0), AnswerCache(10, 0.0)):
+        off.remember(_lists([b"a"]))
+        assert not off.enabled and off.get(b"a", STAMP, 1) is None
