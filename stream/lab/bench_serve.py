@@ -13,6 +13,9 @@ are the ones asked for later):
    request load runs in its own process so it does not take the GIL of the event load generator.
    ``stream_p99_ratio`` = the stream's p99 with requests / without (goal < 1.5); ``requests`` has
    requests/s answered, statuses and p50/p99 (goal p99 <= 20 ms at 500 requests/s).
+   Known users' requests of the default shape are answered from the list published after their last
+   event (``worker_handler_ms.cached_share``: the share answered so); ``--no-answer-cache`` scores every
+   request instead.
 3. "because" cost (skip with ``--no-because``): the worker's throughput (events/s) on a backlog of
    ``--because-events``, with GRUFLOW_BECAUSE off and on, each on fresh topics with a fresh worker.
 
@@ -153,6 +156,9 @@ def _handler_quantiles(port: int) -> dict[str, float | None]:
                     le = float(sample.labels["le"])
                     cumulative[le] = cumulative.get(le, 0.0) + sample.value
     total = cumulative.get(float("inf"), 0.0)
+    cached = sum(sample.value for family in text_string_to_metric_families(text)
+                 if family.name == "gruflow_http_cached_answers" for sample in family.samples
+                 if sample.name.endswith("_total"))
 
     def upper(q: float) -> float | None:
         for le in sorted(cumulative):
@@ -160,11 +166,13 @@ def _handler_quantiles(port: int) -> dict[str, float | None]:
                 return None if le == float("inf") else le * 1000.0
         return None
 
-    return {"requests": int(total), "p50_at_most": upper(0.5), "p99_at_most": upper(0.99)}
+    return {"requests": int(total), "p50_at_most": upper(0.5), "p99_at_most": upper(0.99),
+            "cached_share": round(cached / total, 3) if total else None}
 
 
 def _serve_phases(settings: Settings, args: argparse.Namespace, model_path: Path, work: Path) -> dict[str, Any]:
-    worker = _start_worker(settings, model_path, work / "worker.log")
+    env = {ENV_PREFIX + "SERVE_CACHE_USERS": "0"} if args.no_answer_cache else {}
+    worker = _start_worker(settings, model_path, work / "worker.log", **env)
     reader = RecReader(settings)
     try:
         _wait_ready(settings.process.web_port, worker)
@@ -236,5 +244,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--because-events", type=int, default=40_000,
                    help="backlog of each because off/on throughput run (default 40,000)")
     p.add_argument("--no-because", action="store_true", help="skip the because off/on throughput runs")
+    p.add_argument("--no-answer-cache", action="store_true",
+                   help="score every request (GRUFLOW_SERVE_CACHE_USERS=0) instead of answering known users from "
+                        "their last published list")
     p.add_argument("--model", default=None,
                    help="checkpoint to serve: used if it exists, else trained as usual and kept there for the next run")
