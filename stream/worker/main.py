@@ -238,6 +238,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     startup = _Startup()
     loop = new_event_loop(settings.worker.event_loop)
     asyncio.set_event_loop(loop)
+    log.info("event loop: %s.%s", type(loop).__module__, type(loop).__name__)
     serve = ServeEndpoints(settings, metrics)  # answers 503 until the runtime below exists
     web = WebServer(metrics, startup.ready, settings.process.web_host, settings.process.web_port, serve)
     loop.run_until_complete(web.start())
