@@ -110,9 +110,9 @@ def _configure_process(settings: Settings) -> None:
 
 def new_event_loop(kind: str) -> Any:
     """The worker's event loop. uvloop (libuv) runs the same asyncio code with its socket transports in C:
-    the Kafka clients' and the HTTP server's reads and writes cost the loop, and so the stream's batches,
-    about half as much as asyncio's (docs/serving-cost.md). faust's consumer thread makes its own loop
-    through the policy, so it gets the same kind."""
+    the Kafka clients' and the HTTP server's reads and writes take less of the loop, which the stream's
+    batches share (docs/serving-cost.md). faust's consumer thread makes its own loop through the policy, so
+    it gets the same kind."""
     import asyncio
 
     if kind == "uvloop":
