@@ -59,6 +59,8 @@ def test_two_workers_answer_for_each_other_and_read_your_writes(kafka, tmp_path:
             assert b.metric("gruflow_http_routed_requests_total") > 0
             assert a.metric("gruflow_http_routed_requests_total") + b.metric("gruflow_http_routed_requests_total") \
                 == len(last_event_of(events))
+            # the owners answered from the lists published after each user's last event, not by scoring
+            assert a.metric("gruflow_http_cached_answers_total") + b.metric("gruflow_http_cached_answers_total") > 0
 
             # read-your-writes: an event, then at once a request (to either worker) that must reflect it
             later = events[-1].ts

@@ -57,3 +57,10 @@ def test_forget_clear_unstamped_and_disabled() -> None:
     for off in (AnswerCache(0, 60.0), AnswerCache(10, 0.0)):
         off.remember(_lists([b"a"]))
         assert not off.enabled and off.get(b"a", STAMP, 1) is None
+
+
+def test_a_state_deleted_by_the_same_batch_takes_its_list_with_it() -> None:
+    cache = AnswerCache(10, 60.0)
+    cache.remember(_lists([b"a", b"b"]))
+    cache.remember(_lists([b"b", b"c"]), deleted=[b"a", b"c"])  # forgotten/evicted after the batch's own writes
+    assert [key for key in (b"a", b"b", b"c") if cache.get(key, STAMP, 1) is not None] == [b"b"]
