@@ -32,7 +32,8 @@ steal time; the 2-vCPU VM of gruflow's first sessions lost up to 0.8 of a CPU so
 ``cpu_model``: the processor's name, since figures compare only between runs on the same kind of machine;
 ``cpu_flags``: which of the SIMD features that decide the top-K path it has. ``scorer_path``: the top-K path
 that calibration kept for the ceiling run (``scorer_calibration_rows_per_s``: what it measured of each);
-``worker_scorer_path``: the one the worker kept (its ``gruflow_scorer_info`` metric).
+``worker_scorer_path``: the one the worker kept (its ``gruflow_scorer_info`` metric), ``worker_calibration``
+what the worker's calibration measured (its log line).
 Prints one JSON object. No assertions: goals are written in the issue note, not enforced here.
 """
 

@@ -48,6 +48,7 @@ def bench_json(args: argparse.Namespace, settings: Settings, backlog: Backlog, c
         "cpu_model": cpu_model(),
         "cpu_flags": cpu_flags(),
         "worker_scorer_path": backlog.worker_scorer_path,
+        "worker_calibration": backlog.worker_calibration,
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "latency_cpu_steal": latency_steal,
     }

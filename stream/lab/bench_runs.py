@@ -30,6 +30,7 @@ class Backlog:
     cpu_steal: float | None
     raw_events_per_s: float
     worker_scorer_path: str | None
+    worker_calibration: str | None  # what the worker's own calibration measured of each path (its log line)
 
 
 def _start_profiler(profile: str, pid: int) -> subprocess.Popen[bytes]:
@@ -40,6 +41,17 @@ def _start_profiler(profile: str, pid: int) -> subprocess.Popen[bytes]:
                              "--rate", "50", "--output", profile, "--nonblocking",
                              "--format", "flamegraph" if profile.endswith(".svg") else "raw"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def calibration_line(log_path: Path) -> str | None:
+    """The worker's last calibration line (``model.topk_calibration.calibrate`` logs each path's rate), so a
+    path kept against the bench's own calibration can be told apart from a slow machine."""
+    marker = "top-K path for model version"
+    try:
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if marker in line]
+    except OSError:
+        return None
+    return lines[-1][lines[-1].index(marker):] if lines else None
 
 
 def backlog_run(args: argparse.Namespace, settings: Settings, reader: RecReader, worker: subprocess.Popen[bytes],
@@ -62,7 +74,7 @@ def backlog_run(args: argparse.Namespace, settings: Settings, reader: RecReader,
     log(f"raw confluent consumer: {raw:,.0f} msg/s")
     if profiler is not None:
         profiler.wait(60)
-    return Backlog(events_per_s, n, throughput_steal, raw, worker_scorer_path)
+    return Backlog(events_per_s, n, throughput_steal, raw, worker_scorer_path, calibration_line(work / "worker.log"))
 
 
 def latency_run(args: argparse.Namespace, settings: Settings, reader: RecReader) -> tuple[np.ndarray, float | None]:

@@ -1,5 +1,5 @@
 """What the bench reads of the machine: steal time (/proc/stat), the share of the CPUs a VM's host took
-during a run, the processor's name and SIMD features (/proc/cpuinfo)."""
+during a run, the processor's name and SIMD features (/proc/cpuinfo), and the worker's own calibration line."""
 
 from __future__ import annotations
 
@@ -70,3 +70,15 @@ def test_an_info_label_is_scraped_from_a_metrics_endpoint():
         thread.join(5)
     with pytest.raises(OSError):  # nothing listening
         scrape(f"http://127.0.0.1:{port}")
+
+
+def test_the_workers_own_calibration_line_is_read_from_its_log(tmp_path) -> None:
+    from stream.lab.bench_runs import calibration_line
+
+    log = tmp_path / "worker.log"
+    assert calibration_line(log) is None  # no log (the worker never started)
+    log.write_text("2026-12-07 14:36:01,5 INFO gruflow.worker: event loop: uvloop.Loop\n"
+                   "2026-12-07 14:36:04,1 INFO gruflow.topk: top-K path for model version 1 (1000000 items, k=20): "
+                   "float32; rows/s of one thread on 64 probe states: float32 5,391, compiled 1,200 (0.91 s)\n")
+    assert calibration_line(log) == ("top-K path for model version 1 (1000000 items, k=20): float32; rows/s of one "
+                                     "thread on 64 probe states: float32 5,391, compiled 1,200 (0.91 s)")
