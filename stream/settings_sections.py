@@ -215,7 +215,7 @@ class Serving:
     serve_max_body_bytes: int = setting(16384, "largest request body")
     serve_timeout_s: float = setting(2.0, "a request not answered by then gets 504 (forwarding and waiting included)")
     serve_cache_users: int = setting(50000, "users whose last published list is kept in memory to answer their "
-                                            "requests without scoring (about 0.5 KB each; 0 = score every request)")
+                                            "requests without scoring (about 0.6 KB each; 0 = score every request)")
     serve_cache_max_age_s: float = setting(60.0, "a kept list answers requests for at most this long after it was "
                                                  "ranked: how far an answer may lag rules that change with time "
                                                  "alone (exposure damping, purchase windows)")
