@@ -149,16 +149,15 @@ def _handler_quantiles(port: int) -> dict[str, float | None]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
     cumulative: dict[float, float] = {}
+    cached = 0.0
     for family in text_string_to_metric_families(text):
-        if family.name == "gruflow_http_request_duration_seconds":
-            for sample in family.samples:
-                if sample.name.endswith("_bucket"):
-                    le = float(sample.labels["le"])
-                    cumulative[le] = cumulative.get(le, 0.0) + sample.value
+        for sample in family.samples:
+            if family.name == "gruflow_http_request_duration_seconds" and sample.name.endswith("_bucket"):
+                le = float(sample.labels["le"])
+                cumulative[le] = cumulative.get(le, 0.0) + sample.value
+            elif family.name == "gruflow_http_cached_answers" and sample.name.endswith("_total"):
+                cached += sample.value
     total = cumulative.get(float("inf"), 0.0)
-    cached = sum(sample.value for family in text_string_to_metric_families(text)
-                 if family.name == "gruflow_http_cached_answers" for sample in family.samples
-                 if sample.name.endswith("_total"))
 
     def upper(q: float) -> float | None:
         for le in sorted(cumulative):

@@ -88,10 +88,10 @@ class AnswerCache:
             return
         now = self._clock()
         rows = np.where(lists.rows < 0, -1, lists.rows).astype(np.int32)
-        scores = lists.scores.astype(np.float32, copy=True)
+        scores = lists.scores.astype(np.float32, copy=False)
         because = lists.because
         cached = self._lists
-        for j, key in enumerate(lists.keys):
+        for j, key in enumerate(lists.keys):  # each user's own copies: a view would keep the batch's arrays alive
             cached[key] = CachedList(rows[j].copy(), scores[j].copy(),
                                      because[j].copy() if because is not None else None,
                                      not bool(lists.has_hidden[j]), stamp, now)

@@ -106,9 +106,11 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
                                                       (RESET_NON_FINITE_STORED, len(walk.stored_resets))) if n}
     result.prequential = prequential_counts(events, states, rows, rec_rows, prev_event, fresh, model.version, cfg.k,
                                             popularity)
-    because = (because_rows(model, np.where(rec_rows == PAD, -1, rec_rows), walk.recent_at, walk.has_hidden,
-                            cfg.because_items) if cfg.because_history else None)
-    result.outputs = _encode(model, events, rec_rows, rec_scores, because, published_ms)
+    # with "because": the lists with -1 for the padding, which the attribution and its messages both read
+    listed = np.where(rec_rows == PAD, -1, rec_rows) if cfg.because_history else None
+    because = (because_rows(model, listed, walk.recent_at, walk.has_hidden, cfg.because_items)
+               if listed is not None else None)
+    result.outputs = _encode(model, events, rec_rows, rec_scores, listed, because, published_ms)
     result.states = walk.final_states(last_idx, rec_rows, kk, int(model.version))
     last = np.fromiter(last_idx.values(), dtype=np.int64, count=len(last_idx))
     result.lists = FinalLists(list(last_idx), rec_rows[last], rec_scores[last],
@@ -120,11 +122,10 @@ def process_batch(model: Recommender, events: list[Event], states: dict[bytes, U
 
 
 def _encode(model: Recommender, events: list[Event], rec_rows: np.ndarray, rec_scores: np.ndarray,
-            because: np.ndarray | None, published_ms: int) -> list[tuple[bytes, bytes]]:
-    """The batch's recommendation messages, in event order; with "because" rows, each item names the
-    session items it is attributed to."""
-    if because is None:
+            listed: np.ndarray | None, because: np.ndarray | None, published_ms: int) -> list[tuple[bytes, bytes]]:
+    """The batch's recommendation messages, in event order; with "because" rows (and ``listed``, the lists
+    with -1 for the padding), each item names the session items it is attributed to."""
+    if listed is None or because is None:
         return encode_outputs(model, events, rec_rows, rec_scores, published_ms)
-    listed = np.where(rec_rows == PAD, -1, rec_rows)
     return encode_outputs_because(vocab_ids(model), int(model.version), events, listed, rec_scores, because,
                                   published_ms)
