@@ -153,6 +153,14 @@ class Holder:
     current = _model()
 
 
+def _endpoints() -> tuple[FakeRuntime, ServeEndpoints]:
+    """The handlers over a fake runtime that owns partition 0, called directly (no web server)."""
+    runtime = FakeRuntime(FakePipeline([0]), Holder())
+    serve = ServeEndpoints(Settings(), Metrics.create(role="worker"))
+    serve.runtime = runtime
+    return runtime, serve
+
+
 def test_answers_503_until_ready_then_200() -> None:
     got, metrics = _run(None, [("GET", "/users/u1/recommendations", None, {})])
     assert got[0][0] == 503 and got[0][1]["error"] == "not_ready"
@@ -185,9 +193,7 @@ def test_body_limit_and_timeout() -> None:
 def test_requests_waiting_for_the_request_thread_are_answered_in_one_turn() -> None:
     import threading
 
-    runtime = FakeRuntime(FakePipeline([0]), Holder())
-    serve = ServeEndpoints(Settings(), Metrics.create(role="worker"))
-    serve.runtime = runtime
+    runtime, serve = _endpoints()
     release = threading.Event()
 
     async def go() -> list:
@@ -239,9 +245,7 @@ def test_a_request_whose_partition_moved_while_it_waited_gets_503_and_the_assign
 
     from stream.pipeline.serving import RequestError
 
-    runtime = FakeRuntime(FakePipeline([0]), Holder())
-    serve = ServeEndpoints(Settings(), Metrics.create(role="worker"))
-    serve.runtime = runtime
+    runtime, serve = _endpoints()
     release = threading.Event()
 
     async def go() -> tuple[Any, Any, Any]:
@@ -270,9 +274,7 @@ def test_a_request_whose_partition_moved_while_it_waited_gets_503_and_the_assign
 def test_a_request_is_answered_while_a_stream_batch_holds_the_compute_thread() -> None:
     import threading
 
-    runtime = FakeRuntime(FakePipeline([0]), Holder())
-    serve = ServeEndpoints(Settings(), Metrics.create(role="worker"))
-    serve.runtime = runtime
+    runtime, serve = _endpoints()
     release = threading.Event()
 
     async def go() -> bytes:
