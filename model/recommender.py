@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from model.few_step import step_few
+from model.few_step import supports as few_step_supports
 from model.network import GRU4RecNet
 from model.vocab import Vocabulary
 
@@ -28,6 +30,7 @@ class Recommender:
     def __post_init__(self) -> None:
         self.net.eval()
         self._splits = list(self.net.layers)
+        self._few_step = few_step_supports(self.net)
         pop = self.popularity if self.popularity is not None else np.zeros(len(self.vocab), dtype=np.float64)
         self._popular_rows = np.argsort(-pop, kind="stable").astype(np.int64)
         self._popular_scores = pop[self._popular_rows].astype(np.float32)
@@ -69,6 +72,14 @@ class Recommender:
         F = torch.from_numpy(np.asarray(features, dtype=np.int64)) if features is not None else None
         self.net.step(X, H, T, training=False, features=F)
         return torch.cat(H, dim=1).numpy()
+
+    def step_few(self, hidden: np.ndarray, item_rows: np.ndarray, event_types: np.ndarray) -> np.ndarray:
+        """``step`` (without features) for the few sessions of a request: in numpy where the network allows
+        it (model.few_step: torch's per-call cost and GIL hand-offs dominate at this size), else torch."""
+        if self._few_step:
+            return step_few(self.net, np.asarray(hidden, dtype=np.float32), np.asarray(item_rows, dtype=np.int64),
+                            np.asarray(event_types, dtype=np.int64))
+        return self.step(hidden, item_rows, event_types)
 
     @torch.inference_mode()
     def top_k(self, hidden: np.ndarray, k: int,

@@ -25,7 +25,6 @@ Prints one JSON object; ``load_avg_1m`` and the CPU's name say what the machine 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import multiprocessing
 import os
@@ -47,51 +46,45 @@ from stream.tools.harness import PROJECT_ROOT, kafka_for, stop_process
 from stream.settings import ENV_PREFIX, Settings
 
 
-async def _request_load(url: str, users: int, rate: float, seconds: float, k: int, anonymous_share: float,
-                        n_items: int) -> dict[str, Any]:
-    import aiohttp
+def _requests(url: str, users: int, rate: float, seconds: float, k: int, anonymous_share: float,
+              n_items: int) -> list[bytes]:
+    """The request load, pre-encoded: known users' GETs and, ``anonymous_share`` of them, POSTs of 3 items."""
+    from stream.lab.http_load import get_request, post_request
 
     rng = np.random.default_rng(7)
-    n = int(rate * seconds)
-    lat: list[float] = []
-    statuses: dict[str, int] = {}
-    conn = aiohttp.TCPConnector(limit=256)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async def one(due: float, anonymous: bool, user: int, items: list[int]) -> None:
-            try:
-                if anonymous:
-                    body = json.dumps({"items": [f"i{i}" for i in items], "k": k}).encode()
-                    req = session.post(f"{url}/recommendations", data=body,
-                                       headers={"Content-Type": "application/json"})
-                else:
-                    req = session.get(f"{url}/users/{WARMUP_PREFIX}{user}/recommendations?k={k}")
-                async with req as r:
-                    await r.read()
-                    status = str(r.status)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                status = type(exc).__name__
-            lat.append((time.monotonic() - due) * 1000)
-            statuses[status] = statuses.get(status, 0) + 1
-
-        tasks = []
-        t0 = time.monotonic()
-        for i in range(n):
-            due = t0 + i / rate
-            delay = due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(due, bool(rng.random() < anonymous_share),
-                                                   int(rng.integers(0, users)),
-                                                   rng.integers(0, n_items, 3).tolist())))
-        await asyncio.gather(*tasks)
-        span = time.monotonic() - t0
-    arr = np.asarray(lat, dtype=np.float64)
-    return {"requests": n, "requests_per_s": round(n / span, 1), "statuses": statuses,
-            "latency_ms": percentiles(arr), "offered_request_rate": rate}
+    host = url.split("//", 1)[1]
+    requests = []
+    for _ in range(int(rate * seconds)):
+        anonymous = bool(rng.random() < anonymous_share)
+        user = int(rng.integers(0, users))
+        items = rng.integers(0, n_items, 3).tolist()
+        if anonymous:
+            body = json.dumps({"items": [f"i{i}" for i in items], "k": k}).encode()
+            requests.append(post_request(host, "/recommendations", body))
+        else:
+            requests.append(get_request(host, f"/users/{WARMUP_PREFIX}{user}/recommendations?k={k}"))
+    return requests
 
 
-def _request_process(queue: Any, *args: Any) -> None:
-    queue.put(asyncio.run(_request_load(*args)))
+def _request_process(queue: Any, go: Any, url: str, rate: float, users: int, seconds: float, k: int,
+                     anonymous_share: float, n_items: int) -> None:
+    """The request load's process: imports and requests made first, then "ready" on ``queue``; the load
+    starts when ``go`` is set (with the stream's measured window, which the start-up's CPU would disturb)
+    and its figures are put on ``queue``."""
+    from stream.lab.http_load import open_loop
+    from stream.worker.main import new_event_loop
+
+    requests = _requests(url, users, rate, seconds, k, anonymous_share, n_items)
+    loop = new_event_loop("uvloop")  # the load's own CPU is taken from the worker's 2 cores: the lighter loop
+    queue.put("ready")
+    go.wait()
+    try:
+        out, span = loop.run_until_complete(open_loop(url, requests, rate))
+    finally:
+        loop.close()
+    queue.put({"requests": len(requests), "requests_per_s": round(len(requests) / span, 1),
+               "statuses": out.statuses, "latency_ms": percentiles(np.asarray(out.latencies_ms, dtype=np.float64)),
+               "offered_request_rate": rate})
 
 
 def _start_worker(settings: Settings, model_path: Path, log_path: Path, **env: str) -> subprocess.Popen[bytes]:
@@ -180,11 +173,16 @@ def _serve_phases(settings: Settings, args: argparse.Namespace, model_path: Path
         log(f"stream alone: {args.rate:,.0f} events/s for {args.latency_seconds:.0f} s ...")
         alone, _ = latency_window(settings, reader, args)
         log(f"stream + requests: {args.request_rate:,.0f} requests/s at the same time ...")
-        queue: Any = multiprocessing.get_context("spawn").Queue()
-        load = multiprocessing.get_context("spawn").Process(
-            target=_request_process, args=(queue, f"http://127.0.0.1:{settings.process.web_port}", 5000, args.request_rate,
-                                           args.latency_seconds, args.k, args.anonymous_share, args.items))
+        spawn = multiprocessing.get_context("spawn")
+        queue: Any = spawn.Queue()
+        go = spawn.Event()
+        load = spawn.Process(target=_request_process,
+                             args=(queue, go, f"http://127.0.0.1:{settings.process.web_port}", args.request_rate,
+                                   5000, args.latency_seconds, args.k, args.anonymous_share, args.items))
         load.start()
+        if queue.get(timeout=120) != "ready":
+            raise RuntimeError("the request load did not start")
+        go.set()
         together, _ = latency_window(settings, reader, args)
         requests = queue.get(timeout=args.latency_seconds + 120)
         load.join(30)

@@ -185,7 +185,7 @@ def step_session(model: Recommender, session: Session, history: int) -> tuple[np
         return None, []
     H = model.zero_state(1)
     for i in known:
-        H = model.step(H, rows[i:i + 1], np.asarray(session.types[i:i + 1], dtype=np.int64))
+        H = model.step_few(H, rows[i:i + 1], np.asarray(session.types[i:i + 1], dtype=np.int64))
     if not np.isfinite(H).all():
         return None, []
     recent: list[int] = []
@@ -213,8 +213,8 @@ def step_sessions(model: Recommender, sessions: Sequence[Session],
     steps = len(seqs[order[0]][0]) if seqs else 0
     for j in range(steps):
         live = [i for i in order if len(seqs[i][0]) > j]
-        H[live] = model.step(H[live], np.array([seqs[i][0][j] for i in live], dtype=np.int64),
-                             np.array([seqs[i][1][j] for i in live], dtype=np.int64))
+        H[live] = model.step_few(H[live], np.array([seqs[i][0][j] for i in live], dtype=np.int64),
+                                 np.array([seqs[i][1][j] for i in live], dtype=np.int64))
     out: list[tuple[np.ndarray | None, list[int]]] = []
     for i, (known, _) in enumerate(seqs):
         if not len(known) or not np.isfinite(H[i]).all():
