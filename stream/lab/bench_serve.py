@@ -10,7 +10,9 @@ are the ones asked for later):
    at ``--request-rate`` (500/s) for known users (with ``--anonymous-share`` of them ``POST
    /recommendations`` with 3 items), open loop: request i is due at t0 + i/rate, and its latency counts
    from that due time (a slow answer delays no later request, and a late start is counted). The
-   request load runs in its own process so it does not take the GIL of the event load generator.
+   request load runs in its own process so it does not take the GIL of the event load generator; it is a
+   light kept-alive HTTP/1.1 client (stream/lab/http_load.py), started and ready before the window opens, so
+   the CPU it takes from the worker's machine stays small.
    ``stream_p99_ratio`` = the stream's p99 with requests / without (goal < 1.5); ``requests`` has
    requests/s answered, statuses and p50/p99 (goal p99 <= 20 ms at 500 requests/s).
    Known users' requests of the default shape are answered from the list published after their last
