@@ -2,17 +2,18 @@
 worker, the recommendation requests of ``stream/worker/http_api.py``).
 
 A tiny aiohttp server started before faust connects to anything, so ``/livez`` answers 200 as long as
-the process's event loop runs — also while the broker is unreachable (a liveness probe must not
-restart a worker because Kafka is down). ``/readyz`` answers 200 only once the table recovery has
-finished and a model is loaded, else 503 with the reason. faust's own web server stays disabled
-(it only starts after recovery, and its Prometheus sensor uses non-base units).
+the process runs — also while the broker is unreachable (a liveness probe must not restart a worker
+because Kafka is down). ``/readyz`` answers 200 only once the table recovery has finished and a model is
+loaded, else 503 with the reason. faust's own web server stays disabled (it only starts after recovery,
+and its Prometheus sensor uses non-base units). A worker serves them, with its requests, from a thread
+and event loop of their own (``WebServerThread``), apart from the stream's loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -80,29 +81,43 @@ class WebServer:
 
 
 class WebServerThread:
-    """The same endpoints for a process without an event loop of its own (the trainer): served by a
-    daemon thread that runs one."""
+    """The same endpoints served by a daemon thread that runs an event loop of its own: for a process
+    without one (the trainer), or to keep the requests off the loop of a worker's stream."""
 
-    def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int) -> None:
-        self._args = (metrics, ready, host, port)
-        self._loop = asyncio.new_event_loop()
+    def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int, extra: Routes | None = None, *,
+                 with_ready_gauge: bool = False, new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+                 on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._args = (metrics, ready, host, port, extra, with_ready_gauge)
+        self._loop = new_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gruflow-http", daemon=True)
         self._server: WebServer | None = None
+        self._on_stop = on_stop
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
 
     def start(self) -> None:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
 
     async def _start(self) -> None:
-        metrics, ready, host, port = self._args
-        server = WebServer(metrics, ready, host, port, with_ready_gauge=False)
+        metrics, ready, host, port, extra, with_ready_gauge = self._args
+        server = WebServer(metrics, ready, host, port, extra, with_ready_gauge=with_ready_gauge)
         await server.start()
         self._server = server
 
-    def stop(self) -> None:
+    async def _stop(self) -> None:
         if self._server is not None:
-            asyncio.run_coroutine_threadsafe(self._server.stop(), self._loop).result(30)
+            await self._server.stop()
             self._server = None
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        if self._on_stop is not None:
+            await self._on_stop()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        if not self._loop.is_running():
+            self._loop.close()

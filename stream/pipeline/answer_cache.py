@@ -11,12 +11,14 @@ windows) is bounded by ``max_age_s``: an older list is scored again.
 
 Invariants: an entry is replaced in the event-loop step in which the user's new state becomes readable
 (the in-flight overlay, or RocksDB under exactly_once), and dropped in the step in which the state is
-deleted (forgotten or evicted), so an entry is never older than the state a request would read. Every
-method runs on the event loop: no lock.
+deleted (forgotten or evicted), so an entry is never older than the state a request would read. The
+stream's loop writes and the requests' thread reads (and drops stale entries): every method holds one lock,
+for a dictionary operation or one batch's entries.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -68,13 +70,15 @@ class AnswerCache:
         self.max_age_s = float(max_age_s)
         self._clock = clock
         self._lists: OrderedDict[bytes, CachedList] = OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
         return self.capacity > 0 and self.max_age_s > 0
 
     def __len__(self) -> int:
-        return len(self._lists)
+        with self._lock:
+            return len(self._lists)
 
     def remember(self, lists: FinalLists | None, deleted: Iterable[bytes] = ()) -> None:
         """A batch's lists, then the users whose state the same batch deleted (forgotten, evicted)."""
@@ -90,32 +94,38 @@ class AnswerCache:
         rows = np.where(lists.rows < 0, -1, lists.rows).astype(np.int32)
         scores = lists.scores.astype(np.float32, copy=False)
         because = lists.because
-        cached = self._lists
-        for j, key in enumerate(lists.keys):  # each user's own copies: a view would keep the batch's arrays alive
-            cached[key] = CachedList(rows[j].copy(), scores[j].copy(),
-                                     because[j].copy() if because is not None else None,
-                                     not bool(lists.has_hidden[j]), stamp, now)
-            cached.move_to_end(key)
-        while len(cached) > self.capacity:
-            cached.popitem(last=False)
+        entries = [(key, CachedList(rows[j].copy(), scores[j].copy(),  # each user's own copies: a view would
+                                    because[j].copy() if because is not None else None,  # keep the batch alive
+                                    not bool(lists.has_hidden[j]), stamp, now))
+                   for j, key in enumerate(lists.keys)]
+        with self._lock:
+            cached = self._lists
+            for key, entry in entries:
+                cached[key] = entry
+                cached.move_to_end(key)
+            while len(cached) > self.capacity:
+                cached.popitem(last=False)
 
     def forget(self, keys: Iterable[bytes]) -> None:
-        for key in keys:
-            self._lists.pop(key, None)
+        with self._lock:
+            for key in keys:
+                self._lists.pop(key, None)
 
     def clear(self) -> None:
-        self._lists.clear()
+        with self._lock:
+            self._lists.clear()
 
     def get(self, key: bytes, stamp: Stamp, k: int) -> CachedList | None:
         """The user's list when it still answers a request for ``k`` items under ``stamp``; else None (and a
         stale entry is dropped)."""
-        entry = self._lists.get(key)
-        if entry is None:
-            return None
-        if entry.stamp != stamp or self._clock() - entry.at_s > self.max_age_s:
-            del self._lists[key]
-            return None
-        if k > len(entry.rows):
-            return None
-        self._lists.move_to_end(key)
-        return entry
+        with self._lock:
+            entry = self._lists.get(key)
+            if entry is None:
+                return None
+            if entry.stamp != stamp or self._clock() - entry.at_s > self.max_age_s:
+                del self._lists[key]
+                return None
+            if k > len(entry.rows):
+                return None
+            self._lists.move_to_end(key)
+            return entry

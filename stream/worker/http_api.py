@@ -16,12 +16,16 @@
   own category filter, masked before the top-K like the settings' rules, which it narrows and never widens
   (``serving.parse_filters``, ``rules.request_categories``).
 
-A known user's request of the default shape (k at most the stream's K, no filter of its own) is answered
-on the event loop from the list the stream published after the user's last event, while nothing it depends
-on has changed (``Pipeline.answers``, stream/pipeline/answer_cache.py): no scoring at all. Every other
-request is scored in a thread of its own for requests, never on the event loop, and so are the users'
-state reads: a request does not wait behind a stream batch in the compute thread, and the stream does not
-wait behind requests (docs/serving-cost.md). Each request is bounded by GRUFLOW_SERVE_TIMEOUT_S (504).
+The endpoints run on an event loop of their own, in a thread of their own (``WebServerThread``), never on
+the stream's (faust's) loop: aiohttp's work per request does not queue behind the stream's batches, nor the
+stream behind it. Only two things hop to the stream's loop, where faust keeps them: the partition handles of
+a turn of the request thread, and the ``sync`` wait (``_on_stream_loop``). A known user's request of the
+default shape (k at most the stream's K, no filter of its own) is answered on the requests' loop from the
+list the stream published after the user's last event, while nothing it depends on has changed
+(``Pipeline.answers``, stream/pipeline/answer_cache.py, locked between the two threads): no scoring at all.
+Every other request is scored in a thread of its own for requests, and so are the users' state reads: a
+request does not wait behind a stream batch in the compute thread (docs/serving-cost.md). Each request is
+bounded by GRUFLOW_SERVE_TIMEOUT_S (504).
 Errors are JSON ``{"error", "detail"}`` and never repeat the user id.
 """
 
@@ -79,7 +83,7 @@ def _true(raw: str | None) -> bool:
 
 class EndOffsets:
     """Log end offsets from the broker, through one long-lived group-less consumer in its own thread
-    (read-your-writes requests; the request thread and the event loop never wait on the broker)."""
+    (read-your-writes requests; neither loop nor the request thread waits on the broker)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -118,6 +122,9 @@ class ServeEndpoints:
         self.settings = settings
         self.metrics = metrics
         self.runtime: Any = None
+        # the loop of the stream (faust's): the partition handles and the read-your-writes waits are taken
+        # there; None when the requests are served on that same loop (tests)
+        self.stream_loop: asyncio.AbstractEventLoop | None = None
         sv = settings.serving
         self.serving = sv
         self.limits = ServeLimits(default_k=settings.scoring.top_k, max_k=sv.serve_max_k,
@@ -185,7 +192,7 @@ class ServeEndpoints:
             names = pipeline.names
             tps = [(topic, partition) for topic in names.inputs]
             ends = await self.end_offsets.ends(tps, self.serving.serve_timeout_s)
-            await pipeline.wait_applied(ends)
+            await self._on_stream_loop(pipeline.wait_applied(ends))
             if partition not in self.active_partitions():  # moved while waiting
                 raise _moving()
         model = rt.holder.current
@@ -225,7 +232,10 @@ class ServeEndpoints:
         if self._actives is None:
             rt = self.runtime
             self._actives = ActivePartitions(rt.app, rt.pipeline.names.changelog)
-        return self._actives.get()
+        try:
+            return self._actives.get()
+        except RuntimeError:  # read from the requests' thread while a rebalance changed the assignment
+            raise _moving() from None
 
     def partition_for(self, key: bytes) -> int:
         """The state table's partition of a user (murmur2 in Python), remembered for the users asked for most
@@ -253,7 +263,10 @@ class ServeEndpoints:
         loop = asyncio.get_running_loop()
         try:
             while self._waiting:
-                (batch, dbs), self._waiting = self._bind_reads(self._waiting), []
+                waiting, self._waiting = self._waiting, []
+                wanted = {ask.partition for _, _, ask, _ in waiting if isinstance(ask, UserAsk)}
+                actives, dbs = await self._on_stream_loop(self._partition_dbs(wanted)) if wanted else (None, {})
+                batch = self._bound(waiting, actives, dbs)
                 if not batch:
                     continue
                 try:
@@ -269,24 +282,34 @@ class ServeEndpoints:
         finally:
             self._draining = False
 
-    def _bind_reads(self, waiting: list[_Waiting]) -> tuple[list[_Waiting], dict[int, Any]]:
-        """On the event loop, just before a turn of the request thread: the database handle of each partition
-        the turn reads (faust opens and drops them on this loop), and 503 for a request whose partition left
-        this worker since it was checked."""
+    async def _partition_dbs(self, partitions: set[int]) -> tuple[frozenset[int], dict[int, Any]]:
+        """On the stream's loop, just before a turn of the request thread: this worker's active partitions,
+        and the database handle of each of ``partitions`` that is active (faust opens and drops them on that
+        loop)."""
         actives = self.active_partitions()
         store = self.runtime.pipeline.store
-        dbs: dict[int, Any] = {}
+        return actives, {p: store.partition_db(p) for p in partitions if p in actives}
+
+    @staticmethod
+    def _bound(waiting: list[_Waiting], actives: frozenset[int] | None,
+               dbs: dict[int, Any]) -> list[_Waiting]:
+        """The requests a turn answers; 503 for one whose partition left this worker since it was checked."""
         batch = []
         for item in waiting:
             ask, future = item[2], item[3]
             if isinstance(ask, UserAsk) and ask.partition not in dbs:
-                if ask.partition not in actives:
-                    if not future.done():
-                        future.set_exception(_moving())
-                    continue
-                dbs[ask.partition] = store.partition_db(ask.partition)
+                if not future.done():
+                    future.set_exception(_moving())
+                continue
             batch.append(item)
-        return batch, dbs
+        return batch
+
+    async def _on_stream_loop(self, work: Awaitable[Any]) -> Any:
+        """``work`` run on the stream's loop, awaited from the requests' loop."""
+        loop = self.stream_loop
+        if loop is None or loop is asyncio.get_running_loop():
+            return await work
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, loop))  # type: ignore[arg-type]
 
     def _queries(self, batch: list[_Waiting], dbs: dict[int, Any]) -> list[Query]:
         """In the request thread: the query of each request. The users' states come from one read per
@@ -337,9 +360,12 @@ class ServeEndpoints:
         """The canonical URL of the worker whose active partitions include ``partition`` of the state table."""
         app = self.runtime.app
         changelog = self.runtime.pipeline.names.changelog
-        for url, topics in app.router.table_metadata(STATE_TABLE_NAME).items():
-            if partition in topics.get(changelog, ()):
-                return str(url)
+        try:
+            for url, topics in app.router.table_metadata(STATE_TABLE_NAME).items():
+                if partition in topics.get(changelog, ()):
+                    return str(url)
+        except RuntimeError:  # read from the requests' thread while a rebalance changed the assignment
+            return None
         return None
 
     async def _forward(self, request: web.Request, partition: int) -> web.Response:

@@ -178,6 +178,8 @@ def _faust_worker(settings: Settings, runtime: Any, holder: ModelHolder, metrics
                   loop: Any) -> Any:
     """The faust Worker that runs ``runtime``'s app: the item-rules reader and the model subscriber start
     once it runs, and everything stops in order on shutdown."""
+    import asyncio
+
     import faust
 
     from stream.worker.item_rules import ItemRulesReader
@@ -199,8 +201,7 @@ def _faust_worker(settings: Settings, runtime: Any, holder: ModelHolder, metrics
 
         async def on_stop(self) -> None:
             await super().on_stop()
-            await web.stop()
-            await serve.close()
+            await asyncio.get_running_loop().run_in_executor(None, web.stop)  # a request may await this loop
 
         async def on_shutdown(self) -> None:
             await super().on_shutdown()
@@ -227,7 +228,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
 
     from stream.kafka.passthrough import untranslated
     from stream.kafka.topics import dead_letter_budget
-    from stream.observe.web import WebServer
+    from stream.observe.web import WebServerThread
     from stream.worker.app import build_app
     from stream.worker.http_api import ServeEndpoints
 
@@ -240,8 +241,12 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     asyncio.set_event_loop(loop)
     log.info("event loop: %s.%s", type(loop).__module__, type(loop).__name__)
     serve = ServeEndpoints(settings, metrics)  # answers 503 until the runtime below exists
-    web = WebServer(metrics, startup.ready, settings.process.web_host, settings.process.web_port, serve)
-    loop.run_until_complete(web.start())
+    # the endpoints run on a thread and loop of their own: requests never wait behind the stream's loop,
+    # nor the stream behind them (docs/serving-cost.md)
+    web = WebServerThread(metrics, startup.ready, settings.process.web_host, settings.process.web_port, serve,
+                          with_ready_gauge=True, on_stop=serve.close)  # its loop: the same kind (the policy set above)
+    serve.stream_loop = loop
+    web.start()
     log.info("health endpoints on http://%s:%d (/metrics /livez /readyz), requests as %s (/users/{id}/recommendations,"
              " /recommendations)", settings.process.web_host, settings.process.web_port, settings.web_url())
     only_librdkafka = untranslated(settings)
@@ -252,12 +257,10 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
         first = _wait_for_start(loop, settings, model, metrics, startup)
     except WorkerError as exc:
         print(f"gruflow worker: {exc}", file=sys.stderr)
-        loop.run_until_complete(web.stop())
-        loop.run_until_complete(serve.close())
+        web.stop()
         return 2
     if first is None:  # stopped while waiting for the cluster
-        loop.run_until_complete(web.stop())
-        loop.run_until_complete(serve.close())
+        web.stop()
         loop.close()
         return 0
     dead_letter_bytes = loop.run_until_complete(loop.run_in_executor(None, dead_letter_budget, settings))

@@ -3,6 +3,8 @@ at most its own length; the least recently used users leave first."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from stream.pipeline.answer_cache import AnswerCache, FinalLists, Stamp
@@ -64,3 +66,34 @@ def test_a_state_deleted_by_the_same_batch_takes_its_list_with_it() -> None:
     cache.remember(_lists([b"a", b"b"]))
     cache.remember(_lists([b"b", b"c"]), deleted=[b"a", b"c"])  # forgotten/evicted after the batch's own writes
     assert [key for key in (b"a", b"b", b"c") if cache.get(key, STAMP, 1) is not None] == [b"b"]
+
+
+def test_the_streams_writes_and_the_requests_reads_may_run_in_two_threads() -> None:
+    """The stream's loop keeps lists while the requests' thread reads them, and drops those under an older
+    stamp: neither sees a half-done change (a KeyError, an OrderedDict mutated while it is walked)."""
+    cache = AnswerCache(capacity=64, max_age_s=60.0)
+    keys = [f"u{i}".encode() for i in range(200)]
+    newer = Stamp(model_id=7, model_version=3, catalogue_version=0, generation=3)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                for key in keys:
+                    entry = cache.get(key, STAMP, 3)
+                    assert entry is None or entry.stamp == STAMP
+                    cache.get(key, newer, 3)  # drops a list kept under STAMP
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(300):
+            cache.remember(_lists(keys[i % 150:i % 150 + 50]), deleted=keys[:i % 7])
+    finally:
+        stop.set()
+        reader.join(10)
+    assert errors == []
+    assert len(cache) <= 64

@@ -4,6 +4,7 @@ timeout and the metrics they count (the end-to-end tests are in tests/integratio
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -128,10 +129,12 @@ def _model() -> Recommender:
     return Recommender(net, Vocabulary(f"i{r}" for r in range(30)), 4, np.arange(30, 0, -1, dtype=np.float64))
 
 
-def _run(runtime: Any, requests: list[tuple[str, str, bytes | None, dict]], **settings: Any) -> tuple[list, Metrics]:
+def _run(runtime: Any, requests: list[tuple[str, str, bytes | None, dict]], *,
+         stream_loop: asyncio.AbstractEventLoop | None = None, **settings: Any) -> tuple[list, Metrics]:
     metrics = Metrics.create(role="worker")
     serve = ServeEndpoints(Settings.of(serve_max_body_bytes=512, **settings), metrics)
     serve.runtime = runtime
+    serve.stream_loop = stream_loop
 
     async def go() -> list:
         app = web.Application()
@@ -323,3 +326,28 @@ def test_requests_the_published_list_cannot_answer_are_scored() -> None:
     assert all(doc["cold_start"] for _, doc in got)  # scored: the fake store has no state for them
     assert pipeline.turns == 3 and metrics.http_cached_answers._value.get() == 0
     assert len(pipeline.answers) == 1  # the stale list was dropped
+
+
+def test_partition_handles_are_taken_on_the_streams_loop_when_requests_have_their_own() -> None:
+    """As in the worker: the requests' loop runs in one thread, the stream's in another; faust's partition
+    handles are only touched on the stream's loop."""
+    stream_loop = asyncio.new_event_loop()
+    stream_thread = threading.Thread(target=stream_loop.run_forever, daemon=True)
+    stream_thread.start()
+    runtime = FakeRuntime(FakePipeline([0]), Holder())
+    taken_in: list[threading.Thread] = []
+
+    def partition_db(partition: int) -> str:
+        taken_in.append(threading.current_thread())
+        return f"db{partition}"
+
+    runtime.pipeline.store.partition_db = partition_db
+    try:
+        got, _ = _run(runtime, [("GET", "/users/u1/recommendations?k=3", None, {})], stream_loop=stream_loop)
+    finally:
+        stream_loop.call_soon_threadsafe(stream_loop.stop)
+        stream_thread.join(5)
+        stream_loop.close()
+    assert got[0][0] == 200 and got[0][1]["cold_start"] is True
+    assert taken_in == [stream_thread]
+    assert runtime.pipeline.reads == [(0, [b"u1"], "db0")]
