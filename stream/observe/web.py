@@ -85,17 +85,14 @@ class WebServerThread:
     without one (the trainer), or to keep the requests off the loop of a worker's stream."""
 
     def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int, extra: Routes | None = None, *,
-                 with_ready_gauge: bool = False, new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
-                 on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+                 with_ready_gauge: bool = False, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+        """``on_stop``: run on the thread's loop after the server stops (``extra``'s own clean-up). The loop is
+        of the kind the event loop policy makes (uvloop in a worker)."""
         self._args = (metrics, ready, host, port, extra, with_ready_gauge)
-        self._loop = new_loop()
+        self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gruflow-http", daemon=True)
         self._server: WebServer | None = None
         self._on_stop = on_stop
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
 
     def start(self) -> None:
         self._thread.start()
