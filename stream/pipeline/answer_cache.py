@@ -9,11 +9,11 @@ snapshot version) and the consumer generation (a rebalance may have moved the us
 and back, with events applied elsewhere). What changes with time alone (exposure damping, purchase
 windows) is bounded by ``max_age_s``: an older list is scored again.
 
-Invariants: an entry is replaced just before the user's new state becomes readable (the in-flight
-overlay, or RocksDB under exactly_once), and dropped just before the state is deleted (forgotten or evicted)
-or discarded (a reset overlay), in the same event-loop step, so an entry is never older than the state a
-request would read. The stream's loop writes and the requests' thread reads (and drops stale entries):
-every method holds one lock, for a dictionary operation or one batch's entries and deletions.
+Invariants: an entry is replaced in the event-loop step in which the user's new state becomes readable
+(the in-flight overlay, or RocksDB under exactly_once), and dropped in the step in which the state is
+deleted (forgotten or evicted), so an entry is never older than the state a request would read. The
+stream's loop writes and the requests' thread reads (and drops stale entries): every method holds one lock,
+for a dictionary operation or one batch's entries.
 """
 
 from __future__ import annotations
@@ -81,9 +81,23 @@ class AnswerCache:
             return len(self._lists)
 
     def remember(self, lists: FinalLists | None, deleted: Iterable[bytes] = ()) -> None:
-        """A batch's lists, then the users whose state the same batch deleted (forgotten, evicted), as one
-        change: a reader never sees the lists without the deletions."""
-        entries = self._entries(lists) if lists is not None else []
+        """A batch's lists, then the users whose state the same batch deleted (forgotten, evicted)."""
+        if lists is not None:
+            self._keep(lists)
+        self.forget(deleted)
+
+    def _keep(self, lists: FinalLists) -> None:
+        stamp = lists.stamp
+        if not self.enabled or not lists.keys or stamp is None:
+            return
+        now = self._clock()
+        rows = np.where(lists.rows < 0, -1, lists.rows).astype(np.int32)
+        scores = lists.scores.astype(np.float32, copy=False)
+        because = lists.because
+        entries = [(key, CachedList(rows[j].copy(), scores[j].copy(),  # each user's own copies: a view would
+                                    because[j].copy() if because is not None else None,  # keep the batch alive
+                                    not bool(lists.has_hidden[j]), stamp, now))
+                   for j, key in enumerate(lists.keys)]
         with self._lock:
             cached = self._lists
             for key, entry in entries:
@@ -91,21 +105,6 @@ class AnswerCache:
                 cached.move_to_end(key)
             while len(cached) > self.capacity:
                 cached.popitem(last=False)
-            for key in deleted:
-                cached.pop(key, None)
-
-    def _entries(self, lists: FinalLists) -> list[tuple[bytes, CachedList]]:
-        stamp = lists.stamp
-        if not self.enabled or not lists.keys or stamp is None:
-            return []
-        now = self._clock()
-        rows = np.where(lists.rows < 0, -1, lists.rows).astype(np.int32)
-        scores = lists.scores.astype(np.float32, copy=False)
-        because = lists.because
-        return [(key, CachedList(rows[j].copy(), scores[j].copy(),  # each user's own copies: a view would
-                                 because[j].copy() if because is not None else None,  # keep the batch alive
-                                 not bool(lists.has_hidden[j]), stamp, now))
-                for j, key in enumerate(lists.keys)]
 
     def forget(self, keys: Iterable[bytes]) -> None:
         with self._lock:
