@@ -9,11 +9,11 @@ snapshot version) and the consumer generation (a rebalance may have moved the us
 and back, with events applied elsewhere). What changes with time alone (exposure damping, purchase
 windows) is bounded by ``max_age_s``: an older list is scored again.
 
-Invariants: an entry is replaced in the event-loop step in which the user's new state becomes readable
-(the in-flight overlay, or RocksDB under exactly_once), and dropped in the step in which the state is
-deleted (forgotten or evicted), so an entry is never older than the state a request would read. The
-stream's loop writes and the requests' thread reads (and drops stale entries): every method holds one lock,
-for a dictionary operation or one batch's entries.
+Invariants: an entry is replaced just before the user's new state becomes readable (the in-flight
+overlay, or RocksDB under exactly_once), and dropped just before the state is deleted (forgotten or evicted)
+or discarded (a reset overlay), in the same event-loop step, so an entry is never older than the state a
+request would read. The stream's loop writes and the requests' thread reads (and drops stale entries):
+every method holds one lock, for a dictionary operation or one batch's entries and deletions.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -62,15 +62,30 @@ class CachedList:
 
 
 class AnswerCache:
-    """At most ``capacity`` users' lists, the least recently published or asked for leaving first
-    (about 0.6 KB each at K=20, measured). ``capacity`` 0 keeps nothing."""
+    """At most ``capacity`` users' lists, the least recently published or asked for leaving first.
+
+    The lists live in a few arrays with one row per kept user (grown by doubling up to ``capacity``), not in
+    an object per user: a batch lands as a handful of array copies, and the users add no objects for Python's
+    garbage collector to walk. ``capacity`` 0 keeps nothing."""
 
     def __init__(self, capacity: int, max_age_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.capacity = max(0, int(capacity))
         self.max_age_s = float(max_age_s)
         self._clock = clock
-        self._lists: OrderedDict[bytes, CachedList] = OrderedDict()
         self._lock = threading.Lock()
+        self._reset(0)
+
+    def _reset(self, width: int) -> None:
+        """Nothing kept; lists of ``width`` items from now on."""
+        self._slot_of: OrderedDict[bytes, int] = OrderedDict()  # least recently used first
+        self._free: list[int] = []
+        self._stamps: list[Stamp | None] = []
+        self._rows = np.empty((0, width), np.int32)
+        self._scores = np.empty((0, width), np.float32)
+        self._because: np.ndarray | None = None  # [slots, K, n] (negative: none); None until a batch has it
+        self._has_because = np.empty(0, bool)
+        self._cold = np.empty(0, bool)
+        self._at_s = np.empty(0, np.float64)
 
     @property
     def enabled(self) -> bool:
@@ -78,54 +93,102 @@ class AnswerCache:
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._lists)
+            return len(self._slot_of)
 
     def remember(self, lists: FinalLists | None, deleted: Iterable[bytes] = ()) -> None:
-        """A batch's lists, then the users whose state the same batch deleted (forgotten, evicted)."""
-        if lists is not None:
-            self._keep(lists)
-        self.forget(deleted)
-
-    def _keep(self, lists: FinalLists) -> None:
-        stamp = lists.stamp
-        if not self.enabled or not lists.keys or stamp is None:
-            return
-        now = self._clock()
-        rows = np.where(lists.rows < 0, -1, lists.rows).astype(np.int32)
-        scores = lists.scores.astype(np.float32, copy=False)
-        because = lists.because
-        entries = [(key, CachedList(rows[j].copy(), scores[j].copy(),  # each user's own copies: a view would
-                                    because[j].copy() if because is not None else None,  # keep the batch alive
-                                    not bool(lists.has_hidden[j]), stamp, now))
-                   for j, key in enumerate(lists.keys)]
+        """A batch's lists, then the users whose state the same batch deleted (forgotten, evicted), as one
+        change: a reader never sees the lists without the deletions."""
         with self._lock:
-            cached = self._lists
-            for key, entry in entries:
-                cached[key] = entry
-                cached.move_to_end(key)
-            while len(cached) > self.capacity:
-                cached.popitem(last=False)
+            if lists is not None:
+                self._keep(lists)
+            for key in deleted:
+                self._drop(key)
 
     def forget(self, keys: Iterable[bytes]) -> None:
         with self._lock:
             for key in keys:
-                self._lists.pop(key, None)
+                self._drop(key)
 
     def clear(self) -> None:
         with self._lock:
-            self._lists.clear()
+            self._reset(self._rows.shape[1])
 
     def get(self, key: bytes, stamp: Stamp, k: int) -> CachedList | None:
         """The user's list when it still answers a request for ``k`` items under ``stamp``; else None (and a
         stale entry is dropped)."""
         with self._lock:
-            entry = self._lists.get(key)
-            if entry is None:
+            slot = self._slot_of.get(key)
+            if slot is None:
                 return None
-            if entry.stamp != stamp or self._clock() - entry.at_s > self.max_age_s:
-                del self._lists[key]
+            if self._stamps[slot] != stamp or self._clock() - self._at_s[slot] > self.max_age_s:
+                self._drop(key)
                 return None
-            if k > len(entry.rows):
+            if k > self._rows.shape[1]:
                 return None
-            self._lists.move_to_end(key)
-            return entry
+            self._slot_of.move_to_end(key)
+            because = self._because[slot].copy() if self._because is not None and self._has_because[slot] else None
+            return CachedList(self._rows[slot].copy(), self._scores[slot].copy(), because,
+                              bool(self._cold[slot]), stamp, float(self._at_s[slot]))
+
+    # --- under the lock ------------------------------------------------------------------------------
+    def _keep(self, lists: FinalLists) -> None:
+        stamp = lists.stamp
+        if not self.enabled or not lists.keys or stamp is None:
+            return
+        keys, rows, scores, because, has_hidden = (lists.keys, lists.rows, lists.scores, lists.because,
+                                                   lists.has_hidden)
+        if len(keys) > self.capacity:  # the batch's first users would leave within the batch anyway
+            cut = len(keys) - self.capacity
+            keys, rows, scores, has_hidden = keys[cut:], rows[cut:], scores[cut:], has_hidden[cut:]
+            because = because[cut:] if because is not None else None
+        if rows.shape[1] != self._rows.shape[1] or (
+                because is not None and self._because is not None and because.shape[2:] != self._because.shape[2:]):
+            self._reset(rows.shape[1])  # another list length (another K): the kept lists answer nothing now
+        slots = np.fromiter((self._slot(key, stamp) for key in keys), np.intp, len(keys))  # unique keys
+        self._rows[slots] = np.where(rows < 0, -1, rows)
+        self._scores[slots] = scores
+        self._cold[slots] = ~np.asarray(has_hidden, bool)
+        self._at_s[slots] = self._clock()
+        self._has_because[slots] = because is not None
+        if because is not None:
+            if self._because is None:
+                self._because = np.full((len(self._stamps), *because.shape[1:]), -1, np.int32)
+            self._because[slots] = because
+
+    def _slot(self, key: bytes, stamp: Stamp) -> int:
+        """The key's row, now the most recently used: its own, a free one, or the least recently used one."""
+        slot = self._slot_of.get(key)
+        if slot is not None:
+            self._slot_of.move_to_end(key)
+        else:
+            if not self._free and len(self._slot_of) >= self.capacity:
+                self._free.append(self._slot_of.popitem(last=False)[1])
+            if not self._free:
+                self._grow()
+            slot = self._slot_of[key] = self._free.pop()
+        self._stamps[slot] = stamp
+        return slot
+
+    def _drop(self, key: bytes) -> None:
+        slot = self._slot_of.pop(key, None)
+        if slot is not None:
+            self._stamps[slot] = None
+            self._free.append(slot)
+
+    def _grow(self) -> None:
+        """Doubles the rows (at most to ``capacity``): the new ones go to the free list."""
+        old = len(self._stamps)
+        new = min(self.capacity, max(64, 2 * old))
+        width = self._rows.shape[1]
+
+        def grown(a: np.ndarray, fill: Any) -> np.ndarray:
+            out = np.full((new, *a.shape[1:]), fill, a.dtype)
+            out[:old] = a
+            return out
+        self._rows, self._scores = grown(self._rows, -1), grown(self._scores, 0)
+        self._has_because, self._cold, self._at_s = grown(self._has_because, False), grown(self._cold, False), \
+            grown(self._at_s, 0.0)
+        if self._because is not None:
+            self._because = grown(self._because, -1)
+        self._stamps.extend([None] * (new - old))
+        self._free.extend(range(new - 1, old - 1, -1))

@@ -111,7 +111,7 @@ class Pipeline:
         self._catalogue_masks = CatalogueMasks()
         self.exposure = ExposureWindow(s.rules.exposure_window_s) if s.rules.exposure_cap > 0 else None
         self.freeze = FreezeGuard(s.worker.broker_session_timeout_s, on_freeze=self._on_freeze)
-        # each user's last published list, for requests (touched on the event loop only)
+        # each user's last published list: written on the stream's loop, read by the requests' thread
         self.answers = AnswerCache(s.serving.serve_cache_users, s.serving.serve_cache_max_age_s)
 
     def _on_freeze(self) -> None:
@@ -131,8 +131,8 @@ class Pipeline:
             raise self._failure
         if generation != self._generation:
             await self.drain()  # batches of the old generation drop themselves unacked
-            self.view.reset()
             self.answers.clear()
+            self.view.reset()
             self._generation = generation
         t0 = time.perf_counter()
         now_ms = int(time.time() * 1000)
@@ -239,9 +239,9 @@ class Pipeline:
                 consumer.transactions.fenced(exc)
                 log.info("a batch of %d events was dropped unacked: its transaction was fenced", len(events))
                 return False
+            self.answers.remember(result.lists if result is not None else None, deleted_keys(local))
             for p, recs in local.items():
                 self.store.write_partition(p, recs, created)
-            self.answers.remember(result.lists if result is not None else None, deleted_keys(local))
             for tp, offs in offsets:
                 consumer.ack_offsets(tp, offs)
             self.view.mark_applied(offsets)
@@ -261,8 +261,8 @@ class Pipeline:
         ticket = self.sink.submit(out)
         self._seq += 1
         seq = self._seq
-        self.view.stage(seq, local)
         self.answers.remember(result.lists if result is not None else None, deleted_keys(local))
+        self.view.stage(seq, local)
         self.view.mark_applied(offsets)
         prev = self._pending[-1] if self._pending else None
         task = asyncio.ensure_future(self._finish(prev, seq, ticket, local, created, offsets, generation, events,
@@ -328,12 +328,12 @@ class Pipeline:
             await asyncio.wait([ticket.future])  # not ``await``: ``check`` says why a batch was not delivered
             delivered = ticket.check()
             if self.freeze.hold_s() > 0 and not await self._wait_out_freeze(generation, len(events)):
-                self.view.overlay.clear()
                 self.answers.clear()
+                self.view.overlay.clear()
                 return
             if self.app.consumer_generation_id != generation or self.app.should_stop:
-                self.view.overlay.clear()  # the consumer seeks back to the committed offsets
                 self.answers.clear()
+                self.view.overlay.clear()  # the consumer seeks back to the committed offsets
                 return
             for p, recs in local.items():
                 self.store.write_partition(p, recs, created)

@@ -47,13 +47,14 @@ def test_counts_statuses_and_reuses_connections() -> None:
             host = f"127.0.0.1:{port}"
             requests = [get_request(host, "/ok")] * 20 + [post_request(host, "/echo", b'{"a": 1}'),
                                                           get_request(host, "/missing")]
-            log, span = await open_loop(f"http://{host}", requests, rate=2000.0)
+            # three connections for 22 requests sent faster than one is answered: they must be reused
+            log, span = await open_loop(f"http://{host}", requests, rate=2000.0, max_connections=3)
         finally:
             await runner.cleanup()
         assert log.statuses == {"200": 20, "201": 1, "404": 1}
         assert len(log.latencies_ms) == 22 and min(log.latencies_ms) >= 0.0
         assert span > 0
-        assert len({id(t) for t in seen}) < 20  # kept alive: fewer connections than requests
+        assert 1 <= len({id(t) for t in seen}) <= 3  # kept alive, whatever the machine's load
 
     asyncio.run(main())
 

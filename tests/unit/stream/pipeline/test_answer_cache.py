@@ -3,6 +3,7 @@ at most its own length; the least recently used users leave first."""
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -97,3 +98,59 @@ def test_the_streams_writes_and_the_requests_reads_may_run_in_two_threads() -> N
         reader.join(10)
     assert errors == []
     assert len(cache) <= 64
+
+
+def test_a_batchs_lists_and_deletions_land_as_one_change() -> None:
+    """A reader between the lists and the deletions of one ``remember`` would see a user the batch forgot:
+    each batch here keeps one user and forgets the other, so a reader never sees two."""
+    cache = AnswerCache(capacity=8, max_age_s=60.0)
+    cache.remember(_lists([b"x"]))
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.append(len(cache))
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the interpreter over as often as it can
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(3000):
+            keep, gone = (b"y", b"x") if i % 2 == 0 else (b"x", b"y")
+            cache.remember(_lists([keep]), deleted=[gone])
+    finally:
+        stop.set()
+        reader.join(10)
+        sys.setswitchinterval(switch)
+    assert seen and max(seen) == 1
+
+
+def test_a_batch_beyond_the_capacity_keeps_its_last_users() -> None:
+    cache = AnswerCache(capacity=3, max_age_s=60.0)
+    keys = [f"u{i}".encode() for i in range(5)]
+    cache.remember(_lists(keys))
+    kept = [key for key in keys if cache.get(key, STAMP, 1) is not None]
+    assert kept == keys[2:]
+    got = cache.get(b"u4", STAMP, 4)
+    assert got is not None and got.rows.tolist() == [16, 17, 18, -1]
+
+
+def test_because_is_kept_per_user_and_another_list_length_starts_afresh() -> None:
+    cache = AnswerCache(capacity=100, max_age_s=60.0)
+    with_because = _lists([b"a", b"b"])
+    because = np.arange(2 * 4 * 2, dtype=np.int32).reshape(2, 4, 2)
+    cache.remember(FinalLists(with_because.keys, with_because.rows, with_because.scores, because,
+                              np.array([True, False]), STAMP))
+    cache.remember(_lists([b"c"]))  # a batch without attributions
+    a, b, c = (cache.get(key, STAMP, 4) for key in (b"a", b"b", b"c"))
+    assert a is not None and a.because is not None and a.because.tolist() == because[0].tolist()
+    assert b is not None and b.cold_start and b.because is not None and b.because.tolist() == because[1].tolist()
+    assert c is not None and c.because is None and not c.cold_start
+    cache.remember(_lists([f"n{i}".encode() for i in range(70)]))  # grows past its first rows
+    assert cache.get(b"a", STAMP, 4) is not None and len(cache) == 73
+    cache.remember(_lists([b"d"], k=6))
+    assert len(cache) == 1 and cache.get(b"a", STAMP, 1) is None
+    d = cache.get(b"d", STAMP, 6)
+    assert d is not None and d.rows.tolist() == [0, 1, 2, 3, 4, -1]
