@@ -21,7 +21,8 @@ are the ones asked for later):
 3. "because" cost (skip with ``--no-because``): the worker's throughput (events/s) on a backlog of
    ``--because-events``, with GRUFLOW_BECAUSE off and on, each on fresh topics with a fresh worker.
 
-Prints one JSON object; ``load_avg_1m`` and the CPU's name say what the machine was doing. No assertions.
+Prints one JSON object; ``load_avg_1m``, the CPU's name and flags say what the machine was doing, and
+``worker_scorer_path``/``worker_calibration`` which top-K path the worker kept and why. No assertions.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from stream.lab.bench import bench_settings
 from stream.lab.bench_load import WARMUP_PREFIX, RecReader, latency_window, percentiles, warm_up
 from stream.lab.bench_machine import cpu_flags, cpu_model, log
 from stream.lab.bench_model import bench_data, train_model
-from stream.tools.harness import PROJECT_ROOT, kafka_for, stop_process
+from stream.lab.bench_runs import calibration_line
+from stream.tools.harness import PROJECT_ROOT, kafka_for, label_value, scrape, stop_process
 from stream.settings import ENV_PREFIX, Settings
 
 
@@ -189,11 +191,16 @@ def _serve_phases(settings: Settings, args: argparse.Namespace, model_path: Path
         requests = queue.get(timeout=args.latency_seconds + 120)
         load.join(30)
         requests["worker_handler_ms"] = _handler_quantiles(settings.process.web_port)
+        # the top-K path the worker kept: figures compare only within a kind of machine and path
+        scorer_path = label_value(scrape(f"http://127.0.0.1:{settings.process.web_port}"), "gruflow_scorer_info",
+                                  "path")
     finally:
         reader.close()
         stop_process(worker)
     p_alone, p_together = percentiles(alone), percentiles(together)
-    return {"requests": requests, "stream_latency_ms": p_alone, "stream_latency_ms_with_requests": p_together,
+    return {"requests": requests, "worker_scorer_path": scorer_path,
+            "worker_calibration": calibration_line(work / "worker.log"),
+            "stream_latency_ms": p_alone, "stream_latency_ms_with_requests": p_together,
             "stream_p99_ratio": round(p_together["p99"] / p_alone["p99"], 3)
             if p_alone["p99"] and p_together["p99"] else None}
 
