@@ -98,6 +98,8 @@ class Worker:
                                       "addtocart=cart,transaction=purchase")
     event_loop: Literal["uvloop", "asyncio"] = setting(
         "uvloop", "the worker's event loop: uvloop (libuv; cheaper sockets for Kafka and HTTP) or Python's asyncio")
+    livez_stall_s: float = setting(60.0, "/livez fails once the stream's event loop has not turned for this long "
+                                         "(0 = never; a broker outage does not stop it turning)")
 
 
 @dataclass(frozen=True)

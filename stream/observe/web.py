@@ -2,8 +2,8 @@
 worker, the recommendation requests of ``stream/worker/http_api.py``).
 
 A tiny aiohttp server started before faust connects to anything, so ``/livez`` answers 200 as long as
-the process runs — also while the broker is unreachable (a liveness probe must not restart a worker
-because Kafka is down). ``/readyz`` answers 200 only once the table recovery has finished and a model is
+the process works — also while the broker is unreachable (a liveness probe must not restart a worker
+because Kafka is down); a worker's fails once its stream's loop stops turning (``heartbeat.py``). ``/readyz`` answers 200 only once the table recovery has finished and a model is
 loaded, else 503 with the reason. faust's own web server stays disabled (it only starts after recovery,
 and its Prometheus sensor uses non-base units). A worker serves them, with its requests, from a thread
 and event loop of their own (``WebServerThread``), apart from the stream's loop.
@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from stream.observe.metrics import Metrics
 
 ReadyFn = Callable[[], "tuple[bool, str]"]
+LiveFn = ReadyFn  # (alive, reason): a worker's says whether the stream's loop still turns
 
 
 class Routes(Protocol):
@@ -28,8 +29,9 @@ class Routes(Protocol):
 
 
 def make_web_app(metrics: Metrics, ready: ReadyFn, extra: Routes | None = None, *,
-                 with_ready_gauge: bool = True) -> web.Application:
-    """The endpoints over ``metrics``' registry; its gruflow_ready gauge (a worker's) follows ``ready()``."""
+                 with_ready_gauge: bool = True, live: LiveFn | None = None) -> web.Application:
+    """The endpoints over ``metrics``' registry; its gruflow_ready gauge (a worker's) follows ``ready()``;
+    ``/livez`` answers 503 with ``live()``'s reason when it says the process no longer works."""
     registry = metrics.registry
 
     def check() -> tuple[bool, str]:
@@ -43,7 +45,8 @@ def make_web_app(metrics: Metrics, ready: ReadyFn, extra: Routes | None = None, 
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def livez(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        ok, reason = live() if live is not None else (True, "ok")
+        return web.Response(text=reason + "\n", status=200 if ok else 503)
 
     async def readyz(_: web.Request) -> web.Response:
         ok, reason = check()
@@ -62,9 +65,9 @@ class WebServer:
     """Start/stop the endpoints on the running event loop."""
 
     def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int, extra: Routes | None = None, *,
-                 with_ready_gauge: bool = True) -> None:
+                 with_ready_gauge: bool = True, live: LiveFn | None = None) -> None:
         self.host, self.port = host, port
-        app = make_web_app(metrics, ready, extra, with_ready_gauge=with_ready_gauge)
+        app = make_web_app(metrics, ready, extra, with_ready_gauge=with_ready_gauge, live=live)
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> None:
@@ -85,10 +88,12 @@ class WebServerThread:
     without one (the trainer), or to keep the requests off the loop of a worker's stream."""
 
     def __init__(self, metrics: Metrics, ready: ReadyFn, host: str, port: int, extra: Routes | None = None, *,
-                 with_ready_gauge: bool = False, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
-        """``on_stop``: run on the thread's loop after the server stops (``extra``'s own clean-up). The loop is
-        of the kind the event loop policy makes (uvloop in a worker)."""
-        self._args = (metrics, ready, host, port, extra, with_ready_gauge)
+                 with_ready_gauge: bool = False, on_stop: Callable[[], Awaitable[None]] | None = None,
+                 live: LiveFn | None = None) -> None:
+        """``on_stop``: run on the thread's loop after the server stops (``extra``'s own clean-up); ``live``:
+        ``/livez``'s check (stream/observe/heartbeat.py). The loop is of the kind the event loop policy makes
+        (uvloop in a worker)."""
+        self._args = (metrics, ready, host, port, extra, with_ready_gauge, live)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gruflow-http", daemon=True)
         self._server: WebServer | None = None
@@ -99,8 +104,8 @@ class WebServerThread:
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
 
     async def _start(self) -> None:
-        metrics, ready, host, port, extra, with_ready_gauge = self._args
-        server = WebServer(metrics, ready, host, port, extra, with_ready_gauge=with_ready_gauge)
+        metrics, ready, host, port, extra, with_ready_gauge, live = self._args
+        server = WebServer(metrics, ready, host, port, extra, with_ready_gauge=with_ready_gauge, live=live)
         await server.start()
         self._server = server
 

@@ -175,9 +175,9 @@ def _wait_for_start(loop: Any, settings: Settings, model: Recommender | None, me
 
 
 def _faust_worker(settings: Settings, runtime: Any, holder: ModelHolder, metrics: Metrics, web: Any, serve: Any,
-                  loop: Any) -> Any:
-    """The faust Worker that runs ``runtime``'s app: the item-rules reader and the model subscriber start
-    once it runs, and everything stops in order on shutdown."""
+                  loop: Any, heartbeat: Any) -> Any:
+    """The faust Worker that runs ``runtime``'s app: the item-rules reader, the model subscriber and the
+    loop's heartbeat (``/livez``) start once it runs, and everything stops in order on shutdown."""
     import asyncio
 
     import faust
@@ -194,12 +194,14 @@ def _faust_worker(settings: Settings, runtime: Any, holder: ModelHolder, metrics
     class GruflowWorker(faust.Worker):
         async def on_execute(self) -> None:
             nonlocal subscriber
+            heartbeat.arm(asyncio.get_running_loop())
             rules_reader.start()
             if ModelSubscriber is not None:
                 subscriber = ModelSubscriber(settings, holder, metrics)
                 subscriber.start()
 
         async def on_stop(self) -> None:
+            heartbeat.disarm()
             await super().on_stop()
             await asyncio.get_running_loop().run_in_executor(None, web.stop)  # a request may await this loop
 
@@ -228,6 +230,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
 
     from stream.kafka.passthrough import untranslated
     from stream.kafka.topics import dead_letter_budget
+    from stream.observe.heartbeat import LoopHeartbeat
     from stream.observe.web import WebServerThread
     from stream.worker.app import build_app
     from stream.worker.http_api import ServeEndpoints
@@ -243,8 +246,10 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     serve = ServeEndpoints(settings, metrics)  # answers 503 until the runtime below exists
     # the endpoints run on a thread and loop of their own: requests never wait behind the stream's loop,
     # nor the stream behind them (docs/serving-cost.md)
+    heartbeat = LoopHeartbeat(settings.worker.livez_stall_s)  # /livez: the stream's loop still turns
     web = WebServerThread(metrics, startup.ready, settings.process.web_host, settings.process.web_port, serve,
-                          with_ready_gauge=True, on_stop=serve.close)  # its loop: the same kind (the policy set above)
+                          with_ready_gauge=True, on_stop=serve.close,  # its loop: the same kind (the policy set above)
+                          live=heartbeat.check)
     serve.stream_loop = loop
     web.start()
     log.info("health endpoints on http://%s:%d (/metrics /livez /readyz), requests as %s (/users/{id}/recommendations,"
@@ -272,7 +277,7 @@ def run_worker(settings: Settings, model: Recommender | None = None) -> int:
     loop.run_until_complete(loop.run_in_executor(None, runtime.pipeline.prepare_scorer, first, True))
     startup.runtime = runtime
     serve.runtime = runtime
-    worker = _faust_worker(settings, runtime, holder, metrics, web, serve, loop)
+    worker = _faust_worker(settings, runtime, holder, metrics, web, serve, loop, heartbeat)
     code = 0
     try:
         worker.execute_from_commandline()
