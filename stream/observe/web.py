@@ -3,8 +3,9 @@ worker, the recommendation requests of ``stream/worker/http_api.py``).
 
 A tiny aiohttp server started before faust connects to anything, so ``/livez`` answers 200 as long as
 the process works — also while the broker is unreachable (a liveness probe must not restart a worker
-because Kafka is down); a worker's fails once its stream's loop stops turning (``heartbeat.py``). ``/readyz`` answers 200 only once the table recovery has finished and a model is
-loaded, else 503 with the reason. faust's own web server stays disabled (it only starts after recovery,
+because Kafka is down); a worker's fails once its stream's loop stops turning (``heartbeat.py``).
+``/readyz`` answers 200 only once the table recovery has finished and a model is loaded, else 503 with
+the reason. faust's own web server stays disabled (it only starts after recovery,
 and its Prometheus sensor uses non-base units). A worker serves them, with its requests, from a thread
 and event loop of their own (``WebServerThread``), apart from the stream's loop.
 """

@@ -179,7 +179,6 @@ class AnswerCache:
         """Doubles the rows (at most to ``capacity``): the new ones go to the free list."""
         old = len(self._stamps)
         new = min(self.capacity, max(64, 2 * old))
-        width = self._rows.shape[1]
 
         def grown(a: np.ndarray, fill: Any) -> np.ndarray:
             out = np.full((new, *a.shape[1:]), fill, a.dtype)
